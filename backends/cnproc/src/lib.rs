@@ -1,0 +1,1 @@
+//! vpstag backend (cnproc): placeholder, filled in by its own work.

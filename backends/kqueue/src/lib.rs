@@ -1,0 +1,1 @@
+//! vpstag backend (kqueue): placeholder, filled in by its own work.

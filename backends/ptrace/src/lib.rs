@@ -1,0 +1,1 @@
+//! vpstag backend (ptrace): placeholder, filled in by its own work.

@@ -1,0 +1,1 @@
+//! Scenario programs and harness for vpstag's platform tests.
