@@ -1,1 +1,454 @@
-//! vpstag backend (ptrace): placeholder, filled in by its own work.
+//! vpstag backend: **ptrace** fork following.
+//!
+//! [`Ptrace`] follows a VPS's first process (the *root*, see [`ForkTracker::watch`]) and every
+//! process and thread descending from it with `ptrace(2)`, and reports each creation, exec and
+//! exit as an [`Event`]. It needs no privilege to follow one's own children, works where the
+//! proc connector is not available (containers without `CAP_NET_ADMIN`), and is *synchronous*:
+//! a new child is reported before it runs its first instruction.
+//!
+//! # How it works
+//!
+//! - The root is attached with `PTRACE_SEIZE` and the options `PTRACE_O_TRACEFORK`,
+//!   `TRACEVFORK`, `TRACECLONE`, `TRACEEXEC`, `TRACEEXIT` (see [`Ptrace::with_exit_stops`]) and
+//!   `EXITKILL`. The kernel then attaches every new task automatically, before it runs. No
+//!   syscall stops are asked for.
+//! - **One tracer thread** (`vpstag-ptrace`) makes every ptrace request, as the kernel requires
+//!   (a tracee belongs to the thread that attached it). It sits in
+//!   `waitpid(-1, &status, __WALL)`, decodes the raw status itself (nix's `waitpid` rejects stops
+//!   by real-time signals, nix issues 495 and 1143), asks the pure state machine in [`decode`]
+//!   what to report and how to restart the tracee, queues the events, and only then restarts the
+//!   tracee. So a new child's `Fork` is queued, and [`as_fd`](ForkTracker::as_fd) readable,
+//!   before the child is resumed.
+//! - Waking the tracer thread for [`watch`](ForkTracker::watch): `watch` sends a request on a
+//!   channel and signals the tracer thread with `tgkill(SIGRTMAX-3)`, whose handler does nothing
+//!   and is installed without `SA_RESTART`, so `waitpid` returns `EINTR` and the thread reads the
+//!   channel. A signal that lands between the thread's check of the channel and its entry into
+//!   `waitpid` would be lost (there is no `pwaitpid` to unblock it atomically), so `watch` sends
+//!   it again every 5 ms until it has its answer: no lost wake-up, a bounded delay in that rare
+//!   race. When nothing is followed the thread blocks on the channel instead, with no signal
+//!   needed. The handler is installed once per process; [`Ptrace::new`] fails if the program has
+//!   its own handler on that signal.
+//! - Events go into a queue; an `eventfd` is readable exactly while the queue is not empty (both
+//!   are changed under one lock).
+//!
+//! What a tracee can do, and what this backend does about it:
+//! - A new child's first stop can be reported before its creator's fork event: the child is kept
+//!   stopped until the event says whose it is. If the creator is killed between its fork and its
+//!   event stop (the kernel then never reports the event), the child is resolved from
+//!   `/proc/CHILD/stat` when the creator's death is reaped.
+//! - Signals are re-injected unchanged at their signal-delivery stop (`PTRACE_CONT` with the
+//!   same signal keeps the original `siginfo`), so a traced program behaves as untraced.
+//! - Group stops (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU) are left in place with `PTRACE_LISTEN`,
+//!   so `kill -STOP`/`SIGCONT` and a shell's job control work; the real parent still sees the stop
+//!   with `WUNTRACED`. (`ps` shows such a process as `t`, tracing stop, rather than `T`.)
+//! - exec from a thread other than the main one: the reported tid is the process id and
+//!   `PTRACE_GETEVENTMSG` gives the former tid, reported as [`EventKind::Exec::thread`]; the
+//!   old leader vanishes without an exit report, as the kernel does it.
+//! - `vfork`, `clone(CLONE_PARENT)` (the parent reported is the real parent, as the kernel
+//!   records it), `clone(CLONE_THREAD)` (`thread: true`, the parent is the process).
+//! - `ESRCH` from a ptrace request on a tracee killed meanwhile is normal: its exit follows.
+//!
+//! Events: `Fork` (with `child_start` read from `/proc/CHILD/stat` field 22 while the child
+//! is stopped and unreaped, so it is the child's identity), `Exec { pid, thread }` and
+//! `Exit { pid, thread, status, group_dead }` for every thread, the root included. Events also
+//! carry the VPS in [`Event::tag`] as a hint (this backend knows it for free); the core keeps the
+//! table, so [`Capabilities::holds_tags`] stays false.
+//!
+//! Cost per fork: the creator's event stop and the child's first stop, one `PTRACE_GETEVENTMSG`
+//! and one read of `/proc/CHILD/stat`. Per exit: the `PTRACE_EVENT_EXIT` stop (unless
+//! disabled) and the parent's SIGCHLD signal-delivery stop, which no ptrace option can avoid.
+//!
+//! # Caveats
+//!
+//! - **It reaps every child of the process that uses it.** The tracer thread waits with
+//!   `waitpid(-1, .., __WALL)`, which collects tracees *and* plain children of any thread of this
+//!   process (a root is collected twice: as a tracee, then as a child). Use it from a process
+//!   dedicated to tracking, as the `vpstag` CLI and daemon are, and do not `waitpid` in it
+//!   yourself. Only one `Ptrace` should be alive in a process at a time, for the same reason.
+//!   `SIGCHLD` must not be ignored (`SIG_IGN` or `SA_NOCLDWAIT` would let the kernel reap tracees
+//!   and lose their status); [`Ptrace::new`] checks it.
+//! - **`PTRACE_O_EXITKILL`:** when the tracer thread ends — the process crashes or is killed, or
+//!   the [`Ptrace`] is dropped — the kernel SIGKILLs every followed process. A crashed tracker
+//!   therefore leaves no untracked VPS process behind; dropping it ends the VPSes it follows.
+//! - A process can have only one tracer: a VPS process cannot be debugged with gdb/strace while
+//!   followed, and a program that checks `TracerPid` in `/proc/self/status` sees it.
+//! - The root must be a single-threaded process when watched (it is, held at the start gate);
+//!   threads it already has are not followed.
+//! - [`forget`](ForkTracker::forget) does nothing: the processes of a VPS stay followed until they
+//!   exit.
+//! - Permissions: following a process needs the right to ptrace it: the same user and a
+//!   dumpable process, or `CAP_SYS_PTRACE`; under Yama `ptrace_scope=1` the root must be a child
+//!   of this process or have named it with `prctl(PR_SET_PTRACER, pid)`; `ptrace_scope=2` needs
+//!   `CAP_SYS_PTRACE`, `3` forbids ptrace altogether. A refusal is a
+//!   [`TrackerError::PermissionDenied`] whose hint names the cause, never a silently untracked
+//!   VPS.
+//!
+//! # Other systems
+//!
+//! The pure [`decode`] module builds everywhere. The live backend is Linux-only. On FreeBSD (and
+//! any other system) the crate builds but [`Ptrace::new`] returns
+//! [`TrackerError::Unsupported`]: FreeBSD's ptrace follows forks differently (`PT_FOLLOW_FORK`,
+//! `PT_LWP_EVENTS`, and `PT_LWPINFO` flags `PL_FLAG_FORKED`/`PL_FLAG_CHILD`/`PL_FLAG_BORN`/
+//! `PL_FLAG_EXITED` instead of `PTRACE_EVENT_*` stops in the wait status, no `PTRACE_SEIZE` or
+//! `PTRACE_LISTEN`, so stopping a tracee with SIGSTOP cannot be left to job control the same way),
+//! and that event loop is not written yet. Use the kqueue backend (`EVFILT_PROC` with
+//! `NOTE_TRACK`) there, which is also synchronous.
+#![warn(missing_docs)]
+
+use vpstag_tracker::{BackendKind, Capabilities};
+
+pub mod decode;
+
+#[cfg(target_os = "linux")]
+pub mod source;
+
+#[cfg(not(target_os = "linux"))]
+mod freebsd;
+#[cfg(not(target_os = "linux"))]
+pub use freebsd::Ptrace;
+
+#[cfg(target_os = "linux")]
+pub use linux::Ptrace;
+
+/// What this backend promises.
+pub const CAPABILITIES: Capabilities = Capabilities {
+    host_wide: false,
+    holds_tags: false,
+    synchronous: true,
+    thread_events: true,
+    reaps: true,
+    can_lose: false,
+};
+
+/// [`BackendKind::Ptrace`].
+pub const KIND: BackendKind = BackendKind::Ptrace;
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use std::collections::VecDeque;
+    use std::io;
+    use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+    use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
+    use std::sync::{Arc, Mutex, MutexGuard};
+    use std::thread::JoinHandle;
+    use std::time::{Duration, Instant};
+
+    use vpstag_tracker::{
+        BackendKind, Capabilities, Event, ForkTracker, Pid, TrackerError, VpsId,
+    };
+
+    use crate::decode::{needs_event_msg, Action, Resume, Tracer};
+    use crate::source::{self, ProcProbe};
+
+    /// How often `watch` re-sends the wake-up signal until the tracer thread answers.
+    const WAKE_RETRY: Duration = Duration::from_millis(5);
+
+    enum Request {
+        Watch { root: Pid, vps: VpsId, reply: Sender<Result<(), TrackerError>> },
+        Stop,
+    }
+
+    struct Inner {
+        queue: VecDeque<Event>,
+        failed: Option<String>,
+    }
+
+    struct Shared {
+        inner: Mutex<Inner>,
+        efd: OwnedFd,
+    }
+
+    impl Shared {
+        fn lock(&self) -> MutexGuard<'_, Inner> {
+            self.inner.lock().unwrap_or_else(|p| p.into_inner())
+        }
+
+        fn signal(&self) {
+            let one: u64 = 1;
+            // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+            unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
+        }
+
+        fn push(&self, events: &mut Vec<Event>) {
+            if events.is_empty() {
+                return;
+            }
+            let now = source::boottime_ns();
+            let mut inner = self.lock();
+            for mut ev in events.drain(..) {
+                ev.time_ns = now;
+                inner.queue.push_back(ev);
+            }
+            // Under the lock, so the reader cannot clear the counter between push and signal.
+            self.signal();
+        }
+
+        fn fail(&self, msg: String) {
+            let mut inner = self.lock();
+            inner.failed = Some(msg);
+            self.signal();
+        }
+
+        /// Moves every queued event to `out` and clears the eventfd, atomically.
+        fn drain(&self, out: &mut Vec<Event>) -> Result<usize, TrackerError> {
+            let mut inner = self.lock();
+            let n = inner.queue.len();
+            out.extend(inner.queue.drain(..));
+            let mut buf: u64 = 0;
+            // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
+            unsafe { libc::read(self.efd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+            if n == 0 {
+                if let Some(msg) = &inner.failed {
+                    // Keep the fd readable so a poll loop comes back to see the error.
+                    self.signal();
+                    return Err(TrackerError::io("ptrace tracer thread", io::Error::other(msg.clone())));
+                }
+            }
+            Ok(n)
+        }
+    }
+
+    /// The ptrace fork-following backend (see the [crate docs](crate)).
+    pub struct Ptrace {
+        shared: Arc<Shared>,
+        requests: Sender<Request>,
+        tracer_tid: i32,
+        thread: Option<JoinHandle<()>>,
+    }
+
+    impl std::fmt::Debug for Ptrace {
+        fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+            f.debug_struct("Ptrace").field("tracer_tid", &self.tracer_tid).finish_non_exhaustive()
+        }
+    }
+
+    impl Ptrace {
+        /// Starts the tracer thread. Follows nothing until [`watch`](ForkTracker::watch).
+        ///
+        /// Fails when `SIGCHLD` is ignored in this process, or when the wake-up signal
+        /// (`SIGRTMAX-3`) already has a handler.
+        pub fn new() -> Result<Ptrace, TrackerError> {
+            Ptrace::with_exit_stops(true)
+        }
+
+        /// Like [`new`](Ptrace::new); `exit_stops: false` leaves out `PTRACE_O_TRACEEXIT`, saving
+        /// one stop per exiting thread. Exits are reported either way (from the reaped status);
+        /// the exit stop only lets the thread be seen before it is torn down.
+        pub fn with_exit_stops(exit_stops: bool) -> Result<Ptrace, TrackerError> {
+            if let Some(why) = source::sigchld_problem() {
+                return Err(TrackerError::Unsupported(why));
+            }
+            source::install_wake_handler().map_err(TrackerError::Unsupported)?;
+            // SAFETY: plain system call; the fd is owned right away.
+            let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+            if fd < 0 {
+                return Err(TrackerError::io("eventfd", io::Error::last_os_error()));
+            }
+            // SAFETY: fd is a fresh descriptor nobody else owns.
+            let efd = unsafe { OwnedFd::from_raw_fd(fd) };
+            let shared = Arc::new(Shared { inner: Mutex::new(Inner { queue: VecDeque::new(), failed: None }), efd });
+            let options =
+                source::BASE_OPTIONS | if exit_stops { source::EXIT_OPTION } else { 0 };
+            let (tx, rx) = mpsc::channel();
+            let (tid_tx, tid_rx) = mpsc::channel();
+            let sh = Arc::clone(&shared);
+            let thread = std::thread::Builder::new()
+                .name("vpstag-ptrace".into())
+                .spawn(move || {
+                    source::unblock_wake_signal();
+                    let _ = tid_tx.send(source::gettid());
+                    tracer_main(&sh, rx, options);
+                })
+                .map_err(|e| TrackerError::io("spawning the ptrace tracer thread", e))?;
+            let tracer_tid = tid_rx
+                .recv()
+                .map_err(|_| TrackerError::io("ptrace tracer thread", io::Error::other("died at start")))?;
+            Ok(Ptrace { shared, requests: tx, tracer_tid, thread: Some(thread) })
+        }
+
+        /// The thread id of the tracer thread (the tracer a tracee's `TracerPid` names).
+        pub fn tracer_tid(&self) -> i32 {
+            self.tracer_tid
+        }
+    }
+
+    impl Drop for Ptrace {
+        fn drop(&mut self) {
+            let _ = self.requests.send(Request::Stop);
+            if let Some(t) = self.thread.take() {
+                while !t.is_finished() {
+                    source::wake(self.tracer_tid);
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                let _ = t.join();
+            }
+        }
+    }
+
+    impl AsFd for Ptrace {
+        fn as_fd(&self) -> BorrowedFd<'_> {
+            self.shared.efd.as_fd()
+        }
+    }
+
+    impl ForkTracker for Ptrace {
+        fn kind(&self) -> BackendKind {
+            crate::KIND
+        }
+
+        fn capabilities(&self) -> Capabilities {
+            crate::CAPABILITIES
+        }
+
+        fn as_fd(&self) -> BorrowedFd<'_> {
+            self.shared.efd.as_fd()
+        }
+
+        fn read_events(&mut self, out: &mut Vec<Event>, timeout: Option<Duration>) -> Result<usize, TrackerError> {
+            let n = self.shared.drain(out)?;
+            if n > 0 || timeout == Some(Duration::ZERO) {
+                return Ok(n);
+            }
+            let deadline = timeout.map(|t| Instant::now() + t);
+            loop {
+                let ms = match deadline {
+                    None => -1,
+                    Some(d) => {
+                        let left = d.saturating_duration_since(Instant::now());
+                        if left.is_zero() {
+                            return Ok(0);
+                        }
+                        left.as_micros().div_ceil(1000).min(i32::MAX as u128) as i32
+                    }
+                };
+                let mut pfd = libc::pollfd { fd: self.shared.efd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+                // SAFETY: one valid pollfd.
+                let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+                if r < 0 {
+                    let e = io::Error::last_os_error();
+                    if e.kind() != io::ErrorKind::Interrupted {
+                        return Err(TrackerError::io("poll on the ptrace event queue", e));
+                    }
+                }
+                let n = self.shared.drain(out)?;
+                if n > 0 {
+                    return Ok(n);
+                }
+            }
+        }
+
+        fn watch(&mut self, root: Pid, vps: VpsId) -> Result<(), TrackerError> {
+            let gone = || TrackerError::io("ptrace tracer thread", io::Error::other("the tracer thread has stopped"));
+            let (tx, rx) = mpsc::channel();
+            self.requests.send(Request::Watch { root, vps, reply: tx }).map_err(|_| gone())?;
+            loop {
+                source::wake(self.tracer_tid);
+                match rx.recv_timeout(WAKE_RETRY) {
+                    Ok(r) => return r,
+                    Err(RecvTimeoutError::Timeout) => continue,
+                    Err(RecvTimeoutError::Disconnected) => return Err(gone()),
+                }
+            }
+        }
+    }
+
+    fn seize_root(st: &mut Tracer, root: Pid, vps: VpsId, options: libc::c_int) -> Result<(), TrackerError> {
+        if st.knows(root) {
+            return Err(TrackerError::io(
+                format!("watch({root})"),
+                io::Error::new(io::ErrorKind::AlreadyExists, "already followed"),
+            ));
+        }
+        match source::status_field(root, "Tgid:").and_then(|v| v.parse::<i32>().ok()) {
+            None => return Err(TrackerError::NoSuchProcess(root)),
+            Some(tgid) if tgid != root.as_raw() => {
+                return Err(TrackerError::io(
+                    format!("watch({root})"),
+                    io::Error::new(
+                        io::ErrorKind::InvalidInput,
+                        format!("{root} is a thread of process {tgid}, not a process"),
+                    ),
+                ))
+            }
+            Some(_) => {}
+        }
+        match source::seize(root, options) {
+            Ok(()) => {
+                st.add_root(root, vps);
+                Ok(())
+            }
+            Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(TrackerError::PermissionDenied {
+                what: format!("PTRACE_SEIZE of process {root}"),
+                hint: source::eperm_hint(root),
+                source: e,
+            }),
+            Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Err(TrackerError::NoSuchProcess(root)),
+            Err(e) => Err(TrackerError::io(format!("PTRACE_SEIZE of process {root}"), e)),
+        }
+    }
+
+    fn apply(action: Action) {
+        let r = match action.resume {
+            Resume::Cont(sig) => source::cont(action.tid, sig),
+            Resume::Listen => source::listen(action.tid),
+        };
+        // ESRCH: the tracee was killed meanwhile (SIGKILL ends any stop); its exit is reported
+        // by a later waitpid. Nothing else can fail for a tracee in a ptrace stop.
+        let _ = r;
+    }
+
+    /// The tracer thread: requests, then `waitpid`, forever.
+    fn tracer_main(shared: &Shared, rx: Receiver<Request>, options: libc::c_int) {
+        let mut st = Tracer::new();
+        let mut probe = ProcProbe;
+        let mut events = Vec::new();
+        let mut actions = Vec::new();
+        loop {
+            loop {
+                let req = if st.is_idle() {
+                    // Nothing to wait for: reap what children are left, then sleep on the channel.
+                    while let Ok(Some((tid, status))) = source::wait_nohang() {
+                        st.step(tid, status, None, &mut probe, &mut events, &mut actions);
+                        shared.push(&mut events);
+                        actions.drain(..).for_each(apply);
+                    }
+                    if !st.is_idle() {
+                        break;
+                    }
+                    match rx.recv() {
+                        Ok(r) => r,
+                        Err(_) => return,
+                    }
+                } else {
+                    match rx.try_recv() {
+                        Ok(r) => r,
+                        Err(TryRecvError::Empty) => break,
+                        Err(TryRecvError::Disconnected) => return,
+                    }
+                };
+                match req {
+                    Request::Stop => return,
+                    Request::Watch { root, vps, reply } => {
+                        let _ = reply.send(seize_root(&mut st, root, vps, options));
+                    }
+                }
+            }
+            match source::wait_any() {
+                Ok((tid, status)) => {
+                    let msg = if needs_event_msg(status) { source::geteventmsg(tid).ok() } else { None };
+                    st.step(tid, status, msg, &mut probe, &mut events, &mut actions);
+                    // Events first: a new child is queued before it is resumed.
+                    shared.push(&mut events);
+                    actions.drain(..).for_each(apply);
+                }
+                Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
+                // Nothing left to wait for: whatever we still thought followed is gone.
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => st.clear(),
+                Err(e) => {
+                    shared.fail(format!("waitpid: {e}"));
+                    return;
+                }
+            }
+        }
+    }
+}

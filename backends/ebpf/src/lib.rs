@@ -1,0 +1,1 @@
+//! vpstag backend (ebpf): placeholder.

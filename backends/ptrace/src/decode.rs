@@ -1,0 +1,746 @@
+//! The event-loop logic, without a kernel: tracer state + one raw wait status -> the events to
+//! emit and the ptrace requests to make.
+//!
+//! Nothing here makes a system call. What the decoder needs from the system it gets as arguments:
+//! the raw `waitpid` status, the `PTRACE_GETEVENTMSG` value of an event stop (the caller fetches it
+//! when [`needs_event_msg`] says so), and `/proc` reads through the [`Probe`] trait, which the unit
+//! tests fake.
+//!
+//! The numbers (`PTRACE_EVENT_*`, stop signals) are Linux's; they are spelt out here so that this
+//! module builds and tests on any system.
+
+use std::collections::{HashMap, HashSet, VecDeque};
+
+use vpstag_tracker::{Event, EventKind, ExitStatus, Pid, StartTime, VpsId};
+
+/// `PTRACE_EVENT_FORK`.
+pub const EVENT_FORK: i32 = 1;
+/// `PTRACE_EVENT_VFORK`.
+pub const EVENT_VFORK: i32 = 2;
+/// `PTRACE_EVENT_CLONE`.
+pub const EVENT_CLONE: i32 = 3;
+/// `PTRACE_EVENT_EXEC`.
+pub const EVENT_EXEC: i32 = 4;
+/// `PTRACE_EVENT_VFORK_DONE`.
+pub const EVENT_VFORK_DONE: i32 = 5;
+/// `PTRACE_EVENT_EXIT`.
+pub const EVENT_EXIT: i32 = 6;
+/// `PTRACE_EVENT_STOP`: group-stop, or the first stop of an auto-attached child, or an
+/// interrupt/notify trap (only for `PTRACE_SEIZE`d tracees).
+pub const EVENT_STOP: i32 = 128;
+
+/// `SIGTRAP` (Linux numbering, as every number here).
+pub const SIGTRAP: i32 = 5;
+/// `SIGSTOP`.
+pub const SIGSTOP: i32 = 19;
+/// `SIGTSTP`.
+pub const SIGTSTP: i32 = 20;
+/// `SIGTTIN`.
+pub const SIGTTIN: i32 = 21;
+/// `SIGTTOU`.
+pub const SIGTTOU: i32 = 22;
+
+/// How many exits of unknown tasks are remembered (see [`Tracer`]).
+const EARLY_EXIT_CAP: usize = 256;
+
+/// Whether `sig` is one of the four signals that stop a thread group.
+pub fn is_stop_signal(sig: i32) -> bool {
+    matches!(sig, SIGSTOP | SIGTSTP | SIGTTIN | SIGTTOU)
+}
+
+/// A raw wait status, decoded.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Status {
+    /// The task is gone (`WIFEXITED` / `WIFSIGNALED`).
+    Exited(ExitStatus),
+    /// Signal-delivery-stop: the tracee is about to receive `sig`.
+    Signal(i32),
+    /// `PTRACE_EVENT_STOP` with a stop signal: a group-stop (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU).
+    GroupStop(i32),
+    /// `PTRACE_EVENT_STOP` with any other signal (SIGTRAP): the first stop of a new child, or the
+    /// re-trap after `PTRACE_LISTEN` when the group-stop ended.
+    TrapStop,
+    /// Any other `PTRACE_EVENT_*` stop: fork, vfork, clone, exec, exit, vfork-done.
+    Event(i32),
+    /// Something else (`WIFCONTINUED`, never asked for): nothing to do.
+    Other,
+}
+
+/// Decodes a raw status from `waitpid(.., __WALL)` on a `PTRACE_SEIZE`d tracee.
+///
+/// Unlike `nix::sys::wait::WaitStatus::from_raw`, every stop signal is accepted, real-time ones
+/// included (nix returns `EINVAL` for those, nix issues 495 and 1143).
+pub fn classify(status: i32) -> Status {
+    if let Some(exit) = ExitStatus::from_wait_status(status) {
+        return Status::Exited(exit);
+    }
+    if status & 0xff != 0x7f {
+        return Status::Other;
+    }
+    let sig = (status >> 8) & 0xff;
+    let event = (status >> 16) & 0xff;
+    match event {
+        0 => Status::Signal(sig),
+        EVENT_STOP if is_stop_signal(sig) => Status::GroupStop(sig),
+        EVENT_STOP => Status::TrapStop,
+        e => Status::Event(e),
+    }
+}
+
+/// Whether the caller must fetch `PTRACE_GETEVENTMSG` for this status before calling
+/// [`Tracer::step`]: fork, vfork and clone stops (the new tid) and exec stops (the former tid).
+pub fn needs_event_msg(status: i32) -> bool {
+    matches!(classify(status), Status::Event(EVENT_FORK | EVENT_VFORK | EVENT_CLONE | EVENT_EXEC))
+}
+
+/// How to restart a stopped tracee.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub enum Resume {
+    /// `PTRACE_CONT` delivering this signal (0: none).
+    Cont(i32),
+    /// `PTRACE_LISTEN`: stay in the group-stop, but let the kernel wake it on SIGCONT.
+    Listen,
+}
+
+/// One ptrace request for the caller to make, after queueing the events of the same step.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Action {
+    /// The tracee (thread id).
+    pub tid: Pid,
+    /// What to do with it.
+    pub resume: Resume,
+}
+
+/// What `/proc/TID/stat` says about a task.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct TaskStat {
+    /// Field 4: the thread-group id of the real parent.
+    pub ppid: i32,
+    /// Field 20: the number of threads in its thread group.
+    pub num_threads: i64,
+    /// Field 22: the start time in clock ticks since boot.
+    pub start: StartTime,
+}
+
+/// The system reads the decoder needs. The live implementation reads `/proc`.
+pub trait Probe {
+    /// `/proc/TID/stat`, or `None` when it cannot be read.
+    fn stat(&mut self, tid: Pid) -> Option<TaskStat>;
+    /// The thread-group id of `tid` (`Tgid:` in `/proc/TID/status`).
+    fn tgid(&mut self, tid: Pid) -> Option<Pid>;
+    /// Whether a task `tid` exists (alive or zombie).
+    fn exists(&mut self, tid: Pid) -> bool;
+}
+
+#[derive(Clone, Copy, Debug)]
+struct Task {
+    tgid: Pid,
+}
+
+#[derive(Clone, Debug)]
+struct Group {
+    threads: HashSet<Pid>,
+    vps: VpsId,
+}
+
+/// The tracer's state: which tasks it follows, in which processes, and the new tasks whose creator
+/// has not reported them yet.
+///
+/// The ordering problems it solves:
+/// - a new child's first stop (`PTRACE_EVENT_STOP`) can be reported before its creator's fork
+///   event: the child is then kept stopped (no [`Action`] for it) until the creator's event says
+///   whose it is;
+/// - the creator's event can be lost for good when the creator is killed (SIGKILL) between the
+///   fork and its event stop: when a followed process dies, the children still waiting are
+///   resolved from `/proc/CHILD/stat` (their real parent) instead;
+/// - a child can be killed before its first stop and be reaped before its creator's event: its
+///   exit is remembered (a bounded list) and reported after the `Fork` once the event arrives.
+#[derive(Default, Debug)]
+pub struct Tracer {
+    tasks: HashMap<Pid, Task>,
+    groups: HashMap<Pid, Group>,
+    /// New tasks stopped before their creator's event: tid -> the resume their first stop needs.
+    early: HashMap<Pid, Resume>,
+    /// Exits of tasks we did not know (yet), newest last.
+    early_exit: VecDeque<(Pid, ExitStatus)>,
+}
+
+fn first_stop_resume(status: Status) -> Resume {
+    match status {
+        Status::GroupStop(_) => Resume::Listen,
+        _ => Resume::Cont(0),
+    }
+}
+
+impl Tracer {
+    /// An empty tracer.
+    pub fn new() -> Tracer {
+        Tracer::default()
+    }
+
+    /// Records `root`, just seized, as the first process of `vps`.
+    pub fn add_root(&mut self, root: Pid, vps: VpsId) {
+        self.tasks.insert(root, Task { tgid: root });
+        let mut threads = HashSet::new();
+        threads.insert(root);
+        self.groups.insert(root, Group { threads, vps });
+    }
+
+    /// Whether `tid` is followed.
+    pub fn knows(&self, tid: Pid) -> bool {
+        self.tasks.contains_key(&tid)
+    }
+
+    /// Whether nothing is followed and no new task is waiting: the tracer may stop waiting.
+    pub fn is_idle(&self) -> bool {
+        self.tasks.is_empty() && self.early.is_empty()
+    }
+
+    /// How many tasks (threads) are followed.
+    pub fn task_count(&self) -> usize {
+        self.tasks.len()
+    }
+
+    /// The VPS a followed process belongs to.
+    pub fn vps_of(&self, tgid: Pid) -> Option<VpsId> {
+        self.groups.get(&tgid).map(|g| g.vps)
+    }
+
+    /// Forgets everything (after `ECHILD`: nothing is traced any more).
+    pub fn clear(&mut self) {
+        *self = Tracer::default();
+    }
+
+    /// Handles one wait status of task `tid`: appends the events to emit to `events` and the
+    /// requests to make to `actions`. The caller queues the events *before* making the requests,
+    /// so that a new child is reported before it runs.
+    ///
+    /// `event_msg` is the `PTRACE_GETEVENTMSG` value when [`needs_event_msg`] is true.
+    pub fn step(
+        &mut self,
+        tid: Pid,
+        status: i32,
+        event_msg: Option<u64>,
+        probe: &mut dyn Probe,
+        events: &mut Vec<Event>,
+        actions: &mut Vec<Action>,
+    ) {
+        let st = classify(status);
+        if let Status::Exited(exit) = st {
+            self.on_exit(tid, exit, probe, events, actions);
+            return;
+        }
+        if st == Status::Other {
+            return;
+        }
+        let Some(task) = self.tasks.get(&tid).copied() else {
+            self.on_unknown_stop(tid, st, event_msg, events, actions);
+            return;
+        };
+        let resume = match st {
+            Status::Signal(sig) => Resume::Cont(sig),
+            Status::GroupStop(_) => Resume::Listen,
+            Status::TrapStop => Resume::Cont(0),
+            Status::Event(EVENT_FORK | EVENT_VFORK | EVENT_CLONE) => {
+                if let Some(child) = event_msg.and_then(|m| Pid::new(m as i32)) {
+                    self.on_new_task(task.tgid, child, probe, events, actions);
+                }
+                Resume::Cont(0)
+            }
+            Status::Event(EVENT_EXEC) => {
+                let former = event_msg.and_then(|m| Pid::new(m as i32)).unwrap_or(tid);
+                self.on_exec(tid, former, task.tgid, events);
+                Resume::Cont(0)
+            }
+            // EVENT_EXIT, EVENT_VFORK_DONE, anything newer: nothing to report.
+            _ => Resume::Cont(0),
+        };
+        actions.push(Action { tid, resume });
+    }
+
+    fn on_unknown_stop(
+        &mut self,
+        tid: Pid,
+        st: Status,
+        event_msg: Option<u64>,
+        events: &mut Vec<Event>,
+        actions: &mut Vec<Action>,
+    ) {
+        match st {
+            // The first stop of an auto-attached child whose creator has not reported it: hold it.
+            Status::TrapStop | Status::GroupStop(_) => {
+                self.early.insert(tid, first_stop_resume(st));
+            }
+            // An exec whose former thread we know: the reported tid is the (new) leader.
+            Status::Event(EVENT_EXEC) => {
+                let former = event_msg.and_then(|m| Pid::new(m as i32));
+                match former.and_then(|f| self.tasks.get(&f).copied()) {
+                    Some(t) => {
+                        self.tasks.insert(tid, Task { tgid: t.tgid });
+                        if let Some(g) = self.groups.get_mut(&t.tgid) {
+                            g.threads.insert(tid);
+                        }
+                        self.on_exec(tid, former.unwrap_or(tid), t.tgid, events);
+                    }
+                    // Not ours: restart it.
+                    None => {}
+                }
+                actions.push(Action { tid, resume: Resume::Cont(0) });
+            }
+            // Not ours to judge: restart it as an untraced task would go on.
+            Status::Signal(sig) => actions.push(Action { tid, resume: Resume::Cont(sig) }),
+            _ => actions.push(Action { tid, resume: Resume::Cont(0) }),
+        }
+    }
+
+    /// A creator (in process `creator_tgid`) reported a new task `child`.
+    fn on_new_task(
+        &mut self,
+        creator_tgid: Pid,
+        child: Pid,
+        probe: &mut dyn Probe,
+        events: &mut Vec<Event>,
+        actions: &mut Vec<Action>,
+    ) {
+        if self.tasks.contains_key(&child) {
+            // Already reported (resolved from /proc when another process died).
+            return;
+        }
+        if let Some(resume) = self.early.remove(&child) {
+            let stat = probe.stat(child);
+            self.report_fork(creator_tgid, child, stat, events);
+            actions.push(Action { tid: child, resume });
+            return;
+        }
+        if let Some(i) = self.early_exit.iter().position(|(t, _)| *t == child) {
+            let (_, exit) = self.early_exit.remove(i).expect("index from position");
+            if !probe.exists(child) {
+                // Killed before its first stop and already reaped: report its birth and death.
+                // Without a stat it can only be known as a process of the creator.
+                let thread = false;
+                let (parent, child_tgid) = (creator_tgid, child);
+                events.push(Event::new(EventKind::Fork {
+                    parent,
+                    child: child_tgid,
+                    child_thread: child,
+                    thread,
+                    child_start: None,
+                }));
+                events.push(Event::new(EventKind::Exit {
+                    pid: child_tgid,
+                    thread: child,
+                    status: Some(exit),
+                    group_dead: Some(true),
+                }));
+                return;
+            }
+            // A stale entry (the tid was reused by this child): fall through.
+        }
+        // The child has not stopped yet; it will before it runs its first instruction.
+        let stat = probe.stat(child);
+        self.report_fork(creator_tgid, child, stat, events);
+    }
+
+    /// Records `child` and emits its `Fork`. `stat` decides thread vs process: a new process has
+    /// exactly one thread until it runs, a new thread shares a group of two or more.
+    fn report_fork(&mut self, creator_tgid: Pid, child: Pid, stat: Option<TaskStat>, events: &mut Vec<Event>) {
+        let thread = stat.is_some_and(|s| s.num_threads > 1);
+        let vps = self.groups.get(&creator_tgid).map(|g| g.vps);
+        let (parent, child_tgid) = if thread {
+            (creator_tgid, creator_tgid)
+        } else {
+            // The real parent as the kernel records it (the creator's parent for CLONE_PARENT).
+            let parent = stat.and_then(|s| Pid::new(s.ppid)).unwrap_or(creator_tgid);
+            (parent, child)
+        };
+        self.tasks.insert(child, Task { tgid: child_tgid });
+        if thread {
+            if let Some(g) = self.groups.get_mut(&creator_tgid) {
+                g.threads.insert(child);
+            }
+        } else {
+            let mut threads = HashSet::new();
+            threads.insert(child);
+            self.groups.insert(child, Group { threads, vps: vps.unwrap_or(VpsId(0)) });
+        }
+        let mut ev = Event::new(EventKind::Fork {
+            parent,
+            child: child_tgid,
+            child_thread: child,
+            thread,
+            child_start: stat.map(|s| s.start),
+        });
+        ev.tag = vps;
+        events.push(ev);
+    }
+
+    fn on_exec(&mut self, tid: Pid, former: Pid, tgid: Pid, events: &mut Vec<Event>) {
+        if former != tid {
+            // The execing thread took the leader's id; the old leader vanished without a report.
+            self.tasks.remove(&former);
+            if let Some(g) = self.groups.get_mut(&tgid) {
+                g.threads.remove(&former);
+                g.threads.insert(tid);
+            }
+            self.tasks.insert(tid, Task { tgid });
+        }
+        let mut ev = Event::new(EventKind::Exec { pid: tgid, thread: former });
+        ev.tag = self.vps_of(tgid);
+        events.push(ev);
+    }
+
+    fn on_exit(
+        &mut self,
+        tid: Pid,
+        exit: ExitStatus,
+        probe: &mut dyn Probe,
+        events: &mut Vec<Event>,
+        actions: &mut Vec<Action>,
+    ) {
+        let Some(task) = self.tasks.remove(&tid) else {
+            // Not followed (yet): a new task killed before its creator reported it, or a plain
+            // child of this process (a root's second reap, as its real parent).
+            self.early.remove(&tid);
+            if self.early_exit.len() >= EARLY_EXIT_CAP {
+                self.early_exit.pop_front();
+            }
+            self.early_exit.push_back((tid, exit));
+            return;
+        };
+        let mut group_dead = true;
+        let mut vps = None;
+        if let Some(g) = self.groups.get_mut(&task.tgid) {
+            g.threads.remove(&tid);
+            group_dead = g.threads.is_empty();
+            vps = Some(g.vps);
+        }
+        if group_dead {
+            if !self.early.is_empty() {
+                // Before the Exit, so that the dead parent is still known to the consumer.
+                self.resolve_orphans(task.tgid, probe, events, actions);
+            }
+            self.groups.remove(&task.tgid);
+        }
+        let mut ev = Event::new(EventKind::Exit {
+            pid: task.tgid,
+            thread: tid,
+            status: Some(exit),
+            group_dead: Some(group_dead),
+        });
+        ev.tag = vps;
+        events.push(ev);
+    }
+
+    /// Process `dead` is gone: new tasks still waiting for their creator's event may never get
+    /// one (a creator killed between its fork and its event stop). Report them from `/proc`.
+    /// For a child whose creator is merely slow the answer is the same as the event's, and the
+    /// event, when it comes, finds the child known and adds nothing. A child already reparented
+    /// away (its real parent is no longer followed) is reported as a child of `dead`, the best
+    /// creator known.
+    fn resolve_orphans(&mut self, dead: Pid, probe: &mut dyn Probe, events: &mut Vec<Event>, actions: &mut Vec<Action>) {
+        let waiting: Vec<(Pid, Resume)> = self.early.iter().map(|(t, r)| (*t, *r)).collect();
+        for (child, resume) in waiting {
+            let Some(stat) = probe.stat(child) else { continue };
+            if stat.num_threads > 1 {
+                match probe.tgid(child) {
+                    Some(tgid) if self.groups.contains_key(&tgid) => {
+                        self.report_fork(tgid, child, Some(stat), events);
+                    }
+                    // Not a thread of a followed process: leave it to its creator's event.
+                    _ => continue,
+                }
+            } else {
+                let parent = Pid::new(stat.ppid).filter(|p| self.groups.contains_key(p)).unwrap_or(dead);
+                self.report_fork(parent, child, Some(TaskStat { ppid: parent.as_raw(), ..stat }), events);
+            }
+            self.early.remove(&child);
+            actions.push(Action { tid: child, resume });
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const ROOT: i32 = 100;
+
+    fn pid(n: i32) -> Pid {
+        Pid::new(n).unwrap()
+    }
+
+    fn stopped(sig: i32, event: i32) -> i32 {
+        (event << 16) | (sig << 8) | 0x7f
+    }
+
+    fn exited(code: i32) -> i32 {
+        code << 8
+    }
+
+    #[derive(Default)]
+    struct FakeProc {
+        /// tid -> (ppid, num_threads, start, tgid)
+        tasks: HashMap<i32, (i32, i64, u64, i32)>,
+    }
+
+    impl FakeProc {
+        fn add(&mut self, tid: i32, ppid: i32, threads: i64, tgid: i32) {
+            self.tasks.insert(tid, (ppid, threads, 1000 + tid as u64, tgid));
+        }
+    }
+
+    impl Probe for FakeProc {
+        fn stat(&mut self, tid: Pid) -> Option<TaskStat> {
+            self.tasks.get(&tid.as_raw()).map(|&(ppid, num_threads, start, _)| TaskStat {
+                ppid,
+                num_threads,
+                start: StartTime(start),
+            })
+        }
+        fn tgid(&mut self, tid: Pid) -> Option<Pid> {
+            self.tasks.get(&tid.as_raw()).and_then(|t| Pid::new(t.3))
+        }
+        fn exists(&mut self, tid: Pid) -> bool {
+            self.tasks.contains_key(&tid.as_raw())
+        }
+    }
+
+    struct Harness {
+        t: Tracer,
+        p: FakeProc,
+    }
+
+    impl Harness {
+        fn new() -> Harness {
+            let mut t = Tracer::new();
+            t.add_root(pid(ROOT), VpsId(7));
+            let mut p = FakeProc::default();
+            p.add(ROOT, 1, 1, ROOT);
+            Harness { t, p }
+        }
+
+        fn step(&mut self, tid: i32, status: i32, msg: Option<u64>) -> (Vec<Event>, Vec<Action>) {
+            let (mut ev, mut ac) = (Vec::new(), Vec::new());
+            self.t.step(pid(tid), status, msg, &mut self.p, &mut ev, &mut ac);
+            (ev, ac)
+        }
+    }
+
+    fn cont(tid: i32, sig: i32) -> Action {
+        Action { tid: pid(tid), resume: Resume::Cont(sig) }
+    }
+
+    fn fork_of(ev: &Event) -> (i32, i32, i32, bool, Option<u64>) {
+        match ev.kind {
+            EventKind::Fork { parent, child, child_thread, thread, child_start } => {
+                (parent.as_raw(), child.as_raw(), child_thread.as_raw(), thread, child_start.map(|s| s.0))
+            }
+            k => panic!("not a fork: {k:?}"),
+        }
+    }
+
+    fn exit_of(ev: &Event) -> (i32, i32, Option<ExitStatus>, Option<bool>) {
+        match ev.kind {
+            EventKind::Exit { pid, thread, status, group_dead } => (pid.as_raw(), thread.as_raw(), status, group_dead),
+            k => panic!("not an exit: {k:?}"),
+        }
+    }
+
+    #[test]
+    fn classify_statuses() {
+        assert_eq!(classify(exited(3)), Status::Exited(ExitStatus::Exited(3)));
+        assert_eq!(classify(9), Status::Exited(ExitStatus::Signaled { signal: 9, core_dumped: false }));
+        assert_eq!(classify(stopped(10, 0)), Status::Signal(10));
+        // A real-time signal (nix would give EINVAL here).
+        assert_eq!(classify(stopped(35, 0)), Status::Signal(35));
+        assert_eq!(classify(stopped(SIGSTOP, EVENT_STOP)), Status::GroupStop(SIGSTOP));
+        assert_eq!(classify(stopped(SIGTTOU, EVENT_STOP)), Status::GroupStop(SIGTTOU));
+        assert_eq!(classify(stopped(SIGTRAP, EVENT_STOP)), Status::TrapStop);
+        assert_eq!(classify(stopped(SIGTRAP, EVENT_FORK)), Status::Event(EVENT_FORK));
+        assert_eq!(classify(0xffff), Status::Other);
+        assert!(needs_event_msg(stopped(SIGTRAP, EVENT_CLONE)));
+        assert!(needs_event_msg(stopped(SIGTRAP, EVENT_EXEC)));
+        assert!(!needs_event_msg(stopped(SIGTRAP, EVENT_EXIT)));
+        assert!(!needs_event_msg(stopped(SIGCHLD_NUM, 0)));
+    }
+
+    const SIGCHLD_NUM: i32 = 17;
+
+    #[test]
+    fn signals_are_reinjected_unchanged() {
+        let mut h = Harness::new();
+        for sig in [SIGCHLD_NUM, 10, 12, 35, 64, SIGSTOP, SIGTRAP] {
+            let (ev, ac) = h.step(ROOT, stopped(sig, 0), None);
+            assert!(ev.is_empty());
+            assert_eq!(ac, vec![cont(ROOT, sig)]);
+        }
+    }
+
+    #[test]
+    fn group_stop_listens_and_trap_continues() {
+        let mut h = Harness::new();
+        let (ev, ac) = h.step(ROOT, stopped(SIGTSTP, EVENT_STOP), None);
+        assert!(ev.is_empty());
+        assert_eq!(ac, vec![Action { tid: pid(ROOT), resume: Resume::Listen }]);
+        // SIGCONT ended the group-stop: the listening tracee re-traps with SIGTRAP.
+        let (_, ac) = h.step(ROOT, stopped(SIGTRAP, EVENT_STOP), None);
+        assert_eq!(ac, vec![cont(ROOT, 0)]);
+    }
+
+    #[test]
+    fn fork_then_child_stop() {
+        let mut h = Harness::new();
+        h.p.add(101, ROOT, 1, 101);
+        let (ev, ac) = h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        assert_eq!(ev.len(), 1);
+        assert_eq!(fork_of(&ev[0]), (ROOT, 101, 101, false, Some(1101)));
+        assert_eq!(ev[0].tag, Some(VpsId(7)));
+        assert_eq!(ac, vec![cont(ROOT, 0)]);
+        let (ev, ac) = h.step(101, stopped(SIGTRAP, EVENT_STOP), None);
+        assert!(ev.is_empty());
+        assert_eq!(ac, vec![cont(101, 0)]);
+        let (ev, _) = h.step(101, exited(3), None);
+        assert_eq!(exit_of(&ev[0]), (101, 101, Some(ExitStatus::Exited(3)), Some(true)));
+    }
+
+    #[test]
+    fn child_stop_before_parent_event_is_held() {
+        let mut h = Harness::new();
+        h.p.add(101, ROOT, 1, 101);
+        let (ev, ac) = h.step(101, stopped(SIGTRAP, EVENT_STOP), None);
+        assert!(ev.is_empty());
+        assert!(ac.is_empty(), "the child must stay stopped until its parent is known");
+        assert!(!h.t.is_idle());
+        let (ev, ac) = h.step(ROOT, stopped(SIGTRAP, EVENT_VFORK), Some(101));
+        assert_eq!(fork_of(&ev[0]), (ROOT, 101, 101, false, Some(1101)));
+        assert_eq!(ac, vec![cont(101, 0), cont(ROOT, 0)]);
+    }
+
+    #[test]
+    fn early_child_in_group_stop_is_listened() {
+        let mut h = Harness::new();
+        h.p.add(101, ROOT, 1, 101);
+        h.step(101, stopped(SIGSTOP, EVENT_STOP), None);
+        let (_, ac) = h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        assert_eq!(ac[0], Action { tid: pid(101), resume: Resume::Listen });
+    }
+
+    #[test]
+    fn clone_parent_reports_the_kernel_parent() {
+        let mut h = Harness::new();
+        h.p.add(101, ROOT, 1, 101);
+        h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        // 101 calls clone(CLONE_PARENT): 102's real parent is ROOT.
+        h.p.add(102, ROOT, 1, 102);
+        let (ev, _) = h.step(101, stopped(SIGTRAP, EVENT_CLONE), Some(102));
+        assert_eq!(fork_of(&ev[0]), (ROOT, 102, 102, false, Some(1102)));
+    }
+
+    #[test]
+    fn threads_and_group_dead() {
+        let mut h = Harness::new();
+        h.p.add(101, 1, 2, ROOT);
+        let (ev, _) = h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(101));
+        assert_eq!(fork_of(&ev[0]), (ROOT, ROOT, 101, true, Some(1101)));
+        h.step(101, stopped(SIGTRAP, EVENT_STOP), None);
+        // A thread exit stop, then its reap.
+        let (ev, ac) = h.step(101, stopped(SIGTRAP, EVENT_EXIT), None);
+        assert!(ev.is_empty());
+        assert_eq!(ac, vec![cont(101, 0)]);
+        let (ev, _) = h.step(101, exited(0), None);
+        assert_eq!(exit_of(&ev[0]), (ROOT, 101, Some(ExitStatus::Exited(0)), Some(false)));
+        let (ev, _) = h.step(ROOT, exited(0), None);
+        assert_eq!(exit_of(&ev[0]), (ROOT, ROOT, Some(ExitStatus::Exited(0)), Some(true)));
+        assert!(h.t.is_idle());
+    }
+
+    #[test]
+    fn exec_from_a_thread() {
+        let mut h = Harness::new();
+        h.p.add(101, 1, 2, ROOT);
+        h.p.add(102, 1, 3, ROOT);
+        h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(101));
+        h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(102));
+        // 101 execs: it is reported as ROOT, the former tid comes from GETEVENTMSG.
+        let (ev, ac) = h.step(ROOT, stopped(SIGTRAP, EVENT_EXEC), Some(101));
+        assert_eq!(ev[0].kind, EventKind::Exec { pid: pid(ROOT), thread: pid(101) });
+        assert_eq!(ac, vec![cont(ROOT, 0)]);
+        assert!(!h.t.knows(pid(101)));
+        // The other thread dies as if by _exit(0).
+        let (ev, _) = h.step(102, exited(0), None);
+        assert_eq!(exit_of(&ev[0]), (ROOT, 102, Some(ExitStatus::Exited(0)), Some(false)));
+        let (ev, _) = h.step(ROOT, exited(4), None);
+        assert_eq!(exit_of(&ev[0]), (ROOT, ROOT, Some(ExitStatus::Exited(4)), Some(true)));
+        assert!(h.t.is_idle());
+    }
+
+    #[test]
+    fn child_killed_before_its_first_stop() {
+        let mut h = Harness::new();
+        // Killed and reaped before the parent's event.
+        let (ev, ac) = h.step(101, 9, None);
+        assert!(ev.is_empty() && ac.is_empty());
+        let (ev, ac) = h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        assert_eq!(fork_of(&ev[0]), (ROOT, 101, 101, false, None));
+        assert_eq!(
+            exit_of(&ev[1]),
+            (101, 101, Some(ExitStatus::Signaled { signal: 9, core_dumped: false }), Some(true))
+        );
+        assert_eq!(ac, vec![cont(ROOT, 0)]);
+        assert!(!h.t.knows(pid(101)));
+    }
+
+    #[test]
+    fn stale_early_exit_is_ignored_when_the_tid_lives() {
+        let mut h = Harness::new();
+        h.step(101, exited(0), None); // some unrelated reap of a plain child 101
+        h.p.add(101, ROOT, 1, 101); // 101 reused by a new child of ROOT
+        let (ev, _) = h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        assert_eq!(ev.len(), 1);
+        assert_eq!(fork_of(&ev[0]), (ROOT, 101, 101, false, Some(1101)));
+        assert!(h.t.knows(pid(101)));
+    }
+
+    #[test]
+    fn orphan_resolved_when_its_creator_dies_without_event() {
+        let mut h = Harness::new();
+        h.p.add(101, ROOT, 1, 101);
+        h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        h.step(101, stopped(SIGTRAP, EVENT_STOP), None);
+        // 101 forks 102 and is SIGKILLed before its event stop: only 102's first stop comes.
+        h.p.add(102, 101, 1, 102);
+        let (ev, ac) = h.step(102, stopped(SIGTRAP, EVENT_STOP), None);
+        assert!(ev.is_empty() && ac.is_empty());
+        let (ev, ac) = h.step(101, 9, None);
+        assert_eq!(ev.len(), 2);
+        // The orphan's Fork comes first, while its parent is still known.
+        assert_eq!(fork_of(&ev[0]), (101, 102, 102, false, Some(1102)));
+        assert_eq!(exit_of(&ev[1]).3, Some(true));
+        assert_eq!(ac, vec![cont(102, 0)]);
+        assert!(h.t.knows(pid(102)));
+        // The lost event never comes; if a late one did, it would add nothing.
+    }
+
+    #[test]
+    fn orphan_reparented_to_init_is_still_reported() {
+        let mut h = Harness::new();
+        h.p.add(101, ROOT, 1, 101);
+        h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        h.p.add(102, 1, 1, 102);
+        h.step(102, stopped(SIGTRAP, EVENT_STOP), None);
+        let (ev, ac) = h.step(101, 9, None);
+        // Its real parent (init) is not followed: the dead process is the best creator known.
+        assert_eq!(fork_of(&ev[0]), (101, 102, 102, false, Some(1102)));
+        assert_eq!(ev[0].tag, Some(VpsId(7)));
+        assert_eq!(exit_of(&ev[1]).0, 101);
+        assert_eq!(ac, vec![cont(102, 0)]);
+    }
+
+    #[test]
+    fn unknown_signal_stop_is_resumed_unchanged() {
+        let mut h = Harness::new();
+        let (ev, ac) = h.step(555, stopped(10, 0), None);
+        assert!(ev.is_empty());
+        assert_eq!(ac, vec![cont(555, 10)]);
+    }
+}

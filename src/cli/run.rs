@@ -1,0 +1,195 @@
+//! `vpstag run NAME -- CMD`: one VPS in the foreground.
+
+use std::fs::File;
+use std::io::{BufWriter, Write};
+use std::process::Command;
+use std::sync::atomic::{AtomicUsize, Ordering};
+use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use serde_json::json;
+use vpstag::{EventKind, ExitStatus, Manager, Pid, Signal, TaggedEvent, Vps};
+
+use super::RunArgs;
+
+enum Sink {
+    Text,
+    Json(BufWriter<File>),
+    Quiet,
+}
+
+struct Printer {
+    sink: Sink,
+    vps: Vps,
+}
+
+impl Printer {
+    fn show(&mut self, t: &TaggedEvent) {
+        if t.vps != Some(self.vps.id) {
+            return;
+        }
+        let name = &self.vps.name;
+        let time = t.event.time_ns;
+        match (&mut self.sink, t.event.kind) {
+            (Sink::Quiet, _) => {}
+            (_, EventKind::Fork { thread: true, .. }) => {}
+            (_, EventKind::Exit { pid, thread, .. }) if pid != thread => {}
+            (Sink::Text, EventKind::Fork { parent, child, .. }) => eprintln!("[{name}] fork {parent} -> {child}"),
+            (Sink::Text, EventKind::Exec { pid, .. }) => {
+                let cmd = vpstag::__private::cmdline(pid).unwrap_or_else(|| "?".into());
+                eprintln!("[{name}] exec {pid} {cmd}");
+            }
+            (Sink::Text, EventKind::Exit { pid, status, .. }) => match status {
+                Some(s) => eprintln!("[{name}] exit {pid} ({s})"),
+                None => eprintln!("[{name}] exit {pid}"),
+            },
+            (Sink::Json(w), k) => {
+                let v = match k {
+                    EventKind::Fork { parent, child, .. } => {
+                        json!({"event": "fork", "vps": name, "pid": child.as_raw(), "parent": parent.as_raw(), "time_ns": time})
+                    }
+                    EventKind::Exec { pid, .. } => {
+                        json!({"event": "exec", "vps": name, "pid": pid.as_raw(), "cmd": vpstag::__private::cmdline(pid), "time_ns": time})
+                    }
+                    EventKind::Exit { pid, status, .. } => json!({
+                        "event": "exit", "vps": name, "pid": pid.as_raw(), "time_ns": time,
+                        "code": status.map(|s| match s { ExitStatus::Exited(c) => c, _ => -1 }),
+                        "signal": status.and_then(|s| match s { ExitStatus::Signaled { signal, .. } => Some(signal), _ => None }),
+                    }),
+                    EventKind::Lost { .. } => return,
+                };
+                let _ = writeln!(w, "{v}");
+            }
+            (Sink::Text, EventKind::Lost { .. }) => {}
+        }
+    }
+
+    fn drain(&mut self, rx: &Receiver<TaggedEvent>, wait: Duration) {
+        match rx.recv_timeout(wait) {
+            Ok(t) => self.show(&t),
+            Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
+        }
+        while let Ok(t) = rx.try_recv() {
+            self.show(&t);
+        }
+        if let Sink::Json(w) = &mut self.sink {
+            let _ = w.flush();
+        }
+    }
+}
+
+/// Signals that arrived (SIGINT, SIGTERM, SIGHUP), to pass on to the whole VPS.
+struct Signals {
+    pending: Arc<AtomicUsize>,
+}
+
+impl Signals {
+    fn install() -> std::io::Result<Signals> {
+        let pending = Arc::new(AtomicUsize::new(0));
+        for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
+            let p = Arc::clone(&pending);
+            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
+            unsafe {
+                signal_hook::low_level::register(sig, move || p.store(sig as usize, Ordering::SeqCst))?;
+            }
+        }
+        Ok(Signals { pending })
+    }
+
+    fn take(&self) -> Option<Signal> {
+        match self.pending.swap(0, Ordering::SeqCst) {
+            0 => None,
+            n => Signal::from_raw(n as i32),
+        }
+    }
+}
+
+fn reap_orphans() {
+    loop {
+        // SAFETY: waitpid with WNOHANG and a valid out pointer.
+        let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
+        if r <= 0 {
+            break;
+        }
+    }
+}
+
+pub(crate) fn run(a: RunArgs) -> vpstag::Result<i32> {
+    let choice: vpstag::BackendChoice = a.backend.parse()?;
+    let (tracker, notes) = vpstag::open_backend_with_notes(choice)?;
+    for n in &notes {
+        eprintln!("vpstag: {n}");
+    }
+    if choice == vpstag::BackendChoice::Auto {
+        eprintln!("vpstag: using the {} backend", tracker.kind());
+    }
+    // Orphans of the VPS whose first process has exited come to us rather than to the system's
+    // init, so their parent links stay inside this run.
+    let _ = vpstag::__private::become_subreaper();
+    let mgr = Manager::new(tracker)?;
+    let reaps_itself = mgr.capabilities().reaps;
+    let signals = Signals::install().map_err(|e| vpstag::Error::io("installing signal handlers", e))?;
+    let rx = mgr.subscribe();
+    let mut cmd = Command::new(&a.cmd[0]);
+    cmd.args(&a.cmd[1..]);
+    let vps = mgr.start(&a.name, &mut cmd)?;
+    let sink = match (&a.json_events, a.quiet) {
+        (Some(path), _) => Sink::Json(BufWriter::new(
+            File::create(path).map_err(|e| vpstag::Error::io(format!("creating {}", path.display()), e))?,
+        )),
+        (None, true) => Sink::Quiet,
+        (None, false) => Sink::Text,
+    };
+    let mut out = Printer { sink, vps: vps.clone() };
+    let tick = |out: &mut Printer| -> vpstag::Result<()> {
+        out.drain(&rx, Duration::from_millis(50));
+        if let Some(sig) = signals.take() {
+            let n = mgr.signal(&vps, sig)?;
+            eprintln!("vpstag: got {sig}; sent it to the {n} processes of VPS {:?}", vps.name);
+        }
+        if !reaps_itself {
+            reap_orphans();
+        }
+        Ok(())
+    };
+    while mgr.is_running(&vps)? {
+        tick(&mut out)?;
+    }
+    let status = mgr.wait(&vps, Some(Duration::ZERO))?;
+    tick(&mut out)?;
+    let left: Vec<Pid> = mgr.members(&vps)?;
+    if !left.is_empty() {
+        if a.wait_all {
+            eprintln!("vpstag: {} exited; waiting for the {} remaining processes of VPS {:?}", a.name, left.len(), vps.name);
+            while !mgr.members(&vps)?.is_empty() {
+                tick(&mut out)?;
+            }
+        } else {
+            eprintln!(
+                "vpstag: the command exited but {} processes of VPS {:?} are still running: {:?}; sending SIGTERM (SIGKILL after {}s)",
+                left.len(),
+                vps.name,
+                left.iter().map(|p| p.as_raw()).collect::<Vec<_>>(),
+                a.grace
+            );
+            mgr.signal(&vps, Signal::TERM)?;
+            let deadline = Instant::now() + Duration::from_secs_f64(a.grace.max(0.0));
+            while Instant::now() < deadline && !mgr.members(&vps)?.is_empty() {
+                tick(&mut out)?;
+            }
+            if !mgr.members(&vps)?.is_empty() {
+                mgr.kill_all(&vps, Duration::from_secs(10))?;
+            }
+        }
+    }
+    tick(&mut out)?;
+    let stats = mgr.stats();
+    if stats.loss_reports > 0 {
+        eprintln!(
+            "vpstag: the backend lost events {} times ({} counted); the table was resynchronised {} times",
+            stats.loss_reports, stats.lost_events, stats.resyncs
+        );
+    }
+    Ok(status.map_or(0, ExitStatus::shell_code))
+}

@@ -1,0 +1,106 @@
+//! Every other Unix (NetBSD, OpenBSD, DragonFly, macOS, illumos, ...): no process-table reader and
+//! no reaper yet, so vpstag builds but says at run time what is missing.
+//!
+//! - NetBSD, OpenBSD, DragonFly: the kqueue backend opens (it follows forks there), but the
+//!   snapshot below is unsupported, so vpstag cannot adopt existing processes or resynchronise
+//!   after a loss. A `kern.proc2` reader (NetBSD, OpenBSD) is the missing piece.
+//! - macOS: the kqueue backend itself refuses (`NOTE_TRACK` returns `ENOTSUP` since 10.5).
+//! - illumos: process contracts (`contract(5)`) are the mechanism; a later backend.
+
+use std::ffi::CStr;
+use std::io;
+
+use vpstag_tracker::{ForkTracker, Pid};
+
+use super::ProcInfo;
+use crate::{BackendChoice, Error};
+
+fn unsupported() -> io::Error {
+    io::Error::new(
+        io::ErrorKind::Unsupported,
+        format!(
+            "vpstag cannot read the process table on {} yet (it reads /proc on Linux and sysctl kern.proc on \
+             FreeBSD)",
+            std::env::consts::OS
+        ),
+    )
+}
+
+/// Every process: unsupported here.
+pub(crate) fn scan() -> io::Result<Vec<ProcInfo>> {
+    Err(unsupported())
+}
+
+/// One process: unsupported here.
+pub(crate) fn process(pid: Pid) -> io::Result<Option<ProcInfo>> {
+    let _ = pid;
+    Err(unsupported())
+}
+
+/// The command line of a process, for display: not known here.
+pub fn cmdline(pid: Pid) -> Option<String> {
+    let _ = pid;
+    None
+}
+
+/// As on FreeBSD (start times in microseconds that move with clock steps); unused while
+/// [`scan`] is unsupported.
+pub(crate) fn start_tolerance() -> u64 {
+    2_000_000
+}
+
+/// Start times are microseconds since the epoch on the BSDs.
+pub(crate) fn ns_per_start_unit() -> u64 {
+    1_000
+}
+
+/// Now, in nanoseconds since the epoch.
+pub(crate) fn now_ns() -> u64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map(|d| u64::try_from(d.as_nanos()).unwrap_or(u64::MAX))
+        .unwrap_or(0)
+}
+
+/// No reaper facility is used here: `ENOSYS`. Async-signal-safe.
+pub fn become_subreaper() -> i32 {
+    libc::ENOSYS
+}
+
+/// Not done here (no allocation-free way is wired up); the name stays that of the executable.
+pub(crate) fn set_process_name(name: &CStr) {
+    let _ = name;
+}
+
+#[cfg(any(target_os = "netbsd", target_os = "openbsd", target_os = "dragonfly", target_os = "macos"))]
+fn open_kqueue() -> Result<Box<dyn ForkTracker>, Error> {
+    Ok(Box::new(vpstag_kqueue::Kqueue::new()?))
+}
+
+#[cfg(not(any(target_os = "netbsd", target_os = "openbsd", target_os = "dragonfly", target_os = "macos")))]
+fn open_kqueue() -> Result<Box<dyn ForkTracker>, Error> {
+    Err(Error::BackendUnavailable {
+        backend: "kqueue",
+        why: format!(
+            "{} has no kqueue process tracking; on illumos process contracts (contract(5)) are the mechanism, \
+             not implemented yet",
+            std::env::consts::OS
+        ),
+    })
+}
+
+/// Opens a backend: kqueue where the system has it, nothing else.
+pub(crate) fn open_backend(choice: BackendChoice, notes: &mut Vec<String>) -> Result<Box<dyn ForkTracker>, Error> {
+    let _ = notes;
+    match choice {
+        BackendChoice::Auto | BackendChoice::Kqueue => open_kqueue(),
+        BackendChoice::Cnproc | BackendChoice::Ptrace | BackendChoice::Ebpf => Err(Error::BackendUnavailable {
+            backend: match choice {
+                BackendChoice::Cnproc => "cnproc",
+                BackendChoice::Ptrace => "ptrace",
+                _ => "ebpf",
+            },
+            why: format!("this backend is Linux-only; vpstag has no backend of that kind on {}", std::env::consts::OS),
+        }),
+    }
+}

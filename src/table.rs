@@ -1,0 +1,299 @@
+//! The mapping table: pid -> VPS and VPS -> members, keyed by process identity.
+
+use std::collections::{HashMap, HashSet};
+
+use serde::Serialize;
+
+use crate::{Pid, ProcessId, StartTime, VpsId};
+
+/// How the table learned that a process belongs to its VPS, so users can see why it is tagged.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, serde::Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Source {
+    /// It is the VPS's first process, started by the manager.
+    First,
+    /// A fork or clone event from a tagged parent.
+    Event,
+    /// A scan of the system (start-up or after lost events) found it below a tagged ancestor.
+    Scan,
+    /// It registered itself through the loader (`vpstag exec`) or was adopted.
+    Loader,
+}
+
+/// One tagged process.
+#[derive(Clone, Debug)]
+pub struct Entry {
+    /// The process's identity.
+    pub id: ProcessId,
+    /// Its VPS.
+    pub vps: VpsId,
+    /// How the table learned it.
+    pub source: Source,
+    /// The parent the table saw it born from, when known.
+    pub parent: Option<Pid>,
+    /// The start time was estimated from an event's time stamp (within one clock tick), not read.
+    pub(crate) start_approx: bool,
+    /// Live threads, as counted from events.
+    pub(crate) threads: u32,
+    /// `threads` is exact: counted from the process's birth event on. Otherwise it came from a
+    /// scan and only hints; a count reaching zero is then checked against the system.
+    pub(crate) threads_exact: bool,
+    /// The thread-group leader has exited (pthread_exit in main) while other threads may live.
+    pub(crate) leader_exited: bool,
+}
+
+impl Entry {
+    /// A new entry for a single-threaded process.
+    pub(crate) fn new(id: ProcessId, vps: VpsId, source: Source, parent: Option<Pid>) -> Entry {
+        Entry {
+            id,
+            vps,
+            source,
+            parent,
+            start_approx: false,
+            threads: 1,
+            threads_exact: source == Source::Event || source == Source::First,
+            leader_exited: false,
+        }
+    }
+
+    /// Whether `start`, read from the system, is this entry's process (`tolerance` in start-time
+    /// units; one more tick when the entry's start was estimated).
+    pub(crate) fn same_start(&self, start: StartTime, tolerance: u64) -> bool {
+        let tol = tolerance + u64::from(self.start_approx);
+        self.id.start.0.abs_diff(start.0) <= tol
+    }
+}
+
+/// pid -> VPS and VPS -> members, O(1) both ways.
+///
+/// A PID is reused, so each entry carries the process's identity (pid and start time); the
+/// manager removes an entry when its process exits and checks identities whenever it reads the
+/// system.
+///
+/// ```
+/// use vpstag::{MappingTable, Pid, ProcessId, StartTime, VpsId};
+///
+/// let table = MappingTable::new();
+/// assert!(table.vps_of(Pid::new(1).unwrap()).is_none());
+/// assert_eq!(table.len(), 0);
+/// ```
+#[derive(Default, Clone, Debug)]
+pub struct MappingTable {
+    by_pid: HashMap<Pid, Entry>,
+    members: HashMap<VpsId, HashSet<Pid>>,
+    /// When enabled, every insertion and removal, for a journal.
+    log: Option<Vec<Change>>,
+}
+
+/// One change to the table, as a journal records it.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+#[serde(tag = "change", rename_all = "lowercase")]
+pub enum Change {
+    /// A process was tagged.
+    Added {
+        /// Process id.
+        pid: i32,
+        /// Start time (system units).
+        start: u64,
+        /// Its VPS.
+        vps: u64,
+        /// How it was learned.
+        source: Source,
+        /// The parent it was seen born from.
+        parent: Option<i32>,
+    },
+    /// A tagged process is gone (or its VPS was forgotten).
+    Removed {
+        /// Process id.
+        pid: i32,
+        /// Start time (system units).
+        start: u64,
+        /// The VPS it had.
+        vps: u64,
+    },
+}
+
+impl MappingTable {
+    /// An empty table.
+    pub fn new() -> MappingTable {
+        MappingTable::default()
+    }
+
+    /// How many processes are tagged.
+    pub fn len(&self) -> usize {
+        self.by_pid.len()
+    }
+
+    /// Whether no process is tagged.
+    pub fn is_empty(&self) -> bool {
+        self.by_pid.is_empty()
+    }
+
+    /// The VPS of the process that holds `pid` now, as far as the table knows.
+    pub fn vps_of(&self, pid: Pid) -> Option<VpsId> {
+        self.by_pid.get(&pid).map(|e| e.vps)
+    }
+
+    /// The entry of `pid`.
+    pub fn get(&self, pid: Pid) -> Option<&Entry> {
+        self.by_pid.get(&pid)
+    }
+
+    pub(crate) fn get_mut(&mut self, pid: Pid) -> Option<&mut Entry> {
+        self.by_pid.get_mut(&pid)
+    }
+
+    /// The pids tagged with `vps`, in no particular order.
+    pub fn members(&self, vps: VpsId) -> impl Iterator<Item = Pid> + '_ {
+        self.members.get(&vps).into_iter().flat_map(|s| s.iter().copied())
+    }
+
+    /// How many processes carry `vps`.
+    pub fn member_count(&self, vps: VpsId) -> usize {
+        self.members.get(&vps).map_or(0, HashSet::len)
+    }
+
+    /// Every entry.
+    pub fn entries(&self) -> impl Iterator<Item = &Entry> + '_ {
+        self.by_pid.values()
+    }
+
+    /// Starts (or stops) recording changes; see [`MappingTable::take_changes`].
+    pub(crate) fn record_changes(&mut self, on: bool) {
+        self.log = if on { Some(self.log.take().unwrap_or_default()) } else { None };
+    }
+
+    /// The changes recorded since the last call.
+    pub(crate) fn take_changes(&mut self) -> Vec<Change> {
+        self.log.as_mut().map(std::mem::take).unwrap_or_default()
+    }
+
+    fn note_removed(&mut self, e: &Entry) {
+        if let Some(log) = &mut self.log {
+            log.push(Change::Removed { pid: e.id.pid.as_raw(), start: e.id.start.0, vps: e.vps.0 });
+        }
+    }
+
+    /// Inserts or replaces the entry for `entry.id.pid`; returns the replaced one.
+    pub(crate) fn insert(&mut self, entry: Entry) -> Option<Entry> {
+        let pid = entry.id.pid;
+        let vps = entry.vps;
+        if let Some(log) = &mut self.log {
+            log.push(Change::Added {
+                pid: pid.as_raw(),
+                start: entry.id.start.0,
+                vps: vps.0,
+                source: entry.source,
+                parent: entry.parent.map(Pid::as_raw),
+            });
+        }
+        let old = self.by_pid.insert(pid, entry);
+        if let Some(o) = &old {
+            if o.vps != vps {
+                self.unlink(o.vps, pid);
+            }
+        }
+        self.members.entry(vps).or_default().insert(pid);
+        old
+    }
+
+    /// Removes the entry of `pid`.
+    pub(crate) fn remove(&mut self, pid: Pid) -> Option<Entry> {
+        let old = self.by_pid.remove(&pid)?;
+        self.unlink(old.vps, pid);
+        self.note_removed(&old);
+        Some(old)
+    }
+
+    /// Removes every entry of `vps`.
+    pub(crate) fn remove_vps(&mut self, vps: VpsId) -> usize {
+        let pids = self.members.remove(&vps).unwrap_or_default();
+        for p in &pids {
+            if let Some(old) = self.by_pid.remove(p) {
+                self.note_removed(&old);
+            }
+        }
+        pids.len()
+    }
+
+    fn unlink(&mut self, vps: VpsId, pid: Pid) {
+        if let Some(set) = self.members.get_mut(&vps) {
+            set.remove(&pid);
+            if set.is_empty() {
+                self.members.remove(&vps);
+            }
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn pid(n: i32) -> Pid {
+        Pid::new(n).unwrap()
+    }
+
+    fn id(n: i32, start: u64) -> ProcessId {
+        ProcessId { pid: pid(n), start: StartTime(start) }
+    }
+
+    #[test]
+    fn insert_lookup_remove_both_ways() {
+        let mut t = MappingTable::new();
+        t.insert(Entry::new(id(10, 1), VpsId(1), Source::First, None));
+        t.insert(Entry::new(id(11, 2), VpsId(1), Source::Event, Some(pid(10))));
+        t.insert(Entry::new(id(20, 2), VpsId(2), Source::First, None));
+        assert_eq!(t.vps_of(pid(11)), Some(VpsId(1)));
+        assert_eq!(t.member_count(VpsId(1)), 2);
+        let mut m: Vec<_> = t.members(VpsId(1)).collect();
+        m.sort();
+        assert_eq!(m, vec![pid(10), pid(11)]);
+        assert_eq!(t.remove(pid(11)).map(|e| e.vps), Some(VpsId(1)));
+        assert_eq!(t.member_count(VpsId(1)), 1);
+        assert!(t.remove(pid(11)).is_none());
+        assert_eq!(t.remove_vps(VpsId(2)), 1);
+        assert!(t.vps_of(pid(20)).is_none());
+        assert_eq!(t.len(), 1);
+    }
+
+    #[test]
+    fn replacing_moves_membership() {
+        let mut t = MappingTable::new();
+        t.insert(Entry::new(id(10, 1), VpsId(1), Source::First, None));
+        // The pid is reused by a process of another VPS.
+        let old = t.insert(Entry::new(id(10, 500), VpsId(2), Source::Event, None));
+        assert_eq!(old.map(|e| e.id.start), Some(StartTime(1)));
+        assert_eq!(t.member_count(VpsId(1)), 0);
+        assert_eq!(t.member_count(VpsId(2)), 1);
+    }
+
+    #[test]
+    fn changes_are_recorded_when_asked() {
+        let mut t = MappingTable::new();
+        t.insert(Entry::new(id(1, 1), VpsId(1), Source::First, None));
+        assert!(t.take_changes().is_empty());
+        t.record_changes(true);
+        t.insert(Entry::new(id(2, 3), VpsId(1), Source::Event, Some(pid(1))));
+        t.remove(pid(1));
+        assert_eq!(
+            t.take_changes(),
+            vec![
+                Change::Added { pid: 2, start: 3, vps: 1, source: Source::Event, parent: Some(1) },
+                Change::Removed { pid: 1, start: 1, vps: 1 },
+            ]
+        );
+        assert!(t.take_changes().is_empty());
+    }
+
+    #[test]
+    fn identity_tolerance() {
+        let mut e = Entry::new(id(5, 100), VpsId(1), Source::Event, None);
+        assert!(e.same_start(StartTime(100), 0));
+        assert!(!e.same_start(StartTime(101), 0));
+        e.start_approx = true;
+        assert!(e.same_start(StartTime(99), 0));
+        assert!(!e.same_start(StartTime(102), 0));
+    }
+}
