@@ -185,9 +185,9 @@ impl State {
                 if pid == rec.first.pid && !rec.first_gone {
                     rec.first_exit = status;
                     rec.first_gone = true;
-                    if !self.caps.reaps {
-                        self.to_reap.push(pid);
-                    }
+                    // It is dead: waiting for it cannot take a ptrace stop from a backend that
+                    // follows it, and if such a backend reaped it already, waitpid says ECHILD.
+                    self.to_reap.push(pid);
                 }
             }
             _ => {}
