@@ -292,13 +292,7 @@ pub fn decode_datagram(
     Ok(summary)
 }
 
-fn decode_cn_msg(
-    msg: &[u8],
-    offset_ns: u64,
-    seq: &mut SeqTracker,
-    out: &mut Vec<Event>,
-    summary: &mut Summary,
-) {
+fn decode_cn_msg(msg: &[u8], offset_ns: u64, seq: &mut SeqTracker, out: &mut Vec<Event>, summary: &mut Summary) {
     let (Some(idx), Some(val), Some(cn_seq), Some(cn_ack), Some(data_len)) =
         (u32_at(msg, 0), u32_at(msg, 4), u32_at(msg, 8), u32_at(msg, 12), u16_at(msg, 16))
     else {
@@ -356,12 +350,9 @@ fn decode_cn_msg(
         }
     };
     match kind {
-        Some(kind) => out.push(Event {
-            kind,
-            time_ns: Some(timestamp_ns.saturating_add(offset_ns)),
-            tag: None,
-            cpu: Some(cpu),
-        }),
+        Some(kind) => {
+            out.push(Event { kind, time_ns: Some(timestamp_ns.saturating_add(offset_ns)), tag: None, cpu: Some(cpu) })
+        }
         None => summary.malformed += 1,
     }
 }
@@ -506,10 +497,12 @@ mod tests {
 
     // ---- Fixtures recorded on this machine (Linux 6.18.44, x86_64, 2 CPUs) ----
     //
-    // Made with `examples/record.rs` run as root: it subscribes with raw libc calls (LISTEN with
-    // cn_msg.ack = 0x1234), spawns a std::thread, forks a child that execs /bin/true and forks a
-    // child that calls _exit(3), then prints each datagram about those tasks as hex. Recorder pid
-    // 4941 (its parent, cargo, was 4936), thread 5288, exec child 5289, exit(3) child 5290.
+    // Made with the recorder now in `tests/record_fixtures.rs` (first run as an example from the
+    // main thread, then as an ignored test), run as root: it subscribes with raw libc calls
+    // (LISTEN with cn_msg.ack = 0x1234), spawns a std::thread, forks a child that execs /bin/true
+    // and forks a child that calls _exit(3), then prints each datagram about those tasks as hex.
+    // First run: recorder pid 4941 (its parent, cargo, was 4936), thread 5288, exec child 5289,
+    // exit(3) child 5290.
 
     /// The kernel's ack of the recorder's LISTEN: what=NONE, cpu 1, per-CPU seq 0, ack 0x1235.
     const REC_ACK: &str = "4c00000003000000000000000000000001000000010000000000000035120000280000000000000001000000f1c7338caf000000000000000000000000000000000000000000000000000000";
@@ -527,6 +520,44 @@ mod tests {
     const REC_EXEC_5289: &str = "4c00000003000000030000000000000001000000010000000300000000000000280000000200000001000000a533478caf000000a9140000a914000000000000000000000000000000000000";
     /// Exit of 5289 (/bin/true) with status 0.
     const REC_EXIT_5289: &str = "4c000000030000000400000000000000010000000100000004000000000000002800000000000080010000003e364f8caf000000a9140000a914000000000000110000004d1300004d130000";
+
+    // Second run, as a test: the forks came from the test's own thread 29850 (not the leader
+    // 29849), so the kernel reports parent_pid 29850, parent_tgid 29849. This one is the fork of
+    // child 29852; its seq (0x403e) shows other listeners had kept the counter going.
+    const REC_FORK_BY_NON_LEADER: &str = "4c000000030000003e4000000000000001000000010000003e40000000000000280000000100000001000000313c470f1e0100009a740000997400009c7400009c7400000000000000000000";
+    /// Second run: a thread 29851 created by test thread 29850 of process 29849 (whose parent,
+    /// the shell, was 29662).
+    const REC_THREAD_FORK_BY_NON_LEADER: &str = "4c000000030000003d4000000000000001000000010000003d40000000000000280000000100000001000000b770440f1e010000de730000de7300009b740000997400000000000000000000";
+
+    #[cfg(target_endian = "little")]
+    #[test]
+    fn recorded_forks_from_a_non_leader_thread() {
+        let mut seq = SeqTracker::new();
+        let mut out = Vec::new();
+        decode_datagram(&hex(REC_THREAD_FORK_BY_NON_LEADER), 0, 0, &mut seq, &mut out).unwrap();
+        decode_datagram(&hex(REC_FORK_BY_NON_LEADER), 0, 0, &mut seq, &mut out).unwrap();
+        assert_eq!(
+            kinds(&out),
+            vec![
+                EventKind::Fork {
+                    parent: pid(29849),
+                    child: pid(29849),
+                    child_thread: pid(29851),
+                    thread: true,
+                    child_start: None
+                },
+                EventKind::Fork {
+                    parent: pid(29849),
+                    child: pid(29852),
+                    child_thread: pid(29852),
+                    thread: false,
+                    child_start: None
+                },
+            ]
+        );
+        // Both on cpu 1, seq 0x403d then 0x403e: consecutive.
+        assert_eq!(seq.observe(1, 0x403f), None);
+    }
 
     #[cfg(target_endian = "little")]
     #[test]
@@ -556,13 +587,46 @@ mod tests {
         assert_eq!(
             kinds(&out),
             vec![
-                EventKind::Fork { parent: pid(4941), child: pid(4941), child_thread: pid(5288), thread: true, child_start: None },
-                EventKind::Exit { pid: pid(4941), thread: pid(5288), status: Some(ExitStatus::Exited(0)), group_dead: None },
-                EventKind::Fork { parent: pid(4941), child: pid(5289), child_thread: pid(5289), thread: false, child_start: None },
-                EventKind::Fork { parent: pid(4941), child: pid(5290), child_thread: pid(5290), thread: false, child_start: None },
-                EventKind::Exit { pid: pid(5290), thread: pid(5290), status: Some(ExitStatus::Exited(3)), group_dead: None },
+                EventKind::Fork {
+                    parent: pid(4941),
+                    child: pid(4941),
+                    child_thread: pid(5288),
+                    thread: true,
+                    child_start: None
+                },
+                EventKind::Exit {
+                    pid: pid(4941),
+                    thread: pid(5288),
+                    status: Some(ExitStatus::Exited(0)),
+                    group_dead: None
+                },
+                EventKind::Fork {
+                    parent: pid(4941),
+                    child: pid(5289),
+                    child_thread: pid(5289),
+                    thread: false,
+                    child_start: None
+                },
+                EventKind::Fork {
+                    parent: pid(4941),
+                    child: pid(5290),
+                    child_thread: pid(5290),
+                    thread: false,
+                    child_start: None
+                },
+                EventKind::Exit {
+                    pid: pid(5290),
+                    thread: pid(5290),
+                    status: Some(ExitStatus::Exited(3)),
+                    group_dead: None
+                },
                 EventKind::Exec { pid: pid(5289), thread: pid(5289) },
-                EventKind::Exit { pid: pid(5289), thread: pid(5289), status: Some(ExitStatus::Exited(0)), group_dead: None },
+                EventKind::Exit {
+                    pid: pid(5289),
+                    thread: pid(5289),
+                    status: Some(ExitStatus::Exited(0)),
+                    group_dead: None
+                },
             ]
         );
         // cpu and timestamp (0xaf8c346edf for the thread fork, plus the 1000 ns offset).
@@ -617,8 +681,20 @@ mod tests {
         assert_eq!(
             kinds(&out),
             vec![
-                EventKind::Fork { parent: pid(10), child: pid(20), child_thread: pid(20), thread: false, child_start: None },
-                EventKind::Fork { parent: pid(30), child: pid(30), child_thread: pid(31), thread: true, child_start: None },
+                EventKind::Fork {
+                    parent: pid(10),
+                    child: pid(20),
+                    child_thread: pid(20),
+                    thread: false,
+                    child_start: None
+                },
+                EventKind::Fork {
+                    parent: pid(30),
+                    child: pid(30),
+                    child_thread: pid(31),
+                    thread: true,
+                    child_start: None
+                },
             ]
         );
     }
@@ -630,12 +706,21 @@ mod tests {
         r.unwrap();
         assert_eq!(
             kinds(&out),
-            vec![EventKind::Fork { parent: pid(40), child: pid(51), child_thread: pid(51), thread: false, child_start: None }]
+            vec![EventKind::Fork {
+                parent: pid(40),
+                child: pid(51),
+                child_thread: pid(51),
+                thread: false,
+                child_start: None
+            }]
         );
         // A thread (pid 52) created in process 51 by a non-leader thread with a CLONE_PARENT'd
         // parent: still attributed to its own process.
         let (_, out) = decode(&message(0, PROC_EVENT_FORK, 1, 1, &[40, 40, 52, 51]));
-        assert!(matches!(out[0].kind, EventKind::Fork { parent, child, thread: true, .. } if parent == pid(51) && child == pid(51)));
+        assert!(matches!(
+            out[0].kind,
+            EventKind::Fork { parent, child, thread: true, .. } if parent == pid(51) && child == pid(51)
+        ));
     }
 
     #[test]
@@ -651,9 +736,24 @@ mod tests {
             kinds(&out),
             vec![
                 EventKind::Exec { pid: pid(77), thread: pid(77) },
-                EventKind::Exit { pid: pid(77), thread: pid(78), status: Some(ExitStatus::Signaled { signal: 9, core_dumped: false }), group_dead: None },
-                EventKind::Exit { pid: pid(77), thread: pid(77), status: Some(ExitStatus::Signaled { signal: 11, core_dumped: true }), group_dead: None },
-                EventKind::Exit { pid: pid(79), thread: pid(79), status: Some(ExitStatus::Exited(42)), group_dead: None },
+                EventKind::Exit {
+                    pid: pid(77),
+                    thread: pid(78),
+                    status: Some(ExitStatus::Signaled { signal: 9, core_dumped: false }),
+                    group_dead: None
+                },
+                EventKind::Exit {
+                    pid: pid(77),
+                    thread: pid(77),
+                    status: Some(ExitStatus::Signaled { signal: 11, core_dumped: true }),
+                    group_dead: None
+                },
+                EventKind::Exit {
+                    pid: pid(79),
+                    thread: pid(79),
+                    status: Some(ExitStatus::Exited(42)),
+                    group_dead: None
+                },
             ]
         );
         assert_eq!(out[0].time_ns, Some(1_000_100));
@@ -755,10 +855,7 @@ mod tests {
         let d = message(0, PROC_EVENT_FORK, 0, 1, &[1, 1, 2, 2]);
         let mut seq = SeqTracker::new();
         let mut out = Vec::new();
-        assert_eq!(
-            decode_datagram(&d, 4242, 0, &mut seq, &mut out),
-            Err(DecodeError::NotFromKernel { port: 4242 })
-        );
+        assert_eq!(decode_datagram(&d, 4242, 0, &mut seq, &mut out), Err(DecodeError::NotFromKernel { port: 4242 }));
         assert!(out.is_empty());
         // Nor did it set a baseline.
         decode_datagram(&message(7, PROC_EVENT_EXEC, 0, 1, &[2, 2]), 0, 0, &mut seq, &mut out).unwrap();
@@ -792,10 +889,17 @@ mod tests {
     #[test]
     fn acks_and_unused_events_are_ignored_but_numbered() {
         let mut d = message(0, PROC_EVENT_NONE, 0, 1, &[0]); // ack, numbered (6.6+ style)
-        for (i, what) in
-            [PROC_EVENT_UID, PROC_EVENT_GID, PROC_EVENT_SID, PROC_EVENT_PTRACE, PROC_EVENT_COMM, PROC_EVENT_COREDUMP, 0x400]
-                .into_iter()
-                .enumerate()
+        for (i, what) in [
+            PROC_EVENT_UID,
+            PROC_EVENT_GID,
+            PROC_EVENT_SID,
+            PROC_EVENT_PTRACE,
+            PROC_EVENT_COMM,
+            PROC_EVENT_COREDUMP,
+            0x400,
+        ]
+        .into_iter()
+        .enumerate()
         {
             d.extend(message(i as u32 + 1, what, 0, 1, &[9, 9, 0, 0]));
         }

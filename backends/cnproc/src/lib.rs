@@ -2,20 +2,22 @@
 //!
 //! The kernel reports every fork, exec and exit on the host to the listeners of the proc
 //! connector. [`CnProc`] subscribes and turns those reports into [`vpstag_tracker::Event`]s. It
-//! watches the whole host (nothing to [`watch`](ForkTracker::watch)), reports threads, does not
-//! reap, and is asynchronous: a child may run before its fork event is read, although the kernel
-//! queues the fork event before the child can run, so the order of events is right.
+//! watches the whole host (nothing to [`watch`](vpstag_tracker::ForkTracker::watch)), reports
+//! threads, does not reap, and is asynchronous: a child may run before its fork event is read,
+//! although the kernel queues the fork event before the child can run, so the order of events
+//! is right.
 //!
 //! # Privileges
 //!
 //! | kernel | who may listen |
 //! |---|---|
-//! | before 6.6 (e.g. Debian 12's 6.1) | only `CAP_NET_ADMIN`: `bind` to the multicast group fails with `EPERM` otherwise, reported as [`TrackerError::PermissionDenied`] |
+//! | before 6.6 (e.g. Debian 12's 6.1) | only `CAP_NET_ADMIN`: `bind` to the multicast group fails with `EPERM` otherwise, reported as [`TrackerError::PermissionDenied`](vpstag_tracker::TrackerError::PermissionDenied) |
 //! | 6.6 and later | any user |
 //!
 //! On every kernel the listener must be in the initial user, PID and network namespaces: the
 //! kernel silently ignores subscriptions from elsewhere (containers). [`CnProc::new`] notices the
-//! missing acknowledgement and fails with [`TrackerError::Unsupported`] instead of reporting
+//! missing acknowledgement and fails with
+//! [`TrackerError::Unsupported`](vpstag_tracker::TrackerError::Unsupported) instead of reporting
 //! nothing forever.
 //!
 //! The receive buffer is enlarged with `SO_RCVBUFFORCE`, which needs `CAP_NET_ADMIN`; without it
@@ -44,6 +46,12 @@
 //! The filter is sent only to kernels whose release is 6.6 or later (older kernels silently
 //! ignore the request form); [`CnProc::kernel_filter_active`] says whether it is in effect.
 //!
+//! # Forged messages
+//!
+//! Any process may send a datagram to a netlink port. The socket is `connect`ed to the kernel's
+//! port, so the kernel refuses unicasts from other sockets (`ECONNREFUSED` for the sender), and
+//! the decoder drops anything whose sender is not the kernel (counted in [`Stats::rejected`]).
+//!
 //! # Cleanup
 //!
 //! Dropping a [`CnProc`] unsubscribes (`PROC_CN_MCAST_IGNORE`) before closing: the kernel keeps a
@@ -59,7 +67,6 @@
 
 pub mod decode;
 
-#[cfg(target_os = "linux")]
 mod source;
 
 #[cfg(target_os = "linux")]

@@ -1,5 +1,7 @@
 //! The system calls: the netlink socket, the subscription, and batched reading.
 //!
+//! Linux only (the whole module is compiled out elsewhere).
+//!
 //! The socket is driven with `libc` directly rather than `netlink-sys`'s `Socket`. The proc
 //! connector needs only a handful of calls (`socket`, `bind`, `setsockopt`, `sendto`,
 //! `recvfrom`, `poll`), and two of them are outside what `netlink-sys` wraps anyway
@@ -7,6 +9,8 @@
 //! still need `libc` next to it. Using `libc` alone keeps one dependency (already in the tree),
 //! keeps every unsafe call visible in this one file with its safety argument, and owns the
 //! descriptor through std's `OwnedFd`.
+
+#![cfg(target_os = "linux")]
 
 use std::io;
 use std::mem;
@@ -151,6 +155,22 @@ impl Connection {
             return Err(listen_error(last_error()));
         }
 
+        // Connect to the kernel's port: the kernel then refuses (ECONNREFUSED) unicasts from any
+        // other socket to ours, so nobody can flood our buffer with forged datagrams. Multicasts
+        // from the kernel still arrive. The decoder checks the sender anyway.
+        let kernel = sockaddr_nl(0);
+        // SAFETY: `kernel` is a valid sockaddr_nl and the length passed is its size.
+        let r = unsafe {
+            libc::connect(
+                fd.as_raw_fd(),
+                (&kernel as *const libc::sockaddr_nl).cast::<libc::sockaddr>(),
+                mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+            )
+        };
+        if r != 0 {
+            return Err(TrackerError::io("connecting to the kernel's netlink port", last_error()));
+        }
+
         let receive_buffer = set_receive_buffer(fd.as_fd(), config.receive_buffer)
             .map_err(|e| TrackerError::io("sizing the proc connector receive buffer", e))?;
         let port = local_port(fd.as_fd()).map_err(|e| TrackerError::io("reading the netlink port id", e))?;
@@ -281,7 +301,11 @@ impl Connection {
     }
 
     /// See [`ForkTracker::read_events`](vpstag_tracker::ForkTracker::read_events).
-    pub(crate) fn read_events(&mut self, out: &mut Vec<Event>, timeout: Option<Duration>) -> Result<usize, TrackerError> {
+    pub(crate) fn read_events(
+        &mut self,
+        out: &mut Vec<Event>,
+        timeout: Option<Duration>,
+    ) -> Result<usize, TrackerError> {
         let start = out.len();
         if !self.pending.is_empty() {
             out.append(&mut self.pending);
@@ -351,27 +375,25 @@ impl Connection {
             let len = usize::try_from(n).unwrap_or(0);
             let truncated = len > self.buf.len();
             let datagram = self.buf.get(..len.min(self.buf.len())).unwrap_or_default();
-            let from_kernel = from.nl_pid == 0;
+            // Kernel data we could not read may have held events: say so (once per datagram).
+            let mut unreadable = truncated && from.nl_pid == 0;
             match decode_datagram(datagram, from.nl_pid, offset, &mut self.seq, out) {
                 Ok(s) => {
                     self.stats.messages += s.messages;
                     self.stats.ignored += s.ignored;
                     self.stats.sequence_gaps += s.gaps;
                     self.stats.lost_by_gap += s.lost_by_gap;
-                    if s.malformed > 0 {
-                        self.stats.malformed += s.malformed;
-                        out.push(Event::new(EventKind::Lost { count: None, reason: LossReason::Other }));
-                    }
+                    self.stats.malformed += s.malformed;
+                    unreadable |= s.malformed > 0;
                     acks.extend(s.acks);
                 }
                 Err(DecodeError::NotFromKernel { .. }) => self.stats.rejected += 1,
                 Err(_) => {
                     self.stats.malformed += 1;
-                    out.push(Event::new(EventKind::Lost { count: None, reason: LossReason::Other }));
+                    unreadable = true;
                 }
             }
-            if truncated && from_kernel {
-                self.stats.malformed += 1;
+            if unreadable {
                 out.push(Event::new(EventKind::Lost { count: None, reason: LossReason::Other }));
             }
         }
@@ -495,10 +517,9 @@ mod tests {
         match &e {
             TrackerError::PermissionDenied { what, hint, .. } => {
                 assert_eq!(what, "listening to the proc connector");
-                assert_eq!(
-                    hint,
-                    "this kernel lets only CAP_NET_ADMIN listen to the proc connector; run as root or use --backend ptrace"
-                );
+                assert_eq!(hint, LISTEN_HINT);
+                assert!(hint.starts_with("this kernel lets only CAP_NET_ADMIN listen to the proc connector;"));
+                assert!(hint.ends_with("run as root or use --backend ptrace"));
             }
             other => panic!("{other:?}"),
         }

@@ -89,14 +89,15 @@ fn shell_fork_exec_exit() {
             if *parent == me() && *child == sh && *child_thread == sh)
     })
     .expect("fork of sh by this process");
-    let sh_exec =
-        position(&events, |k| matches!(k, EventKind::Exec { pid, thread } if *pid == sh && *thread == sh))
-            .expect("exec of sh");
+    let sh_exec = position(&events, |k| matches!(k, EventKind::Exec { pid, thread } if *pid == sh && *thread == sh))
+        .expect("exec of sh");
     let gc_forks: Vec<(usize, Pid)> = events
         .iter()
         .enumerate()
         .filter_map(|(i, e)| match e.kind {
-            EventKind::Fork { parent, child, child_thread, thread: false, .. } if parent == sh && child == child_thread => {
+            EventKind::Fork { parent, child, child_thread, thread: false, .. }
+                if parent == sh && child == child_thread =>
+            {
                 Some((i, child))
             }
             _ => None,
@@ -110,7 +111,8 @@ fn shell_fork_exec_exit() {
     })
     .expect("exit of the background child, status 0");
     let sh_exit = position(&events, |k| {
-        matches!(k, EventKind::Exit { pid, thread, status: Some(ExitStatus::Exited(0)), .. } if *pid == sh && *thread == sh)
+        matches!(k, EventKind::Exit { pid, thread, status: Some(ExitStatus::Exited(0)), .. }
+            if *pid == sh && *thread == sh)
     })
     .expect("exit of sh, status 0");
     assert!(sh_fork < sh_exec && sh_exec < gc_fork && gc_fork < gc_exit && gc_exit < sh_exit);
@@ -251,6 +253,71 @@ fn burst_of_2000_forks_loses_nothing() {
     assert_eq!((s.overflows, s.sequence_gaps), (0, 0));
 }
 
+/// The netlink port id of a socket, found through its inode in /proc/net/netlink.
+fn netlink_port(fd: libc::c_int) -> u32 {
+    let link = std::fs::read_link(format!("/proc/self/fd/{fd}")).unwrap();
+    let link = link.to_string_lossy();
+    let inode = link.trim_start_matches("socket:[").trim_end_matches(']').to_string();
+    let table = std::fs::read_to_string("/proc/net/netlink").unwrap();
+    for line in table.lines().skip(1) {
+        let cols: Vec<&str> = line.split_whitespace().collect();
+        if cols.len() >= 10 && cols[9] == inode {
+            return cols[2].parse().unwrap();
+        }
+    }
+    panic!("socket inode {inode} not in /proc/net/netlink");
+}
+
+#[test]
+fn forged_datagrams_from_other_sockets_are_refused() {
+    let _g = serial();
+    let mut cn = CnProc::new().unwrap();
+    let port = netlink_port(cn.as_fd().as_raw_fd());
+    assert_ne!(port, 0);
+
+    // A forged "fork 4242 -> 4243" from an ordinary netlink socket, sent to our port.
+    let mut forged = Vec::new();
+    forged.extend_from_slice(&76u32.to_ne_bytes()); // nlmsghdr: len, type NLMSG_DONE, flags, seq, port
+    forged.extend_from_slice(&3u16.to_ne_bytes());
+    forged.extend_from_slice(&0u16.to_ne_bytes());
+    forged.extend_from_slice(&0u32.to_ne_bytes());
+    forged.extend_from_slice(&0u32.to_ne_bytes());
+    for v in [1u32, 1, 0, 0] {
+        forged.extend_from_slice(&v.to_ne_bytes()); // cn_msg: idx, val, seq, ack, len, flags
+    }
+    forged.extend_from_slice(&40u16.to_ne_bytes());
+    forged.extend_from_slice(&0u16.to_ne_bytes());
+    for v in [1u32, 0, 0, 0, 4242, 4242, 4243, 4243, 0, 0] {
+        forged.extend_from_slice(&v.to_ne_bytes()); // proc_event: FORK, cpu, time, fork data
+    }
+    assert_eq!(forged.len(), 76);
+    // SAFETY: plain syscalls on a descriptor this test owns; buffers outlive the calls.
+    let err = unsafe {
+        let raw = libc::socket(libc::AF_NETLINK, libc::SOCK_DGRAM | libc::SOCK_CLOEXEC, libc::NETLINK_CONNECTOR);
+        assert!(raw >= 0);
+        let other = OwnedFd::from_raw_fd(raw);
+        let mut to: libc::sockaddr_nl = std::mem::zeroed();
+        to.nl_family = libc::AF_NETLINK as libc::sa_family_t;
+        to.nl_pid = port;
+        let r = libc::sendto(
+            other.as_raw_fd(),
+            forged.as_ptr().cast(),
+            forged.len(),
+            0,
+            (&to as *const libc::sockaddr_nl).cast(),
+            std::mem::size_of::<libc::sockaddr_nl>() as libc::socklen_t,
+        );
+        assert_eq!(r, -1, "a forged datagram was accepted");
+        std::io::Error::last_os_error()
+    };
+    assert_eq!(err.raw_os_error(), Some(libc::ECONNREFUSED), "{err}");
+
+    let mut events = Vec::new();
+    cn.read_events(&mut events, Some(Duration::from_millis(50))).unwrap();
+    assert!(!events.iter().any(|e| matches!(e.kind, EventKind::Fork { child, .. } if child == pid(4243))));
+    assert_eq!(cn.stats().rejected, 0);
+}
+
 #[test]
 fn tiny_buffer_overflow_is_reported() {
     let _g = serial();
@@ -346,9 +413,8 @@ fn kernel_filter_drops_unused_events() {
     collect(&mut filtered, &mut fe, 10, |ev| ev.iter().any(|e| is_exit_of(e, child)));
     collect(&mut control, &mut ce, 10, |ev| ev.iter().any(|e| is_exit_of(e, child)));
     let exit4 = |ev: &[Event]| {
-        ev.iter().any(|e| {
-            matches!(e.kind, EventKind::Exit { pid, status: Some(ExitStatus::Exited(4)), .. } if pid == child)
-        })
+        ev.iter()
+            .any(|e| matches!(e.kind, EventKind::Exit { pid, status: Some(ExitStatus::Exited(4)), .. } if pid == child))
     };
     assert!(exit4(&fe) && exit4(&ce));
     let (f1, c1) = (filtered.stats(), control.stats());
@@ -421,8 +487,7 @@ fn unprivileged_listener_on_6_6_or_later() {
     let mut parts = text.split_whitespace().skip(1);
     assert_eq!(parts.next(), Some("65534"));
     let rcvbuf: usize = parts.next().unwrap().parse().unwrap();
-    let rmem_max: usize =
-        std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
+    let rmem_max: usize = std::fs::read_to_string("/proc/sys/net/core/rmem_max").unwrap().trim().parse().unwrap();
     assert!(rcvbuf > 0 && rcvbuf <= 2 * rmem_max.max(Config::DEFAULT_RECEIVE_BUFFER), "{rcvbuf}");
 }
 
