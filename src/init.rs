@@ -233,8 +233,8 @@ pub(crate) unsafe fn run_first_process(plan: &Plan, pipes: &Pipes) -> ! {
         libc::close(err);
 
         loop {
-            let sig = libc::sigwaitinfo(&set, std::ptr::null_mut());
-            if sig < 0 {
+            let mut sig: libc::c_int = 0;
+            if libc::sigwait(&set, &mut sig) != 0 {
                 continue;
             }
             if sig == libc::SIGCHLD {

@@ -61,6 +61,9 @@ struct VpsRecord {
     first_gone: bool,
 }
 
+/// Receives batches of table changes (for a journal).
+type Observer = Box<dyn FnMut(&[Change]) + Send>;
+
 struct State {
     tracker: Box<dyn ForkTracker>,
     caps: Capabilities,
@@ -73,7 +76,7 @@ struct State {
     buf: Vec<Event>,
     to_reap: Vec<Pid>,
     failed: Option<String>,
-    observer: Option<Box<dyn FnMut(&[Change]) + Send>>,
+    observer: Option<Observer>,
 }
 
 struct Shared {
@@ -132,7 +135,13 @@ impl State {
         if let Some(f) = &self.failed {
             return Err(Error::BackendFailed(f.clone()));
         }
-        loop {
+        // Everything queued when this call began is read within the first (queue capacity)
+        // events, since the queue is first-in first-out; stopping after that bound keeps a fork
+        // storm from holding the lock forever while still answering every query with all it
+        // could have seen. 100,000 is more than a 16 MiB socket buffer can hold (~820 bytes an
+        // event).
+        let mut budget: usize = 100_000;
+        while budget > 0 {
             self.buf.clear();
             match self.tracker.read_events(&mut self.buf, Some(Duration::ZERO)) {
                 Ok(0) => break,
@@ -143,6 +152,7 @@ impl State {
                 }
             }
             let events = std::mem::take(&mut self.buf);
+            budget = budget.saturating_sub(events.len());
             for ev in &events {
                 let tagged = self.tracking.apply(ev, &mut self.view);
                 self.note_lifecycle(&tagged);
@@ -402,6 +412,12 @@ impl Manager {
         }
         if got == 4 {
             let errno = i32::from_ne_bytes(buf);
+            // The first process exits at once; forget the VPS so that its name is free again.
+            let _ = self.wait(&vps, Some(Duration::from_secs(5)));
+            let mut st = self.lock();
+            st.tracking.table.remove_vps(vps.id);
+            st.vpses.remove(&vps.id);
+            st.names.remove(name);
             return Err(Error::Spawn { program: plan.program().to_string(), source: std::io::Error::from_raw_os_error(errno) });
         }
         Ok(vps)

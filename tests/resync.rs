@@ -158,3 +158,21 @@ fn check_reports_no_divergence_on_a_quiet_vps() {
     assert_eq!(n, 5, "init, sh and three sleeps");
     assert!(report.divergences.is_empty(), "{:?}", report.divergences);
 }
+
+#[test]
+fn a_command_that_cannot_start_leaves_its_name_free() {
+    let mgr = match Manager::with_backend(vpstag::BackendChoice::Cnproc) {
+        Ok(m) => m,
+        Err(e) => {
+            eprintln!("skipped: {e}");
+            return;
+        }
+    };
+    let err = mgr.start("again", &mut Command::new("/nonexistent/x")).unwrap_err();
+    assert!(matches!(err, vpstag::Error::Spawn { .. }), "{err}");
+    let vps = mgr.start("again", Command::new("true").arg("ok")).unwrap();
+    assert_eq!(mgr.wait(&vps, Some(Duration::from_secs(10))).unwrap(), Some(vpstag::ExitStatus::Exited(0)));
+    let err = mgr.start("again", &mut Command::new("sleep")).map(|_| ());
+    // `sleep` without an argument exits at once with status 1; the start itself succeeds.
+    assert!(err.is_ok(), "{err:?}");
+}

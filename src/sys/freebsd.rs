@@ -58,9 +58,7 @@ fn sysctl_bytes(mib: &[libc::c_int]) -> io::Result<Vec<u8>> {
         let mut buf = vec![0u8; len];
         // SAFETY: `buf` has `len` writable bytes; the kernel writes at most `len` and stores the
         // count it wrote in `len`.
-        let r = unsafe {
-            libc::sysctl(mib.as_ptr(), namelen, buf.as_mut_ptr().cast(), &mut len, std::ptr::null(), 0)
-        };
+        let r = unsafe { libc::sysctl(mib.as_ptr(), namelen, buf.as_mut_ptr().cast(), &mut len, std::ptr::null(), 0) };
         if r == 0 {
             buf.truncate(len);
             return Ok(buf);
@@ -229,5 +227,46 @@ pub(crate) fn open_backend(choice: BackendChoice, notes: &mut Vec<String>) -> Re
             },
             why: "this backend is Linux-only; on FreeBSD use kqueue (the default)".into(),
         }),
+    }
+}
+
+/// These run on FreeBSD only (the vagrant box, the CI VM); here they are only compiled.
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn me() -> Pid {
+        Pid::new(i32::try_from(std::process::id()).unwrap()).unwrap()
+    }
+
+    #[test]
+    fn records_are_at_least_as_long_as_the_fields_read() {
+        assert!(needed_len() <= size_of::<libc::kinfo_proc>());
+        assert!(records(&[]).unwrap().is_empty());
+        // A stride shorter than the fields read is refused, not misread.
+        let mut short = vec![0u8; 64];
+        short[..4].copy_from_slice(&64i32.to_ne_bytes());
+        assert_eq!(records(&short).unwrap_err().kind(), io::ErrorKind::InvalidData);
+    }
+
+    #[test]
+    fn scan_and_process_agree_on_this_process() {
+        let all = scan().expect("scan");
+        let listed = all.iter().find(|p| p.id.pid == me()).expect("this process in the scan");
+        let one = process(me()).expect("process").expect("this process");
+        assert_eq!(one.id, listed.id);
+        // SAFETY: getppid has no preconditions.
+        assert_eq!(one.ppid, Pid::new(unsafe { libc::getppid() }));
+        assert!(one.threads >= 1);
+        assert!(!one.zombie);
+        assert!(!one.name.is_empty());
+        let now_us = now_ns() / ns_per_start_unit();
+        assert!(one.id.start.0 <= now_us + start_tolerance(), "started in the future");
+        assert!(cmdline(me()).is_some());
+    }
+
+    #[test]
+    fn a_process_that_does_not_exist_is_none() {
+        assert!(process(Pid::new(i32::MAX).unwrap()).expect("process").is_none());
     }
 }

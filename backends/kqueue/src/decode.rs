@@ -8,7 +8,7 @@
 //! `filt_proc`, `knote_fork`):
 //!
 //! - A tracked process forks: the kernel attaches two knotes to the child inside `fork`, before
-//!   the child can run, both carrying the parent knote's `udata` ("preserve udata"). The first is
+//!   the child can run (`do_fork` calls `knote_fork` before `sched_add`), both carrying the parent knote's `udata` ("preserve udata"). The first is
 //!   a one-shot knote activated at once with `fflags = NOTE_CHILD`, `ident` = child and
 //!   `data` = parent PID. The second follows the child (`NOTE_TRACK|NOTE_EXEC|NOTE_EXIT`, like
 //!   its parent's).
@@ -19,8 +19,8 @@
 //!
 //! A knote that fires again before it is read keeps one queue slot and ORs the new bits in
 //! (`EV_CLEAR`): one kevent may carry `NOTE_EXEC|NOTE_TRACKERR|NOTE_EXIT`. NetBSD 10 behaves the
-//! same way (two knotes, udata preserved). OpenBSD (and, as far as we know, DragonFly) keep one
-//! knote per child, so a child that exits before its `NOTE_CHILD` was read shows
+//! same way (two knotes, udata preserved). OpenBSD (and DragonFly, in the old `kern_event.c` we
+//! could read) keep one knote per child, so a child that exits before its `NOTE_CHILD` was read shows
 //! `NOTE_CHILD|NOTE_EXIT` with `data` overwritten by the wait status: the parent is unknown then,
 //! and [`decode`] reports only the exit (the event's tag still says which VPS it was).
 
@@ -125,10 +125,9 @@ pub fn decode(ev: &RawKevent, out: &mut Vec<Event>) -> Decoded {
         // data = parent PID. A non-PID here would be a kernel we do not understand: say so
         // rather than invent a parent.
         match i32::try_from(ev.data).ok().and_then(Pid::new) {
-            Some(parent) => push(
-                out,
-                EventKind::Fork { parent, child: pid, child_thread: pid, thread: false, child_start: None },
-            ),
+            Some(parent) => {
+                push(out, EventKind::Fork { parent, child: pid, child_thread: pid, thread: false, child_start: None })
+            }
             None => push(out, EventKind::Lost { count: None, reason: LossReason::Other }),
         }
     }
@@ -147,6 +146,20 @@ pub fn decode(ev: &RawKevent, out: &mut Vec<Event>) -> Decoded {
         0 => Decoded::Ignored,
         n => Decoded::Events(n),
     }
+}
+
+/// Decodes a batch of kevents in order, appending the events to `out` and keeping `table` up to
+/// date (duplicates and events of forgotten VPSs dropped, their live PIDs added to `stale`).
+/// Receipts are skipped: changes are submitted apart. Returns how many events were appended.
+pub fn decode_batch(batch: &[RawKevent], table: &mut TagTable, out: &mut Vec<Event>, stale: &mut Vec<Pid>) -> usize {
+    let start = out.len();
+    for ev in batch {
+        let from = out.len();
+        if let Decoded::Events(_) = decode(ev, out) {
+            table.apply(out, from, stale);
+        }
+    }
+    out.len() - start
 }
 
 /// The backend's own pid -> VPS table (for [`ForkTracker::lookup`](vpstag_tracker::ForkTracker::lookup)),
@@ -259,7 +272,13 @@ mod tests {
         assert_eq!(d, Decoded::Events(1));
         assert_eq!(
             out[0].kind,
-            EventKind::Fork { parent: pid(200), child: pid(201), child_thread: pid(201), thread: false, child_start: None }
+            EventKind::Fork {
+                parent: pid(200),
+                child: pid(201),
+                child_thread: pid(201),
+                thread: false,
+                child_start: None
+            }
         );
         assert_eq!(out[0].tag, Some(VpsId(7)));
         assert_eq!(out[0].time_ns, None);
@@ -267,8 +286,7 @@ mod tests {
 
     #[test]
     fn exit_decodes_the_wait_status() {
-        let (_, out) =
-            one(RawKevent { ident: 300, flags: EV_EOF, fflags: NOTE_EXIT, data: 3 << 8, udata: 1 });
+        let (_, out) = one(RawKevent { ident: 300, flags: EV_EOF, fflags: NOTE_EXIT, data: 3 << 8, udata: 1 });
         assert_eq!(
             out,
             vec![Event {
@@ -315,15 +333,12 @@ mod tests {
     #[test]
     fn child_and_exit_on_one_knote_report_only_the_exit() {
         // OpenBSD: data was overwritten by the wait status, so it is no parent PID.
-        let (d, out) = one(RawKevent {
-            ident: 77,
-            flags: EV_EOF,
-            fflags: NOTE_CHILD | NOTE_EXIT,
-            data: 1 << 8,
-            udata: 4,
-        });
+        let (d, out) =
+            one(RawKevent { ident: 77, flags: EV_EOF, fflags: NOTE_CHILD | NOTE_EXIT, data: 1 << 8, udata: 4 });
         assert_eq!(d, Decoded::Events(1));
-        assert!(matches!(out[0].kind, EventKind::Exit { pid: p, status: Some(ExitStatus::Exited(1)), .. } if p == pid(77)));
+        assert!(
+            matches!(out[0].kind, EventKind::Exit { pid: p, status: Some(ExitStatus::Exited(1)), .. } if p == pid(77))
+        );
     }
 
     #[test]
@@ -437,7 +452,10 @@ mod tests {
             fork(11, 12, 1),
             Event { tag: Some(VpsId(1)), ..Event::new(EventKind::Exec { pid: pid(11), thread: pid(11) }) },
             exit(10, 1),
-            Event { tag: Some(VpsId(1)), ..Event::new(EventKind::Lost { count: None, reason: LossReason::TrackingError }) },
+            Event {
+                tag: Some(VpsId(1)),
+                ..Event::new(EventKind::Lost { count: None, reason: LossReason::TrackingError })
+            },
             fork(20, 21, 2),
         ];
         t.apply(&mut evs, 0, &mut stale);
@@ -445,5 +463,30 @@ mod tests {
         assert_eq!(stale, vec![pid(12), pid(11)]);
         assert_eq!(t.get(pid(21)), Some(VpsId(2)));
         assert!(!t.is_empty());
+    }
+
+    #[test]
+    fn a_batch_is_decoded_in_order_through_the_table() {
+        let mut t = TagTable::default();
+        t.watch(pid(100), VpsId(9));
+        let batch = [
+            RawKevent { ident: 101, fflags: NOTE_CHILD, data: 100, udata: 9, ..Default::default() },
+            // The duplicate announcement a not-yet-read one-shot knote causes.
+            RawKevent { ident: 101, fflags: NOTE_CHILD, data: 100, udata: 9, ..Default::default() },
+            RawKevent { ident: 5, flags: EV_ERROR, data: 0, ..Default::default() },
+            RawKevent { ident: 101, fflags: NOTE_EXEC, udata: 9, ..Default::default() },
+            RawKevent { ident: 101, flags: EV_EOF, fflags: NOTE_EXIT, data: 2 << 8, udata: 9 },
+            RawKevent { ident: 100, fflags: NOTE_TRACKERR, udata: 9, ..Default::default() },
+        ];
+        let mut out = vec![];
+        let mut stale = vec![];
+        assert_eq!(decode_batch(&batch, &mut t, &mut out, &mut stale), 4);
+        assert!(matches!(out[0].kind, EventKind::Fork { child: c, .. } if c == pid(101)));
+        assert!(matches!(out[1].kind, EventKind::Exec { .. }));
+        assert!(matches!(out[2].kind, EventKind::Exit { status: Some(ExitStatus::Exited(2)), .. }));
+        assert_eq!(out[3].kind, EventKind::Lost { count: None, reason: LossReason::TrackingError });
+        assert_eq!(t.get(pid(101)), None);
+        assert_eq!(t.get(pid(100)), Some(VpsId(9)));
+        assert!(stale.is_empty());
     }
 }

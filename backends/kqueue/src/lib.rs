@@ -4,9 +4,10 @@
 //! VPS id as `udata`. From then on the kernel follows every fork by itself: inside `fork`, before
 //! the child can run, it attaches knotes to the child that carry the same `udata` and reports the
 //! child with `NOTE_CHILD` (`data` = parent PID). So every event arrives with its VPS
-//! ([`Event::tag`](vpstag_tracker::Event::tag)) and no descendant is missed unless the kernel says so (`NOTE_TRACKERR`, reported
-//! as `EventKind::Lost` with `LossReason::TrackingError`; the core then resynchronises, on
-//! FreeBSD from [`reaper_descendants`]).
+//! ([`Event::tag`](vpstag_tracker::Event::tag)), and a descendant goes unfollowed only when the
+//! kernel says so (`NOTE_TRACKERR`, reported as `EventKind::Lost` with
+//! `LossReason::TrackingError`; the core then resynchronises, on FreeBSD from
+//! [`reaper_descendants`]) or in the race listed under "Known kernel limits" below.
 //!
 //! | Capability | | why |
 //! |---|---|---|
@@ -45,13 +46,14 @@
 //!   `NOTE_TRACKERR` on allocation failure). No reaper lists, so [`reaper_descendants`] is
 //!   unsupported there.
 //! - OpenBSD, DragonFly: one knote per child: `NOTE_CHILD` and a quick `NOTE_EXIT` can share one
-//!   kevent, whose `data` is then the exit status and the parent is unknown; [`decode::decode`] reports the
-//!   exit only. Not compiled here (no prebuilt standard library for those targets).
+//!   kevent, whose `data` is then the exit status and the parent is unknown; [`decode::decode`]
+//!   reports the exit only. Not compiled here (no prebuilt standard library for those targets).
 //! - macOS: `NOTE_TRACK` fails with `ENOTSUP` since Mac OS X 10.5, so `Kqueue::new` returns
 //!   [`TrackerError::Unsupported`]; the Endpoint Security framework
 //!   (`ES_EVENT_TYPE_NOTIFY_FORK`) is the way there.
-//! - Linux, illumos and the rest: only the pure [`decode`] module builds; there is no `Kqueue`
-//!   type. illumos should use process contracts (a later backend).
+//! - Linux, illumos and the rest: the pure [`decode`] module, [`CAPABILITIES`] and
+//!   [`reaper_descendants`] (which says `Unsupported`) build; there is no `Kqueue` type. illumos
+//!   should use process contracts (a later backend).
 //!
 //! # Known kernel limits (read in FreeBSD's sources, not observed)
 //!
@@ -107,6 +109,10 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 /// instead, most likely init's: all the system); [`TrackerError::PermissionDenied`] when this
 /// process may not look at it; [`TrackerError::Unsupported`] on every OS but FreeBSD.
 ///
+/// Cost: rustix's `get_reaper_pids` asks the kernel for up to 99 999 entries per reaper, a
+/// buffer of about 7 MB for the duration of the call; this is for resynchronisation, not for
+/// every event.
+///
 /// Races: the list is a snapshot. A sub-reaper that exits during the walk hands its descendants
 /// to its own reaper, already read, so they can be missing from that one answer; call again.
 pub fn reaper_descendants(reaper: Pid) -> Result<Vec<Pid>, TrackerError> {
@@ -146,7 +152,7 @@ mod backend {
 
     use vpstag_tracker::{BackendKind, Capabilities, Event, ForkTracker, Pid, TrackerError, VpsId};
 
-    use crate::decode::{self, Decoded, RawKevent, TagTable};
+    use crate::decode::{self, RawKevent, TagTable};
     use crate::source::{self, Queue};
 
     /// The kqueue backend. See the crate docs.
@@ -178,7 +184,7 @@ mod backend {
                     .into(),
                 source: e,
             },
-            e if e == libc::ENOTSUP || e == libc::EOPNOTSUPP => TrackerError::Unsupported(format!(
+            n if n == libc::ENOTSUP || n == libc::EOPNOTSUPP => TrackerError::Unsupported(format!(
                 "{what}: the kernel refused NOTE_TRACK ({e}); this system cannot follow forks with kqueue"
             )),
             _ => TrackerError::io(what, e),
@@ -199,22 +205,14 @@ mod backend {
                 ));
             }
             let queue = Queue::new().map_err(|e| TrackerError::io("kqueue()", e))?;
-            Ok(Kqueue {
-                queue,
-                table: TagTable::default(),
-                pending: Vec::new(),
-                raw: Vec::new(),
-                stale: Vec::new(),
-            })
+            Ok(Kqueue { queue, table: TagTable::default(), pending: Vec::new(), raw: Vec::new(), stale: Vec::new() })
         }
 
         /// Deletes one knote of each of `pids`; a knote or process already gone is no error.
         fn delete(&mut self, pids: &[Pid]) -> Result<(), TrackerError> {
             let changes: Vec<_> = pids.iter().map(|p| source::delete_change(*p)).collect();
-            let receipts = self
-                .queue
-                .submit(&changes, &mut self.pending)
-                .map_err(|e| TrackerError::io("kevent(EV_DELETE)", e))?;
+            let receipts =
+                self.queue.submit(&changes, &mut self.pending).map_err(|e| TrackerError::io("kevent(EV_DELETE)", e))?;
             for (ident, errno) in receipts {
                 if errno != 0 && errno != libc::ENOENT && errno != libc::ESRCH {
                     return Err(TrackerError::io(
@@ -249,12 +247,7 @@ mod backend {
                 // Something is already in hand: only drain what else is queued.
                 let wait = if raw.is_empty() { timeout } else { Some(Duration::ZERO) };
                 let read = self.queue.read(&mut raw, wait);
-                for ev in &raw {
-                    let from = out.len();
-                    if let Decoded::Events(_) = decode::decode(ev, out) {
-                        self.table.apply(out, from, &mut self.stale);
-                    }
-                }
+                decode::decode_batch(&raw, &mut self.table, out, &mut self.stale);
                 self.raw = raw;
                 if let Err(e) = read {
                     if out.len() > start {

@@ -88,8 +88,9 @@ impl Queue {
 
     /// Submits `changes`, each with `EV_RECEIPT`, so that one failing change does not stop the
     /// others: returns `(ident, errno)` for each receipt, errno 0 for success. A kernel that
-    /// ignores `EV_RECEIPT` reports failures only, and may return queued events in the same call:
-    /// those are appended to `pending` for the next read.
+    /// ignores `EV_RECEIPT` (old DragonFly) reports failures only, and may return queued events in
+    /// the same call: those are appended to `pending` for the next read (the kqueue descriptor
+    /// does not poll readable for them; FreeBSD and NetBSD never do this).
     pub(crate) fn submit(&self, changes: &[KEvent], pending: &mut Vec<RawKevent>) -> io::Result<Vec<(u64, i32)>> {
         if changes.is_empty() {
             return Ok(Vec::new());
@@ -126,9 +127,7 @@ impl Queue {
                 Err(Errno::EINTR) => break,
                 Err(e) => return Err(e.into()),
             };
-            out.extend(
-                self.buf[..n].iter().filter(|ev| ev.filter().ok() == Some(EventFilter::EVFILT_PROC)).map(raw),
-            );
+            out.extend(self.buf[..n].iter().filter(|ev| ev.filter().ok() == Some(EventFilter::EVFILT_PROC)).map(raw));
             if n < self.buf.len() {
                 break;
             }
