@@ -77,6 +77,9 @@ struct State {
     to_reap: Vec<Pid>,
     failed: Option<String>,
     observer: Option<Observer>,
+    /// Backends that can lose a child without saying so (FreeBSD's `knote_fork` skips a parent
+    /// knote that is "in flux") get a resync this often.
+    periodic_resync: Option<(Duration, Instant)>,
 }
 
 struct Shared {
@@ -164,6 +167,12 @@ impl State {
             self.buf = events;
         }
         self.tracking.recheck_suspects(&mut self.view);
+        if let Some((every, last)) = self.periodic_resync {
+            if last.elapsed() >= every {
+                self.periodic_resync = Some((every, Instant::now()));
+                self.tracking.resync(&mut self.view).map_err(|e| Error::io("resynchronising from a scan", e))?;
+            }
+        }
         self.reap();
         self.flush_changes();
         Ok(())
@@ -292,6 +301,7 @@ impl Manager {
             to_reap: Vec::new(),
             failed: None,
             observer: None,
+            periodic_resync: (kind == BackendKind::Kqueue).then(|| (Duration::from_secs(5), Instant::now())),
         };
         state.tracking.resync(&mut state.view).map_err(|e| Error::io("scanning the process table", e))?;
         let shared = Arc::new(Shared { state: Mutex::new(state), changed: Condvar::new(), stop: AtomicBool::new(false) });

@@ -1,0 +1,178 @@
+// SPDX-License-Identifier: MIT OR Apache-2.0
+/*
+ * vpstag's kernel side: a table tgid -> (VPS id, start time) that follows every fork of a tagged
+ * process before the child runs, and notifications of fork/exec/exit of tagged processes.
+ *
+ * - tags:     hash map, key tgid (__u32), value struct vpstag_tag. User space seeds a VPS's first
+ *             process (and loader members); sched_process_fork copies the parent's entry to a new
+ *             process; sched_process_exit deletes it once the whole thread group is dead.
+ * - counters: one struct vpstag_counters: insertions that failed (map full) and notifications
+ *             that found the ring buffer full. Never silent: user space reports growth as Lost.
+ * - events:   ring buffer of struct vpstag_event, only for tagged processes.
+ *
+ * Kernel memory is read only with direct (CO-RE relocated) loads from the tp_btf arguments, never
+ * with bpf_probe_read_kernel, which kernel lockdown may refuse.
+ */
+#include "vmlinux_min.h"
+#include <bpf/bpf_helpers.h>
+#include "vpstag.h"
+
+/* GPL-compatible, as tracing programs require; the user-space crate is MIT OR Apache-2.0. */
+char LICENSE[] SEC("license") = "Dual MIT/GPL";
+
+struct {
+	__uint(type, BPF_MAP_TYPE_HASH);
+	__uint(max_entries, 65536); /* user space sets Config::map_entries before loading */
+	__type(key, __u32);
+	__type(value, struct vpstag_tag);
+} tags SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct vpstag_counters);
+} counters SEC(".maps");
+
+struct {
+	__uint(type, BPF_MAP_TYPE_RINGBUF);
+	__uint(max_entries, 1 << 20); /* user space sets Config::ring_bytes before loading */
+} events SEC(".maps");
+
+static __always_inline struct vpstag_counters *the_counters(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&counters, &zero);
+}
+
+/* Reserves a record and fills the common fields; counts a full ring buffer. */
+static __always_inline struct vpstag_event *reserve(__u32 kind, __u64 vps)
+{
+	struct vpstag_event *e = bpf_ringbuf_reserve(&events, sizeof(*e), 0);
+	struct vpstag_counters *c;
+
+	if (!e) {
+		c = the_counters();
+		if (c)
+			__sync_fetch_and_add(&c->ringbuf_full, 1);
+		return 0;
+	}
+	e->time_ns = bpf_ktime_get_boot_ns();
+	e->vps = vps;
+	e->start_ns = 0;
+	e->kind = kind;
+	e->cpu = bpf_get_smp_processor_id();
+	e->pid = 0;
+	e->tid = 0;
+	e->child = 0;
+	e->status = 0;
+	e->flags = 0;
+	e->pad = 0;
+	return e;
+}
+
+/* sched_process_fork(struct task_struct *parent, struct task_struct *child): parent is the caller
+ * (current). It fires in kernel_clone() before wake_up_new_task(): the child has not run yet. */
+SEC("tp_btf/sched_process_fork")
+int vpstag_fork(__u64 *ctx)
+{
+	struct task_struct *parent = (struct task_struct *)ctx[0];
+	struct task_struct *child = (struct task_struct *)ctx[1];
+	__u32 ptgid = parent->tgid;
+	__u32 ctgid = child->tgid;
+	struct vpstag_tag *pt, t;
+	struct vpstag_event *e;
+	struct vpstag_counters *c;
+	__u32 flags = 0;
+
+	/* A new thread shares its process's tgid, and so its entry: nothing to do. */
+	if (ptgid == ctgid)
+		return 0;
+	pt = bpf_map_lookup_elem(&tags, &ptgid);
+	if (!pt)
+		return 0;
+	t.vps = pt->vps;
+	t.start_ns = child->start_boottime;
+	if (bpf_map_update_elem(&tags, &ctgid, &t, BPF_ANY)) {
+		c = the_counters();
+		if (c)
+			__sync_fetch_and_add(&c->insert_failed, 1);
+		flags = VPSTAG_F_UNTRACKED;
+	}
+
+	e = reserve(VPSTAG_FORK, t.vps);
+	if (!e)
+		return 0;
+	e->start_ns = t.start_ns;
+	e->pid = child->real_parent->tgid; /* the caller's parent for CLONE_PARENT */
+	e->tid = child->pid;
+	e->child = ctgid;
+	e->flags = flags;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* sched_process_exec(struct task_struct *p, pid_t old_pid, struct linux_binprm *bprm): after
+ * de_thread(), so p is the thread-group leader again; old_pid is the thread that called execve. */
+SEC("tp_btf/sched_process_exec")
+int vpstag_exec(__u64 *ctx)
+{
+	struct task_struct *p = (struct task_struct *)ctx[0];
+	__s32 old_pid = (__s32)ctx[1];
+	__u32 tgid = p->tgid;
+	struct vpstag_tag *t;
+	struct vpstag_event *e;
+
+	t = bpf_map_lookup_elem(&tags, &tgid);
+	if (!t)
+		return 0;
+	e = reserve(VPSTAG_EXEC, t->vps);
+	if (!e)
+		return 0;
+	e->pid = tgid;
+	e->tid = old_pid;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}
+
+/* sched_process_exit(struct task_struct *p[, bool group_dead]): in do_exit(), for every thread,
+ * after signal->live was decremented. The entry goes only when the whole group is dead, so a
+ * zombie leader whose other threads live on keeps its tag. When two last threads race, both may
+ * see live == 0: only the one whose delete succeeds reports the exit. */
+SEC("tp_btf/sched_process_exit")
+int vpstag_exit(__u64 *ctx)
+{
+	struct task_struct *p = (struct task_struct *)ctx[0];
+	struct signal_struct *sig = p->signal;
+	__u32 tgid;
+	struct vpstag_tag *t;
+	struct vpstag_event *e;
+	__u64 vps;
+	int status;
+
+	if (*(volatile int *)&sig->live.counter != 0)
+		return 0;
+	tgid = p->tgid;
+	t = bpf_map_lookup_elem(&tags, &tgid);
+	if (!t)
+		return 0;
+	vps = t->vps;
+	if (bpf_map_delete_elem(&tags, &tgid))
+		return 0;
+
+	/* What wait(2) will report: the group exit code, else the leader's own. */
+	if (sig->flags & SIGNAL_GROUP_EXIT)
+		status = sig->group_exit_code;
+	else
+		status = p->group_leader->exit_code;
+
+	e = reserve(VPSTAG_EXIT, vps);
+	if (!e)
+		return 0;
+	e->pid = tgid;
+	e->tid = p->pid;
+	e->status = status;
+	bpf_ringbuf_submit(e, 0);
+	return 0;
+}

@@ -1,0 +1,47 @@
+/* SPDX-License-Identifier: MIT OR Apache-2.0 */
+/*
+ * What the BPF program and user space share: the layout of the tag map's values, of the
+ * counters and of a ring-buffer record. src/decode.rs mirrors every offset here; keep them in
+ * step (its unit tests pin the sizes and offsets).
+ */
+#ifndef VPSTAG_H
+#define VPSTAG_H
+
+/* Value of the `tags` hash map; the key is the tgid (__u32). */
+struct vpstag_tag {
+	__u64 vps;		/* VpsId */
+	__u64 start_ns;		/* the process's start_boottime, ns of CLOCK_BOOTTIME */
+};
+
+/* The single value of the `counters` array map: events the kernel side could not deliver. */
+struct vpstag_counters {
+	__u64 insert_failed;	/* a child of a tagged process could not be added to `tags` (map full) */
+	__u64 ringbuf_full;	/* a notification was dropped: no room in the ring buffer */
+};
+
+enum vpstag_kind {
+	VPSTAG_FORK = 1,
+	VPSTAG_EXEC = 2,
+	VPSTAG_EXIT = 3,
+};
+
+/* Fork: the child is not in the map (insertion failed); its tag is the parent's. */
+#define VPSTAG_F_UNTRACKED 0x1
+
+/* One ring-buffer record, 56 bytes. */
+struct vpstag_event {
+	__u64 time_ns;		/* bpf_ktime_get_boot_ns() */
+	__u64 vps;		/* the process's tag */
+	__u64 start_ns;		/* fork: the child's start_boottime; otherwise 0 */
+	__u32 kind;		/* enum vpstag_kind */
+	__u32 cpu;		/* bpf_get_smp_processor_id() */
+	__s32 pid;		/* fork: the parent (tgid of real_parent); exec, exit: the process */
+	__s32 tid;		/* fork: the child's thread id; exec: the thread that called execve;
+				   exit: the thread that exited last */
+	__s32 child;		/* fork: the child's tgid; otherwise 0 */
+	__s32 status;		/* exit: wait status; otherwise 0 */
+	__u32 flags;		/* VPSTAG_F_* */
+	__u32 pad;
+};
+
+#endif /* VPSTAG_H */

@@ -1,0 +1,517 @@
+//! Pure decoding: ring-buffer records and map values (bytes laid out by `src/bpf/vpstag.h`) to
+//! and from Rust values. No OS calls, so it is tested without a kernel and builds everywhere.
+//!
+//! Every integer is in the target's byte order (`build.rs` compiles the BPF program for it).
+
+use vpstag_tracker::{Event, EventKind, ExitStatus, LossReason, Pid, StartTime, VpsId};
+
+/// Size of one ring-buffer record, `struct vpstag_event`.
+pub const RECORD_SIZE: usize = 56;
+/// Size of a value of the `tags` map, `struct vpstag_tag`; its key is the tgid, a `u32`.
+pub const TAG_SIZE: usize = 16;
+/// Size of the value of the `counters` map, `struct vpstag_counters`.
+pub const COUNTERS_SIZE: usize = 16;
+
+/// `enum vpstag_kind`.
+pub const KIND_FORK: u32 = 1;
+/// `enum vpstag_kind`.
+pub const KIND_EXEC: u32 = 2;
+/// `enum vpstag_kind`.
+pub const KIND_EXIT: u32 = 3;
+/// `VPSTAG_F_UNTRACKED`: a forked child could not be added to the map.
+pub const FLAG_UNTRACKED: u32 = 0x1;
+
+// Offsets inside `struct vpstag_event`.
+const OFF_TIME: usize = 0;
+const OFF_VPS: usize = 8;
+const OFF_START: usize = 16;
+const OFF_KIND: usize = 24;
+const OFF_CPU: usize = 28;
+const OFF_PID: usize = 32;
+const OFF_TID: usize = 36;
+const OFF_CHILD: usize = 40;
+const OFF_STATUS: usize = 44;
+const OFF_FLAGS: usize = 48;
+
+/// Converts the kernel's boot-clock nanoseconds (`bpf_ktime_get_boot_ns`, `start_boottime`) to
+/// what this process sees: `CLOCK_BOOTTIME` nanoseconds and `/proc/PID/stat` clock ticks, both
+/// shifted by the boot-time offset of our time namespace (0 outside one).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Clock {
+    /// Nanoseconds per clock tick: 10^9 / `sysconf(_SC_CLK_TCK)`.
+    pub ns_per_tick: u64,
+    /// Our time namespace's `CLOCK_BOOTTIME` offset, in nanoseconds.
+    pub boottime_offset_ns: i64,
+}
+
+impl Clock {
+    /// A clock for `clk_tck` ticks a second (`sysconf(_SC_CLK_TCK)`, usually 100).
+    pub fn new(clk_tck: u64, boottime_offset_ns: i64) -> Clock {
+        let ns_per_tick = 1_000_000_000u64
+            .checked_div(clk_tck)
+            .map_or(10_000_000, |n| n.max(1));
+        Clock {
+            ns_per_tick,
+            boottime_offset_ns,
+        }
+    }
+
+    /// Kernel boot-clock nanoseconds as this process's `CLOCK_BOOTTIME` nanoseconds.
+    pub fn boot_ns(self, kernel_ns: u64) -> u64 {
+        kernel_ns.saturating_add_signed(self.boottime_offset_ns)
+    }
+
+    /// A kernel `start_boottime` as the start time `/proc/PID/stat` (field 22) shows, the way the
+    /// kernel's `nsec_to_clock_t` computes it.
+    pub fn to_ticks(self, kernel_ns: u64) -> StartTime {
+        StartTime(self.boot_ns(kernel_ns) / self.ns_per_tick)
+    }
+
+    /// A `/proc` start time back to kernel boot-clock nanoseconds (the start of that tick), so
+    /// that [`to_ticks`](Clock::to_ticks) gives `ticks` again.
+    pub fn from_ticks(self, ticks: StartTime) -> u64 {
+        ticks
+            .0
+            .saturating_mul(self.ns_per_tick)
+            .saturating_add_signed(self.boottime_offset_ns.saturating_neg())
+    }
+}
+
+/// A record that is not what the BPF program writes.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+pub enum DecodeError {
+    /// Shorter than [`RECORD_SIZE`].
+    #[error("ring-buffer record of {0} bytes, expected {RECORD_SIZE}")]
+    Short(usize),
+    /// An unknown `kind`.
+    #[error("ring-buffer record of unknown kind {0}")]
+    UnknownKind(u32),
+    /// A process or thread id that is not positive.
+    #[error("ring-buffer record with an invalid {0} id {1}")]
+    BadPid(&'static str, i32),
+}
+
+fn u64_at(b: &[u8], off: usize) -> u64 {
+    let mut a = [0u8; 8];
+    a.copy_from_slice(&b[off..off + 8]);
+    u64::from_ne_bytes(a)
+}
+
+fn u32_at(b: &[u8], off: usize) -> u32 {
+    let mut a = [0u8; 4];
+    a.copy_from_slice(&b[off..off + 4]);
+    u32::from_ne_bytes(a)
+}
+
+fn i32_at(b: &[u8], off: usize) -> i32 {
+    u32_at(b, off) as i32
+}
+
+fn pid_at(b: &[u8], off: usize, what: &'static str) -> Result<Pid, DecodeError> {
+    let raw = i32_at(b, off);
+    Pid::new(raw).ok_or(DecodeError::BadPid(what, raw))
+}
+
+/// A decoded record: the event and the record's flags.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Record {
+    /// The event, with `time_ns`, `tag` and `cpu` filled in.
+    pub event: Event,
+    /// `VPSTAG_F_*` bits ([`FLAG_UNTRACKED`]).
+    pub flags: u32,
+}
+
+/// Decodes one ring-buffer record.
+pub fn decode_record(rec: &[u8], clock: Clock) -> Result<Record, DecodeError> {
+    if rec.len() < RECORD_SIZE {
+        return Err(DecodeError::Short(rec.len()));
+    }
+    let kind = match u32_at(rec, OFF_KIND) {
+        KIND_FORK => EventKind::Fork {
+            parent: pid_at(rec, OFF_PID, "parent")?,
+            child: pid_at(rec, OFF_CHILD, "child")?,
+            child_thread: pid_at(rec, OFF_TID, "child thread")?,
+            thread: false,
+            child_start: Some(clock.to_ticks(u64_at(rec, OFF_START))),
+        },
+        KIND_EXEC => EventKind::Exec {
+            pid: pid_at(rec, OFF_PID, "process")?,
+            thread: pid_at(rec, OFF_TID, "thread")?,
+        },
+        KIND_EXIT => EventKind::Exit {
+            pid: pid_at(rec, OFF_PID, "process")?,
+            thread: pid_at(rec, OFF_TID, "thread")?,
+            status: ExitStatus::from_wait_status(i32_at(rec, OFF_STATUS)),
+            group_dead: Some(true),
+        },
+        other => return Err(DecodeError::UnknownKind(other)),
+    };
+    let event = Event {
+        kind,
+        time_ns: Some(clock.boot_ns(u64_at(rec, OFF_TIME))),
+        tag: Some(VpsId(u64_at(rec, OFF_VPS))),
+        cpu: Some(u32_at(rec, OFF_CPU)),
+    };
+    Ok(Record {
+        event,
+        flags: u32_at(rec, OFF_FLAGS),
+    })
+}
+
+/// Decodes one ring-buffer record into an event; a malformed record becomes
+/// `Lost { count: Some(1), reason: Other }`, so that nothing is dropped silently.
+pub fn decode_event(rec: &[u8], clock: Clock) -> Event {
+    match decode_record(rec, clock) {
+        Ok(r) => r.event,
+        Err(_) => Event::new(EventKind::Lost {
+            count: Some(1),
+            reason: LossReason::Other,
+        }),
+    }
+}
+
+/// Encodes a record as the BPF program writes it (for tests and tools).
+#[allow(clippy::too_many_arguments)]
+pub fn encode_record(
+    kind: u32,
+    time_ns: u64,
+    vps: u64,
+    start_ns: u64,
+    cpu: u32,
+    pid: i32,
+    tid: i32,
+    child: i32,
+    status: i32,
+    flags: u32,
+) -> [u8; RECORD_SIZE] {
+    let mut b = [0u8; RECORD_SIZE];
+    b[OFF_TIME..OFF_TIME + 8].copy_from_slice(&time_ns.to_ne_bytes());
+    b[OFF_VPS..OFF_VPS + 8].copy_from_slice(&vps.to_ne_bytes());
+    b[OFF_START..OFF_START + 8].copy_from_slice(&start_ns.to_ne_bytes());
+    b[OFF_KIND..OFF_KIND + 4].copy_from_slice(&kind.to_ne_bytes());
+    b[OFF_CPU..OFF_CPU + 4].copy_from_slice(&cpu.to_ne_bytes());
+    b[OFF_PID..OFF_PID + 4].copy_from_slice(&pid.to_ne_bytes());
+    b[OFF_TID..OFF_TID + 4].copy_from_slice(&tid.to_ne_bytes());
+    b[OFF_CHILD..OFF_CHILD + 4].copy_from_slice(&child.to_ne_bytes());
+    b[OFF_STATUS..OFF_STATUS + 4].copy_from_slice(&status.to_ne_bytes());
+    b[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&flags.to_ne_bytes());
+    b
+}
+
+/// A value of the `tags` map.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Tag {
+    /// The VPS.
+    pub vps: VpsId,
+    /// The process's start, kernel boot-clock nanoseconds (see [`Clock`]).
+    pub start_ns: u64,
+}
+
+impl Tag {
+    /// The map value's bytes.
+    pub fn to_bytes(self) -> [u8; TAG_SIZE] {
+        let mut b = [0u8; TAG_SIZE];
+        b[..8].copy_from_slice(&self.vps.0.to_ne_bytes());
+        b[8..].copy_from_slice(&self.start_ns.to_ne_bytes());
+        b
+    }
+
+    /// Reads a map value; `None` if it has the wrong size.
+    pub fn from_bytes(b: &[u8]) -> Option<Tag> {
+        (b.len() == TAG_SIZE).then(|| Tag {
+            vps: VpsId(u64_at(b, 0)),
+            start_ns: u64_at(b, 8),
+        })
+    }
+}
+
+/// The key of the `tags` map for a process.
+pub fn tag_key(pid: Pid) -> [u8; 4] {
+    (pid.as_raw() as u32).to_ne_bytes()
+}
+
+/// Reads a key of the `tags` map.
+pub fn pid_from_key(b: &[u8]) -> Option<Pid> {
+    if b.len() != 4 {
+        return None;
+    }
+    Pid::new(i32_at(b, 0))
+}
+
+/// What the kernel side could not do, counted since the programs were loaded.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Counters {
+    /// Children of tagged processes that could not be added to the tag map (it was full): those
+    /// children and their descendants are not tagged by the kernel.
+    pub insert_failed: u64,
+    /// Notifications dropped because the ring buffer was full (tags are not affected).
+    pub ringbuf_full: u64,
+}
+
+impl Counters {
+    /// Reads the `counters` map value; `None` if it has the wrong size.
+    pub fn from_bytes(b: &[u8]) -> Option<Counters> {
+        (b.len() == COUNTERS_SIZE).then(|| Counters {
+            insert_failed: u64_at(b, 0),
+            ringbuf_full: u64_at(b, 8),
+        })
+    }
+
+    /// The map value's bytes.
+    pub fn to_bytes(self) -> [u8; COUNTERS_SIZE] {
+        let mut b = [0u8; COUNTERS_SIZE];
+        b[..8].copy_from_slice(&self.insert_failed.to_ne_bytes());
+        b[8..].copy_from_slice(&self.ringbuf_full.to_ne_bytes());
+        b
+    }
+
+    /// The `Lost` events that report the growth from `seen` to `self`: `TrackingError` for
+    /// failed insertions, `Overflow` for dropped notifications.
+    pub fn losses_since(self, seen: Counters) -> impl Iterator<Item = Event> {
+        let map = self.insert_failed.saturating_sub(seen.insert_failed);
+        let ring = self.ringbuf_full.saturating_sub(seen.ringbuf_full);
+        let lost = |n: u64, reason| {
+            (n > 0).then(|| {
+                Event::new(EventKind::Lost {
+                    count: Some(n),
+                    reason,
+                })
+            })
+        };
+        lost(map, LossReason::TrackingError)
+            .into_iter()
+            .chain(lost(ring, LossReason::Overflow))
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    const CLOCK: Clock = Clock {
+        ns_per_tick: 10_000_000,
+        boottime_offset_ns: 0,
+    };
+
+    fn pid(n: i32) -> Pid {
+        Pid::new(n).unwrap()
+    }
+
+    #[test]
+    fn layout_matches_the_c_header() {
+        // Pinned against src/bpf/vpstag.h; the header's comments say 56 bytes.
+        let header = include_str!("bpf/vpstag.h");
+        assert!(header.contains("One ring-buffer record, 56 bytes."));
+        assert_eq!(RECORD_SIZE, 56);
+        assert_eq!(OFF_FLAGS + 4 + 4, RECORD_SIZE);
+        assert_eq!(TAG_SIZE, 16);
+        assert_eq!(COUNTERS_SIZE, 16);
+        let order = [
+            "time_ns", "vps", "start_ns", "kind", "cpu", "pid", "tid", "child", "status", "flags",
+            "pad",
+        ];
+        let body = &header[header.find("struct vpstag_event {").unwrap()..];
+        let mut last = 0;
+        for field in order {
+            let at = body
+                .find(&format!("{field};"))
+                .unwrap_or_else(|| panic!("{field} not in vpstag.h"));
+            assert!(at > last, "{field} out of order in vpstag.h");
+            last = at;
+        }
+    }
+
+    #[test]
+    fn decodes_a_fork() {
+        // Child started 12.345678901 s after boot: tick 1234.
+        let rec = encode_record(
+            KIND_FORK,
+            99_000_000_000,
+            7,
+            12_345_678_901,
+            1,
+            100,
+            101,
+            101,
+            0,
+            0,
+        );
+        let r = decode_record(&rec, CLOCK).unwrap();
+        assert_eq!(r.flags, 0);
+        assert_eq!(
+            r.event,
+            Event {
+                kind: EventKind::Fork {
+                    parent: pid(100),
+                    child: pid(101),
+                    child_thread: pid(101),
+                    thread: false,
+                    child_start: Some(StartTime(1234)),
+                },
+                time_ns: Some(99_000_000_000),
+                tag: Some(VpsId(7)),
+                cpu: Some(1),
+            }
+        );
+    }
+
+    #[test]
+    fn decodes_an_untracked_fork() {
+        let rec = encode_record(KIND_FORK, 1, 7, 0, 0, 100, 101, 101, 0, FLAG_UNTRACKED);
+        assert_eq!(decode_record(&rec, CLOCK).unwrap().flags, FLAG_UNTRACKED);
+    }
+
+    #[test]
+    fn decodes_exec_from_a_thread() {
+        let rec = encode_record(KIND_EXEC, 5, 9, 0, 0, 200, 203, 0, 0, 0);
+        let ev = decode_event(&rec, CLOCK);
+        assert_eq!(
+            ev.kind,
+            EventKind::Exec {
+                pid: pid(200),
+                thread: pid(203)
+            }
+        );
+        assert_eq!(ev.tag, Some(VpsId(9)));
+        assert_eq!(ev.time_ns, Some(5));
+    }
+
+    #[test]
+    fn decodes_exits_with_status() {
+        let exited = encode_record(KIND_EXIT, 5, 9, 0, 0, 200, 201, 0, 3 << 8, 0);
+        assert_eq!(
+            decode_event(&exited, CLOCK).kind,
+            EventKind::Exit {
+                pid: pid(200),
+                thread: pid(201),
+                status: Some(ExitStatus::Exited(3)),
+                group_dead: Some(true)
+            }
+        );
+        let killed = encode_record(KIND_EXIT, 5, 9, 0, 0, 200, 200, 0, 9, 0);
+        assert_eq!(
+            decode_event(&killed, CLOCK).kind,
+            EventKind::Exit {
+                pid: pid(200),
+                thread: pid(200),
+                status: Some(ExitStatus::Signaled {
+                    signal: 9,
+                    core_dumped: false
+                }),
+                group_dead: Some(true)
+            }
+        );
+    }
+
+    #[test]
+    fn longer_records_are_accepted() {
+        // The ring buffer may round sizes up; only the prefix matters.
+        let mut v = encode_record(KIND_EXEC, 1, 1, 0, 0, 2, 2, 0, 0, 0).to_vec();
+        v.extend_from_slice(&[0xff; 8]);
+        assert!(decode_record(&v, CLOCK).is_ok());
+    }
+
+    #[test]
+    fn malformed_records_are_errors_and_lost_events() {
+        let rec = encode_record(KIND_FORK, 1, 1, 0, 0, 2, 3, 3, 0, 0);
+        assert_eq!(
+            decode_record(&rec[..40], CLOCK),
+            Err(DecodeError::Short(40))
+        );
+        let unknown = encode_record(42, 1, 1, 0, 0, 2, 3, 3, 0, 0);
+        assert_eq!(
+            decode_record(&unknown, CLOCK),
+            Err(DecodeError::UnknownKind(42))
+        );
+        let bad_child = encode_record(KIND_FORK, 1, 1, 0, 0, 2, 3, 0, 0, 0);
+        assert_eq!(
+            decode_record(&bad_child, CLOCK),
+            Err(DecodeError::BadPid("child", 0))
+        );
+        let bad_pid = encode_record(KIND_EXIT, 1, 1, 0, 0, -4, 3, 0, 0, 0);
+        assert_eq!(
+            decode_record(&bad_pid, CLOCK),
+            Err(DecodeError::BadPid("process", -4))
+        );
+        assert_eq!(
+            decode_event(&unknown, CLOCK).kind,
+            EventKind::Lost {
+                count: Some(1),
+                reason: LossReason::Other
+            }
+        );
+    }
+
+    #[test]
+    fn clock_converts_like_the_kernel() {
+        let c = Clock::new(100, 0);
+        assert_eq!(c.ns_per_tick, 10_000_000);
+        assert_eq!(c.to_ticks(0), StartTime(0));
+        assert_eq!(c.to_ticks(9_999_999), StartTime(0));
+        assert_eq!(c.to_ticks(10_000_000), StartTime(1));
+        // A start time read from /proc round-trips exactly.
+        for t in [0, 1, 99, 123_456_789] {
+            assert_eq!(c.to_ticks(c.from_ticks(StartTime(t))), StartTime(t));
+        }
+        // Inside a time namespace whose boot clock is 5 s ahead.
+        let ns = Clock::new(100, 5_000_000_000);
+        assert_eq!(ns.boot_ns(1), 5_000_000_001);
+        assert_eq!(ns.to_ticks(0), StartTime(500));
+        assert_eq!(ns.from_ticks(StartTime(600)), 1_000_000_000);
+        assert_eq!(ns.to_ticks(ns.from_ticks(StartTime(777))), StartTime(777));
+        // Odd tick rates and a zero from sysconf do not divide by zero.
+        assert_eq!(Clock::new(0, 0).ns_per_tick, 10_000_000);
+        assert_eq!(Clock::new(1024, 0).ns_per_tick, 976_562);
+    }
+
+    #[test]
+    fn tag_values_round_trip() {
+        let t = Tag {
+            vps: VpsId(0xdead_beef_0042),
+            start_ns: 123_456_789_012,
+        };
+        assert_eq!(Tag::from_bytes(&t.to_bytes()), Some(t));
+        assert_eq!(Tag::from_bytes(&[0; 8]), None);
+        assert_eq!(pid_from_key(&tag_key(pid(4242))), Some(pid(4242)));
+        assert_eq!(pid_from_key(&[0; 4]), None);
+        assert_eq!(pid_from_key(&[1; 8]), None);
+    }
+
+    #[test]
+    fn counter_growth_becomes_lost_events() {
+        let c = Counters {
+            insert_failed: 5,
+            ringbuf_full: 2,
+        };
+        assert_eq!(Counters::from_bytes(&c.to_bytes()), Some(c));
+        assert_eq!(Counters::from_bytes(&[0; 3]), None);
+        let lost: Vec<_> = c
+            .losses_since(Counters {
+                insert_failed: 1,
+                ringbuf_full: 2,
+            })
+            .collect();
+        assert_eq!(
+            lost,
+            vec![Event::new(EventKind::Lost {
+                count: Some(4),
+                reason: LossReason::TrackingError
+            })]
+        );
+        let lost: Vec<_> = c.losses_since(Counters::default()).collect();
+        assert_eq!(
+            lost,
+            vec![
+                Event::new(EventKind::Lost {
+                    count: Some(5),
+                    reason: LossReason::TrackingError
+                }),
+                Event::new(EventKind::Lost {
+                    count: Some(2),
+                    reason: LossReason::Overflow
+                }),
+            ]
+        );
+        assert_eq!(c.losses_since(c).count(), 0);
+    }
+}

@@ -1,0 +1,193 @@
+//! What the backend reads from /proc and /sys: pure parsers (tested without a kernel) and, on
+//! Linux, the reads themselves.
+
+/// `CAP_SYS_ADMIN`.
+pub const CAP_SYS_ADMIN: u32 = 21;
+/// `CAP_PERFMON` (Linux 5.8).
+pub const CAP_PERFMON: u32 = 38;
+/// `CAP_BPF` (Linux 5.8).
+pub const CAP_BPF: u32 = 39;
+
+/// Field 22 of `/proc/PID/stat` (start time in clock ticks since boot).
+pub fn parse_stat_start(stat: &str) -> Option<u64> {
+    // The command name (field 2) is in parentheses and may contain anything, so count from the
+    // last ')': field 3 is the first after it.
+    let rest = &stat[stat.rfind(')')? + 1..];
+    rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
+}
+
+/// The `Tgid:` line of `/proc/PID/status`.
+pub fn parse_status_tgid(status: &str) -> Option<i32> {
+    status
+        .lines()
+        .find_map(|l| l.strip_prefix("Tgid:"))
+        .and_then(|v| v.trim().parse().ok())
+}
+
+/// The effective capability set (`CapEff:` of `/proc/thread-self/status`).
+pub fn parse_cap_eff(status: &str) -> Option<u64> {
+    let hex = status
+        .lines()
+        .find_map(|l| l.strip_prefix("CapEff:"))?
+        .trim();
+    u64::from_str_radix(hex, 16).ok()
+}
+
+/// Whether an effective capability set can load and attach the tracing programs: `CAP_BPF` and
+/// `CAP_PERFMON`, or `CAP_SYS_ADMIN` (which covers both, and is all that kernels before 5.8
+/// know).
+pub fn caps_suffice(cap_eff: u64) -> bool {
+    let has = |c: u32| cap_eff & (1u64 << c) != 0;
+    (has(CAP_BPF) && has(CAP_PERFMON)) || has(CAP_SYS_ADMIN)
+}
+
+/// The `CLOCK_BOOTTIME` offset of a time namespace, from `/proc/self/timens_offsets`
+/// (`boottime <secs> <nanosecs>`; the clock may also be given by its id, 7), in nanoseconds.
+pub fn parse_timens_boottime(offsets: &str) -> Option<i64> {
+    offsets.lines().find_map(|l| {
+        let mut f = l.split_ascii_whitespace();
+        let clock = f.next()?;
+        if clock != "boottime" && clock != "7" {
+            return None;
+        }
+        let secs: i64 = f.next()?.parse().ok()?;
+        let nsecs: i64 = f.next()?.parse().ok()?;
+        secs.checked_mul(1_000_000_000)?.checked_add(nsecs)
+    })
+}
+
+/// The active kernel lockdown mode from `/sys/kernel/security/lockdown`
+/// (`none [integrity] confidentiality`): the word in brackets.
+pub fn parse_lockdown(text: &str) -> Option<&str> {
+    let start = text.find('[')? + 1;
+    let len = text[start..].find(']')?;
+    Some(&text[start..start + len])
+}
+
+#[cfg(target_os = "linux")]
+pub use self::linux::*;
+
+#[cfg(target_os = "linux")]
+mod linux {
+    use std::io;
+
+    use vpstag_tracker::{Pid, StartTime};
+
+    /// The start time of `pid` (its `/proc/PID/stat` field 22).
+    pub fn start_time(pid: Pid) -> io::Result<StartTime> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw()))?;
+        super::parse_stat_start(&stat)
+            .map(StartTime)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("unparsable /proc/{pid}/stat"),
+                )
+            })
+    }
+
+    /// The process (thread-group id) that the task `pid` belongs to.
+    pub fn tgid_of(pid: Pid) -> io::Result<Pid> {
+        let status = std::fs::read_to_string(format!("/proc/{}/status", pid.as_raw()))?;
+        super::parse_status_tgid(&status)
+            .and_then(Pid::new)
+            .ok_or_else(|| {
+                io::Error::new(
+                    io::ErrorKind::InvalidData,
+                    format!("no Tgid in /proc/{pid}/status"),
+                )
+            })
+    }
+
+    /// The calling thread's effective capabilities (what bpf(2) checks), if /proc tells.
+    pub fn own_cap_eff() -> Option<u64> {
+        super::parse_cap_eff(&std::fs::read_to_string("/proc/thread-self/status").ok()?)
+    }
+
+    /// Our time namespace's boot-time offset in nanoseconds (0 when there is none, or on kernels
+    /// without time namespaces).
+    pub fn own_boottime_offset() -> i64 {
+        std::fs::read_to_string("/proc/self/timens_offsets")
+            .ok()
+            .and_then(|s| super::parse_timens_boottime(&s))
+            .unwrap_or(0)
+    }
+
+    /// The kernel lockdown mode, when securityfs is mounted and tells.
+    pub fn lockdown() -> Option<String> {
+        let text = std::fs::read_to_string("/sys/kernel/security/lockdown").ok()?;
+        super::parse_lockdown(&text).map(str::to_owned)
+    }
+
+    /// `sysconf(_SC_CLK_TCK)`, 100 if it fails.
+    pub fn clk_tck() -> u64 {
+        #[allow(unsafe_code)]
+        // SAFETY: sysconf has no preconditions.
+        let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+        if v > 0 {
+            v as u64
+        } else {
+            100
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stat_start_time() {
+        let stat = "4242 (a (weird) name) S 1 4242 4242 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 \
+                    123456 1000 10 18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        assert_eq!(parse_stat_start(stat), Some(123456));
+        assert_eq!(parse_stat_start("1 (x) S 0"), None);
+        assert_eq!(parse_stat_start("garbage"), None);
+    }
+
+    #[test]
+    fn status_fields() {
+        let status = "Name:\tsleep\nUmask:\t0022\nState:\tS (sleeping)\nTgid:\t77\nPid:\t78\n\
+                      CapInh:\t0000000000000000\nCapEff:\t000001ffffffffff\n";
+        assert_eq!(parse_status_tgid(status), Some(77));
+        assert_eq!(parse_cap_eff(status), Some(0x1ff_ffff_ffff));
+        assert_eq!(parse_cap_eff("Name:\tx\n"), None);
+    }
+
+    #[test]
+    fn capabilities() {
+        assert!(caps_suffice(0x1ff_ffff_ffff)); // root
+        assert!(caps_suffice((1 << CAP_BPF) | (1 << CAP_PERFMON)));
+        assert!(caps_suffice(1 << CAP_SYS_ADMIN));
+        assert!(!caps_suffice(1 << CAP_BPF));
+        assert!(!caps_suffice(1 << CAP_PERFMON));
+        assert!(!caps_suffice(0));
+    }
+
+    #[test]
+    fn timens_offsets() {
+        assert_eq!(
+            parse_timens_boottime("monotonic 0 0\nboottime 0 0\n"),
+            Some(0)
+        );
+        assert_eq!(
+            parse_timens_boottime("monotonic  1 0\nboottime  -5 250\n"),
+            Some(-4_999_999_750)
+        );
+        assert_eq!(parse_timens_boottime("1 3 0\n7 2 5\n"), Some(2_000_000_005));
+        assert_eq!(parse_timens_boottime("monotonic 1 0\n"), None);
+    }
+
+    #[test]
+    fn lockdown_modes() {
+        assert_eq!(
+            parse_lockdown("[none] integrity confidentiality\n"),
+            Some("none")
+        );
+        assert_eq!(
+            parse_lockdown("none integrity [confidentiality]\n"),
+            Some("confidentiality")
+        );
+        assert_eq!(parse_lockdown(""), None);
+    }
+}

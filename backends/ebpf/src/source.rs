@@ -1,0 +1,446 @@
+//! The OS side: checks that the system can run the BPF program, loads and attaches it, and talks
+//! to its maps and its ring buffer. Linux only.
+
+use std::ffi::OsStr;
+use std::io;
+use std::os::fd::{AsFd, BorrowedFd};
+use std::path::Path;
+use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
+use std::time::Duration;
+
+use libbpf_rs::{
+    ErrorKind, Link, MapCore, MapFlags, MapHandle, Object, ObjectBuilder, PrintLevel, RingBuffer,
+    RingBufferBuilder,
+};
+use vpstag_tracker::{Event, Pid, TrackerError};
+
+use crate::decode::{self, Clock, Counters, Tag};
+use crate::procfs;
+
+/// The BPF object that build.rs compiled, 8-byte aligned for libelf.
+#[repr(C, align(8))]
+struct Aligned<T: ?Sized>(T);
+static OBJECT: &Aligned<[u8]> =
+    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/vpstag.bpf.o")));
+
+const PROGRAMS: [&str; 3] = ["vpstag_fork", "vpstag_exec", "vpstag_exit"];
+const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
+
+/// One load at a time in this process: libbpf's log callback is global, and it is swapped for
+/// the capture below while loading.
+static LOAD_LOCK: Mutex<()> = Mutex::new(());
+/// libbpf's messages while loading, for the error message when it fails.
+static LOAD_LOG: Mutex<String> = Mutex::new(String::new());
+const LOAD_LOG_MAX: usize = 64 * 1024;
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(PoisonError::into_inner)
+}
+
+fn capture_log(_level: PrintLevel, msg: String) {
+    let mut log = lock(&LOAD_LOG);
+    if log.len() + msg.len() > LOAD_LOG_MAX {
+        log.clear();
+    }
+    log.push_str(&msg);
+}
+
+/// The last lines of what libbpf said, for an error message.
+fn log_tail(log: &str) -> String {
+    let lines: Vec<&str> = log.lines().filter(|l| !l.trim().is_empty()).collect();
+    let tail = &lines[lines.len().saturating_sub(8)..];
+    if tail.is_empty() {
+        String::new()
+    } else {
+        format!(" [libbpf: {}]", tail.join(" | "))
+    }
+}
+
+fn permission_hint() -> String {
+    let mut hint = String::from(
+        "run vpstag as root, or give it CAP_BPF and CAP_PERFMON (e.g. `setcap cap_bpf,cap_perfmon+ep \
+         /path/to/vpstag`; inside a container they must be held in the host's user namespace)",
+    );
+    match procfs::lockdown() {
+        Some(mode) if mode != "none" => hint.push_str(&format!(
+            "; kernel lockdown is active (mode `{mode}`), which can refuse BPF tracing programs outright"
+        )),
+        Some(_) => {}
+        None => hint.push_str("; kernel lockdown (see /sys/kernel/security/lockdown) can also refuse BPF tracing"),
+    }
+    hint.push_str("; otherwise use --backend cnproc");
+    hint
+}
+
+fn io_kind(kind: ErrorKind) -> io::ErrorKind {
+    match kind {
+        ErrorKind::NotFound => io::ErrorKind::NotFound,
+        ErrorKind::PermissionDenied => io::ErrorKind::PermissionDenied,
+        ErrorKind::AlreadyExists => io::ErrorKind::AlreadyExists,
+        ErrorKind::WouldBlock => io::ErrorKind::WouldBlock,
+        ErrorKind::InvalidInput => io::ErrorKind::InvalidInput,
+        ErrorKind::InvalidData => io::ErrorKind::InvalidData,
+        ErrorKind::TimedOut => io::ErrorKind::TimedOut,
+        ErrorKind::Interrupted => io::ErrorKind::Interrupted,
+        ErrorKind::Unsupported => io::ErrorKind::Unsupported,
+        ErrorKind::OutOfMemory => io::ErrorKind::OutOfMemory,
+        _ => io::ErrorKind::Other,
+    }
+}
+
+fn to_io(e: &libbpf_rs::Error) -> io::Error {
+    io::Error::new(io_kind(e.kind()), e.to_string())
+}
+
+/// A map operation that failed at run time.
+fn map_error(context: impl Into<String>, e: libbpf_rs::Error) -> TrackerError {
+    TrackerError::io(context, to_io(&e))
+}
+
+/// What a failure while loading or attaching means for the caller: `PermissionDenied` (with what
+/// to do) for EPERM/EACCES, `Io` when memory ran out (a smaller `map_entries` may fit),
+/// `Unsupported` (fall back to another backend) for everything else.
+fn load_error(what: &str, e: libbpf_rs::Error, log: &str) -> TrackerError {
+    match e.kind() {
+        ErrorKind::PermissionDenied => {
+            TrackerError::PermissionDenied { what: what.to_owned(), hint: permission_hint(), source: to_io(&e) }
+        }
+        ErrorKind::OutOfMemory | ErrorKind::TooBig => TrackerError::io(
+            format!("{what} (is Config::map_entries or Config::ring_bytes too large?){}", log_tail(log)),
+            to_io(&e),
+        ),
+        _ => TrackerError::Unsupported(format!(
+            "eBPF backend: {what}: {e}{}; it needs Linux 5.8 or later with BTF, tp_btf programs, ring \
+             buffers and CO-RE; use --backend cnproc",
+            log_tail(log)
+        )),
+    }
+}
+
+/// Whether the kernel's BTF is there to relocate the program against.
+fn check_btf(path: &Path) -> Result<(), TrackerError> {
+    let shown = path.display();
+    match std::fs::File::open(path) {
+        Ok(_) => Ok(()),
+        Err(e) if e.kind() == io::ErrorKind::NotFound => Err(TrackerError::Unsupported(format!(
+            "eBPF backend: the kernel exposes no BTF ({shown} is missing; it needs \
+             CONFIG_DEBUG_INFO_BTF=y and Linux 5.8 or later), so the BPF program cannot be \
+             relocated to it; use --backend cnproc"
+        ))),
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
+            Err(TrackerError::PermissionDenied {
+                what: format!("reading the kernel's BTF ({shown})"),
+                hint: permission_hint(),
+                source: e,
+            })
+        }
+        Err(e) => Err(TrackerError::io(format!("reading {shown}"), e)),
+    }
+}
+
+/// Checks what can be checked before touching bpf(2), for clear errors.
+pub(crate) fn preflight() -> Result<(), TrackerError> {
+    check_btf(Path::new(BTF_PATH))?;
+    if let Some(caps) = procfs::own_cap_eff() {
+        if !procfs::caps_suffice(caps) {
+            return Err(TrackerError::PermissionDenied {
+                what: "loading the eBPF backend's programs (this process lacks CAP_BPF and CAP_PERFMON)"
+                    .to_owned(),
+                hint: permission_hint(),
+                source: io::Error::from_raw_os_error(libc::EPERM),
+            });
+        }
+    }
+    Ok(())
+}
+
+/// The loaded and attached programs, their maps and the ring-buffer reader.
+///
+/// Fields drop in order: the reader first, then the links (which detaches the programs), then the
+/// maps and the object. Nothing is pinned: dropping this frees everything in the kernel.
+pub(crate) struct Loaded {
+    ring: RingBuffer<'static>,
+    staged: Arc<Mutex<Vec<Event>>>,
+    _links: Vec<Link>,
+    tags: MapHandle,
+    counters: MapHandle,
+    events: MapHandle,
+    _object: Object,
+}
+
+impl Loaded {
+    /// Loads the object with the given map sizes, attaches every program and sets up the reader.
+    pub(crate) fn load(
+        map_entries: u32,
+        ring_bytes: u32,
+        clock: Clock,
+    ) -> Result<Loaded, TrackerError> {
+        preflight()?;
+        let _one_at_a_time = lock(&LOAD_LOCK);
+        lock(&LOAD_LOG).clear();
+        let previous = libbpf_rs::set_print(Some((PrintLevel::Warn, capture_log)));
+        let result = Self::load_quietly(map_entries, ring_bytes, clock);
+        libbpf_rs::set_print(previous);
+        let log = std::mem::take(&mut *lock(&LOAD_LOG));
+        result.map_err(|(what, e)| load_error(what, e, &log))
+    }
+
+    fn load_quietly(
+        map_entries: u32,
+        ring_bytes: u32,
+        clock: Clock,
+    ) -> Result<Loaded, (&'static str, libbpf_rs::Error)> {
+        let mut builder = ObjectBuilder::default();
+        builder
+            .name("vpstag")
+            .map_err(|e| ("naming the BPF object", e))?;
+        let mut open = builder
+            .open_memory(&OBJECT.0)
+            .map_err(|e| ("opening the BPF object", e))?;
+        for mut map in open.maps_mut() {
+            let name = map.name().to_owned();
+            if name == "tags" {
+                map.set_max_entries(map_entries)
+                    .map_err(|e| ("sizing the tag map", e))?;
+            } else if name == "events" {
+                map.set_max_entries(ring_bytes)
+                    .map_err(|e| ("sizing the ring buffer", e))?;
+            }
+        }
+        let object = open.load().map_err(|e| ("loading the BPF programs", e))?;
+
+        let handle = |name: &str| -> Result<MapHandle, (&'static str, libbpf_rs::Error)> {
+            let map = object
+                .maps()
+                .find(|m| m.name() == OsStr::new(name))
+                .ok_or_else(|| {
+                    (
+                        "finding a map",
+                        libbpf_rs::Error::from(io::Error::from(io::ErrorKind::NotFound)),
+                    )
+                })?;
+            MapHandle::try_from(&map).map_err(|e| ("duplicating a map descriptor", e))
+        };
+        let tags = handle("tags")?;
+        let counters = handle("counters")?;
+        let events = handle("events")?;
+
+        // Attach each program once and keep its link for as long as the tracker lives.
+        let mut links = Vec::with_capacity(PROGRAMS.len());
+        for name in PROGRAMS {
+            let prog = object
+                .progs_mut()
+                .find(|p| p.name() == OsStr::new(name))
+                .ok_or_else(|| {
+                    (
+                        "finding a program",
+                        libbpf_rs::Error::from(io::Error::from(io::ErrorKind::NotFound)),
+                    )
+                })?;
+            links.push(
+                prog.attach()
+                    .map_err(|e| ("attaching a tp_btf program", e))?,
+            );
+        }
+
+        let staged = Arc::new(Mutex::new(Vec::with_capacity(1024)));
+        let sink = Arc::clone(&staged);
+        let mut rb = RingBufferBuilder::new();
+        rb.add(&events, move |rec: &[u8]| {
+            lock(&sink).push(decode::decode_event(rec, clock));
+            0
+        })
+        .map_err(|e| ("setting up the ring-buffer reader", e))?;
+        let ring = rb
+            .build()
+            .map_err(|e| ("setting up the ring-buffer reader", e))?;
+
+        Ok(Loaded {
+            ring,
+            staged,
+            _links: links,
+            tags,
+            counters,
+            events,
+            _object: object,
+        })
+    }
+
+    /// The ring buffer's descriptor: it polls readable when records wait.
+    pub(crate) fn fd(&self) -> BorrowedFd<'_> {
+        self.events.as_fd()
+    }
+
+    /// Decodes every record already in the ring buffer into the staging area.
+    pub(crate) fn consume(&self) -> Result<(), TrackerError> {
+        let n = self.ring.consume_raw();
+        if n < 0 && n != -libc::EINTR {
+            return Err(TrackerError::io(
+                "reading the eBPF ring buffer",
+                io::Error::from_raw_os_error(-n),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Waits up to `timeout` (`None`: for ever) for records, then decodes what is there. An
+    /// interrupted wait returns early.
+    pub(crate) fn wait(&self, timeout: Option<Duration>) -> Result<(), TrackerError> {
+        let timeout = match timeout {
+            None => Duration::MAX,
+            // Whole milliseconds for epoll, rounded up so that a short wait does wait.
+            Some(t) => {
+                Duration::from_millis(t.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as u64)
+            }
+        };
+        let n = self.ring.poll_raw(timeout);
+        if n < 0 && n != -libc::EINTR {
+            return Err(TrackerError::io(
+                "waiting on the eBPF ring buffer",
+                io::Error::from_raw_os_error(-n),
+            ));
+        }
+        Ok(())
+    }
+
+    /// Moves the decoded events to `out`; returns how many.
+    pub(crate) fn drain_into(&self, out: &mut Vec<Event>) -> usize {
+        let mut staged = lock(&self.staged);
+        let n = staged.len();
+        out.append(&mut staged);
+        n
+    }
+
+    /// The kernel side's failure counters.
+    pub(crate) fn counters(&self) -> Result<Counters, TrackerError> {
+        let value = self
+            .counters
+            .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
+            .map_err(|e| map_error("reading the eBPF counters", e))?;
+        Ok(value
+            .as_deref()
+            .and_then(Counters::from_bytes)
+            .unwrap_or_default())
+    }
+
+    /// The map's entry for `pid`.
+    pub(crate) fn get(&self, pid: Pid) -> Result<Option<Tag>, TrackerError> {
+        let value = self
+            .tags
+            .lookup(&decode::tag_key(pid), MapFlags::ANY)
+            .map_err(|e| map_error(format!("looking up {pid} in the eBPF tag map"), e))?;
+        Ok(value.as_deref().and_then(Tag::from_bytes))
+    }
+
+    /// Sets the map's entry for `pid`.
+    pub(crate) fn set(&self, pid: Pid, tag: Tag) -> Result<(), TrackerError> {
+        self.tags.update(&decode::tag_key(pid), &tag.to_bytes(), MapFlags::ANY).map_err(|e| {
+            if e.kind() == ErrorKind::TooBig {
+                TrackerError::io(
+                    format!("tagging {pid} in the eBPF tag map: the map is full (raise Config::map_entries)"),
+                    to_io(&e),
+                )
+            } else {
+                map_error(format!("tagging {pid} in the eBPF tag map"), e)
+            }
+        })
+    }
+
+    /// Deletes the map's entry for `pid`; whether there was one.
+    pub(crate) fn remove(&self, pid: Pid) -> Result<bool, TrackerError> {
+        match self.tags.delete(&decode::tag_key(pid)) {
+            Ok(()) => Ok(true),
+            Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
+            Err(e) => Err(map_error(
+                format!("deleting {pid} from the eBPF tag map"),
+                e,
+            )),
+        }
+    }
+
+    /// Every entry of the tag map (a snapshot, bucket by bucket).
+    pub(crate) fn entries(&self) -> Result<Vec<(Pid, Tag)>, TrackerError> {
+        let batch = self
+            .tags
+            .lookup_batch(1024, MapFlags::ANY, MapFlags::ANY)
+            .map_err(|e| map_error("listing the eBPF tag map", e))?;
+        Ok(batch
+            .filter_map(|(k, v)| Some((decode::pid_from_key(&k)?, Tag::from_bytes(&v)?)))
+            .collect())
+    }
+
+    /// The tag map's capacity.
+    pub(crate) fn capacity(&self) -> u32 {
+        self.tags.max_entries()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn log_tail_keeps_the_last_lines() {
+        assert_eq!(log_tail(""), "");
+        let log: String = (0..20).map(|i| format!("line {i}\n")).collect();
+        let tail = log_tail(&log);
+        assert!(
+            tail.contains("line 19") && tail.contains("line 12") && !tail.contains("line 11"),
+            "{tail}"
+        );
+    }
+
+    #[test]
+    fn load_errors_are_classified() {
+        let eperm = libbpf_rs::Error::from(io::Error::from_raw_os_error(libc::EPERM));
+        match load_error("loading", eperm, "") {
+            TrackerError::PermissionDenied { hint, .. } => {
+                assert!(
+                    hint.contains("CAP_BPF")
+                        && hint.contains("CAP_PERFMON")
+                        && hint.contains("cnproc")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let einval = libbpf_rs::Error::from(io::Error::from_raw_os_error(libc::EINVAL));
+        match load_error(
+            "loading",
+            einval,
+            "libbpf: prog 'vpstag_fork': failed to load\n",
+        ) {
+            TrackerError::Unsupported(msg) => {
+                assert!(
+                    msg.contains("failed to load") && msg.contains("cnproc"),
+                    "{msg}"
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+        let enomem = libbpf_rs::Error::from(io::Error::from_raw_os_error(libc::ENOMEM));
+        assert!(matches!(
+            load_error("loading", enomem, ""),
+            TrackerError::Io { .. }
+        ));
+    }
+
+    #[test]
+    fn missing_btf_is_unsupported_with_a_hint() {
+        match check_btf(Path::new("/nonexistent/vmlinux")) {
+            Err(TrackerError::Unsupported(msg)) => {
+                assert!(
+                    msg.contains("BTF")
+                        && msg.contains("CONFIG_DEBUG_INFO_BTF")
+                        && msg.contains("cnproc")
+                )
+            }
+            other => panic!("{other:?}"),
+        }
+    }
+
+    #[test]
+    fn the_object_is_embedded() {
+        assert_eq!(&OBJECT.0[..4], b"\x7fELF");
+        assert_eq!(OBJECT.0.as_ptr() as usize % 8, 0);
+    }
+}
