@@ -114,6 +114,8 @@ pub struct Action {
 /// What `/proc/TID/stat` says about a task.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
 pub struct TaskStat {
+    /// Field 3: the state letter (`R`, `S`, `t`, `Z`...).
+    pub state: char,
     /// Field 4: the thread-group id of the real parent.
     pub ppid: i32,
     /// Field 20: the number of threads in its thread group.
@@ -122,14 +124,19 @@ pub struct TaskStat {
     pub start: StartTime,
 }
 
+impl TaskStat {
+    /// A zombie (`Z`) or dead (`X`) task.
+    pub fn is_dead(&self) -> bool {
+        matches!(self.state, 'Z' | 'X')
+    }
+}
+
 /// The system reads the decoder needs. The live implementation reads `/proc`.
 pub trait Probe {
     /// `/proc/TID/stat`, or `None` when it cannot be read.
     fn stat(&mut self, tid: Pid) -> Option<TaskStat>;
     /// The thread-group id of `tid` (`Tgid:` in `/proc/TID/status`).
     fn tgid(&mut self, tid: Pid) -> Option<Pid>;
-    /// Whether a task `tid` exists (alive or zombie).
-    fn exists(&mut self, tid: Pid) -> bool;
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -163,6 +170,22 @@ pub struct Tracer {
     early: HashMap<Pid, Resume>,
     /// Exits of tasks we did not know (yet), newest last.
     early_exit: VecDeque<(Pid, ExitStatus)>,
+    /// Children reported from /proc (see `resolve_orphans`) whose creator's event may still
+    /// come: tid -> (start time, the process taken as creator).
+    resolved: HashMap<Pid, (StartTime, Pid)>,
+    /// Counters, for [`Tracer::counters`].
+    counters: Counters,
+}
+
+/// What the decoder has seen so far (diagnostics, tests).
+#[derive(Clone, Copy, Default, Debug, PartialEq, Eq)]
+pub struct Counters {
+    /// Wait statuses handled.
+    pub statuses: u64,
+    /// New tasks whose first stop came before their creator's event (held until it came).
+    pub held: u64,
+    /// New tasks resolved from `/proc` because their creator died without reporting them.
+    pub orphans: u64,
 }
 
 fn first_stop_resume(status: Status) -> Resume {
@@ -206,9 +229,14 @@ impl Tracer {
         self.groups.get(&tgid).map(|g| g.vps)
     }
 
-    /// Forgets everything (after `ECHILD`: nothing is traced any more).
+    /// Forgets every task (after `ECHILD`: nothing is traced any more); keeps the counters.
     pub fn clear(&mut self) {
-        *self = Tracer::default();
+        *self = Tracer { counters: self.counters, ..Tracer::default() };
+    }
+
+    /// What has been seen so far.
+    pub fn counters(&self) -> Counters {
+        self.counters
     }
 
     /// Handles one wait status of task `tid`: appends the events to emit to `events` and the
@@ -225,6 +253,7 @@ impl Tracer {
         events: &mut Vec<Event>,
         actions: &mut Vec<Action>,
     ) {
+        self.counters.statuses += 1;
         let st = classify(status);
         if let Status::Exited(exit) = st {
             self.on_exit(tid, exit, probe, events, actions);
@@ -243,7 +272,8 @@ impl Tracer {
             Status::TrapStop => Resume::Cont(0),
             Status::Event(EVENT_FORK | EVENT_VFORK | EVENT_CLONE) => {
                 if let Some(child) = event_msg.and_then(|m| Pid::new(m as i32)) {
-                    self.on_new_task(task.tgid, child, probe, events, actions);
+                    let clone = st == Status::Event(EVENT_CLONE);
+                    self.on_new_task(task.tgid, child, clone, probe, events, actions);
                 }
                 Resume::Cont(0)
             }
@@ -269,22 +299,20 @@ impl Tracer {
         match st {
             // The first stop of an auto-attached child whose creator has not reported it: hold it.
             Status::TrapStop | Status::GroupStop(_) => {
+                self.counters.held += 1;
                 self.early.insert(tid, first_stop_resume(st));
             }
             // An exec whose former thread we know: the reported tid is the (new) leader.
             Status::Event(EVENT_EXEC) => {
                 let former = event_msg.and_then(|m| Pid::new(m as i32));
-                match former.and_then(|f| self.tasks.get(&f).copied()) {
-                    Some(t) => {
-                        self.tasks.insert(tid, Task { tgid: t.tgid });
-                        if let Some(g) = self.groups.get_mut(&t.tgid) {
-                            g.threads.insert(tid);
-                        }
-                        self.on_exec(tid, former.unwrap_or(tid), t.tgid, events);
+                if let Some(t) = former.and_then(|f| self.tasks.get(&f).copied()) {
+                    self.tasks.insert(tid, Task { tgid: t.tgid });
+                    if let Some(g) = self.groups.get_mut(&t.tgid) {
+                        g.threads.insert(tid);
                     }
-                    // Not ours: restart it.
-                    None => {}
+                    self.on_exec(tid, former.unwrap_or(tid), t.tgid, events);
                 }
+                // Ours or not, restart it.
                 actions.push(Action { tid, resume: Resume::Cont(0) });
             }
             // Not ours to judge: restart it as an untraced task would go on.
@@ -293,17 +321,29 @@ impl Tracer {
         }
     }
 
-    /// A creator (in process `creator_tgid`) reported a new task `child`.
+    /// A creator (in process `creator_tgid`) reported a new task `child`; `clone`: by a
+    /// `PTRACE_EVENT_CLONE` stop (a thread, or a process with a non-SIGCHLD exit signal).
     fn on_new_task(
         &mut self,
         creator_tgid: Pid,
         child: Pid,
+        clone: bool,
         probe: &mut dyn Probe,
         events: &mut Vec<Event>,
         actions: &mut Vec<Action>,
     ) {
+        if let Some((start, _)) = self.resolved.remove(&child) {
+            // The late event of a child resolved from /proc: reported already, and it may have
+            // run and exited meanwhile. Unless the tid now belongs to another process.
+            if self.tasks.contains_key(&child) {
+                return;
+            }
+            match probe.stat(child) {
+                Some(s) if s.start != start && !s.is_dead() => {}
+                _ => return,
+            }
+        }
         if self.tasks.contains_key(&child) {
-            // Already reported (resolved from /proc when another process died).
             return;
         }
         if let Some(resume) = self.early.remove(&child) {
@@ -312,33 +352,62 @@ impl Tracer {
             actions.push(Action { tid: child, resume });
             return;
         }
-        if let Some(i) = self.early_exit.iter().position(|(t, _)| *t == child) {
-            let (_, exit) = self.early_exit.remove(i).expect("index from position");
-            if !probe.exists(child) {
-                // Killed before its first stop and already reaped: report its birth and death.
-                // Without a stat it can only be known as a process of the creator.
-                let thread = false;
-                let (parent, child_tgid) = (creator_tgid, child);
-                events.push(Event::new(EventKind::Fork {
-                    parent,
-                    child: child_tgid,
-                    child_thread: child,
-                    thread,
-                    child_start: None,
-                }));
-                events.push(Event::new(EventKind::Exit {
-                    pid: child_tgid,
-                    thread: child,
-                    status: Some(exit),
-                    group_dead: Some(true),
-                }));
+        let stat = probe.stat(child);
+        // Gone, or a zombie left for its real parent after we reaped it.
+        let dead = stat.map_or(true, |s| s.is_dead());
+        if let Some(i) = self.early_exit.iter().rposition(|(t, _)| *t == child) {
+            let (_, exit) = self.early_exit.remove(i).expect("index from rposition");
+            if dead {
+                // Killed before its first stop and reaped already: report its birth and death.
+                self.report_dead_child(creator_tgid, child, clone, stat, Some(exit), events);
                 return;
             }
-            // A stale entry (the tid was reused by this child): fall through.
+            // A stale entry (the tid was reused by this child): go on.
+        }
+        if dead && stat.is_some() {
+            // Reaped by us with its exit no longer remembered: birth and death, status unknown.
+            self.report_dead_child(creator_tgid, child, clone, stat, None, events);
+            return;
         }
         // The child has not stopped yet; it will before it runs its first instruction.
-        let stat = probe.stat(child);
         self.report_fork(creator_tgid, child, stat, events);
+    }
+
+    /// Reports a child that is dead already. Without a /proc entry, a clone event is taken for a
+    /// thread (what clone events nearly always are), a fork or vfork event for a process.
+    fn report_dead_child(
+        &mut self,
+        creator_tgid: Pid,
+        child: Pid,
+        clone: bool,
+        stat: Option<TaskStat>,
+        exit: Option<ExitStatus>,
+        events: &mut Vec<Event>,
+    ) {
+        let thread = stat.map_or(clone, |s| s.num_threads > 1);
+        let (parent, child_tgid) = if thread {
+            (creator_tgid, creator_tgid)
+        } else {
+            (stat.and_then(|s| Pid::new(s.ppid)).unwrap_or(creator_tgid), child)
+        };
+        let vps = self.vps_of(creator_tgid);
+        let mut fork = Event::new(EventKind::Fork {
+            parent,
+            child: child_tgid,
+            child_thread: child,
+            thread,
+            child_start: stat.map(|s| s.start),
+        });
+        fork.tag = vps;
+        let mut exit = Event::new(EventKind::Exit {
+            pid: child_tgid,
+            thread: child,
+            status: exit,
+            group_dead: Some(!thread),
+        });
+        exit.tag = vps;
+        events.push(fork);
+        events.push(exit);
     }
 
     /// Records `child` and emits its `Fork`. `stat` decides thread vs process: a new process has
@@ -415,6 +484,10 @@ impl Tracer {
             vps = Some(g.vps);
         }
         if group_dead {
+            // A dead creator reports nothing any more.
+            if !self.resolved.is_empty() {
+                self.resolved.retain(|_, (_, creator)| *creator != task.tgid);
+            }
             if !self.early.is_empty() {
                 // Before the Exit, so that the dead parent is still known to the consumer.
                 self.resolve_orphans(task.tgid, probe, events, actions);
@@ -441,10 +514,11 @@ impl Tracer {
         let waiting: Vec<(Pid, Resume)> = self.early.iter().map(|(t, r)| (*t, *r)).collect();
         for (child, resume) in waiting {
             let Some(stat) = probe.stat(child) else { continue };
-            if stat.num_threads > 1 {
+            let creator = if stat.num_threads > 1 {
                 match probe.tgid(child) {
                     Some(tgid) if self.groups.contains_key(&tgid) => {
                         self.report_fork(tgid, child, Some(stat), events);
+                        tgid
                     }
                     // Not a thread of a followed process: leave it to its creator's event.
                     _ => continue,
@@ -452,8 +526,14 @@ impl Tracer {
             } else {
                 let parent = Pid::new(stat.ppid).filter(|p| self.groups.contains_key(p)).unwrap_or(dead);
                 self.report_fork(parent, child, Some(TaskStat { ppid: parent.as_raw(), ..stat }), events);
+                parent
+            };
+            if creator != dead {
+                // Its creator may only be slow: remember it, so that the late event adds nothing.
+                self.resolved.insert(child, (stat.start, creator));
             }
             self.early.remove(&child);
+            self.counters.orphans += 1;
             actions.push(Action { tid: child, resume });
         }
     }
@@ -481,6 +561,7 @@ mod tests {
     struct FakeProc {
         /// tid -> (ppid, num_threads, start, tgid)
         tasks: HashMap<i32, (i32, i64, u64, i32)>,
+        zombies: HashSet<i32>,
     }
 
     impl FakeProc {
@@ -491,7 +572,9 @@ mod tests {
 
     impl Probe for FakeProc {
         fn stat(&mut self, tid: Pid) -> Option<TaskStat> {
+            let state = if self.zombies.contains(&tid.as_raw()) { 'Z' } else { 'S' };
             self.tasks.get(&tid.as_raw()).map(|&(ppid, num_threads, start, _)| TaskStat {
+                state,
                 ppid,
                 num_threads,
                 start: StartTime(start),
@@ -499,9 +582,6 @@ mod tests {
         }
         fn tgid(&mut self, tid: Pid) -> Option<Pid> {
             self.tasks.get(&tid.as_raw()).and_then(|t| Pid::new(t.3))
-        }
-        fn exists(&mut self, tid: Pid) -> bool {
-            self.tasks.contains_key(&tid.as_raw())
         }
     }
 
@@ -610,6 +690,7 @@ mod tests {
         let (ev, ac) = h.step(101, stopped(SIGTRAP, EVENT_STOP), None);
         assert!(ev.is_empty());
         assert!(ac.is_empty(), "the child must stay stopped until its parent is known");
+        assert_eq!(h.t.counters().held, 1);
         assert!(!h.t.is_idle());
         let (ev, ac) = h.step(ROOT, stopped(SIGTRAP, EVENT_VFORK), Some(101));
         assert_eq!(fork_of(&ev[0]), (ROOT, 101, 101, false, Some(1101)));
@@ -691,6 +772,18 @@ mod tests {
     }
 
     #[test]
+    fn thread_killed_before_its_first_stop() {
+        let mut h = Harness::new();
+        h.step(101, 9, None);
+        let (ev, _) = h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(101));
+        assert_eq!(fork_of(&ev[0]), (ROOT, ROOT, 101, true, None));
+        assert_eq!(exit_of(&ev[1]).3, Some(false));
+        // The process itself lives on.
+        let (ev, _) = h.step(ROOT, exited(0), None);
+        assert_eq!(exit_of(&ev[0]).3, Some(true));
+    }
+
+    #[test]
     fn stale_early_exit_is_ignored_when_the_tid_lives() {
         let mut h = Harness::new();
         h.step(101, exited(0), None); // some unrelated reap of a plain child 101
@@ -718,6 +811,7 @@ mod tests {
         assert_eq!(exit_of(&ev[1]).3, Some(true));
         assert_eq!(ac, vec![cont(102, 0)]);
         assert!(h.t.knows(pid(102)));
+        assert_eq!(h.t.counters().orphans, 1);
         // The lost event never comes; if a late one did, it would add nothing.
     }
 
@@ -734,6 +828,40 @@ mod tests {
         assert_eq!(ev[0].tag, Some(VpsId(7)));
         assert_eq!(exit_of(&ev[1]).0, 101);
         assert_eq!(ac, vec![cont(102, 0)]);
+    }
+
+    #[test]
+    fn late_event_after_orphan_resolution_adds_nothing() {
+        let mut h = Harness::new();
+        h.p.add(101, ROOT, 1, 101);
+        h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        h.step(101, stopped(SIGTRAP, EVENT_STOP), None);
+        // ROOT forks 102; 102 stops first; 101 dies meanwhile and 102 is resolved from /proc.
+        h.p.add(102, ROOT, 1, 102);
+        h.step(102, stopped(SIGTRAP, EVENT_STOP), None);
+        let (ev, _) = h.step(101, exited(0), None);
+        assert_eq!(fork_of(&ev[0]), (ROOT, 102, 102, false, Some(1102)));
+        // 102 runs and exits; it stays a zombie for its real parent, ROOT.
+        h.step(102, exited(0), None);
+        h.p.zombies.insert(102);
+        // ROOT's fork event, late: nothing more.
+        let (ev, ac) = h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(102));
+        assert!(ev.is_empty(), "{ev:?}");
+        assert_eq!(ac, vec![cont(ROOT, 0)]);
+        assert!(!h.t.knows(pid(102)));
+    }
+
+    #[test]
+    fn early_exit_left_as_zombie_is_genuine() {
+        let mut h = Harness::new();
+        // 101 killed before its first stop, reaped by us, left a zombie for ROOT.
+        h.step(101, 9, None);
+        h.p.add(101, ROOT, 1, 101);
+        h.p.zombies.insert(101);
+        let (ev, _) = h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        assert_eq!(fork_of(&ev[0]), (ROOT, 101, 101, false, Some(1101)));
+        assert_eq!(exit_of(&ev[1]).2, Some(ExitStatus::Signaled { signal: 9, core_dumped: false }));
+        assert!(!h.t.knows(pid(101)));
     }
 
     #[test]

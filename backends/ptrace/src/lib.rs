@@ -34,22 +34,27 @@
 //! What a tracee can do, and what this backend does about it:
 //! - A new child's first stop can be reported before its creator's fork event: the child is kept
 //!   stopped until the event says whose it is. If the creator is killed between its fork and its
-//!   event stop (the kernel then never reports the event), the child is resolved from
-//!   `/proc/CHILD/stat` when the creator's death is reaped.
+//!   event stop, the kernel never reports the event: so whenever a followed process dies while
+//!   children are held, they are resolved from `/proc/CHILD/stat` (real parent, thread count,
+//!   start time) and resumed. For a creator that is merely slow this gives the same answer as
+//!   its event, and the late event, recognised by the child's start time, adds nothing. A child
+//!   killed before its first stop and reaped before its creator's event is reported (`Fork`, then
+//!   `Exit`) when the event comes.
 //! - Signals are re-injected unchanged at their signal-delivery stop (`PTRACE_CONT` with the
 //!   same signal keeps the original `siginfo`), so a traced program behaves as untraced.
 //! - Group stops (SIGSTOP, SIGTSTP, SIGTTIN, SIGTTOU) are left in place with `PTRACE_LISTEN`,
 //!   so `kill -STOP`/`SIGCONT` and a shell's job control work; the real parent still sees the stop
 //!   with `WUNTRACED`. (`ps` shows such a process as `t`, tracing stop, rather than `T`.)
 //! - exec from a thread other than the main one: the reported tid is the process id and
-//!   `PTRACE_GETEVENTMSG` gives the former tid, reported as [`EventKind::Exec::thread`]; the
+//!   `PTRACE_GETEVENTMSG` gives the former tid, reported as the `thread` of [`EventKind::Exec`]; the
 //!   old leader vanishes without an exit report, as the kernel does it.
 //! - `vfork`, `clone(CLONE_PARENT)` (the parent reported is the real parent, as the kernel
 //!   records it), `clone(CLONE_THREAD)` (`thread: true`, the parent is the process).
 //! - `ESRCH` from a ptrace request on a tracee killed meanwhile is normal: its exit follows.
 //!
-//! Events: `Fork` (with `child_start` read from `/proc/CHILD/stat` field 22 while the child
-//! is stopped and unreaped, so it is the child's identity), `Exec { pid, thread }` and
+//! Events: `Fork` (with `child_start` read from `/proc/CHILD/stat` field 22 before the child is
+//! resumed — it is stopped, or about to stop at its first trap, and unreaped, so the pid cannot
+//! have been reused: the start time is the child's identity), `Exec { pid, thread }` and
 //! `Exit { pid, thread, status, group_dead }` for every thread, the root included. Events also
 //! carry the VPS in [`Event::tag`] as a hint (this backend knows it for free); the core keeps the
 //! table, so [`Capabilities::holds_tags`] stays false.
@@ -57,6 +62,33 @@
 //! Cost per fork: the creator's event stop and the child's first stop, one `PTRACE_GETEVENTMSG`
 //! and one read of `/proc/CHILD/stat`. Per exit: the `PTRACE_EVENT_EXIT` stop (unless
 //! disabled) and the parent's SIGCHLD signal-delivery stop, which no ptrace option can avoid.
+//!
+//! # Example
+//!
+//! ```no_run
+//! use vpstag_ptrace::Ptrace;
+//! use vpstag_tracker::{EventKind, ForkTracker, Pid, VpsId};
+//!
+//! # fn main() -> Result<(), vpstag_tracker::TrackerError> {
+//! let mut tracker = Ptrace::new()?;
+//! # let child = Pid::new(1234).unwrap();
+//! // `child`: forked by this process, blocked reading the start gate.
+//! tracker.watch(child, VpsId(1))?;
+//! // ... open the gate: from now on every descendant is reported before it runs.
+//! let mut events = Vec::new();
+//! loop {
+//!     events.clear();
+//!     tracker.read_events(&mut events, None)?;
+//!     for ev in &events {
+//!         if let EventKind::Exit { pid, group_dead: Some(true), status, .. } = ev.kind {
+//!             println!("{pid} ended: {status:?}");
+//!         }
+//!     }
+//! #   break;
+//! }
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! # Caveats
 //!
@@ -96,6 +128,8 @@
 #![warn(missing_docs)]
 
 use vpstag_tracker::{BackendKind, Capabilities};
+#[allow(unused_imports)] // for the docs' links
+use vpstag_tracker::{Event, EventKind, ForkTracker, TrackerError};
 
 pub mod decode;
 
@@ -105,7 +139,7 @@ pub mod source;
 #[cfg(not(target_os = "linux"))]
 mod freebsd;
 #[cfg(not(target_os = "linux"))]
-pub use freebsd::Ptrace;
+pub use freebsd::{Ptrace, UNSUPPORTED};
 
 #[cfg(target_os = "linux")]
 pub use linux::Ptrace;
@@ -137,7 +171,7 @@ mod linux {
         BackendKind, Capabilities, Event, ForkTracker, Pid, TrackerError, VpsId,
     };
 
-    use crate::decode::{needs_event_msg, Action, Resume, Tracer};
+    use crate::decode::{needs_event_msg, Action, Counters, Resume, Tracer};
     use crate::source::{self, ProcProbe};
 
     /// How often `watch` re-sends the wake-up signal until the tracer thread answers.
@@ -151,6 +185,7 @@ mod linux {
     struct Inner {
         queue: VecDeque<Event>,
         failed: Option<String>,
+        counters: Counters,
     }
 
     struct Shared {
@@ -169,12 +204,13 @@ mod linux {
             unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
 
-        fn push(&self, events: &mut Vec<Event>) {
+        fn push(&self, events: &mut Vec<Event>, counters: Counters) {
+            let now = if events.is_empty() { None } else { source::boottime_ns() };
+            let mut inner = self.lock();
+            inner.counters = counters;
             if events.is_empty() {
                 return;
             }
-            let now = source::boottime_ns();
-            let mut inner = self.lock();
             for mut ev in events.drain(..) {
                 ev.time_ns = now;
                 inner.queue.push_back(ev);
@@ -246,7 +282,7 @@ mod linux {
             }
             // SAFETY: fd is a fresh descriptor nobody else owns.
             let efd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let shared = Arc::new(Shared { inner: Mutex::new(Inner { queue: VecDeque::new(), failed: None }), efd });
+            let shared = Arc::new(Shared { inner: Mutex::new(Inner { queue: VecDeque::new(), failed: None, counters: Counters::default() }), efd });
             let options =
                 source::BASE_OPTIONS | if exit_stops { source::EXIT_OPTION } else { 0 };
             let (tx, rx) = mpsc::channel();
@@ -257,13 +293,22 @@ mod linux {
                 .spawn(move || {
                     source::unblock_wake_signal();
                     let _ = tid_tx.send(source::gettid());
-                    tracer_main(&sh, rx, options);
+                    let run = std::panic::AssertUnwindSafe(|| tracer_main(&sh, rx, options));
+                    if std::panic::catch_unwind(run).is_err() {
+                        sh.fail("the tracer thread panicked; every followed process was killed (EXITKILL)".into());
+                    }
                 })
                 .map_err(|e| TrackerError::io("spawning the ptrace tracer thread", e))?;
             let tracer_tid = tid_rx
                 .recv()
                 .map_err(|_| TrackerError::io("ptrace tracer thread", io::Error::other("died at start")))?;
             Ok(Ptrace { shared, requests: tx, tracer_tid, thread: Some(thread) })
+        }
+
+        /// What the tracer thread has handled so far: wait statuses (each one a tracee stop or
+        /// exit), children held until their creator's event, orphans resolved from `/proc`.
+        pub fn counters(&self) -> Counters {
+            self.shared.lock().counters
         }
 
         /// The thread id of the tracer thread (the tracer a tracee's `TracerPid` names).
@@ -409,7 +454,7 @@ mod linux {
                     // Nothing to wait for: reap what children are left, then sleep on the channel.
                     while let Ok(Some((tid, status))) = source::wait_nohang() {
                         st.step(tid, status, None, &mut probe, &mut events, &mut actions);
-                        shared.push(&mut events);
+                        shared.push(&mut events, st.counters());
                         actions.drain(..).for_each(apply);
                     }
                     if !st.is_idle() {
@@ -438,7 +483,7 @@ mod linux {
                     let msg = if needs_event_msg(status) { source::geteventmsg(tid).ok() } else { None };
                     st.step(tid, status, msg, &mut probe, &mut events, &mut actions);
                     // Events first: a new child is queued before it is resumed.
-                    shared.push(&mut events);
+                    shared.push(&mut events, st.counters());
                     actions.drain(..).for_each(apply);
                 }
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}

@@ -123,10 +123,11 @@ pub fn parse_stat(text: &str) -> Option<TaskStat> {
     let rest = &text[text.rfind(')')? + 1..];
     let fields: Vec<&str> = rest.split_ascii_whitespace().collect();
     // fields[0] is field 3 (state): field N is fields[N - 3].
+    let state = fields.first()?.chars().next()?;
     let ppid = fields.get(1)?.parse().ok()?;
     let num_threads = fields.get(17)?.parse().ok()?;
     let start = fields.get(19)?.parse().ok()?;
-    Some(TaskStat { ppid, num_threads, start: StartTime(start) })
+    Some(TaskStat { state, ppid, num_threads, start: StartTime(start) })
 }
 
 /// The state letter (field 3) of `/proc/PID/stat`.
@@ -146,10 +147,6 @@ impl Probe for ProcProbe {
 
     fn tgid(&mut self, tid: Pid) -> Option<Pid> {
         status_field(tid, "Tgid:").and_then(|v| v.parse().ok()).and_then(Pid::new)
-    }
-
-    fn exists(&mut self, tid: Pid) -> bool {
-        fs::metadata(format!("/proc/{tid}")).is_ok()
     }
 }
 

@@ -1,0 +1,700 @@
+//! Live tests: real processes followed by a real `Ptrace`.
+//!
+//! The backend reaps every child of this process (waitpid(-1)), so the tests run one at a time
+//! (a global lock) and start no other children while a `Ptrace` is alive. Every test cleans up
+//! the processes it started: by pid, and through PTRACE_O_EXITKILL when its `Ptrace` is dropped.
+#![cfg(target_os = "linux")]
+
+use std::collections::{HashMap, HashSet};
+use std::ffi::CString;
+use std::os::fd::AsRawFd;
+use std::path::PathBuf;
+use std::sync::{Mutex, MutexGuard};
+use std::time::{Duration, Instant};
+
+use vpstag_ptrace::source::parse_state;
+use vpstag_ptrace::Ptrace;
+use vpstag_tracker::{Event, EventKind, ExitStatus, ForkTracker, Pid, TrackerError, VpsId};
+
+const PY: &str = "/usr/bin/python3";
+
+static LOCK: Mutex<()> = Mutex::new(());
+
+fn lock() -> MutexGuard<'static, ()> {
+    LOCK.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+fn sigrtmin() -> i32 {
+    libc::SIGRTMIN()
+}
+
+/// A scratch directory for this test process.
+fn scratch(name: &str) -> PathBuf {
+    let dir = std::env::temp_dir().join(format!("vpstag-ptrace-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    let p = dir.join(name);
+    let _ = std::fs::remove_file(&p);
+    p
+}
+
+/// Removes the scratch directory (the tests that use it run one at a time).
+fn clean_scratch() {
+    let dir = std::env::temp_dir().join(format!("vpstag-ptrace-test-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(dir);
+}
+
+fn script(name: &str, code: &str) -> String {
+    let p = scratch(name);
+    std::fs::write(&p, code).unwrap();
+    p.to_str().unwrap().to_owned()
+}
+
+/// Forks a child that blocks reading a pipe (the start gate), then execs `argv`.
+/// Only async-signal-safe calls happen in the child before exec.
+fn spawn_gated(argv: &[&str]) -> (Pid, i32) {
+    let cargs: Vec<CString> = argv.iter().map(|a| CString::new(*a).unwrap()).collect();
+    let mut ptrs: Vec<*const libc::c_char> = cargs.iter().map(|c| c.as_ptr()).collect();
+    ptrs.push(std::ptr::null());
+    let mut fds = [0; 2];
+    // SAFETY: valid array of two ints.
+    assert_eq!(unsafe { libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC) }, 0);
+    // SAFETY: the child only calls read, execv and _exit.
+    let pid = unsafe { libc::fork() };
+    assert!(pid >= 0, "fork failed");
+    if pid == 0 {
+        let mut b = 0u8;
+        // SAFETY: async-signal-safe calls on valid buffers.
+        unsafe {
+            loop {
+                let r = libc::read(fds[0], (&mut b as *mut u8).cast(), 1);
+                if r == 1 {
+                    break;
+                }
+                if r == 0 {
+                    libc::_exit(126);
+                }
+            }
+            libc::execv(ptrs[0], ptrs.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    // SAFETY: our own descriptor.
+    unsafe { libc::close(fds[0]) };
+    (Pid::new(pid).unwrap(), fds[1])
+}
+
+struct Session {
+    pt: Option<Ptrace>,
+    root: Pid,
+    /// Every root watched (`root` first).
+    roots: Vec<Pid>,
+    events: Vec<Event>,
+    root_done: bool,
+}
+
+impl Session {
+    fn start(argv: &[&str]) -> Session {
+        Session::start_with(Ptrace::new().expect("Ptrace::new"), argv)
+    }
+
+    fn start_with(mut pt: Ptrace, argv: &[&str]) -> Session {
+        let (root, gate) = spawn_gated(argv);
+        let r = pt.watch(root, VpsId(1));
+        // Open the gate either way (on error the child just runs untraced and is killed below).
+        // SAFETY: our own descriptor and a valid byte.
+        unsafe {
+            libc::write(gate, b"g".as_ptr().cast(), 1);
+            libc::close(gate);
+        }
+        let s = Session { pt: Some(pt), root, roots: vec![root], events: Vec::new(), root_done: false };
+        r.expect("watch");
+        s
+    }
+
+    fn pt(&mut self) -> &mut Ptrace {
+        self.pt.as_mut().unwrap()
+    }
+
+    /// Reads for at most `ms` milliseconds; returns how many events came.
+    fn pump(&mut self, ms: u64) -> usize {
+        let mut out = Vec::new();
+        let n = self.pt().read_events(&mut out, Some(Duration::from_millis(ms))).expect("read_events");
+        assert_eq!(n, out.len());
+        for ev in &out {
+            if let EventKind::Exit { pid, thread, group_dead: Some(true), .. } = ev.kind {
+                if pid == self.root && thread == self.root {
+                    self.root_done = true;
+                }
+            }
+        }
+        self.events.extend(out);
+        n
+    }
+
+    /// Reads until `done(events)` or the deadline.
+    fn until(&mut self, secs: u64, done: impl Fn(&Session) -> bool) -> bool {
+        let deadline = Instant::now() + Duration::from_secs(secs);
+        while Instant::now() < deadline {
+            if done(self) {
+                return true;
+            }
+            self.pump(50);
+        }
+        done(self)
+    }
+
+    /// Reads until the root has exited and every task followed has exited; returns the root's
+    /// exit status.
+    fn finish(&mut self) -> ExitStatus {
+        let ok = self.until(20, |s| s.root_done && lineage(&s.roots, &s.events).is_empty());
+        assert!(ok, "not finished: {:#?}", self.events);
+        self.exit_of(self.root).expect("root exit")
+    }
+
+    fn exit_of(&self, pid: Pid) -> Option<ExitStatus> {
+        self.events.iter().find_map(|e| match e.kind {
+            EventKind::Exit { pid: p, thread, status, group_dead: Some(true) } if p == pid && thread == pid => status,
+            _ => None,
+        })
+    }
+
+    fn forks(&self) -> Vec<(Pid, Pid, Pid, bool)> {
+        self.events
+            .iter()
+            .filter_map(|e| match e.kind {
+                EventKind::Fork { parent, child, child_thread, thread, .. } => Some((parent, child, child_thread, thread)),
+                _ => None,
+            })
+            .collect()
+    }
+}
+
+impl Drop for Session {
+    fn drop(&mut self) {
+        if !self.root_done {
+            // SAFETY: the root is our unreaped child (its exit was not seen): no pid reuse.
+            unsafe { libc::kill(self.root.as_raw(), libc::SIGKILL) };
+        }
+        // Stops the tracer thread: PTRACE_O_EXITKILL kills whatever is still followed.
+        drop(self.pt.take());
+        let mut st = 0;
+        // Reap the root as its real parent if the tracer did not (ECHILD otherwise).
+        // SAFETY: plain system call.
+        unsafe { libc::waitpid(self.root.as_raw(), &mut st, libc::__WALL) };
+    }
+}
+
+/// Checks the order contract on `events` and returns the tasks still alive at the end:
+/// every task's Fork comes before any event of it, a thread's parent is its process, no task is
+/// created twice, every exit has a status.
+fn lineage(roots: &[Pid], events: &[Event]) -> HashSet<Pid> {
+    let mut alive: HashSet<Pid> = roots.iter().copied().collect();
+    let mut procs: HashSet<Pid> = roots.iter().copied().collect();
+    for ev in events {
+        match ev.kind {
+            EventKind::Fork { parent, child, child_thread, thread, child_start } => {
+                assert!(!alive.contains(&child_thread), "Fork of a live task {child_thread}: {events:#?}");
+                assert!(procs.contains(&parent), "Fork from an unknown parent {parent}: {events:#?}");
+                assert!(child_start.is_some(), "no child_start: {ev:?}");
+                if thread {
+                    assert_eq!(parent, child);
+                } else {
+                    assert_eq!(child, child_thread);
+                    procs.insert(child);
+                }
+                alive.insert(child_thread);
+            }
+            EventKind::Exec { pid, thread } => {
+                assert!(procs.contains(&pid), "Exec of unknown process {pid}: {events:#?}");
+                assert!(alive.contains(&thread), "Exec by unknown thread {thread}: {events:#?}");
+                alive.remove(&thread);
+                alive.insert(pid);
+            }
+            EventKind::Exit { pid, thread, status, group_dead } => {
+                assert!(procs.contains(&pid), "Exit of unknown process {pid}: {events:#?}");
+                assert!(alive.remove(&thread), "Exit of unknown task {thread}: {events:#?}");
+                assert!(status.is_some());
+                if group_dead == Some(true) {
+                    assert!(alive.iter().all(|t| !procs.contains(t) || *t != pid));
+                    procs.remove(&pid);
+                }
+            }
+            EventKind::Lost { .. } => panic!("ptrace never loses events: {ev:?}"),
+        }
+    }
+    alive
+}
+
+fn proc_stat(pid: Pid) -> Option<String> {
+    std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()
+}
+
+fn start_time(pid: Pid) -> Option<u64> {
+    let s = proc_stat(pid)?;
+    let rest = &s[s.rfind(')')? + 1..];
+    rest.split_whitespace().nth(19)?.parse().ok()
+}
+
+fn exited(code: i32) -> Option<ExitStatus> {
+    Some(ExitStatus::Exited(code))
+}
+
+#[test]
+fn capabilities_and_errors() {
+    let _g = lock();
+    let mut pt = Ptrace::new().unwrap();
+    let c = pt.capabilities();
+    assert!(!c.host_wide && !c.holds_tags && c.synchronous && c.thread_events && c.reaps && !c.can_lose);
+    let mut out = Vec::new();
+    assert_eq!(pt.read_events(&mut out, Some(Duration::ZERO)).unwrap(), 0);
+    let t = Instant::now();
+    assert_eq!(pt.read_events(&mut out, Some(Duration::from_millis(50))).unwrap(), 0);
+    assert!(t.elapsed() >= Duration::from_millis(45));
+    // No such process (above any pid_max).
+    let r = pt.watch(Pid::new(i32::MAX - 7).unwrap(), VpsId(1));
+    assert!(matches!(r, Err(TrackerError::NoSuchProcess(_))), "{r:?}");
+}
+
+#[test]
+fn fork_chain_with_start_times() {
+    let _g = lock();
+    let mut s = Session::start(&["/bin/sh", "-c", "sh -c 'sleep 0.3 & wait' & wait"]);
+    // The fd becomes readable with the first Fork.
+    let mut pfd = libc::pollfd { fd: s.pt().as_fd().as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    assert_eq!(unsafe { libc::poll(&mut pfd, 1, 5000) }, 1);
+    // Compare each child's start time with /proc while it lives (unreaped, so no pid reuse).
+    let mut checked = 0;
+    let deadline = Instant::now() + Duration::from_secs(20);
+    let mut seen = 0;
+    while !s.root_done && Instant::now() < deadline {
+        s.pump(20);
+        for ev in &s.events[seen..] {
+            if let EventKind::Fork { child, thread: false, child_start: Some(st), .. } = ev.kind {
+                if let Some(now) = start_time(child) {
+                    assert_eq!(now, st.0, "start time of {child}");
+                    checked += 1;
+                }
+            }
+        }
+        seen = s.events.len();
+    }
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+    assert!(checked >= 1, "no start time could be compared");
+    let forks = s.forks();
+    let root = s.root;
+    // root -> A (subshell) -> B (sleep)
+    let a: Vec<Pid> = forks.iter().filter(|f| f.0 == root && !f.3).map(|f| f.1).collect();
+    let b: Vec<Pid> = forks.iter().filter(|f| a.contains(&f.0) && !f.3).map(|f| f.1).collect();
+    assert!(!a.is_empty() && !b.is_empty(), "no fork chain: {:#?}", s.events);
+    // B exec'd sleep, and every process exited 0.
+    assert!(s.events.iter().any(|e| matches!(e.kind, EventKind::Exec { pid, .. } if b.contains(&pid))));
+    for p in a.iter().chain(&b) {
+        assert_eq!(s.exit_of(*p), Some(ExitStatus::Exited(0)), "exit of {p}");
+    }
+    // Events carry the VPS as a hint and a boot-clock time.
+    assert!(s.events.iter().all(|e| e.tag == Some(VpsId(1)) && e.time_ns.is_some()));
+}
+
+#[test]
+fn fork_chain_without_exit_stops() {
+    let _g = lock();
+    let pt = Ptrace::with_exit_stops(false).unwrap();
+    let mut s = Session::start_with(pt, &["/bin/sh", "-c", "sh -c '/bin/true & wait' & wait; exit 2"]);
+    assert_eq!(s.finish(), ExitStatus::Exited(2));
+    assert!(s.forks().len() >= 2);
+}
+
+#[test]
+fn exit_statuses() {
+    let _g = lock();
+    let mut s = Session::start(&["/bin/sh", "-c", "sh -c 'exit 3'; sh -c 'kill -KILL $$'; exit 5"]);
+    assert_eq!(s.finish(), ExitStatus::Exited(5));
+    let kids: Vec<Pid> = s.forks().iter().filter(|f| f.0 == s.root).map(|f| f.1).collect();
+    let statuses: Vec<Option<ExitStatus>> = kids.iter().map(|k| s.exit_of(*k)).collect();
+    assert_eq!(
+        statuses,
+        vec![exited(3), Some(ExitStatus::Signaled { signal: 9, core_dumped: false })],
+        "{:#?}",
+        s.events
+    );
+}
+
+#[test]
+fn many_forks_each_reported_before_it_runs() {
+    let _g = lock();
+    let list: Vec<String> = (0..40).map(|i| i.to_string()).collect();
+    let cmd = format!("for i in {}; do /bin/true & done; wait", list.join(" "));
+    let mut s = Session::start(&["/bin/sh", "-c", &cmd]);
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+    let kids: Vec<Pid> = s.forks().iter().filter(|f| f.0 == s.root && !f.3).map(|f| f.1).collect();
+    assert_eq!(kids.len(), 40);
+    // Round trips: per child, its creator's fork stop, its first stop, its exec stop, its exit
+    // stop, its reap and the creator's SIGCHLD stop: 6 (fewer when SIGCHLDs coalesce).
+    let c = s.pt().counters();
+    eprintln!("counters for 40 forks: {c:?}");
+    assert!(c.statuses <= 6 * 40 + 12, "{c:?}");
+    for k in &kids {
+        assert_eq!(s.exit_of(*k), exited(0));
+        // Fork, then Exec, then Exit: the lineage check already proved the Fork came first.
+        assert!(s.events.iter().any(|e| e.kind == EventKind::Exec { pid: *k, thread: *k }));
+    }
+}
+
+/// SIGKILL everything mid-way through a fork storm: creators die between their fork and its
+/// event stop, children die before their first stop. Every task must still be accounted for.
+#[test]
+fn kill_storm_leaves_nothing_unreported() {
+    let _g = lock();
+    let cmd = "while :; do (sh -c '/bin/true & /bin/true & wait' &) ; /bin/true & done";
+    let mut s = Session::start(&["/bin/sh", "-c", cmd]);
+    s.until(1, |_| false);
+    let deadline = Instant::now() + Duration::from_secs(20);
+    // Kill every live task until none is left (the storm creates more meanwhile).
+    loop {
+        let alive = lineage(&s.roots, &s.events);
+        if alive.is_empty() {
+            break;
+        }
+        if Instant::now() >= deadline {
+            for t in &alive {
+                let evs: Vec<_> = s.events.iter().filter(|e| format!("{:?}", e.kind).contains(&t.to_string())).collect();
+                eprintln!("{t}: stat={:?} status={:?}\n  events={evs:#?}", proc_stat(*t),
+                    std::fs::read_to_string(format!("/proc/{t}/status")).ok().map(|x| x.lines().filter(|l| l.starts_with("State") || l.starts_with("TracerPid") || l.starts_with("PPid") || l.starts_with("Tgid")).collect::<Vec<_>>().join(" ")));
+            }
+            eprintln!("counters {:?}", s.pt().counters());
+            panic!("still alive: {alive:?}");
+        }
+        for t in &alive {
+            // SAFETY: a tracee whose exit was not reported is unreaped: no pid reuse.
+            unsafe { libc::syscall(libc::SYS_tgkill, tgid_of(&s.events, *t).as_raw(), t.as_raw(), libc::SIGKILL) };
+        }
+        s.pump(100);
+    }
+    let c = s.pt().counters();
+    eprintln!("kill storm: {} events, {c:?}", s.events.len());
+    assert_eq!(s.exit_of(s.root), Some(ExitStatus::Signaled { signal: 9, core_dumped: false }));
+}
+
+fn tgid_of(events: &[Event], tid: Pid) -> Pid {
+    events
+        .iter()
+        .find_map(|e| match e.kind {
+            EventKind::Fork { child, child_thread, .. } if child_thread == tid => Some(child),
+            _ => None,
+        })
+        .unwrap_or(tid)
+}
+
+#[test]
+fn threads_are_reported() {
+    let _g = lock();
+    let code = "import threading\n\
+                ts=[threading.Thread(target=lambda: None) for _ in range(8)]\n\
+                [t.start() for t in ts]\n[t.join() for t in ts]\n";
+    let mut s = Session::start(&[PY, "-c", code]);
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+    let root = s.root;
+    let threads: Vec<Pid> = s.forks().iter().filter(|f| f.3).map(|f| f.2).collect();
+    assert!(threads.len() >= 8, "{:#?}", s.events);
+    assert!(s.forks().iter().filter(|f| f.3).all(|f| f.0 == root && f.1 == root));
+    for t in &threads {
+        let exit = s.events.iter().find_map(|e| match e.kind {
+            EventKind::Exit { pid, thread, status, group_dead } if thread == *t => Some((pid, status, group_dead)),
+            _ => None,
+        });
+        assert_eq!(exit, Some((root, exited(0), Some(false))), "thread {t}");
+    }
+}
+
+#[test]
+fn exec_from_a_thread() {
+    let _g = lock();
+    let code = "import threading,os\n\
+                def f(): os.execv('/bin/sh', ['sh','-c','exit 4'])\n\
+                t=threading.Thread(target=f); t.start(); t.join()\n";
+    let mut s = Session::start(&[PY, "-c", code]);
+    assert_eq!(s.finish(), ExitStatus::Exited(4));
+    let root = s.root;
+    let t = s.forks().iter().find(|f| f.3).map(|f| f.2).expect("a thread");
+    assert_ne!(t, root);
+    assert!(s.events.iter().any(|e| e.kind == EventKind::Exec { pid: root, thread: t }), "{:#?}", s.events);
+    // The thread became the process: no exit of its own tid, one exit of the process.
+    assert!(!s.events.iter().any(|e| matches!(e.kind, EventKind::Exit { thread, .. } if thread == t)));
+    let root_exits = s.events.iter().filter(|e| matches!(e.kind, EventKind::Exit { thread, .. } if thread == root)).count();
+    assert_eq!(root_exits, 1);
+}
+
+#[test]
+fn posix_spawn_vfork() {
+    let _g = lock();
+    let code = "import os\n\
+                p=os.posix_spawn('/bin/sh',['sh','-c','exit 6'],os.environ)\n\
+                _,st=os.waitpid(p,0)\nraise SystemExit(os.waitstatus_to_exitcode(st))\n";
+    let mut s = Session::start(&[PY, "-c", code]);
+    assert_eq!(s.finish(), ExitStatus::Exited(6));
+    let kids: Vec<Pid> = s.forks().iter().filter(|f| f.0 == s.root && !f.3).map(|f| f.1).collect();
+    assert_eq!(kids.len(), 1, "{:#?}", s.events);
+    assert_eq!(s.exit_of(kids[0]), exited(6));
+}
+
+#[test]
+fn clone_parent_child_belongs_to_the_grandparent() {
+    let _g = lock();
+    let py = script(
+        "clone_parent.py",
+        "import ctypes,os,time\n\
+         l=ctypes.CDLL(None,use_errno=True)\n\
+         r=l.syscall(56, 0x00008000|17, 0, 0, 0, 0)\n\
+         if r==0:\n    os._exit(9)\n\
+         time.sleep(0.3)\n",
+    );
+    let cmd = format!("{PY} {py}; wait; exit 0");
+    let mut s = Session::start(&["/bin/sh", "-c", &cmd]);
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+    let root = s.root;
+    let forks = s.forks();
+    // root -> python (P); P's CLONE_PARENT child C counts as root's child and exits 9.
+    let c = forks.iter().filter(|f| f.0 == root && !f.3).map(|f| f.1).find(|c| s.exit_of(*c) == exited(9));
+    assert!(c.is_some(), "{:#?}", s.events);
+    assert!(forks.iter().filter(|f| f.0 == root && !f.3).count() >= 2);
+    clean_scratch();
+}
+
+#[test]
+fn job_control_stop_and_continue() {
+    let _g = lock();
+    let progress = scratch("progress");
+    let code = "import time,sys\n\
+                open(sys.argv[1],'w').close()\n\
+                for i in range(50):\n    time.sleep(0.02)\n    open(sys.argv[1],'a').write('x')\n";
+    let mut s = Session::start(&[PY, "-c", code, progress.to_str().unwrap()]);
+    let root = s.root;
+    assert!(s.until(10, |_| std::fs::metadata(&progress).map(|m| m.len() > 2).unwrap_or(false)));
+    // SAFETY: our unreaped child.
+    unsafe { libc::kill(root.as_raw(), libc::SIGSTOP) };
+    let mut state = None;
+    assert!(s.until(5, |_| matches!(proc_stat(root).as_deref().and_then(parse_state), Some('T' | 't'))));
+    if let Some(st) = proc_stat(root).as_deref().and_then(parse_state) {
+        state = Some(st);
+    }
+    eprintln!("state of a stopped tracee: {state:?}");
+    let len = std::fs::metadata(&progress).unwrap().len();
+    s.pump(400);
+    assert_eq!(std::fs::metadata(&progress).unwrap().len(), len, "it ran while stopped");
+    assert!(!s.root_done);
+    assert!(matches!(proc_stat(root).as_deref().and_then(parse_state), Some('T' | 't')));
+    // SAFETY: as above.
+    unsafe { libc::kill(root.as_raw(), libc::SIGCONT) };
+    assert!(s.until(5, |_| std::fs::metadata(&progress).unwrap().len() > len), "did not run again");
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+    assert_eq!(std::fs::metadata(&progress).unwrap().len(), 50);
+    clean_scratch();
+}
+
+#[test]
+fn second_vps_while_tracing() {
+    let _g = lock();
+    let mut s = Session::start(&["/bin/sh", "-c", "sleep 1.5; exit 0"]);
+    let root = s.root;
+    // Wait until the tracer thread is busy in waitpid for the first VPS.
+    assert!(s.until(5, |s| s.forks().iter().any(|f| f.0 == root)));
+    let (root2, gate) = spawn_gated(&["/bin/sh", "-c", "sh -c 'exit 8'; exit 1"]);
+    let t = Instant::now();
+    let r = s.pt().watch(root2, VpsId(2));
+    let took = t.elapsed();
+    // SAFETY: our own descriptor and a valid byte.
+    unsafe {
+        libc::write(gate, b"g".as_ptr().cast(), 1);
+        libc::close(gate);
+    }
+    r.expect("second watch");
+    s.roots.push(root2);
+    eprintln!("watch while tracing took {took:?}");
+    assert!(took < Duration::from_millis(500), "{took:?}");
+    assert!(s.until(10, |s| s.exit_of(root2).is_some()));
+    assert_eq!(s.exit_of(root2), exited(1));
+    let kid = s.forks().iter().find(|f| f.0 == root2).map(|f| f.1).expect("child of the second root");
+    assert_eq!(s.exit_of(kid), exited(8));
+    for e in &s.events {
+        let pid = match e.kind {
+            EventKind::Fork { child, .. } => child,
+            EventKind::Exec { pid, .. } | EventKind::Exit { pid, .. } => pid,
+            EventKind::Lost { .. } => unreachable!(),
+        };
+        let expect = if pid == root2 || pid == kid { VpsId(2) } else { VpsId(1) };
+        assert_eq!(e.tag, Some(expect), "{e:?}");
+    }
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+    let mut st = 0;
+    // SAFETY: reap the second root as its real parent if the tracer did not.
+    unsafe { libc::waitpid(root2.as_raw(), &mut st, libc::WNOHANG) };
+}
+
+#[test]
+fn job_control_multithreaded() {
+    let _g = lock();
+    let progress = scratch("progress-mt");
+    let code = "import threading,time,sys\n\
+                p=sys.argv[1]\n\
+                def f():\n    for i in range(30):\n        time.sleep(0.02)\n        open(p,'a').write('x')\n\
+                ts=[threading.Thread(target=f) for _ in range(3)]\n\
+                [t.start() for t in ts]\n[t.join() for t in ts]\n";
+    let mut s = Session::start(&[PY, "-c", code, progress.to_str().unwrap()]);
+    let root = s.root;
+    assert!(s.until(10, |_| std::fs::metadata(&progress).map(|m| m.len() > 3).unwrap_or(false)));
+    // SAFETY: our unreaped child.
+    unsafe { libc::kill(root.as_raw(), libc::SIGTSTP) };
+    let all_stopped = || {
+        let tasks = std::fs::read_dir(format!("/proc/{root}/task")).unwrap();
+        let states: Vec<Option<char>> = tasks
+            .map(|t| std::fs::read_to_string(t.unwrap().path().join("stat")).ok())
+            .map(|st| st.as_deref().and_then(parse_state))
+            .collect();
+        states.len() == 4 && states.iter().all(|c| matches!(c, Some('T' | 't')))
+    };
+    assert!(s.until(5, |_| all_stopped()), "not every thread stopped");
+    let len = std::fs::metadata(&progress).unwrap().len();
+    s.pump(300);
+    assert_eq!(std::fs::metadata(&progress).unwrap().len(), len, "it ran while stopped");
+    // SAFETY: as above.
+    unsafe { libc::kill(root.as_raw(), libc::SIGCONT) };
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+    assert_eq!(std::fs::metadata(&progress).unwrap().len(), 90);
+    clean_scratch();
+}
+
+#[test]
+fn job_control_seen_by_the_real_parent() {
+    let _g = lock();
+    let code = "import os,signal,sys\n\
+                pid=os.fork()\n\
+                if pid==0:\n    os.kill(os.getpid(), signal.SIGSTOP)\n    os._exit(7)\n\
+                _,st=os.waitpid(pid, os.WUNTRACED)\n\
+                assert os.WIFSTOPPED(st) and os.WSTOPSIG(st)==signal.SIGSTOP, st\n\
+                os.kill(pid, signal.SIGCONT)\n\
+                _,st=os.waitpid(pid, 0)\n\
+                sys.exit(0 if os.WIFEXITED(st) and os.WEXITSTATUS(st)==7 else 1)\n";
+    let mut s = Session::start(&[PY, "-c", code]);
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+}
+
+#[test]
+fn signals_are_delivered_exactly() {
+    let _g = lock();
+    let out = scratch("signals");
+    let ready = scratch("ready");
+    let code = "import signal,sys,time\n\
+                out,ready=sys.argv[1],sys.argv[2]\n\
+                got=[]\n\
+                def h(s,f):\n    got.append(s)\n    open(out,'a').write('%d\\n'%s)\n\
+                for s in (signal.SIGUSR1, signal.SIGUSR2, signal.SIGRTMIN+1): signal.signal(s,h)\n\
+                open(ready,'w').close()\n\
+                t=time.time()+15\n\
+                while len(got)<5 and time.time()<t: time.sleep(0.005)\n\
+                time.sleep(0.2)\n\
+                sys.exit(0 if len(got)==5 else 1)\n";
+    let mut s = Session::start(&[PY, "-c", code, out.to_str().unwrap(), ready.to_str().unwrap()]);
+    let root = s.root.as_raw();
+    let lines = |p: &PathBuf| std::fs::read_to_string(p).map(|t| t.lines().count()).unwrap_or(0);
+    assert!(s.until(10, |_| ready.exists()));
+    // SAFETY: our unreaped child.
+    unsafe { libc::kill(root, libc::SIGUSR1) };
+    assert!(s.until(5, |_| lines(&out) == 1));
+    // SAFETY: as above.
+    unsafe { libc::kill(root, libc::SIGUSR2) };
+    assert!(s.until(5, |_| lines(&out) == 2));
+    // Real-time signals, with sigqueue. One at a time: Python runs its handler once for however
+    // many signals arrived since it last looked, so a burst would be counted as one.
+    for i in 0..3 {
+        let val = libc::sigval { sival_ptr: i as *mut libc::c_void };
+        // SAFETY: plain system call.
+        assert_eq!(unsafe { libc::sigqueue(root, sigrtmin() + 1, val) }, 0);
+        assert!(s.until(5, |_| lines(&out) == 3 + i));
+    }
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+    let got: Vec<i32> = std::fs::read_to_string(&out).unwrap().lines().map(|l| l.parse().unwrap()).collect();
+    let rt = sigrtmin() + 1;
+    assert_eq!(got, vec![libc::SIGUSR1, libc::SIGUSR2, rt, rt, rt]);
+    clean_scratch();
+}
+
+#[test]
+fn killed_root_is_reported() {
+    let _g = lock();
+    let mut s = Session::start(&["/bin/sh", "-c", "sleep 5 & wait"]);
+    let root = s.root;
+    assert!(s.until(5, |s| s.forks().iter().any(|f| f.0 == root)));
+    // SAFETY: our unreaped child.
+    unsafe { libc::kill(root.as_raw(), libc::SIGKILL) };
+    assert!(s.until(5, |s| s.root_done));
+    assert_eq!(s.exit_of(root), Some(ExitStatus::Signaled { signal: 9, core_dumped: false }));
+    // The orphaned sleep is still followed; kill it by pid.
+    let sleep = s.forks().iter().find(|f| f.0 == root).map(|f| f.1).unwrap();
+    // SAFETY: a live tracee (its exit was not reported).
+    assert!(s.exit_of(sleep).is_none());
+    unsafe { libc::kill(sleep.as_raw(), libc::SIGKILL) };
+    assert!(s.until(5, |s| s.exit_of(sleep).is_some()));
+    assert!(lineage(&s.roots, &s.events).is_empty());
+}
+
+/// Runs `nobody_mode` in a copy of this test binary as uid/gid 65534.
+#[test]
+fn unprivileged_follows_own_children() {
+    let _g = lock();
+    use std::os::unix::process::CommandExt;
+    use std::os::unix::fs::PermissionsExt;
+    // A copy nobody can reach whatever the permissions on the build directory (/root/...).
+    let dir = std::env::temp_dir().join(format!("vpstag-ptrace-nobody-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let exe = dir.join("live");
+    std::fs::copy(std::env::current_exe().unwrap(), &exe).unwrap();
+    std::fs::set_permissions(&exe, std::fs::Permissions::from_mode(0o755)).unwrap();
+    let out = std::process::Command::new(&exe)
+        .args(["--exact", "nobody_mode", "--nocapture", "--test-threads=1"])
+        .env("VPSTAG_PTRACE_NOBODY", "1")
+        .current_dir("/")
+        .uid(65534)
+        .gid(65534)
+        .output()
+        .unwrap();
+    let _ = std::fs::remove_dir_all(&dir);
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(out.status.success(), "{text}\n{}", String::from_utf8_lossy(&out.stderr));
+    assert!(text.contains("NOBODY-OK"), "{text}");
+}
+
+/// Only does something when run by `unprivileged_follows_own_children`.
+#[test]
+fn nobody_mode() {
+    if std::env::var_os("VPSTAG_PTRACE_NOBODY").is_none() {
+        return;
+    }
+    let _g = lock();
+    // SAFETY: plain system calls.
+    assert_eq!(unsafe { (libc::geteuid(), libc::getegid()) }, (65534, 65534));
+    let mut s = Session::start(&["/bin/sh", "-c", "sh -c 'exit 3'; exit 5"]);
+    assert_eq!(s.finish(), ExitStatus::Exited(5));
+    let kid = s.forks().iter().find(|f| f.0 == s.root).map(|f| f.1).unwrap();
+    assert_eq!(s.exit_of(kid), exited(3));
+    // Another user's process: a clear PermissionDenied.
+    let r = s.pt().watch(Pid::new(1).unwrap(), VpsId(2));
+    match r {
+        Err(TrackerError::PermissionDenied { hint, .. }) => {
+            assert!(hint.contains("CAP_SYS_PTRACE"), "{hint}");
+            println!("hint: {hint}");
+        }
+        other => panic!("{other:?}"),
+    }
+    println!("NOBODY-OK");
+}
+
+#[allow(dead_code)]
+fn dump(events: &[Event]) -> HashMap<i32, Vec<String>> {
+    let mut m: HashMap<i32, Vec<String>> = HashMap::new();
+    for e in events {
+        m.entry(0).or_default().push(format!("{:?}", e.kind));
+    }
+    m
+}
