@@ -18,6 +18,11 @@ fn backends() -> Vec<&'static str> {
         Err(e) => eprintln!("skipping backend cnproc: {e}"),
     }
     v.push("ptrace");
+    // Built in with `--features ebpf`; needs root or CAP_BPF + CAP_PERFMON.
+    match vpstag::open_backend(vpstag::BackendChoice::Ebpf) {
+        Ok(_) => v.push("ebpf"),
+        Err(e) => eprintln!("skipping backend ebpf: {e}"),
+    }
     v
 }
 
