@@ -1,1 +1,686 @@
-//! A client for the vpstag daemon (placeholder: the daemon work fills it in).
+//! A client for the vpstag daemon (`vpstag daemon`), so that no tool re-implements its protocol.
+//!
+//! ```no_run
+//! use vpstag::client::Client;
+//! use vpstag::Pid;
+//!
+//! let mut c = Client::connect()?;
+//! if let Some(name) = c.vps_of(Pid::new(1234).unwrap())? {
+//!     println!("1234 belongs to {name}: {:?}", c.members(&name)?);
+//! }
+//! for ev in Client::connect()?.events(None, true)? {
+//!     println!("{:?}", ev?);
+//! }
+//! # Ok::<(), vpstag::client::ClientError>(())
+//! ```
+//!
+//! The protocol (documented in `docs/protocol.md`) is newline-delimited JSON over a Unix stream
+//! socket: one request object a line (`{"v":1,"op":"which","pid":1234}`), one reply object a line
+//! (`{"ok":true,...}` or `{"ok":false,"error":{"kind":"...","message":"..."}}`). A successful reply
+//! always begins with the exact bytes `{"ok":true`, so that a first process can test the daemon's
+//! acknowledgement after `fork()` without parsing JSON.
+
+use std::collections::BTreeMap;
+use std::ffi::OsString;
+use std::io::{self, BufRead, BufReader, Read, Write};
+use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::unix::net::UnixStream;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::Duration;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{Pid, Signal};
+
+/// The protocol version this library speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Where the daemon listens unless `--socket` or `VPSTAG_SOCKET` says otherwise.
+pub const DEFAULT_SOCKET: &str = "/run/vpstag/vpstag.sock";
+
+/// The longest request line the daemon accepts (bytes, newline included).
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// The socket to use: `VPSTAG_SOCKET` when set, else [`DEFAULT_SOCKET`].
+pub fn default_socket() -> PathBuf {
+    match std::env::var_os("VPSTAG_SOCKET") {
+        Some(s) if !s.is_empty() => PathBuf::from(s),
+        _ => PathBuf::from(DEFAULT_SOCKET),
+    }
+}
+
+/// What went wrong talking to the daemon. Each message names the fix where there is one.
+#[derive(Debug, thiserror::Error)]
+pub enum ClientError {
+    /// Nobody listens on the socket.
+    #[error("no vpstag daemon is listening on {}: start it with `vpstag daemon` (or point --socket / VPSTAG_SOCKET at the right socket)", socket.display())]
+    NoDaemon {
+        /// The socket tried.
+        socket: PathBuf,
+    },
+    /// The socket exists but this user may not connect to it.
+    #[error("permission denied connecting to {}: ask root to run the daemon with a socket you can reach (its mode must allow you to write)", socket.display())]
+    SocketPermission {
+        /// The socket tried.
+        socket: PathBuf,
+    },
+    /// The daemon refused: the VPS belongs to another user, or the operation needs root.
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// No VPS has that name (or none of yours does).
+    #[error("{0}")]
+    UnknownVps(String),
+    /// A VPS of that name is running.
+    #[error("{0}")]
+    AlreadyRunning(String),
+    /// Any other refusal by the daemon.
+    #[error("the daemon refused ({kind}): {message}")]
+    Daemon {
+        /// The error kind, as in `docs/protocol.md`.
+        kind: String,
+        /// What it said.
+        message: String,
+    },
+    /// The daemon said something this library does not understand.
+    #[error("protocol error: {0} (is the daemon the same version as this client?)")]
+    Protocol(String),
+    /// The first process or the command could not be started.
+    #[error("cannot start {program:?}: {message}")]
+    Spawn {
+        /// The program.
+        program: String,
+        /// Why.
+        message: String,
+    },
+    /// A system call failed.
+    #[error("{context}: {source}")]
+    Io {
+        /// What was being done.
+        context: String,
+        /// The system's error.
+        #[source]
+        source: io::Error,
+    },
+}
+
+impl ClientError {
+    fn io(context: impl Into<String>, source: io::Error) -> ClientError {
+        ClientError::Io { context: context.into(), source }
+    }
+
+    /// The error kind the daemon named, if it was a refusal by the daemon.
+    pub fn kind(&self) -> Option<&str> {
+        match self {
+            ClientError::PermissionDenied(_) => Some("permission_denied"),
+            ClientError::UnknownVps(_) => Some("unknown_vps"),
+            ClientError::AlreadyRunning(_) => Some("already_running"),
+            ClientError::Daemon { kind, .. } => Some(kind),
+            _ => None,
+        }
+    }
+}
+
+/// `Result` with [`ClientError`].
+pub type Result<T, E = ClientError> = std::result::Result<T, E>;
+
+/// One request: the protocol version and the operation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    /// The protocol version ([`PROTOCOL_VERSION`]).
+    pub v: u32,
+    /// What to do.
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// The operations (`"op"` in a request).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+pub enum Op {
+    /// Who is there: the daemon's version, pid and backend, and the caller's uid as seen.
+    Hello,
+    /// Registers the connecting process (SO_PEERCRED) as the first process of a new VPS.
+    RegisterFirst {
+        /// The VPS name.
+        name: String,
+    },
+    /// Registers the connecting process (SO_PEERCRED) as a member of a running VPS.
+    Join {
+        /// The VPS name.
+        name: String,
+    },
+    /// The VPS of a process.
+    Which {
+        /// The process id.
+        pid: i32,
+    },
+    /// Live tagged processes, of one VPS or of all the caller may see.
+    Ps {
+        /// Only this VPS.
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// The pids of a VPS's members.
+    Members {
+        /// The VPS name.
+        name: String,
+    },
+    /// Every VPS the caller may see, with accounting.
+    List,
+    /// Signals every member of a VPS.
+    Kill {
+        /// The VPS name.
+        name: String,
+        /// A signal name or number (default TERM).
+        #[serde(default)]
+        signal: Option<String>,
+    },
+    /// SIGTERM, then SIGKILL after the grace period, then forgets the VPS.
+    Stop {
+        /// The VPS name.
+        name: String,
+        /// Milliseconds between SIGTERM and SIGKILL (default 5000).
+        #[serde(default)]
+        grace_ms: Option<u64>,
+    },
+    /// Recent events, and with `follow` every event from then on.
+    Events {
+        /// Only this VPS.
+        #[serde(default)]
+        name: Option<String>,
+        /// Keep the connection open and stream events.
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Compares the table with a fresh scan of the system.
+    Check,
+}
+
+/// The reply to `hello`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol version the daemon speaks.
+    pub version: u32,
+    /// The daemon's process id.
+    pub daemon_pid: i32,
+    /// Its backend (`cnproc`, `ptrace`, ...).
+    pub backend: String,
+    /// The caller's uid, as the daemon sees it.
+    pub uid: u32,
+}
+
+/// A VPS as the daemon names it in replies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpsRef {
+    /// Its id.
+    pub id: u64,
+    /// Its name.
+    pub name: String,
+    /// Its first process.
+    pub first: i32,
+}
+
+/// One live tagged process (`ps`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Process id.
+    pub pid: i32,
+    /// Parent process id (0 when unknown).
+    pub ppid: i32,
+    /// Its VPS.
+    pub vps: String,
+    /// Its command line (`[comm]` for a kernel-style name without arguments).
+    pub cmd: String,
+    /// Its real uid.
+    pub uid: u32,
+    /// How the table learned it: first, event, scan or loader.
+    pub source: String,
+    /// Its start time (clock ticks since boot on Linux).
+    pub start: u64,
+}
+
+/// One VPS (`list`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpsInfo {
+    /// Its id.
+    pub id: u64,
+    /// Its name.
+    pub name: String,
+    /// The uid that started it.
+    pub owner: u32,
+    /// Its first process.
+    pub first: i32,
+    /// Whether the first process is alive.
+    pub first_alive: bool,
+    /// Live members.
+    pub members: usize,
+    /// When it started, in seconds since the epoch.
+    pub started: u64,
+    /// User + system CPU time of its live members, in milliseconds.
+    pub cpu_ms: u64,
+    /// Resident memory of its live members, in bytes.
+    pub rss_bytes: u64,
+}
+
+/// One fork, exec or exit of a tagged process (`events`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventInfo {
+    /// `fork`, `exec` or `exit`.
+    pub event: String,
+    /// The VPS.
+    pub vps: String,
+    /// The process (for a fork: the child).
+    pub pid: i32,
+    /// For a fork: the parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<i32>,
+    /// For an exec: the new command line, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    /// For an exit: the exit code, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// For an exit: the signal that ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// When (nanoseconds of the boot clock), if the backend knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_ns: Option<u64>,
+}
+
+/// One divergence `check` found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DivergenceInfo {
+    /// `missing`, `extra` or `wrong_tag`.
+    pub kind: String,
+    /// The process.
+    pub pid: i32,
+    /// The VPS the table has (extra, wrong_tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vps: Option<String>,
+    /// The VPS the system says (missing, wrong_tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<String>,
+}
+
+/// The reply to `check`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckInfo {
+    /// Every divergence (expected: none).
+    pub divergences: Vec<DivergenceInfo>,
+    /// Table entries compared.
+    pub entries: usize,
+    /// Processes on the system.
+    pub processes: usize,
+    /// The loss and resync counters (`events`, `loss_reports`, `lost_events`, `resyncs`, ...).
+    pub stats: BTreeMap<String, u64>,
+}
+
+#[derive(Deserialize)]
+struct ErrorBody {
+    kind: String,
+    message: String,
+}
+
+/// A connection to the daemon.
+pub struct Client {
+    reader: BufReader<UnixStream>,
+    socket: PathBuf,
+}
+
+fn connect_error(socket: &Path, e: io::Error) -> ClientError {
+    match e.raw_os_error() {
+        Some(libc::ENOENT) | Some(libc::ECONNREFUSED) | Some(libc::ENOTDIR) => {
+            ClientError::NoDaemon { socket: socket.to_path_buf() }
+        }
+        Some(libc::EACCES) | Some(libc::EPERM) => ClientError::SocketPermission { socket: socket.to_path_buf() },
+        _ => ClientError::io(format!("connecting to {}", socket.display()), e),
+    }
+}
+
+fn reply_error(v: &serde_json::Value) -> ClientError {
+    match v.get("error").cloned().map(serde_json::from_value::<ErrorBody>) {
+        Some(Ok(e)) => match e.kind.as_str() {
+            "permission_denied" => ClientError::PermissionDenied(e.message),
+            "unknown_vps" => ClientError::UnknownVps(e.message),
+            "already_running" => ClientError::AlreadyRunning(e.message),
+            _ => ClientError::Daemon { kind: e.kind, message: e.message },
+        },
+        _ => ClientError::Protocol(format!("a refusal without an error object: {v}")),
+    }
+}
+
+/// Parses one reply line: the body of a success, or the refusal.
+pub fn parse_reply(line: &str) -> Result<serde_json::Value> {
+    let v: serde_json::Value =
+        serde_json::from_str(line.trim_end()).map_err(|e| ClientError::Protocol(format!("a reply that is not JSON ({e}): {line:?}")))?;
+    match v.get("ok") {
+        Some(serde_json::Value::Bool(true)) => Ok(v),
+        Some(serde_json::Value::Bool(false)) => Err(reply_error(&v)),
+        _ => Err(ClientError::Protocol(format!("a reply without \"ok\": {line:?}"))),
+    }
+}
+
+fn field<T: serde::de::DeserializeOwned>(v: &serde_json::Value, name: &str) -> Result<T> {
+    let f = v.get(name).cloned().unwrap_or(serde_json::Value::Null);
+    serde_json::from_value(f).map_err(|e| ClientError::Protocol(format!("field {name:?} of the reply: {e}")))
+}
+
+/// The pid and uid of the process at the other end of a Unix socket (`SO_PEERCRED`).
+#[cfg(any(target_os = "linux", target_os = "android"))]
+pub fn peer_credentials(fd: RawFd) -> io::Result<(i32, u32)> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a valid ucred.
+    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+    if r != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((cred.pid, cred.uid))
+}
+
+/// The pid and uid of the process at the other end of a Unix socket (`SO_PEERCRED`).
+#[cfg(not(any(target_os = "linux", target_os = "android")))]
+pub fn peer_credentials(_fd: RawFd) -> io::Result<(i32, u32)> {
+    Err(io::Error::new(io::ErrorKind::Unsupported, "peer credentials with a pid (SO_PEERCRED) are Linux-only in this version"))
+}
+
+/// Lets `pid` ptrace the calling process under Yama `ptrace_scope=1` (`PR_SET_PTRACER`).
+/// Async-signal-safe; errors are ignored (without Yama the call fails and is not needed).
+pub(crate) fn allow_ptracer(pid: i32) {
+    #[cfg(target_os = "linux")]
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(libc::PR_SET_PTRACER, pid as libc::c_ulong, 0, 0, 0);
+    }
+    #[cfg(not(target_os = "linux"))]
+    let _ = pid;
+}
+
+impl Client {
+    /// Connects to the daemon at `VPSTAG_SOCKET`, or [`DEFAULT_SOCKET`].
+    pub fn connect() -> Result<Client> {
+        Client::connect_to(default_socket())
+    }
+
+    /// Connects to the daemon at `socket`.
+    pub fn connect_to(socket: impl AsRef<Path>) -> Result<Client> {
+        let socket = socket.as_ref().to_path_buf();
+        let stream = UnixStream::connect(&socket).map_err(|e| connect_error(&socket, e))?;
+        Ok(Client { reader: BufReader::new(stream), socket })
+    }
+
+    /// The socket this client is connected to.
+    pub fn socket(&self) -> &Path {
+        &self.socket
+    }
+
+    /// The daemon's pid, from the socket's peer credentials.
+    pub fn daemon_pid(&self) -> Option<i32> {
+        peer_credentials(self.reader.get_ref().as_raw_fd()).ok().map(|(pid, _)| pid)
+    }
+
+    /// Sends one request and reads one reply (its body, or the refusal).
+    pub fn call(&mut self, op: Op) -> Result<serde_json::Value> {
+        self.send(op)?;
+        self.read_reply()
+    }
+
+    fn send(&mut self, op: Op) -> Result<()> {
+        let mut line = serde_json::to_vec(&Request { v: PROTOCOL_VERSION, op }).expect("a request serialises");
+        line.push(b'\n');
+        self.reader.get_mut().write_all(&line).map_err(|e| ClientError::io("sending a request to the daemon", e))
+    }
+
+    fn read_line(&mut self) -> Result<Option<String>> {
+        let mut line = String::new();
+        match self.reader.read_line(&mut line) {
+            Ok(0) => Ok(None),
+            Ok(_) => Ok(Some(line)),
+            Err(e) => Err(ClientError::io("reading the daemon's reply", e)),
+        }
+    }
+
+    fn read_reply(&mut self) -> Result<serde_json::Value> {
+        match self.read_line()? {
+            Some(line) => parse_reply(&line),
+            None => Err(ClientError::Protocol("the daemon closed the connection without a reply".into())),
+        }
+    }
+
+    /// Who is there.
+    pub fn hello(&mut self) -> Result<Hello> {
+        let v = self.call(Op::Hello)?;
+        serde_json::from_value(v).map_err(|e| ClientError::Protocol(format!("hello reply: {e}")))
+    }
+
+    /// The name of the VPS `pid` belongs to; `None` when it has no tag.
+    pub fn vps_of(&mut self, pid: Pid) -> Result<Option<String>> {
+        let v = self.call(Op::Which { pid: pid.as_raw() })?;
+        field(&v, "vps")
+    }
+
+    /// The live members of VPS `name`.
+    pub fn members(&mut self, name: &str) -> Result<Vec<Pid>> {
+        let v = self.call(Op::Members { name: name.into() })?;
+        let raw: Vec<i32> = field(&v, "pids")?;
+        Ok(raw.into_iter().filter_map(Pid::new).collect())
+    }
+
+    /// Live tagged processes (of `name`, or of every VPS this user may see).
+    pub fn ps(&mut self, name: Option<&str>) -> Result<Vec<ProcessInfo>> {
+        let v = self.call(Op::Ps { name: name.map(Into::into) })?;
+        field(&v, "processes")
+    }
+
+    /// Every VPS this user may see.
+    pub fn list(&mut self) -> Result<Vec<VpsInfo>> {
+        let v = self.call(Op::List)?;
+        field(&v, "vpses")
+    }
+
+    /// Sends `sig` to every member of `name` (for SIGKILL: until none is left); how many
+    /// processes were signalled.
+    pub fn kill(&mut self, name: &str, sig: Signal) -> Result<usize> {
+        let v = self.call(Op::Kill { name: name.into(), signal: Some(sig.name().to_string()) })?;
+        field(&v, "signalled")
+    }
+
+    /// Ends every member of `name` (SIGTERM, SIGKILL after `grace`) and forgets the VPS.
+    pub fn stop(&mut self, name: &str, grace: Duration) -> Result<()> {
+        self.call(Op::Stop { name: name.into(), grace_ms: Some(grace.as_millis() as u64) }).map(drop)
+    }
+
+    /// Compares the daemon's table with the system now.
+    pub fn check(&mut self) -> Result<CheckInfo> {
+        let v = self.call(Op::Check)?;
+        serde_json::from_value(v).map_err(|e| ClientError::Protocol(format!("check reply: {e}")))
+    }
+
+    /// The recent events (of `name`, or of every VPS this user may see); with `follow`, the
+    /// iterator then goes on with every new event until the daemon goes away.
+    pub fn events(mut self, name: Option<&str>, follow: bool) -> Result<Events> {
+        let v = self.call(Op::Events { name: name.map(Into::into), follow })?;
+        let recent: Vec<EventInfo> = field(&v, "events")?;
+        Ok(Events { recent: recent.into_iter(), client: follow.then_some(self) })
+    }
+
+    /// Registers the calling process as a member of the running VPS `name` and returns once the
+    /// daemon follows it (the loader's way in: exec the command next, in this same process).
+    /// The process should have no children and no other threads that fork.
+    pub fn join(&mut self, name: &str) -> Result<VpsRef> {
+        if let Some(pid) = self.daemon_pid() {
+            allow_ptracer(pid);
+        }
+        let v = self.call(Op::Join { name: name.into() })?;
+        field(&v, "vps")
+    }
+
+    /// Starts VPS `name` running `cmd`: forks the first process with this process's credentials;
+    /// the first process connects to the daemon itself, registers, and starts `cmd` only once the
+    /// daemon has acknowledged. Returns the first process's pid once `cmd` has been executed.
+    ///
+    /// The first process starts a new session; its standard input is `/dev/null` and its output
+    /// goes to `output` (appended) or `/dev/null`. It is a child of this process: reap it if this
+    /// process lives on (or exit, and let it be re-parented).
+    pub fn start(&mut self, name: &str, cmd: &Command, output: Option<&Path>) -> Result<Pid> {
+        start_first_process(&self.socket, name, cmd, output)
+    }
+}
+
+/// The events of [`Client::events`].
+pub struct Events {
+    recent: std::vec::IntoIter<EventInfo>,
+    client: Option<Client>,
+}
+
+impl Iterator for Events {
+    type Item = Result<EventInfo>;
+    fn next(&mut self) -> Option<Self::Item> {
+        if let Some(e) = self.recent.next() {
+            return Some(Ok(e));
+        }
+        let c = self.client.as_mut()?;
+        match c.read_line() {
+            Ok(None) => {
+                self.client = None;
+                None
+            }
+            Ok(Some(line)) => Some(
+                parse_reply(&line)
+                    .and_then(|v| field::<EventInfo>(&v, "next")),
+            ),
+            Err(e) => {
+                self.client = None;
+                Some(Err(e))
+            }
+        }
+    }
+}
+
+fn stage_name(stage: i32) -> &'static str {
+    use crate::init::stage;
+    match stage {
+        stage::SUBREAPER => "becoming the reaper of its descendants",
+        stage::SOCKET => "creating a socket",
+        stage::CONNECT => "connecting to the daemon",
+        stage::SEND => "sending its registration",
+        stage::RECV => "waiting for the daemon's acknowledgement",
+        stage::REFUSED => "registering (refused)",
+        stage::FORK => "forking the command",
+        stage::EXEC => "executing the command",
+        stage::STDIO => "redirecting standard input and output",
+        _ => "starting",
+    }
+}
+
+fn read_all(fd: OwnedFd) -> io::Result<Vec<u8>> {
+    let mut f = std::fs::File::from(fd);
+    let mut out = Vec::new();
+    loop {
+        let mut buf = [0u8; 4096];
+        match f.read(&mut buf) {
+            Ok(0) => return Ok(out),
+            Ok(n) => out.extend_from_slice(&buf[..n]),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+}
+
+fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
+    nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)
+}
+
+/// See [`Client::start`].
+pub fn start_first_process(socket: &Path, name: &str, cmd: &Command, output: Option<&Path>) -> Result<Pid> {
+    let spawn_err = |message: String| ClientError::Spawn { program: cmd.get_program().to_string_lossy().into_owned(), message };
+    let plan = crate::init::Plan::new(cmd).map_err(|e| spawn_err(e.to_string()))?;
+    let mut line = serde_json::to_vec(&Request { v: PROTOCOL_VERSION, op: Op::RegisterFirst { name: name.into() } })
+        .expect("a request serialises");
+    line.push(b'\n');
+    let null = std::fs::OpenOptions::new().read(true).open("/dev/null").map_err(|e| ClientError::io("opening /dev/null", e))?;
+    let out = match output {
+        Some(p) => std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(p)
+            .map_err(|e| ClientError::io(format!("opening {}", p.display()), e))?,
+        None => std::fs::OpenOptions::new().write(true).open("/dev/null").map_err(|e| ClientError::io("opening /dev/null", e))?,
+    };
+    let gate = crate::init::SocketGate::new(socket, line, OwnedFd::from(null), OwnedFd::from(out))
+        .map_err(|e| ClientError::io(format!("socket path {}", socket.display()), e))?;
+    let (reply_read, reply_write) = pipe().map_err(|e| ClientError::io("creating a pipe", e))?;
+    let (err_read, err_write) = pipe().map_err(|e| ClientError::io("creating a pipe", e))?;
+    // SAFETY: the child runs only async-signal-safe code on data prepared above.
+    let pid = unsafe { libc::fork() };
+    if pid < 0 {
+        return Err(ClientError::io("fork", io::Error::last_os_error()));
+    }
+    if pid == 0 {
+        // SAFETY: a freshly forked child; everything it uses was prepared before the fork.
+        unsafe { crate::init::run_first_process_socket(&plan, &gate, reply_write.as_raw_fd(), err_write.as_raw_fd()) }
+    }
+    drop(reply_write);
+    drop(err_write);
+    drop(gate);
+    let reap = || {
+        let mut st = 0;
+        // SAFETY: waitpid on our own child with a valid out pointer.
+        unsafe { libc::waitpid(pid, &mut st, 0) };
+    };
+    let reply = read_all(reply_read).map_err(|e| ClientError::io("reading the first process's reply", e))?;
+    let failure = read_all(err_read).map_err(|e| ClientError::io("waiting for the command to start", e))?;
+    let staged = |failure: &[u8]| -> Option<(i32, i32)> {
+        (failure.len() >= 8).then(|| {
+            (i32::from_ne_bytes(failure[0..4].try_into().unwrap()), i32::from_ne_bytes(failure[4..8].try_into().unwrap()))
+        })
+    };
+    if !reply.is_empty() {
+        let text = String::from_utf8_lossy(&reply);
+        if let Err(e) = parse_reply(&text) {
+            reap();
+            return Err(e);
+        }
+    }
+    match staged(&failure) {
+        None if !reply.is_empty() => {}
+        None => {
+            reap();
+            return Err(spawn_err("the first process ended before registering".into()));
+        }
+        Some((stage, errno)) => {
+            reap();
+            if stage == crate::init::stage::CONNECT {
+                return Err(connect_error(socket, io::Error::from_raw_os_error(errno)));
+            }
+            let what = if errno == 0 { "failed".to_string() } else { io::Error::from_raw_os_error(errno).to_string() };
+            let e = spawn_err(format!("{}: {what}", stage_name(stage)));
+            if stage == crate::init::stage::FORK || stage == crate::init::stage::EXEC {
+                // Registered, but the command never ran: free the name again.
+                if let Ok(mut c) = Client::connect_to(socket) {
+                    let _ = c.stop(name, Duration::ZERO);
+                }
+            }
+            return Err(e);
+        }
+    }
+    Pid::new(pid).ok_or_else(|| ClientError::Protocol("fork returned a bad pid".into()))
+}
+
+/// Joins VPS `name` through the daemon at `socket`, then executes `cmd` in place (the loader).
+/// Returns only on failure.
+pub fn exec_in(socket: &Path, name: &str, program: &OsString, args: &[OsString]) -> ClientError {
+    use std::os::unix::process::CommandExt;
+    let mut c = match Client::connect_to(socket) {
+        Ok(c) => c,
+        Err(e) => return e,
+    };
+    if let Err(e) = c.join(name) {
+        return e;
+    }
+    drop(c);
+    let e = Command::new(program).args(args).exec();
+    ClientError::Spawn { program: program.to_string_lossy().into_owned(), message: e.to_string() }
+}

@@ -149,6 +149,69 @@ unsafe fn report(fd: RawFd, code: libc::c_int) {
     unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
 }
 
+/// Where a first process reports how far it got (`vpstag start` through the daemon): each failure
+/// is 8 bytes on the error pipe, the stage and an errno.
+pub(crate) mod stage {
+    pub const SUBREAPER: i32 = 1;
+    pub const SOCKET: i32 = 2;
+    pub const CONNECT: i32 = 3;
+    pub const SEND: i32 = 4;
+    pub const RECV: i32 = 5;
+    pub const REFUSED: i32 = 6;
+    pub const FORK: i32 = 7;
+    pub const EXEC: i32 = 8;
+    pub const STDIO: i32 = 9;
+}
+
+/// How a first process reports a failure: 4 bytes (an errno, [`run_first_process`]) or 8 bytes
+/// (a [`stage`] and an errno, [`run_first_process_socket`]).
+#[derive(Clone, Copy)]
+enum Reporter {
+    Errno(RawFd),
+    Staged(RawFd),
+}
+
+impl Reporter {
+    /// Async-signal-safe.
+    unsafe fn fail(self, st: i32, code: libc::c_int) {
+        match self {
+            // SAFETY: writes from stack buffers.
+            Reporter::Errno(fd) => unsafe { report(fd, code) },
+            Reporter::Staged(fd) => {
+                let mut b = [0u8; 8];
+                b[..4].copy_from_slice(&st.to_ne_bytes());
+                b[4..].copy_from_slice(&code.to_ne_bytes());
+                // SAFETY: writes 8 bytes from a stack buffer.
+                unsafe { libc::write(fd, b.as_ptr().cast(), b.len()) };
+            }
+        }
+    }
+
+    fn fd(self) -> RawFd {
+        match self {
+            Reporter::Errno(fd) | Reporter::Staged(fd) => fd,
+        }
+    }
+}
+
+/// Closes the close-on-exec descriptors this program opened for itself (netlink sockets, event
+/// fds...), except `keep`: the command would not get them anyway, and an init holding the
+/// tracker's socket open would keep it alive. Async-signal-safe.
+unsafe fn close_inherited(plan: &Plan, keep: &[RawFd]) {
+    for fd in 3..=plan.max_fd {
+        if keep.contains(&fd) {
+            continue;
+        }
+        // SAFETY: fcntl/close on integers.
+        unsafe {
+            let flags = libc::fcntl(fd, libc::F_GETFD);
+            if flags >= 0 && flags & libc::FD_CLOEXEC != 0 {
+                libc::close(fd);
+            }
+        }
+    }
+}
+
 /// The first process. Runs in the child right after `fork()`; never returns.
 ///
 /// # Safety
@@ -162,18 +225,7 @@ pub(crate) unsafe fn run_first_process(plan: &Plan, pipes: &Pipes) -> ! {
     unsafe {
         libc::close(pipes.gate_write.as_raw_fd());
         libc::close(pipes.err_read.as_raw_fd());
-        // Close the descriptors this program opened for itself (netlink sockets, event fds...):
-        // they are close-on-exec, so the command would not get them anyway, and an init holding
-        // the tracker's socket open would keep it alive.
-        for fd in 3..=plan.max_fd {
-            if fd == gate || fd == err {
-                continue;
-            }
-            let flags = libc::fcntl(fd, libc::F_GETFD);
-            if flags >= 0 && flags & libc::FD_CLOEXEC != 0 {
-                libc::close(fd);
-            }
-        }
+        close_inherited(plan, &[gate, err]);
         crate::sys::set_process_name(c"vpstag-init");
         let rc = crate::sys::become_subreaper();
         if rc != 0 {
@@ -193,7 +245,167 @@ pub(crate) unsafe fn run_first_process(plan: &Plan, pipes: &Pipes) -> ! {
             libc::_exit(126);
         }
         libc::close(gate);
+        init_loop(plan, Reporter::Errno(err))
+    }
+}
 
+/// The daemon's start gate: everything a first process needs to register itself with the daemon
+/// over its socket, prepared before `fork()`.
+pub(crate) struct SocketGate {
+    addr: libc::sockaddr_un,
+    addr_len: libc::socklen_t,
+    request: Vec<u8>,
+    stdin: OwnedFd,
+    stdout: OwnedFd,
+}
+
+impl SocketGate {
+    /// `request` is the whole registration line (newline included); `stdin` and `stdout` become
+    /// the first process's standard input and output (and error).
+    pub(crate) fn new(socket: &Path, request: Vec<u8>, stdin: OwnedFd, stdout: OwnedFd) -> io::Result<SocketGate> {
+        // SAFETY: sockaddr_un is plain data; all zeroes is a valid value.
+        let mut addr: libc::sockaddr_un = unsafe { std::mem::zeroed() };
+        addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
+        let bytes = socket.as_os_str().as_bytes();
+        if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
+            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a usable Unix socket path (empty, too long or with a NUL byte)"));
+        }
+        for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
+            *d = *s as libc::c_char;
+        }
+        let base = std::mem::offset_of!(libc::sockaddr_un, sun_path);
+        let addr_len = (base + bytes.len() + 1) as libc::socklen_t;
+        Ok(SocketGate { addr, addr_len, request, stdin, stdout })
+    }
+}
+
+/// A first process that registers itself with the daemon: the child of `vpstag start` (or of
+/// [`Client::start`](crate::client::Client::start)) right after `fork()`; never returns.
+///
+/// It takes its standard input and output from the gate, starts a new session, becomes the
+/// subreaper of its descendants, connects to the daemon's socket itself (so that the daemon's
+/// `SO_PEERCRED` names this process), names the daemon as its allowed ptracer
+/// (`PR_SET_PTRACER`, for Yama `ptrace_scope=1`), sends the registration prepared before the fork,
+/// and waits for the acknowledgement. It relays the daemon's reply line to `reply_fd`, and starts
+/// the command only on a success; failures go to `err_fd` as a stage and an errno.
+///
+/// # Safety
+/// Must be called only in a freshly forked child, with everything prepared before the fork.
+/// Uses only async-signal-safe calls.
+pub(crate) unsafe fn run_first_process_socket(plan: &Plan, gate: &SocketGate, reply_fd: RawFd, err_fd: RawFd) -> ! {
+    let rep = Reporter::Staged(err_fd);
+    // SAFETY (whole block): raw system calls on integers, stack buffers and data prepared before
+    // the fork; nothing allocates or takes a lock.
+    unsafe {
+        if libc::dup2(gate.stdin.as_raw_fd(), 0) < 0
+            || libc::dup2(gate.stdout.as_raw_fd(), 1) < 0
+            || libc::dup2(gate.stdout.as_raw_fd(), 2) < 0
+        {
+            rep.fail(stage::STDIO, errno());
+            libc::_exit(127);
+        }
+        close_inherited(plan, &[reply_fd, err_fd]);
+        crate::sys::set_process_name(c"vpstag-init");
+        libc::setsid();
+        let rc = crate::sys::become_subreaper();
+        if rc != 0 {
+            rep.fail(stage::SUBREAPER, rc);
+            libc::_exit(127);
+        }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
+        #[cfg(not(any(target_os = "linux", target_os = "android")))]
+        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        if fd < 0 {
+            rep.fail(stage::SOCKET, errno());
+            libc::_exit(127);
+        }
+        loop {
+            let r = libc::connect(fd, (&gate.addr as *const libc::sockaddr_un).cast(), gate.addr_len);
+            if r == 0 {
+                break;
+            }
+            if errno() == libc::EINTR {
+                continue;
+            }
+            rep.fail(stage::CONNECT, errno());
+            libc::_exit(127);
+        }
+        #[cfg(any(target_os = "linux", target_os = "android"))]
+        {
+            let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+            let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+            if libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) == 0 {
+                crate::client::allow_ptracer(cred.pid);
+            }
+        }
+        let mut off = 0;
+        while off < gate.request.len() {
+            let r = libc::write(fd, gate.request.as_ptr().add(off).cast(), gate.request.len() - off);
+            if r < 0 {
+                if errno() == libc::EINTR {
+                    continue;
+                }
+                rep.fail(stage::SEND, errno());
+                libc::_exit(127);
+            }
+            off += r as usize;
+        }
+        // The acknowledgement: one line. A success begins with `{"ok":true`.
+        let mut buf = [0u8; 4096];
+        let mut got = 0usize;
+        loop {
+            if got == buf.len() {
+                break;
+            }
+            let r = libc::read(fd, buf.as_mut_ptr().add(got).cast(), buf.len() - got);
+            if r < 0 {
+                if errno() == libc::EINTR {
+                    continue;
+                }
+                rep.fail(stage::RECV, errno());
+                libc::_exit(127);
+            }
+            if r == 0 {
+                break;
+            }
+            let start = got;
+            got += r as usize;
+            if buf[start..got].contains(&b'\n') {
+                break;
+            }
+        }
+        libc::close(fd);
+        let mut off = 0;
+        while off < got {
+            let r = libc::write(reply_fd, buf.as_ptr().add(off).cast(), got - off);
+            if r <= 0 {
+                if r < 0 && errno() == libc::EINTR {
+                    continue;
+                }
+                break;
+            }
+            off += r as usize;
+        }
+        libc::close(reply_fd);
+        const OK: &[u8] = b"{\"ok\":true";
+        if got < OK.len() || &buf[..OK.len()] != OK {
+            rep.fail(stage::REFUSED, 0);
+            libc::_exit(126);
+        }
+        init_loop(plan, rep)
+    }
+}
+
+/// The init proper, once recorded: starts the command, forwards signals to it, reaps orphans,
+/// and exits with the command's status.
+///
+/// # Safety
+/// Only in the first process after its gate opened; async-signal-safe.
+unsafe fn init_loop(plan: &Plan, rep: Reporter) -> ! {
+    let err = rep.fd();
+    // SAFETY (whole block): as in the callers.
+    unsafe {
         // Block what we handle with sigwaitinfo, after making sure SIGCHLD is not ignored.
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -207,7 +419,7 @@ pub(crate) unsafe fn run_first_process(plan: &Plan, pipes: &Pipes) -> ! {
 
         let cmd = libc::fork();
         if cmd < 0 {
-            report(err, errno());
+            rep.fail(stage::FORK, errno());
             libc::_exit(127);
         }
         if cmd == 0 {
@@ -222,12 +434,12 @@ pub(crate) unsafe fn run_first_process(plan: &Plan, pipes: &Pipes) -> ! {
             libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
             if let Some(cwd) = &plan.cwd {
                 if libc::chdir(cwd.as_ptr()) != 0 {
-                    report(err, errno());
+                    rep.fail(stage::EXEC, errno());
                     libc::_exit(127);
                 }
             }
             libc::execve(plan.path.as_ptr(), plan.argv_ptrs.as_ptr(), plan.envp_ptrs.as_ptr());
-            report(err, errno());
+            rep.fail(stage::EXEC, errno());
             libc::_exit(127);
         }
         libc::close(err);

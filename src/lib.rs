@@ -30,6 +30,7 @@
 
 mod backend;
 pub mod client;
+pub mod daemon;
 mod error;
 mod init;
 mod manager;

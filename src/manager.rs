@@ -161,7 +161,7 @@ impl State {
                 self.note_lifecycle(&tagged);
                 self.subscribers.retain(|s| s.send(tagged).is_ok());
                 if self.tracking.resync_due {
-                    self.tracking.resync(&mut self.view).map_err(|e| Error::io("resynchronising from a scan", e))?;
+                    self.resync()?;
                 }
             }
             self.buf = events;
@@ -170,11 +170,29 @@ impl State {
         if let Some((every, last)) = self.periodic_resync {
             if last.elapsed() >= every {
                 self.periodic_resync = Some((every, Instant::now()));
-                self.tracking.resync(&mut self.view).map_err(|e| Error::io("resynchronising from a scan", e))?;
+                self.resync()?;
             }
         }
         self.reap();
         self.flush_changes();
+        Ok(())
+    }
+
+    /// Resynchronises from a scan; a backend that follows only what it was told to watch (ptrace,
+    /// kqueue) or keeps its own tags (eBPF) is then told to watch each process the scan added,
+    /// and the scan is repeated until it adds nothing (a process may fork before it is watched).
+    fn resync(&mut self) -> Result<()> {
+        let follow = !self.caps.host_wide || self.caps.holds_tags;
+        for _ in 0..8 {
+            let added = self.tracking.resync(&mut self.view).map_err(|e| Error::io("resynchronising from a scan", e))?;
+            if !follow || added.is_empty() {
+                break;
+            }
+            for (pid, vps) in added {
+                // A process that died meanwhile, or is already followed, is fine.
+                let _ = self.tracker.watch(pid, vps);
+            }
+        }
         Ok(())
     }
 
@@ -303,7 +321,7 @@ impl Manager {
             observer: None,
             periodic_resync: (kind == BackendKind::Kqueue).then(|| (Duration::from_secs(5), Instant::now())),
         };
-        state.tracking.resync(&mut state.view).map_err(|e| Error::io("scanning the process table", e))?;
+        state.resync()?;
         let shared = Arc::new(Shared { state: Mutex::new(state), changed: Condvar::new(), stop: AtomicBool::new(false) });
         let s2 = Arc::clone(&shared);
         let pump = std::thread::Builder::new()
@@ -447,8 +465,8 @@ impl Manager {
         st.tracking.insert_member(&info, vps.id, Source::Loader);
         // Its descendants that already exist are found by a scan; anything born from now on
         // comes as events after the scan's start.
-        let State { tracking, view, .. } = &mut *st;
-        tracking.resync(view).map_err(|e| Error::io("scanning the process table", e))?;
+        st.resync()?;
+        st.flush_changes();
         Ok(vps)
     }
 
@@ -599,8 +617,7 @@ impl Manager {
     /// Rescans the system and reconciles the table with it (as after lost events).
     pub fn resync(&self) -> Result<()> {
         let mut st = self.synced()?;
-        let State { tracking, view, .. } = &mut *st;
-        tracking.resync(view).map_err(|e| Error::io("scanning the process table", e))
+        st.resync()
     }
 
     /// A copy of the table as it is now.
@@ -798,8 +815,7 @@ impl Manager {
                 _ => {}
             }
         }
-        let State { tracking, view, .. } = &mut *st;
-        tracking.resync(view).map_err(|e| Error::io("scanning the process table", e))?;
+        st.resync()?;
         st.flush_changes();
         Ok(n)
     }

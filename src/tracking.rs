@@ -327,14 +327,14 @@ impl Tracking {
     ///
     /// Call it after subscribing: events stamped before the scan began are then not applied, and
     /// events after it are, so nothing born during the scan is missed.
-    pub(crate) fn resync(&mut self, view: &mut dyn ProcView) -> io::Result<()> {
+    /// Returns the processes it added.
+    pub(crate) fn resync(&mut self, view: &mut dyn ProcView) -> io::Result<Vec<(Pid, VpsId)>> {
         let t0 = view.now_ns();
         let procs = view.scan()?;
-        self.reconcile(t0, procs, view.start_tolerance());
-        Ok(())
+        Ok(self.reconcile(t0, procs, view.start_tolerance()))
     }
 
-    pub(crate) fn reconcile(&mut self, t0: u64, procs: Vec<ProcInfo>, tol: u64) {
+    pub(crate) fn reconcile(&mut self, t0: u64, procs: Vec<ProcInfo>, tol: u64) -> Vec<(Pid, VpsId)> {
         self.stats.resyncs += 1;
         self.resync_due = false;
         self.ignore_before_ns = Some(t0);
@@ -400,14 +400,17 @@ impl Tracking {
                 }
             }
         }
+        let mut out = Vec::new();
         for (id, ppid, threads, v) in added {
             if self.table.get(id.pid).is_none() {
                 let mut e = Entry::new(id, v, Source::Scan, ppid);
                 e.threads = threads.max(1);
                 self.table.insert(e);
                 self.stats.resync_added += 1;
+                out.push((id.pid, v));
             }
         }
+        out
     }
 
     /// Records a process the manager itself placed in a VPS (a first process, a loader member).

@@ -209,6 +209,15 @@ impl Tracer {
         self.groups.insert(root, Group { threads, vps });
     }
 
+    /// Follows one more thread `tid` of the followed process `tgid` (a process that already had
+    /// threads when it was watched). Returns false when `tgid` is not followed.
+    pub fn add_thread(&mut self, tgid: Pid, tid: Pid) -> bool {
+        let Some(g) = self.groups.get_mut(&tgid) else { return false };
+        g.threads.insert(tid);
+        self.tasks.insert(tid, Task { tgid });
+        true
+    }
+
     /// Whether `tid` is followed.
     pub fn knows(&self, tid: Pid) -> bool {
         self.tasks.contains_key(&tid)

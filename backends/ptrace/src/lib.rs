@@ -104,8 +104,8 @@
 //!   therefore leaves no untracked VPS process behind; dropping it ends the VPSes it follows.
 //! - A process can have only one tracer: a VPS process cannot be debugged with gdb/strace while
 //!   followed, and a program that checks `TracerPid` in `/proc/self/status` sees it.
-//! - The root must be a single-threaded process when watched (it is, held at the start gate);
-//!   threads it already has are not followed.
+//! - A root that already has threads when watched (a loader member, a process a scan found) has
+//!   each of its threads seized too, listing `/proc/PID/task` until no new thread appears.
 //! - [`forget`](ForkTracker::forget) does nothing: the processes of a VPS stay followed until they
 //!   exit.
 //! - Permissions: following a process needs the right to ptrace it: the same user and a
@@ -420,6 +420,7 @@ mod linux {
         match source::seize(root, options) {
             Ok(()) => {
                 st.add_root(root, vps);
+                seize_other_threads(st, root, options);
                 Ok(())
             }
             Err(e) if e.raw_os_error() == Some(libc::EPERM) => Err(TrackerError::PermissionDenied {
@@ -429,6 +430,31 @@ mod linux {
             }),
             Err(e) if e.raw_os_error() == Some(libc::ESRCH) => Err(TrackerError::NoSuchProcess(root)),
             Err(e) => Err(TrackerError::io(format!("PTRACE_SEIZE of process {root}"), e)),
+        }
+    }
+
+    /// A process that already has threads when it is watched (the loader or a scan brings it in):
+    /// seize each of them too, and list again until no new thread appears (a thread created by a
+    /// thread not yet seized is not auto-attached).
+    fn seize_other_threads(st: &mut Tracer, root: Pid, options: libc::c_int) {
+        for _ in 0..16 {
+            let Ok(dir) = std::fs::read_dir(format!("/proc/{root}/task")) else { return };
+            let mut new = 0;
+            for e in dir.flatten() {
+                let Some(tid) = e.file_name().to_str().and_then(|n| n.parse::<i32>().ok()).and_then(Pid::new) else {
+                    continue;
+                };
+                if st.knows(tid) {
+                    continue;
+                }
+                // ESRCH: the thread exited meanwhile.
+                if source::seize(tid, options).is_ok() && st.add_thread(root, tid) {
+                    new += 1;
+                }
+            }
+            if new == 0 {
+                return;
+            }
         }
     }
 

@@ -399,7 +399,7 @@ fn spawn_sleep(ctx: &ShapeCtx) -> ShapeResult {
             std::ptr::null(),
             std::ptr::null(),
             sleep.argv.as_ptr() as *const *mut c_char,
-            environ as *const *mut c_char,
+            environ,
         )
     };
     if r != 0 {
@@ -563,10 +563,15 @@ fn pthread_exit_main(ctx: &ShapeCtx) -> ShapeResult {
         let spawned = std::thread::Builder::new().spawn(move || {
             // Wait until the leader is a zombie: the main thread is gone.
             for _ in 0..10_000 {
-                if own_state_letter() == b'Z' {
-                    break;
+                match own_state_letter() {
+                    b'Z' => break,
+                    b'?' => {
+                        // No /proc to look at (a BSD without procfs): give the exit a moment.
+                        nap_ms(100);
+                        break;
+                    }
+                    _ => nap_ms(1),
                 }
-                nap_ms(1);
             }
             let p = fork_retry();
             if p == 0 {
@@ -596,16 +601,13 @@ fn pthread_exit_main(ctx: &ShapeCtx) -> ShapeResult {
 /// heap data (std's `main` machinery), which Rust does not allow.
 fn exit_main_thread() -> ! {
     #[cfg(target_os = "linux")]
-    unsafe {
-        libc::syscall(libc::SYS_exit, 0);
+    {
+        unsafe { libc::syscall(libc::SYS_exit, 0) };
+        hold_forever()
     }
     #[cfg(not(target_os = "linux"))]
     unsafe {
-        libc::pthread_exit(std::ptr::null_mut());
-    }
-    #[allow(unreachable_code)]
-    loop {
-        hold_forever();
+        libc::pthread_exit(std::ptr::null_mut())
     }
 }
 
@@ -695,6 +697,7 @@ fn read_with_timeout(fd: c_int, buf: &mut [u8], timeout: Duration) -> Result<usi
     Ok(got)
 }
 
+#[cfg(target_os = "linux")]
 /// This process's pid in the initial namespace: the first field of `NSpid:` in
 /// `/proc/self/status` (our /proc is the host's), else getpid(). Async-signal-safe.
 fn global_pid() -> pid_t {
@@ -1028,8 +1031,18 @@ fn all(report_fd: c_int) -> ! {
             unsafe { libc::close(st_r) };
             continue;
         }
-        let mut buf = [0u8; 32];
-        match read_with_timeout(st_r, &mut buf, SHAPE_TIMEOUT + Duration::from_secs(5)) {
+        // Read up to the newline, not to EOF: the shape's processes inherited the write end.
+        let mut buf = Vec::new();
+        let deadline = Instant::now() + SHAPE_TIMEOUT + Duration::from_secs(5);
+        let status = loop {
+            let mut byte = [0u8; 1];
+            match read_with_timeout(st_r, &mut byte, deadline.saturating_duration_since(Instant::now())) {
+                Ok(1) if byte[0] != b'\n' => buf.push(byte[0]),
+                Ok(_) => break Ok(buf.len()),
+                Err(msg) => break Err(msg),
+            }
+        };
+        match status {
             Ok(n) => {
                 let text = String::from_utf8_lossy(&buf[..n]);
                 let text = text.trim();
