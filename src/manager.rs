@@ -891,6 +891,28 @@ fn pump_loop(shared: &Shared, fd: &OwnedFd) {
     }
 }
 
+// Added for the daemon (issue 3): kept apart from the rest on purpose.
+impl Manager {
+    /// Marks the first process of each VPS gone when the system says it is (exited, a zombie,
+    /// or its pid now another process's). For the daemon after [`restore`](Manager::restore): a
+    /// first process that is a zombie when restored, or exits between the restore's reading and
+    /// its scan, sends no exit the table applies. Returns how many were marked.
+    pub fn recheck_first_processes(&self) -> Result<usize> {
+        let mut st = self.synced()?;
+        let tol = crate::sys::start_tolerance();
+        let mut n = 0;
+        for rec in st.vpses.values_mut().filter(|r| !r.first_gone) {
+            let alive = matches!(crate::sys::process(rec.first.pid),
+                Ok(Some(i)) if i.id.start.0.abs_diff(rec.first.start.0) <= tol && !(i.zombie && i.threads <= 1));
+            if !alive {
+                rec.first_gone = true;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::validate_name;
@@ -905,3 +927,4 @@ mod tests {
         assert!(validate_name(&"x".repeat(65)).is_err());
     }
 }
+

@@ -735,6 +735,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     let vpses: Vec<SavedVps> = loaded.vpses.values().map(|o| o.vps.clone()).collect();
     let members: Vec<crate::SavedMember> = loaded.members.values().copied().collect();
     let restored = mgr.restore(&vpses, &members)?;
+    mgr.recheck_first_processes()?;
     let mut meta = HashMap::new();
     for o in loaded.vpses.values() {
         meta.insert(o.vps.id, VpsMeta { name: o.vps.name.clone(), owner: o.owner });

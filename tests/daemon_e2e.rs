@@ -1,0 +1,679 @@
+//! `vpstag daemon` end to end: the real binary, real processes, the real kernel.
+//!
+//! Each test starts its own daemon on a temporary socket and state directory, with the cnproc
+//! backend (the basic start/ps/which/kill test also with ptrace), and cleans up everything it
+//! started, by pid: the VPSes' processes, the daemon, the temporary directory. Needs root (the
+//! cnproc backend before Linux 6.6; `setpriv` to act as user 65534).
+
+use std::io::{BufRead, BufReader, Write};
+use std::os::unix::fs::PermissionsExt;
+use std::os::unix::net::UnixStream;
+use std::os::unix::process::CommandExt;
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Output, Stdio};
+use std::time::{Duration, Instant};
+
+use serde_json::Value;
+
+const BIN: &str = env!("CARGO_BIN_EXE_vpstag");
+const NOBODY: u32 = 65534;
+
+fn cnproc_available() -> bool {
+    match vpstag::open_backend(vpstag::BackendChoice::Cnproc) {
+        Ok(_) => true,
+        Err(e) => {
+            eprintln!("skipping: the cnproc backend cannot be opened here: {e}");
+            false
+        }
+    }
+}
+
+fn is_root() -> bool {
+    // SAFETY: geteuid has no preconditions.
+    unsafe { libc::geteuid() == 0 }
+}
+
+fn alive(pid: i32) -> bool {
+    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(s) => !matches!(s.rsplit(')').next().map(str::trim_start).and_then(|r| r.chars().next()), Some('Z') | Some('X')),
+        Err(_) => false,
+    }
+}
+
+fn kill(pid: i32, sig: i32) {
+    if pid > 1 {
+        // SAFETY: kill by a pid this test recorded itself.
+        unsafe { libc::kill(pid, sig) };
+    }
+}
+
+fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
+    let end = Instant::now() + timeout;
+    while !f() {
+        assert!(Instant::now() < end, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(20));
+    }
+}
+
+/// A daemon on a temporary socket and state directory; everything it and its VPSes started is
+/// killed (by pid) when dropped.
+struct Daemon {
+    dir: PathBuf,
+    socket: PathBuf,
+    state: PathBuf,
+    backend: &'static str,
+    child: Option<Child>,
+    /// Every pid seen as a member, to kill at the end.
+    seen: std::cell::RefCell<Vec<(i32, u64)>>,
+    /// Other processes the test started (untracked trees, loaders).
+    extra: std::cell::RefCell<Vec<Child>>,
+}
+
+impl Daemon {
+    fn new(tag: &str, backend: &'static str) -> Daemon {
+        let dir = std::env::temp_dir().join(format!("vpstag-daemon-{tag}-{backend}-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        // User 65534 must reach the socket.
+        std::fs::set_permissions(&dir, std::fs::Permissions::from_mode(0o755)).unwrap();
+        let mut d = Daemon {
+            socket: dir.join("vpstag.sock"),
+            state: dir.join("state"),
+            dir,
+            backend,
+            child: None,
+            seen: Default::default(),
+            extra: Default::default(),
+        };
+        d.start();
+        d
+    }
+
+    fn start(&mut self) {
+        let log = std::fs::OpenOptions::new().create(true).append(true).open(self.dir.join("daemon.log")).unwrap();
+        let child = Command::new(BIN)
+            .args(["daemon", "--backend", self.backend, "--socket"])
+            .arg(&self.socket)
+            .arg("--state-dir")
+            .arg(&self.state)
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(log)
+            .spawn()
+            .expect("starting the daemon");
+        self.child = Some(child);
+        let sock = self.socket.clone();
+        let end = Instant::now() + Duration::from_secs(60);
+        loop {
+            if let Ok(mut s) = UnixStream::connect(&sock) {
+                if s.write_all(b"{\"v\":1,\"op\":\"hello\"}\n").is_ok() {
+                    let mut l = String::new();
+                    if BufReader::new(&s).read_line(&mut l).is_ok() && l.starts_with("{\"ok\":true") {
+                        break;
+                    }
+                }
+            }
+            if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
+                panic!("the daemon exited ({st}) at start:\n{}", self.log());
+            }
+            assert!(Instant::now() < end, "the daemon did not answer:\n{}", self.log());
+            std::thread::sleep(Duration::from_millis(20));
+        }
+    }
+
+    fn pid(&self) -> i32 {
+        self.child.as_ref().unwrap().id() as i32
+    }
+
+    /// SIGKILL the daemon (a crash).
+    fn crash(&mut self) {
+        let mut c = self.child.take().unwrap();
+        kill(c.id() as i32, libc::SIGKILL);
+        let _ = c.wait();
+    }
+
+    fn log(&self) -> String {
+        std::fs::read_to_string(self.dir.join("daemon.log")).unwrap_or_default()
+    }
+
+    fn cmd(&self, args: &[&str]) -> Command {
+        let mut c = Command::new(BIN);
+        c.arg("--socket").arg(&self.socket).args(args).stdin(Stdio::null()).current_dir("/");
+        c
+    }
+
+    fn run(&self, args: &[&str]) -> Output {
+        self.cmd(args).output().expect("running vpstag")
+    }
+
+    fn run_as_nobody(&self, args: &[&str]) -> Output {
+        Command::new("setpriv")
+            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN, "--socket"])
+            .arg(&self.socket)
+            .args(args)
+            .stdin(Stdio::null())
+            .current_dir("/")
+            .output()
+            .expect("running setpriv")
+    }
+
+    /// `vpstag start NAME -- CMD...`: the first process's pid.
+    fn start_vps(&self, name: &str, cmd: &[&str]) -> i32 {
+        let mut args = vec!["start", name, "--"];
+        args.extend_from_slice(cmd);
+        let out = self.run(&args);
+        assert!(out.status.success(), "start {name}: {}\n{}", text(&out.stderr), self.log());
+        let pid: i32 = text(&out.stdout).trim().parse().expect("start prints a pid");
+        self.seen.borrow_mut().push((pid, start_time(pid)));
+        pid
+    }
+
+    fn ps(&self, name: Option<&str>) -> Vec<Value> {
+        self.try_ps(name).unwrap_or_else(|e| panic!("{e}"))
+    }
+
+    /// `ps --json`, recording every pid seen (for the clean-up); never panics.
+    fn try_ps(&self, name: Option<&str>) -> Result<Vec<Value>, String> {
+        let mut args = vec!["ps", "--json"];
+        args.extend(name);
+        let out = self.run(&args);
+        if !out.status.success() {
+            return Err(format!("ps: {}", text(&out.stderr)));
+        }
+        let v: Value = serde_json::from_slice(&out.stdout).map_err(|e| format!("ps --json prints JSON: {e}"))?;
+        let procs = v.as_array().ok_or("ps --json: not an array")?.clone();
+        for p in &procs {
+            let pid = p["pid"].as_i64().unwrap() as i32;
+            self.seen.borrow_mut().push((pid, p["start"].as_u64().unwrap_or(0)));
+        }
+        Ok(procs)
+    }
+
+    fn pids_of(&self, name: &str, cmd: &str) -> Vec<i32> {
+        self.ps(Some(name)).iter().filter(|p| p["cmd"] == cmd).map(|p| p["pid"].as_i64().unwrap() as i32).collect()
+    }
+
+    fn which(&self, pid: i32) -> (Option<i32>, String) {
+        let out = self.run(&["which", &pid.to_string()]);
+        (out.status.code(), text(&out.stdout).trim().to_string())
+    }
+
+    fn members(&self, name: &str) -> Vec<i32> {
+        self.ps(Some(name)).iter().map(|p| p["pid"].as_i64().unwrap() as i32).collect()
+    }
+}
+
+fn start_time(pid: i32) -> u64 {
+    std::fs::read_to_string(format!("/proc/{pid}/stat"))
+        .ok()
+        .and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().nth(19)).and_then(|x| x.parse().ok()))
+        .unwrap_or(0)
+}
+
+impl Drop for Daemon {
+    fn drop(&mut self) {
+        // Members the daemon still knows of, then every pid seen (if it is still the same process).
+        if self.child.is_some() {
+            let _ = self.try_ps(None);
+        }
+        for (pid, start) in self.seen.borrow().iter() {
+            if *start == 0 || start_time(*pid) == *start {
+                kill(*pid, libc::SIGKILL);
+            }
+        }
+        for c in self.extra.borrow_mut().iter_mut() {
+            // Each was started in a process group of its own: the whole group goes.
+            kill(-(c.id() as i32), libc::SIGKILL);
+            kill(c.id() as i32, libc::SIGKILL);
+            let _ = c.wait();
+        }
+        if let Some(mut c) = self.child.take() {
+            kill(c.id() as i32, libc::SIGTERM);
+            let end = Instant::now() + Duration::from_secs(5);
+            while Instant::now() < end && c.try_wait().ok().flatten().is_none() {
+                std::thread::sleep(Duration::from_millis(20));
+            }
+            kill(c.id() as i32, libc::SIGKILL);
+            let _ = c.wait();
+        }
+        if std::thread::panicking() {
+            eprintln!("--- daemon log ({}) ---\n{}", self.backend, self.log());
+        }
+        let _ = std::fs::remove_dir_all(&self.dir);
+    }
+}
+
+fn text(b: &[u8]) -> String {
+    String::from_utf8_lossy(b).into_owned()
+}
+
+#[test]
+fn two_vpses_an_untracked_tree_ps_which_and_exec() {
+    if !cnproc_available() {
+        return;
+    }
+    let d = Daemon::new("basic", "cnproc");
+    let a = d.start_vps("alpha", &["sh", "-c", "sleep 201 & sleep 202 & wait"]);
+    let b = d.start_vps("beta", &["sh", "-c", "sleep 203 & wait"]);
+    let untracked = Command::new("sh").args(["-c", "sleep 204 & sleep 205; wait"]).process_group(0).spawn().unwrap();
+    let untracked_pid = untracked.id() as i32;
+    d.extra.borrow_mut().push(untracked);
+    wait_until("the sleeps", Duration::from_secs(10), || {
+        d.pids_of("alpha", "sleep 202").len() == 1 && d.pids_of("beta", "sleep 203").len() == 1
+    });
+
+    let all = d.ps(None);
+    for p in &all {
+        for key in ["pid", "ppid", "vps", "cmd"] {
+            assert!(!p[key].is_null(), "ps --json entry without {key}: {p}");
+        }
+    }
+    let vps_of = |pid: i32| all.iter().find(|p| p["pid"] == pid).map(|p| p["vps"].as_str().unwrap().to_string());
+    assert_eq!(vps_of(a).as_deref(), Some("alpha"));
+    assert_eq!(vps_of(b).as_deref(), Some("beta"));
+    assert_eq!(vps_of(untracked_pid), None, "the untracked tree is not listed: {all:?}");
+    assert!(all.iter().all(|p| p["cmd"] != "sleep 204" && p["cmd"] != "sleep 205"));
+    assert_eq!(d.ps(Some("alpha")).len(), 4, "init, sh and two sleeps");
+
+    let s202 = d.pids_of("alpha", "sleep 202")[0];
+    assert_eq!(d.which(s202), (Some(0), "alpha".to_string()));
+    assert_eq!(d.which(b), (Some(0), "beta".to_string()));
+    assert_eq!(d.which(untracked_pid).0, Some(1), "an untagged process: exit 1");
+    assert_eq!(d.run(&["which", "not-a-pid"]).status.code(), Some(2));
+
+    // Starting a name that is running is an error.
+    let again = d.run(&["start", "alpha", "--", "sleep", "1"]);
+    assert!(!again.status.success());
+    assert!(text(&again.stderr).contains("already running"), "{}", text(&again.stderr));
+
+    // exec: the loader registers itself, then becomes the command (same pid).
+    let loader = d.cmd(&["exec", "beta", "--", "sh", "-c", "sleep 206 & wait"]).stdout(Stdio::null()).process_group(0).spawn().unwrap();
+    let loader_pid = loader.id() as i32;
+    d.extra.borrow_mut().push(loader);
+    wait_until("the exec'd command's child", Duration::from_secs(10), || d.pids_of("beta", "sleep 206").len() == 1);
+    assert_eq!(d.which(loader_pid), (Some(0), "beta".to_string()));
+    let procs = d.ps(Some("beta"));
+    let lp = procs.iter().find(|p| p["pid"] == loader_pid).expect("the loader is a member");
+    assert_eq!(lp["cmd"], "sh -c sleep 206 & wait");
+    assert_eq!(lp["source"], "loader");
+    // exec into an unknown VPS is refused.
+    let bad = d.run(&["exec", "nope", "--", "true"]);
+    assert!(!bad.status.success() && text(&bad.stderr).contains("unknown VPS"), "{}", text(&bad.stderr));
+
+    // list: first PID, member count, start time, CPU and memory.
+    let out = d.run(&["list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let alpha = list.as_array().unwrap().iter().find(|v| v["name"] == "alpha").unwrap().clone();
+    assert_eq!(alpha["first"], a);
+    assert_eq!(alpha["members"], 4);
+    assert!(alpha["started"].as_u64().unwrap() > 1_600_000_000);
+    assert!(alpha["rss_bytes"].as_u64().unwrap() > 0);
+    assert!(!alpha["cpu_ms"].is_null());
+    assert!(text(&d.run(&["list"]).stdout).contains("alpha"));
+
+    // The tree view nests the sleeps under sh under the first process.
+    let tree = text(&d.run(&["ps", "--tree", "alpha"]).stdout);
+    assert!(tree.starts_with("VPS alpha (4 processes)"), "{tree}");
+    assert!(tree.contains(&format!("└─{a} ")), "{tree}");
+    assert!(tree.contains("\n  └─") && tree.contains("\n    ├─") && tree.contains("sleep 201"), "{tree}");
+
+    // check: no divergence.
+    let out = d.run(&["check", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(report["divergences"], serde_json::json!([]), "{report}");
+    assert!(report["stats"]["resyncs"].is_u64());
+    assert_eq!(out.status.code(), Some(0));
+
+    // events: the forks and execs of beta, with tags.
+    let out = d.run(&["events", "beta", "--json"]);
+    let evs: Vec<Value> = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+    assert!(evs.iter().all(|e| e["vps"] == "beta"));
+    assert!(evs.iter().any(|e| e["event"] == "exec" && e["cmd"] == "sleep 206"), "{evs:?}");
+    assert!(evs.iter().any(|e| e["event"] == "fork"), "{evs:?}");
+
+    // stop: kills and forgets.
+    assert!(d.run(&["stop", "--grace", "1", "alpha"]).status.success());
+    assert!(!alive(s202));
+    let out = d.run(&["ps", "alpha"]);
+    assert!(!out.status.success() && text(&out.stderr).contains("unknown VPS"), "{}", text(&out.stderr));
+    let _ = untracked_pid;
+}
+
+/// start, ps, which and kill, with a double-forked daemon that escaped the first process: run
+/// with cnproc and with ptrace.
+fn kill_reaches_escaped_daemons(backend: &'static str) {
+    let d = Daemon::new("kill", backend);
+    // The command double-forks a daemon (setsid) and exits: the first process exits with it, and
+    // the daemon is re-parented outside the VPS's tree.
+    let first = d.start_vps("esc", &["sh", "-c", "setsid sh -c 'sleep 301 & sleep 302 &'; sleep 0.2; exit 0"]);
+    wait_until("the first process to exit", Duration::from_secs(10), || !alive(first));
+    let sleeps: Vec<i32> = d.pids_of("esc", "sleep 301").into_iter().chain(d.pids_of("esc", "sleep 302")).collect();
+    assert_eq!(sleeps.len(), 2, "both escaped sleeps are still members: {:?}", d.ps(Some("esc")));
+    for &p in &sleeps {
+        assert!(alive(p));
+        assert_eq!(d.which(p), (Some(0), "esc".to_string()), "[{backend}]");
+        let ppid = d.ps(Some("esc")).iter().find(|x| x["pid"] == p).unwrap()["ppid"].as_i64().unwrap() as i32;
+        assert_ne!(ppid, first, "re-parented away from the dead first process");
+    }
+    let out = d.run(&["kill", "esc"]);
+    assert!(out.status.success(), "[{backend}] kill: {}", text(&out.stderr));
+    wait_until("the escaped sleeps to die", Duration::from_secs(10), || sleeps.iter().all(|p| !alive(*p)));
+    wait_until("an empty VPS", Duration::from_secs(10), || d.members("esc").is_empty());
+
+    // SIGKILL while the VPS forks all the time: repeated until none is left.
+    d.start_vps("forky", &["sh", "-c", "while :; do sleep 303 & sleep 0.01; done"]);
+    wait_until("some sleeps", Duration::from_secs(10), || d.pids_of("forky", "sleep 303").len() >= 5);
+    let before = d.members("forky");
+    let out = d.run(&["kill", "--signal", "KILL", "forky"]);
+    assert!(out.status.success(), "[{backend}] kill -s KILL: {}", text(&out.stderr));
+    assert!(d.members("forky").is_empty(), "[{backend}] members left: {:?}", d.ps(Some("forky")));
+    wait_until("every killed member to be gone", Duration::from_secs(10), || before.iter().all(|p| !alive(*p)));
+}
+
+#[test]
+fn kill_reaches_an_escaped_double_fork_daemon_cnproc() {
+    if cnproc_available() {
+        kill_reaches_escaped_daemons("cnproc");
+    }
+}
+
+#[test]
+fn kill_reaches_an_escaped_double_fork_daemon_ptrace() {
+    kill_reaches_escaped_daemons("ptrace");
+}
+
+#[test]
+fn restart_after_kill_9_recovers_live_members_only() {
+    if !cnproc_available() {
+        return;
+    }
+    let mut d = Daemon::new("restart", "cnproc");
+    let first = d.start_vps("keep", &["sh", "-c", "sleep 401 & sleep 402 & wait"]);
+    d.start_vps("gone", &["sleep", "403"]);
+    wait_until("the sleeps", Duration::from_secs(10), || d.pids_of("keep", "sleep 402").len() == 1);
+    let s401 = d.pids_of("keep", "sleep 401")[0];
+    let s402 = d.pids_of("keep", "sleep 402")[0];
+    let gone = d.pids_of("gone", "sleep 403")[0];
+    let sh = d.pids_of("keep", "sh -c sleep 401 & sleep 402 & wait")[0];
+    let old_pid = d.pid();
+
+    d.crash();
+    // While the daemon is down: one member dies, a whole VPS ends, and a member forks.
+    kill(s401, libc::SIGKILL);
+    kill(gone, libc::SIGKILL);
+    wait_until("the killed sleeps to be gone", Duration::from_secs(5), || !alive(s401) && !alive(gone));
+    d.start();
+    assert_ne!(d.pid(), old_pid);
+
+    let members = d.members("keep");
+    for p in [first, sh, s402] {
+        assert!(members.contains(&p), "member {p} recovered: {members:?}\n{}", d.log());
+        assert_eq!(d.which(p), (Some(0), "keep".to_string()));
+    }
+    assert!(!members.contains(&s401), "a member that died meanwhile does not come back: {members:?}");
+    assert_eq!(d.which(s401).0, Some(1));
+    assert!(d.members("gone").is_empty(), "{:?}", d.ps(Some("gone")));
+    // The recovered VPS is still tracked: a new child of a recovered member is tagged.
+    let out = d.run(&["list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let keep = list.as_array().unwrap().iter().find(|v| v["name"] == "keep").expect("keep is listed").clone();
+    assert_eq!(keep["first"], first);
+    assert_eq!(keep["members"], 3);
+    assert!(d.log().contains("recovered"), "{}", d.log());
+    // A name whose VPS ended while the daemon was down is free again.
+    d.start_vps("gone", &["sleep", "404"]);
+    // SIGTERM stops the daemon cleanly; the VPSes keep running.
+    let _ = d.ps(None);
+    let mut c = d.child.take().unwrap();
+    kill(c.id() as i32, libc::SIGTERM);
+    let end = Instant::now() + Duration::from_secs(10);
+    let status = loop {
+        if let Some(st) = c.try_wait().unwrap() {
+            break st;
+        }
+        assert!(Instant::now() < end, "the daemon did not stop on SIGTERM");
+        std::thread::sleep(Duration::from_millis(20));
+    };
+    assert!(status.success(), "{status}: {}", d.log());
+    assert!(d.log().contains("stopped"));
+    assert!(!d.socket.exists(), "the socket is removed");
+    assert!(alive(s402), "a VPS process outlives the daemon's stop");
+    d.start();
+    assert_eq!(d.which(s402), (Some(0), "keep".to_string()), "and is still tagged after a clean restart");
+    // Events still flow for recovered members: kill the surviving sleep and see its exit.
+    kill(s402, libc::SIGTERM);
+    wait_until("the recovered member's exit to be seen", Duration::from_secs(10), || !d.members("keep").contains(&s402));
+}
+
+#[test]
+fn a_non_root_user_is_refused_on_anothers_vps_and_allowed_on_its_own() {
+    if !cnproc_available() || !is_root() {
+        return;
+    }
+    let d = Daemon::new("users", "cnproc");
+    d.start_vps("rootvps", &["sleep", "501"]);
+    let out = d.run_as_nobody(&["start", "mine", "--", "sh", "-c", "sleep 502 & wait"]);
+    assert!(out.status.success(), "start as nobody: {}\n{}", text(&out.stderr), d.log());
+    let mine_first: i32 = text(&out.stdout).trim().parse().unwrap();
+    d.seen.borrow_mut().push((mine_first, start_time(mine_first)));
+    wait_until("nobody's sleep", Duration::from_secs(10), || d.pids_of("mine", "sleep 502").len() == 1);
+    // Its processes run with its credentials, not the daemon's.
+    for p in d.ps(Some("mine")) {
+        assert_eq!(p["uid"], NOBODY, "{p}");
+    }
+    let root_sleep = d.pids_of("rootvps", "sleep 501")[0];
+
+    // Refused on root's VPS.
+    for args in [
+        vec!["kill", "rootvps"],
+        vec!["stop", "rootvps"],
+        vec!["ps", "rootvps"],
+        vec!["exec", "rootvps", "--", "true"],
+        vec!["which", &*Box::leak(root_sleep.to_string().into_boxed_str())],
+    ] {
+        let out = d.run_as_nobody(&args);
+        assert!(!out.status.success(), "{args:?} allowed");
+        assert!(text(&out.stderr).contains("permission denied"), "{args:?}: {}", text(&out.stderr));
+    }
+    assert!(alive(root_sleep));
+    // Sees only its own.
+    let out = d.run_as_nobody(&["ps", "--json"]);
+    let procs: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(procs.as_array().unwrap().iter().all(|p| p["vps"] == "mine"), "{procs}");
+    let out = d.run_as_nobody(&["list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 1, "{list}");
+    // Root sees both.
+    let out = d.run(&["list", "--json"]);
+    let list: Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert_eq!(list.as_array().unwrap().len(), 2, "{list}");
+
+    // Allowed on its own: which, exec, kill.
+    let s502 = d.pids_of("mine", "sleep 502")[0];
+    let out = d.run_as_nobody(&["which", &s502.to_string()]);
+    assert_eq!((out.status.code(), text(&out.stdout).trim().to_string()), (Some(0), "mine".to_string()));
+    let out = d.run_as_nobody(&["exec", "mine", "--", "sh", "-c", "echo joined"]);
+    assert!(out.status.success() && text(&out.stdout).contains("joined"), "{}", text(&out.stderr));
+    let out = d.run_as_nobody(&["kill", "mine"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    wait_until("nobody's VPS to end", Duration::from_secs(10), || !alive(s502));
+    let out = d.run_as_nobody(&["stop", "mine"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+}
+
+fn raw_exchange(socket: &Path, send: &[u8], replies: usize) -> Vec<Value> {
+    let mut s = UnixStream::connect(socket).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
+    s.write_all(send).unwrap();
+    let mut r = BufReader::new(s);
+    (0..replies)
+        .map(|_| {
+            let mut l = String::new();
+            r.read_line(&mut l).unwrap();
+            serde_json::from_str(&l).unwrap_or_else(|e| panic!("reply {l:?} is not JSON: {e}"))
+        })
+        .collect()
+}
+
+#[test]
+fn garbage_and_oversized_lines_get_an_error_reply_and_the_daemon_keeps_serving() {
+    if !cnproc_available() {
+        return;
+    }
+    let d = Daemon::new("garbage", "cnproc");
+    let mut req = Vec::new();
+    req.extend_from_slice(b"this is not json\n");
+    req.extend_from_slice(&vec![b'x'; 300_000]);
+    req.push(b'\n');
+    req.extend_from_slice(b"[1,2,3]\n");
+    req.extend_from_slice(b"{\"v\":99,\"op\":\"list\"}\n");
+    req.extend_from_slice(b"{\"v\":1,\"op\":\"format_disk\"}\n");
+    req.extend_from_slice(b"{\"v\":1,\"op\":\"which\",\"pid\":\"x\"}\n");
+    req.extend_from_slice(b"\xff\xfe\x00\n");
+    req.extend_from_slice(b"{\"v\":1,\"op\":\"hello\"}\n");
+    let replies = raw_exchange(&d.socket, &req, 8);
+    let kinds: Vec<&str> = replies.iter().map(|r| r["error"]["kind"].as_str().unwrap_or("")).collect();
+    assert_eq!(kinds, ["bad_request", "too_long", "bad_request", "unsupported_version", "bad_request", "bad_request", "bad_request", ""]);
+    for r in &replies[..7] {
+        assert_eq!(r["ok"], false);
+        assert!(r["error"]["message"].as_str().unwrap().len() > 5);
+    }
+    assert_eq!(replies[7]["ok"], true);
+    assert_eq!(replies[7]["daemon_pid"], d.pid());
+    // An endless line without a newline, then the connection is dropped.
+    {
+        let mut s = UnixStream::connect(&d.socket).unwrap();
+        let _ = s.write_all(&vec![b'{'; 1 << 20]);
+    }
+    // The daemon is still there for everyone.
+    let pid = d.start_vps("after", &["sleep", "601"]);
+    assert_eq!(d.which(pid), (Some(0), "after".to_string()));
+    assert!(d.child.as_ref().is_some());
+    let out = d.run(&["list"]);
+    assert!(out.status.success());
+}
+
+#[test]
+fn errors_name_the_fix() {
+    let dir = std::env::temp_dir().join(format!("vpstag-daemon-none-{}", std::process::id()));
+    let sock = dir.join("nobody-here.sock");
+    for args in [vec!["list"], vec!["which", "1"], vec!["start", "x", "--", "true"], vec!["exec", "x", "--", "true"]] {
+        let out = Command::new(BIN).arg("--socket").arg(&sock).args(&args).stdin(Stdio::null()).output().unwrap();
+        assert!(!out.status.success(), "{args:?}");
+        let err = text(&out.stderr);
+        assert!(err.contains("start it with `vpstag daemon`"), "{args:?}: {err}");
+    }
+    // VPSTAG_SOCKET is honoured.
+    let out = Command::new(BIN).env("VPSTAG_SOCKET", &sock).args(["list"]).output().unwrap();
+    assert!(text(&out.stderr).contains(&*sock.to_string_lossy()), "{}", text(&out.stderr));
+    assert_eq!(Command::new(BIN).env("VPSTAG_SOCKET", &sock).args(["which", "1"]).output().unwrap().status.code(), Some(2));
+}
+
+#[test]
+fn the_library_client_answers_and_follows_events() {
+    if !cnproc_available() {
+        return;
+    }
+    let d = Daemon::new("client", "cnproc");
+    let first = d.start_vps("lib", &["sh", "-c", "sleep 701 & wait"]);
+    let mut c = vpstag::client::Client::connect_to(&d.socket).unwrap();
+    let pid = vpstag::Pid::new(first).unwrap();
+    assert_eq!(c.vps_of(pid).unwrap().as_deref(), Some("lib"));
+    wait_until("the sleep", Duration::from_secs(10), || d.pids_of("lib", "sleep 701").len() == 1);
+    assert!(c.members("lib").unwrap().contains(&pid));
+    assert_eq!(c.hello().unwrap().daemon_pid, d.pid());
+    let err = c.members("nope").unwrap_err();
+    assert_eq!(err.kind(), Some("unknown_vps"), "{err}");
+
+    let events = vpstag::client::Client::connect_to(&d.socket).unwrap().events(Some("lib"), true).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for e in events {
+            if tx.send(e).is_err() {
+                break;
+            }
+        }
+    });
+    // Something new happens in the VPS: a loader joins and runs a command.
+    let loader = d.cmd(&["exec", "lib", "--", "sh", "-c", "/bin/sleep 0.1; exit 7"]).status().unwrap();
+    assert_eq!(loader.code(), Some(7));
+    let end = Instant::now() + Duration::from_secs(10);
+    let mut seen = Vec::new();
+    while Instant::now() < end {
+        match rx.recv_timeout(Duration::from_millis(100)) {
+            Ok(e) => {
+                let e = e.unwrap();
+                assert_eq!(e.vps, "lib");
+                let done = e.event == "exit" && e.code == Some(7);
+                seen.push(e);
+                if done {
+                    break;
+                }
+            }
+            Err(_) => continue,
+        }
+    }
+    assert!(seen.iter().any(|e| e.event == "exec" && e.cmd.as_deref() == Some("/bin/sleep 0.1")), "{seen:?}");
+    assert!(seen.iter().any(|e| e.event == "exit" && e.code == Some(7)), "{seen:?}");
+    // The CLI's follow mode prints the same, one JSON object a line.
+    let mut f = d.cmd(&["events", "--json", "--follow", "lib"]).stdout(Stdio::piped()).process_group(0).spawn().unwrap();
+    let mut lines = BufReader::new(f.stdout.take().unwrap()).lines();
+    let first_line = lines.next().unwrap().unwrap();
+    let v: Value = serde_json::from_str(&first_line).unwrap();
+    assert_eq!(v["vps"], "lib");
+    d.extra.borrow_mut().push(f);
+}
+
+#[test]
+fn completions_and_man_page_come_from_the_cli_definition() {
+    for shell in ["bash", "zsh", "fish"] {
+        let out = Command::new(BIN).args(["completions", shell]).output().unwrap();
+        assert!(out.status.success());
+        let s = text(&out.stdout);
+        assert!(s.contains("vpstag") && s.contains("daemon") && s.contains("which"), "{shell}");
+    }
+    let out = Command::new(BIN).arg("man").output().unwrap();
+    assert!(out.status.success());
+    let s = text(&out.stdout);
+    assert!(s.starts_with(".ie") || s.contains(".TH vpstag"), "{}", &s[..s.len().min(200)]);
+    assert!(s.contains("daemon"));
+}
+
+#[test]
+fn a_fork_storm_in_one_vps_does_not_stop_the_daemon_serving_others() {
+    if !cnproc_available() {
+        return;
+    }
+    let d = Daemon::new("storm", "cnproc");
+    d.start_vps("calm", &["sh", "-c", "sleep 801 & wait"]);
+    wait_until("calm's sleep", Duration::from_secs(10), || d.pids_of("calm", "sleep 801").len() == 1);
+    let calm = d.pids_of("calm", "sleep 801")[0];
+    // A bounded storm (a real fork bomb would hurt the machine more than the daemon): four loops
+    // forking short-lived processes as fast as they can.
+    d.start_vps(
+        "storm",
+        &["sh", "-c", "for j in 1 2 3 4; do (i=0; while [ $i -lt 1500 ]; do /bin/true & i=$((i+1)); done; wait) & done; wait"],
+    );
+    let mut slowest = Duration::ZERO;
+    let mut answers = 0;
+    let end = Instant::now() + Duration::from_secs(4);
+    while Instant::now() < end {
+        let t = Instant::now();
+        assert_eq!(d.which(calm), (Some(0), "calm".to_string()), "calm keeps its tag during the storm");
+        slowest = slowest.max(t.elapsed());
+        answers += 1;
+    }
+    assert!(slowest < Duration::from_secs(5), "slowest answer during the storm: {slowest:?}");
+    assert!(answers >= 3, "only {answers} answers in 4 s");
+    wait_until("the storm to end", Duration::from_secs(60), || d.members("storm").is_empty());
+    assert_eq!(d.members("calm").len(), 3);
+    let out = d.run(&["check", "--json"]);
+    let report: Value = serde_json::from_slice(&out.stdout).unwrap();
+    let bad: Vec<&Value> = report["divergences"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .filter(|x| x["vps"] == "calm" || x["expected"] == "calm" || x["vps"] == "storm" || x["expected"] == "storm")
+        .collect();
+    assert!(bad.is_empty(), "{report}");
+}
