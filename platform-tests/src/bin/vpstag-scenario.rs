@@ -822,10 +822,8 @@ fn become_subreaper() -> Result<(), c_int> {
     #[cfg(target_os = "freebsd")]
     let r = unsafe { libc::procctl(libc::P_PID, 0, libc::PROC_REAP_ACQUIRE, std::ptr::null_mut()) };
     #[cfg(not(any(target_os = "linux", target_os = "android", target_os = "freebsd")))]
-    let r: c_int = {
-        unsafe { *libc::__error() = libc::ENOSYS };
-        -1
-    };
+    return Err(libc::ENOSYS);
+    #[cfg(any(target_os = "linux", target_os = "android", target_os = "freebsd"))]
     if r < 0 {
         Err(errno())
     } else {
