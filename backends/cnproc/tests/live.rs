@@ -426,6 +426,39 @@ fn kernel_filter_drops_unused_events() {
 }
 
 #[test]
+fn kernel_filter_is_not_sent_before_6_6() {
+    let _g = serial();
+    let release = kernel_release();
+    if kernel_has_event_filter(&release) {
+        eprintln!("skipped: kernel {release} has the event filter (6.6+); kernel_filter_drops_unused_events covers it");
+        return;
+    }
+    // Asked for, but this kernel would silently drop an 8-byte request and send nothing: vpstag
+    // must keep to the old form, so events flow and sequence-gap detection stays on.
+    let mut cn = CnProc::with_config(Config { kernel_filter: true, ..Config::default() }).unwrap();
+    assert!(!cn.kernel_filter_active(), "the filter must not be used before 6.6");
+    // SAFETY: the child only calls _exit.
+    let p = unsafe { libc::fork() };
+    if p == 0 {
+        // SAFETY: ends the child at once.
+        unsafe { libc::_exit(6) };
+    }
+    assert!(p > 0);
+    let mut st = 0;
+    // SAFETY: waitpid on our own child.
+    assert_eq!(unsafe { libc::waitpid(p, &mut st, 0) }, p);
+    let child = pid(p);
+    let mut ev = Vec::new();
+    collect(&mut cn, &mut ev, 10, |ev| ev.iter().any(|e| is_exit_of(e, child)));
+    assert!(ev.iter().any(|e| matches!(e.kind, EventKind::Fork { child: c, .. } if c == child)), "no fork event");
+    assert!(ev
+        .iter()
+        .any(|e| matches!(e.kind, EventKind::Exit { pid, status: Some(ExitStatus::Exited(6)), .. } if pid == child)));
+    assert_eq!(cn.stats().sequence_gaps, 0);
+    assert!(no_loss(&ev));
+}
+
+#[test]
 fn unprivileged_listener_on_6_6_or_later() {
     let _g = serial();
     let release = kernel_release();
