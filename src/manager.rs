@@ -193,6 +193,7 @@ impl State {
                 let _ = self.tracker.watch(pid, vps);
             }
         }
+        self.note_lost_first_exits();
         Ok(())
     }
 
@@ -233,12 +234,35 @@ impl State {
 
     /// Reaps first processes (our children) that have exited, unless the backend reaps.
     fn reap(&mut self) {
+        let mut reaped = Vec::new();
         self.to_reap.retain(|pid| {
             let mut status = 0;
             // SAFETY: waitpid on a specific child of ours, with a valid out pointer.
             let r = unsafe { libc::waitpid(pid.as_raw(), &mut status, libc::WNOHANG) };
+            if r == pid.as_raw() {
+                reaped.push((*pid, status));
+            }
             r == 0
         });
+        // Where the exit event itself was lost, the status comes from waitpid.
+        for (pid, status) in reaped {
+            for rec in self.vpses.values_mut().filter(|r| r.first.pid == pid && r.first_exit.is_none()) {
+                rec.first_exit = ExitStatus::from_wait_status(status);
+            }
+        }
+    }
+
+    /// After a resync: a first process whose exit event was lost is gone from the table; mark it
+    /// gone (so `wait` returns) and reap it.
+    fn note_lost_first_exits(&mut self) {
+        let tol = crate::sys::start_tolerance();
+        for rec in self.vpses.values_mut().filter(|r| !r.first_gone) {
+            let in_table = self.tracking.table.get(rec.first.pid).is_some_and(|e| e.same_start(rec.first.start, tol));
+            if !in_table {
+                rec.first_gone = true;
+                self.to_reap.push(rec.first.pid);
+            }
+        }
     }
 
     fn record(&self, vps: &Vps) -> Result<&VpsRecord> {

@@ -176,3 +176,27 @@ fn a_command_that_cannot_start_leaves_its_name_free() {
     // `sleep` without an argument exits at once with status 1; the start itself succeeds.
     assert!(err.is_ok(), "{err:?}");
 }
+
+#[test]
+fn wait_returns_even_when_the_first_process_exit_event_is_lost() {
+    // A 4 KiB buffer and a burst right before the command exits: the exit events of the command
+    // and of the first process are often among the lost ones. The resync must still notice that
+    // the first process is gone, and its status then comes from waitpid.
+    for round in 0..3 {
+        let cfg = vpstag_cnproc::Config { receive_buffer: 4096, kernel_filter: false };
+        let tracker = match vpstag_cnproc::CnProc::with_config(cfg) {
+            Ok(t) => t,
+            Err(e) => {
+                eprintln!("skipped: cannot open the proc connector here: {e}");
+                return;
+            }
+        };
+        let mgr = Manager::new(Box::new(tracker)).unwrap();
+        let script = "i=0; while [ $i -lt 300 ]; do /bin/true & i=$((i+1)); done; wait; exit 7";
+        let vps = mgr.start("lost-exit", Command::new("sh").args(["-c", script])).unwrap();
+        let status = mgr.wait(&vps, Some(Duration::from_secs(60))).unwrap();
+        let stats = mgr.stats();
+        kill_tree(vps.first.as_raw());
+        assert_eq!(status, Some(vpstag::ExitStatus::Exited(7)), "round {round}: {stats:?}");
+    }
+}
