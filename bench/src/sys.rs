@@ -1,0 +1,282 @@
+//! Small wrappers over the system calls the benchmark uses.
+
+use std::ffi::CString;
+use std::io;
+use std::os::raw::c_char;
+
+extern "C" {
+    static environ: *const *const c_char;
+}
+
+/// CLOCK_MONOTONIC in nanoseconds (comparable across processes).
+pub fn mono_ns() -> u64 {
+    let mut ts = libc::timespec {
+        tv_sec: 0,
+        tv_nsec: 0,
+    };
+    // SAFETY: valid out pointer.
+    unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
+    ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
+}
+
+/// Seconds since an arbitrary start.
+pub fn now_secs() -> f64 {
+    mono_ns() as f64 / 1e9
+}
+
+/// Pins the calling thread (and so the children it forks from now on) to `cpu`.
+pub fn pin_to_cpu(cpu: usize) -> io::Result<()> {
+    // SAFETY: a zeroed cpu_set_t is valid; CPU_SET writes inside it.
+    unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_SET(cpu, &mut set);
+        if libc::sched_setaffinity(0, std::mem::size_of::<libc::cpu_set_t>(), &set) != 0 {
+            return Err(io::Error::last_os_error());
+        }
+    }
+    Ok(())
+}
+
+/// User + system CPU seconds of this process (all threads, not its children).
+pub fn cpu_self() -> f64 {
+    rusage_secs(libc::RUSAGE_SELF)
+}
+
+/// Voluntary context switches of this process so far (each a sleep and a wake-up).
+pub fn wakeups_self() -> u64 {
+    // SAFETY: valid out pointer.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(libc::RUSAGE_SELF, &mut ru) };
+    ru.ru_nvcsw as u64
+}
+
+fn rusage_secs(who: libc::c_int) -> f64 {
+    // SAFETY: valid out pointer.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    unsafe { libc::getrusage(who, &mut ru) };
+    tv(ru.ru_utime) + tv(ru.ru_stime)
+}
+
+fn tv(t: libc::timeval) -> f64 {
+    t.tv_sec as f64 + t.tv_usec as f64 / 1e6
+}
+
+/// Waits for the child `pid` and returns its raw status and its own CPU seconds (wait4).
+pub fn wait_child(pid: i32) -> io::Result<(i32, f64)> {
+    let mut status = 0;
+    // SAFETY: valid out pointers.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    loop {
+        let r = unsafe { libc::wait4(pid, &mut status, 0, &mut ru) };
+        if r == pid {
+            return Ok((status, tv(ru.ru_utime) + tv(ru.ru_stime)));
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+}
+
+/// waitpid(pid), retrying on EINTR; ignores errors (the child may have been reaped elsewhere).
+pub fn reap(pid: i32) {
+    let mut st = 0;
+    loop {
+        // SAFETY: valid out pointer.
+        let r = unsafe { libc::waitpid(pid, &mut st, libc::__WALL) };
+        if r >= 0 || io::Error::last_os_error().kind() != io::ErrorKind::Interrupted {
+            return;
+        }
+    }
+}
+
+/// posix_spawn of `argv[0]` (a path) with `argv`, the current environment; returns the pid.
+pub struct Spawner {
+    path: CString,
+    _args: Vec<CString>,
+    argv: Vec<*mut c_char>,
+}
+
+impl Spawner {
+    /// Prepares a spawn of `argv` (argv[0] is the path).
+    pub fn new(argv: &[&str]) -> Spawner {
+        let args: Vec<CString> = argv.iter().map(|a| CString::new(*a).unwrap()).collect();
+        let mut p: Vec<*mut c_char> = args.iter().map(|c| c.as_ptr() as *mut c_char).collect();
+        p.push(std::ptr::null_mut());
+        Spawner {
+            path: args[0].clone(),
+            _args: args,
+            argv: p,
+        }
+    }
+
+    /// Spawns one; returns the child's pid.
+    pub fn spawn(&self) -> io::Result<i32> {
+        let mut pid = 0;
+        // SAFETY: path and argv are valid NUL-terminated strings kept alive by self; environ is
+        // the process environment.
+        let r = unsafe {
+            libc::posix_spawn(
+                &mut pid,
+                self.path.as_ptr(),
+                std::ptr::null(),
+                std::ptr::null(),
+                self.argv.as_ptr(),
+                environ as *const *mut c_char,
+            )
+        };
+        if r != 0 {
+            return Err(io::Error::from_raw_os_error(r));
+        }
+        Ok(pid)
+    }
+}
+
+/// What /proc/PID/stat says of a process.
+#[derive(Clone, Copy, Debug)]
+#[allow(dead_code)]
+pub struct Stat {
+    pub pid: i32,
+    pub ppid: i32,
+    pub state: u8,
+    pub start: u64,
+}
+
+/// Reads /proc/PID/stat; `None` when the process is gone.
+pub fn read_stat(pid: i32) -> Option<Stat> {
+    let s = std::fs::read(format!("/proc/{pid}/stat")).ok()?;
+    parse_stat(&s)
+}
+
+/// Parses a /proc/PID/stat line (the comm may hold spaces and parentheses).
+pub fn parse_stat(s: &[u8]) -> Option<Stat> {
+    let open = s.iter().position(|&b| b == b'(')?;
+    let close = s.iter().rposition(|&b| b == b')')?;
+    let pid: i32 = std::str::from_utf8(&s[..open]).ok()?.trim().parse().ok()?;
+    let rest = std::str::from_utf8(&s[close + 1..]).ok()?;
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // rest starts at field 3 (state): field n is f[n - 3].
+    let state = f.first()?.as_bytes()[0];
+    let ppid = f.get(1)?.parse().ok()?;
+    let start = f.get(19)?.parse().ok()?;
+    Some(Stat {
+        pid,
+        ppid,
+        state,
+        start,
+    })
+}
+
+/// Every pid in /proc (thread-group leaders).
+pub fn all_pids() -> Vec<i32> {
+    let mut v = Vec::new();
+    if let Ok(rd) = std::fs::read_dir("/proc") {
+        for e in rd.flatten() {
+            if let Some(n) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) {
+                v.push(n);
+            }
+        }
+    }
+    v
+}
+
+/// The value of `key` in /proc/PID/environ.
+pub fn environ_var(pid: i32, key: &str) -> Option<String> {
+    let data = std::fs::read(format!("/proc/{pid}/environ")).ok()?;
+    let prefix = format!("{key}=");
+    data.split(|&b| b == 0)
+        .find(|kv| kv.starts_with(prefix.as_bytes()))
+        .map(|kv| String::from_utf8_lossy(&kv[prefix.len()..]).into_owned())
+}
+
+/// A pipe; both ends close-on-exec unless `inherit`.
+pub fn pipe(cloexec: bool) -> io::Result<(i32, i32)> {
+    let mut fds = [0; 2];
+    // SAFETY: valid out array.
+    if unsafe { libc::pipe2(fds.as_mut_ptr(), if cloexec { libc::O_CLOEXEC } else { 0 }) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok((fds[0], fds[1]))
+}
+
+/// A stream socket pair; the first end close-on-exec, the second inherited by children.
+pub fn socketpair() -> io::Result<(i32, i32)> {
+    let mut fds = [0; 2];
+    // SAFETY: valid out array.
+    if unsafe { libc::socketpair(libc::AF_UNIX, libc::SOCK_STREAM, 0, fds.as_mut_ptr()) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    // SAFETY: fcntl on our own descriptor.
+    unsafe { libc::fcntl(fds[0], libc::F_SETFD, libc::FD_CLOEXEC) };
+    Ok((fds[0], fds[1]))
+}
+
+/// Writes all of `buf` to `fd`.
+pub fn write_all(fd: i32, mut buf: &[u8]) -> io::Result<()> {
+    while !buf.is_empty() {
+        // SAFETY: valid buffer.
+        let n = unsafe { libc::write(fd, buf.as_ptr().cast(), buf.len()) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        buf = &buf[n as usize..];
+    }
+    Ok(())
+}
+
+/// Reads exactly `buf.len()` bytes; false at EOF.
+pub fn read_exact(fd: i32, buf: &mut [u8]) -> io::Result<bool> {
+    let mut got = 0;
+    while got < buf.len() {
+        // SAFETY: valid buffer.
+        let n = unsafe { libc::read(fd, buf[got..].as_mut_ptr().cast(), buf.len() - got) };
+        if n < 0 {
+            let e = io::Error::last_os_error();
+            if e.kind() == io::ErrorKind::Interrupted {
+                continue;
+            }
+            return Err(e);
+        }
+        if n == 0 {
+            return Ok(false);
+        }
+        got += n as usize;
+    }
+    Ok(true)
+}
+
+/// close(2).
+pub fn close(fd: i32) {
+    // SAFETY: closing a descriptor we own.
+    unsafe { libc::close(fd) };
+}
+
+/// kill(2), ignoring errors.
+pub fn kill(pid: i32, sig: i32) {
+    // SAFETY: plain system call.
+    unsafe { libc::kill(pid, sig) };
+}
+
+/// The path of this executable.
+pub fn self_exe() -> String {
+    std::env::current_exe()
+        .map(|p| p.to_string_lossy().into_owned())
+        .unwrap_or_else(|_| "/proc/self/exe".into())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_stat;
+
+    #[test]
+    fn stat_lines() {
+        let line = b"1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10 18446744073709551615";
+        let s = parse_stat(line).unwrap();
+        assert_eq!((s.pid, s.ppid, s.state, s.start), (1234, 1, b'S', 98765));
+        assert!(parse_stat(b"garbage").is_none());
+    }
+}
