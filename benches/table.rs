@@ -70,9 +70,7 @@ fn holder(n: usize) -> Option<i32> {
 #[cfg(target_os = "linux")]
 fn lookups(c: &mut Criterion) {
     let mut g = c.benchmark_group("vps_of");
-    g.warm_up_time(Duration::from_millis(500))
-        .measurement_time(Duration::from_secs(2))
-        .sample_size(30);
+    g.warm_up_time(Duration::from_millis(500)).measurement_time(Duration::from_secs(2)).sample_size(30);
 
     // Only when measuring (`cargo bench`), not when `cargo test --all-targets` runs each benchmark once.
     if std::env::args().any(|a| a == "--bench") {
@@ -90,26 +88,18 @@ fn lookups(c: &mut Criterion) {
                         let table = mgr.table().expect("table");
                         let pids: Vec<Pid> = table.members(vps.id).collect();
                         let mut i = 0usize;
-                        g.bench_with_input(
-                            BenchmarkId::new("real", table.len()),
-                            &pids,
-                            |b, pids| {
-                                b.iter(|| {
-                                    i = i.wrapping_add(7919);
-                                    black_box(table.vps_of(black_box(pids[i % pids.len()])))
-                                })
-                            },
-                        );
-                        g.bench_with_input(
-                            BenchmarkId::new("manager", table.len()),
-                            &pids,
-                            |b, pids| {
-                                b.iter(|| {
-                                    i = i.wrapping_add(7919);
-                                    black_box(mgr.vps_of(black_box(pids[i % pids.len()])).ok())
-                                })
-                            },
-                        );
+                        g.bench_with_input(BenchmarkId::new("real", table.len()), &pids, |b, pids| {
+                            b.iter(|| {
+                                i = i.wrapping_add(7919);
+                                black_box(table.vps_of(black_box(pids[i % pids.len()])))
+                            })
+                        });
+                        g.bench_with_input(BenchmarkId::new("manager", table.len()), &pids, |b, pids| {
+                            b.iter(|| {
+                                i = i.wrapping_add(7919);
+                                black_box(mgr.vps_of(black_box(pids[i % pids.len()])).ok())
+                            })
+                        });
                         let _ = mgr.kill_all(&vps, Duration::from_secs(30));
                     }
                 }
@@ -127,10 +117,7 @@ fn lookups(c: &mut Criterion) {
     for n in [1_000usize, 10_000, 100_000, 1_000_000] {
         let mut map: HashMap<Pid, Shadow> = HashMap::new();
         for k in 0..n {
-            map.insert(
-                Pid::new(k as i32 + 1).unwrap(),
-                Shadow([k as u8; std::mem::size_of::<Entry>()]),
-            );
+            map.insert(Pid::new(k as i32 + 1).unwrap(), Shadow([k as u8; std::mem::size_of::<Entry>()]));
         }
         let pids: Vec<Pid> = map.keys().copied().collect();
         let mut i = 0usize;

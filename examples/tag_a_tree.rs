@@ -12,7 +12,8 @@ fn main() -> Result<(), vpstag::Error> {
     let mgr = Manager::with_backend(BackendChoice::Auto)?;
     println!("backend: {}", mgr.backend_kind());
     // A shell with a background job and a double-forked daemon that calls setsid.
-    let vps = mgr.start("example", Command::new("sh").args(["-c", "sleep 30 & setsid sh -c 'sleep 30 &'; sleep 30"]))?;
+    let vps =
+        mgr.start("example", Command::new("sh").args(["-c", "sleep 30 & setsid sh -c 'sleep 30 &'; sleep 30"]))?;
     std::thread::sleep(Duration::from_millis(300));
     for m in mgr.member_details(&vps)? {
         let tag = mgr.vps_of(m.id.pid)?.map(|v| v.name).unwrap_or_default();

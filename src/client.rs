@@ -353,8 +353,8 @@ fn reply_error(v: &serde_json::Value) -> ClientError {
 
 /// Parses one reply line: the body of a success, or the refusal.
 pub fn parse_reply(line: &str) -> Result<serde_json::Value> {
-    let v: serde_json::Value =
-        serde_json::from_str(line.trim_end()).map_err(|e| ClientError::Protocol(format!("a reply that is not JSON ({e}): {line:?}")))?;
+    let v: serde_json::Value = serde_json::from_str(line.trim_end())
+        .map_err(|e| ClientError::Protocol(format!("a reply that is not JSON ({e}): {line:?}")))?;
     match v.get("ok") {
         Some(serde_json::Value::Bool(true)) => Ok(v),
         Some(serde_json::Value::Bool(false)) => Err(reply_error(&v)),
@@ -373,7 +373,9 @@ pub fn peer_credentials(fd: RawFd) -> io::Result<(i32, u32)> {
     let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
     let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
     // SAFETY: getsockopt writes at most `len` bytes into `cred`, a valid ucred.
-    let r = unsafe { libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) };
+    let r = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len)
+    };
     if r != 0 {
         return Err(io::Error::last_os_error());
     }
@@ -383,7 +385,10 @@ pub fn peer_credentials(fd: RawFd) -> io::Result<(i32, u32)> {
 /// The pid and uid of the process at the other end of a Unix socket (`SO_PEERCRED`).
 #[cfg(not(any(target_os = "linux", target_os = "android")))]
 pub fn peer_credentials(_fd: RawFd) -> io::Result<(i32, u32)> {
-    Err(io::Error::new(io::ErrorKind::Unsupported, "peer credentials with a pid (SO_PEERCRED) are Linux-only in this version"))
+    Err(io::Error::new(
+        io::ErrorKind::Unsupported,
+        "peer credentials with a pid (SO_PEERCRED) are Linux-only in this version",
+    ))
 }
 
 /// Lets `pid` ptrace the calling process under Yama `ptrace_scope=1` (`PR_SET_PTRACER`).
@@ -547,10 +552,7 @@ impl Iterator for Events {
                 self.client = None;
                 None
             }
-            Ok(Some(line)) => Some(
-                parse_reply(&line)
-                    .and_then(|v| field::<EventInfo>(&v, "next")),
-            ),
+            Ok(Some(line)) => Some(parse_reply(&line).and_then(|v| field::<EventInfo>(&v, "next"))),
             Err(e) => {
                 self.client = None;
                 Some(Err(e))
@@ -595,19 +597,26 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 
 /// See [`Client::start`].
 pub fn start_first_process(socket: &Path, name: &str, cmd: &Command, output: Option<&Path>) -> Result<Pid> {
-    let spawn_err = |message: String| ClientError::Spawn { program: cmd.get_program().to_string_lossy().into_owned(), message };
+    let spawn_err =
+        |message: String| ClientError::Spawn { program: cmd.get_program().to_string_lossy().into_owned(), message };
     let plan = crate::init::Plan::new(cmd).map_err(|e| spawn_err(e.to_string()))?;
     let mut line = serde_json::to_vec(&Request { v: PROTOCOL_VERSION, op: Op::RegisterFirst { name: name.into() } })
         .expect("a request serialises");
     line.push(b'\n');
-    let null = std::fs::OpenOptions::new().read(true).open("/dev/null").map_err(|e| ClientError::io("opening /dev/null", e))?;
+    let null = std::fs::OpenOptions::new()
+        .read(true)
+        .open("/dev/null")
+        .map_err(|e| ClientError::io("opening /dev/null", e))?;
     let out = match output {
         Some(p) => std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(p)
             .map_err(|e| ClientError::io(format!("opening {}", p.display()), e))?,
-        None => std::fs::OpenOptions::new().write(true).open("/dev/null").map_err(|e| ClientError::io("opening /dev/null", e))?,
+        None => std::fs::OpenOptions::new()
+            .write(true)
+            .open("/dev/null")
+            .map_err(|e| ClientError::io("opening /dev/null", e))?,
     };
     let gate = crate::init::SocketGate::new(socket, line, OwnedFd::from(null), OwnedFd::from(out))
         .map_err(|e| ClientError::io(format!("socket path {}", socket.display()), e))?;
@@ -634,7 +643,10 @@ pub fn start_first_process(socket: &Path, name: &str, cmd: &Command, output: Opt
     let failure = read_all(err_read).map_err(|e| ClientError::io("waiting for the command to start", e))?;
     let staged = |failure: &[u8]| -> Option<(i32, i32)> {
         (failure.len() >= 8).then(|| {
-            (i32::from_ne_bytes(failure[0..4].try_into().unwrap()), i32::from_ne_bytes(failure[4..8].try_into().unwrap()))
+            (
+                i32::from_ne_bytes(failure[0..4].try_into().unwrap()),
+                i32::from_ne_bytes(failure[4..8].try_into().unwrap()),
+            )
         })
     };
     if !reply.is_empty() {

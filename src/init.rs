@@ -268,7 +268,10 @@ impl SocketGate {
         addr.sun_family = libc::AF_UNIX as libc::sa_family_t;
         let bytes = socket.as_os_str().as_bytes();
         if bytes.is_empty() || bytes.len() >= addr.sun_path.len() || bytes.contains(&0) {
-            return Err(io::Error::new(io::ErrorKind::InvalidInput, "not a usable Unix socket path (empty, too long or with a NUL byte)"));
+            return Err(io::Error::new(
+                io::ErrorKind::InvalidInput,
+                "not a usable Unix socket path (empty, too long or with a NUL byte)",
+            ));
         }
         for (d, s) in addr.sun_path.iter_mut().zip(bytes) {
             *d = *s as libc::c_char;
@@ -335,7 +338,14 @@ pub(crate) unsafe fn run_first_process_socket(plan: &Plan, gate: &SocketGate, re
         {
             let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
             let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-            if libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len) == 0 {
+            if libc::getsockopt(
+                fd,
+                libc::SOL_SOCKET,
+                libc::SO_PEERCRED,
+                (&mut cred as *mut libc::ucred).cast(),
+                &mut len,
+            ) == 0
+            {
                 crate::client::allow_ptracer(cred.pid);
             }
         }

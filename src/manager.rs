@@ -184,7 +184,8 @@ impl State {
     fn resync(&mut self) -> Result<()> {
         let follow = !self.caps.host_wide || self.caps.holds_tags;
         for _ in 0..8 {
-            let added = self.tracking.resync(&mut self.view).map_err(|e| Error::io("resynchronising from a scan", e))?;
+            let added =
+                self.tracking.resync(&mut self.view).map_err(|e| Error::io("resynchronising from a scan", e))?;
             if !follow || added.is_empty() {
                 break;
             }
@@ -271,9 +272,7 @@ impl State {
 
     fn name_in_use(&self, name: &str) -> bool {
         match self.names.get(name) {
-            Some(id) => {
-                self.tracking.table.member_count(*id) > 0 || self.vpses.get(id).is_some_and(|r| !r.first_gone)
-            }
+            Some(id) => self.tracking.table.member_count(*id) > 0 || self.vpses.get(id).is_some_and(|r| !r.first_gone),
             None => false,
         }
     }
@@ -326,10 +325,8 @@ impl Manager {
     pub fn new(tracker: Box<dyn ForkTracker>) -> Result<Manager> {
         let kind = tracker.kind();
         let caps = tracker.capabilities();
-        let poll_fd: OwnedFd = tracker
-            .as_fd()
-            .try_clone_to_owned()
-            .map_err(|e| Error::io("duplicating the backend's descriptor", e))?;
+        let poll_fd: OwnedFd =
+            tracker.as_fd().try_clone_to_owned().map_err(|e| Error::io("duplicating the backend's descriptor", e))?;
         let mut state = State {
             tracker,
             caps,
@@ -346,7 +343,8 @@ impl Manager {
             periodic_resync: (kind == BackendKind::Kqueue).then(|| (Duration::from_secs(5), Instant::now())),
         };
         state.resync()?;
-        let shared = Arc::new(Shared { state: Mutex::new(state), changed: Condvar::new(), stop: AtomicBool::new(false) });
+        let shared =
+            Arc::new(Shared { state: Mutex::new(state), changed: Condvar::new(), stop: AtomicBool::new(false) });
         let s2 = Arc::clone(&shared);
         let pump = std::thread::Builder::new()
             .name("vpstag-pump".into())
@@ -395,7 +393,8 @@ impl Manager {
     /// past its start gate, so nothing of the VPS ever runs untagged.
     pub fn start(&self, name: &str, cmd: &mut Command) -> Result<Vps> {
         validate_name(name)?;
-        let plan = Plan::new(cmd).map_err(|source| Error::Spawn { program: cmd.get_program().to_string_lossy().into_owned(), source })?;
+        let plan = Plan::new(cmd)
+            .map_err(|source| Error::Spawn { program: cmd.get_program().to_string_lossy().into_owned(), source })?;
         let pipes = Pipes::new().map_err(|e| Error::io("creating the start-gate pipes", e))?;
         let mut st = self.synced()?;
         if st.name_in_use(name) {
@@ -470,7 +469,10 @@ impl Manager {
             st.tracking.table.remove_vps(vps.id);
             st.vpses.remove(&vps.id);
             st.names.remove(name);
-            return Err(Error::Spawn { program: plan.program().to_string(), source: std::io::Error::from_raw_os_error(errno) });
+            return Err(Error::Spawn {
+                program: plan.program().to_string(),
+                source: std::io::Error::from_raw_os_error(errno),
+            });
         }
         Ok(vps)
     }
@@ -480,9 +482,13 @@ impl Manager {
     pub fn adopt(&self, name: &str, pid: Pid) -> Result<Vps> {
         validate_name(name)?;
         let mut st = self.synced()?;
-        let info = crate::sys::process(pid).map_err(|e| Error::io("reading the process", e))?.ok_or(Error::NoSuchProcess(pid))?;
+        let info = crate::sys::process(pid)
+            .map_err(|e| Error::io("reading the process", e))?
+            .ok_or(Error::NoSuchProcess(pid))?;
         let vps = match st.names.get(name).copied() {
-            Some(id) if st.name_in_use(name) => st.vpses.get(&id).map(|r| r.vps.clone()).ok_or_else(|| Error::UnknownVps(name.into()))?,
+            Some(id) if st.name_in_use(name) => {
+                st.vpses.get(&id).map(|r| r.vps.clone()).ok_or_else(|| Error::UnknownVps(name.into()))?
+            }
             _ => st.new_vps(name, info.id),
         };
         st.tracker.watch(pid, vps.id)?;
@@ -503,7 +509,11 @@ impl Manager {
     /// The VPS called `name`.
     pub fn vps(&self, name: &str) -> Result<Vps> {
         let st = self.lock();
-        st.names.get(name).and_then(|id| st.vpses.get(id)).map(|r| r.vps.clone()).ok_or_else(|| Error::UnknownVps(name.into()))
+        st.names
+            .get(name)
+            .and_then(|id| st.vpses.get(id))
+            .map(|r| r.vps.clone())
+            .ok_or_else(|| Error::UnknownVps(name.into()))
     }
 
     /// Every VPS the manager knows, with its member count.
@@ -537,8 +547,11 @@ impl Manager {
         let st = self.synced()?;
         st.record(vps)?;
         let t = &st.tracking.table;
-        let mut v: Vec<Member> =
-            t.members(vps.id).filter_map(|p| t.get(p)).map(|e| Member { id: e.id, source: e.source, parent: e.parent }).collect();
+        let mut v: Vec<Member> = t
+            .members(vps.id)
+            .filter_map(|p| t.get(p))
+            .map(|e| Member { id: e.id, source: e.source, parent: e.parent })
+            .collect();
         v.sort_by_key(|m| m.id.pid);
         Ok(v)
     }
@@ -549,7 +562,12 @@ impl Manager {
         st.record(vps)?;
         let mut n = 0;
         for pid in st.tracking.table.members(vps.id) {
-            if nix::sys::signal::kill(nix::unistd::Pid::from_raw(pid.as_raw()), nix::sys::signal::Signal::try_from(sig.as_raw()).ok()).is_ok() {
+            if nix::sys::signal::kill(
+                nix::unistd::Pid::from_raw(pid.as_raw()),
+                nix::sys::signal::Signal::try_from(sig.as_raw()).ok(),
+            )
+            .is_ok()
+            {
                 n += 1;
             }
         }
@@ -566,7 +584,12 @@ impl Manager {
             }
             if Instant::now() >= deadline {
                 let left = self.members(vps)?;
-                return Err(Error::Timeout(format!("{} members of VPS {:?} still alive: {:?}", left.len(), vps.name, left)));
+                return Err(Error::Timeout(format!(
+                    "{} members of VPS {:?} still alive: {:?}",
+                    left.len(),
+                    vps.name,
+                    left
+                )));
             }
             self.wait_change(Duration::from_millis(20));
         }
@@ -742,7 +765,9 @@ impl Manager {
         if st.name_in_use(name) {
             return Err(Error::AlreadyRunning(name.to_string()));
         }
-        let info = crate::sys::process(pid).map_err(|e| Error::io("reading the process", e))?.ok_or(Error::NoSuchProcess(pid))?;
+        let info = crate::sys::process(pid)
+            .map_err(|e| Error::io("reading the process", e))?
+            .ok_or(Error::NoSuchProcess(pid))?;
         let vps = st.new_vps(name, info.id);
         if let Err(e) = st.tracker.watch(pid, vps.id) {
             st.names.remove(name);
@@ -758,9 +783,16 @@ impl Manager {
     /// running VPS `name`.
     pub fn join(&self, name: &str, pid: Pid) -> Result<Vps> {
         let mut st = self.synced()?;
-        let id = st.names.get(name).copied().filter(|_| st.name_in_use(name)).ok_or_else(|| Error::UnknownVps(name.into()))?;
+        let id = st
+            .names
+            .get(name)
+            .copied()
+            .filter(|_| st.name_in_use(name))
+            .ok_or_else(|| Error::UnknownVps(name.into()))?;
         let vps = st.vpses.get(&id).map(|r| r.vps.clone()).ok_or_else(|| Error::UnknownVps(name.into()))?;
-        let info = crate::sys::process(pid).map_err(|e| Error::io("reading the process", e))?.ok_or(Error::NoSuchProcess(pid))?;
+        let info = crate::sys::process(pid)
+            .map_err(|e| Error::io("reading the process", e))?
+            .ok_or(Error::NoSuchProcess(pid))?;
         st.tracker.watch(pid, vps.id)?;
         st.tracking.insert_member(&info, vps.id, Source::Loader);
         st.flush_changes();
@@ -809,7 +841,8 @@ impl Manager {
             let (Some(first), id) = (Pid::new(v.first_pid), VpsId(v.id)) else { continue };
             st.next_id = st.next_id.max(v.id);
             let vps = Vps { id, name: v.name.clone(), first };
-            let first_alive = matches!(crate::sys::process(first), Ok(Some(i)) if i.id.start.0.abs_diff(v.first_start) <= tol);
+            let first_alive =
+                matches!(crate::sys::process(first), Ok(Some(i)) if i.id.start.0.abs_diff(v.first_start) <= tol);
             st.vpses.insert(
                 id,
                 VpsRecord {
@@ -868,7 +901,11 @@ impl Manager {
                     if parent == *live_parent {
                         if let Some(pe) = st.tracking.table.get(parent) {
                             if pe.vps != e.vps && pe.source != Source::Loader && e.source != Source::Loader {
-                                out.push(Divergence::WrongTag { pid: e.id.pid.as_raw(), vps: name(e.vps), expected: name(pe.vps) });
+                                out.push(Divergence::WrongTag {
+                                    pid: e.id.pid.as_raw(),
+                                    vps: name(e.vps),
+                                    expected: name(pe.vps),
+                                });
                             }
                         }
                     }
@@ -951,4 +988,3 @@ mod tests {
         assert!(validate_name(&"x".repeat(65)).is_err());
     }
 }
-

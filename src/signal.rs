@@ -46,9 +46,7 @@ impl Signal {
 
     /// The name without `SIG`, e.g. `TERM`.
     pub fn name(self) -> &'static str {
-        nix::sys::signal::Signal::try_from(self.0)
-            .map(|s| s.as_str().trim_start_matches("SIG"))
-            .unwrap_or("?")
+        nix::sys::signal::Signal::try_from(self.0).map(|s| s.as_str().trim_start_matches("SIG")).unwrap_or("?")
     }
 }
 

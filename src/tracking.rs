@@ -481,7 +481,16 @@ mod tests {
     }
 
     fn fork(parent: i32, child: i32, t: u64) -> Event {
-        at(EventKind::Fork { parent: p(parent), child: p(child), child_thread: p(child), thread: false, child_start: None }, t)
+        at(
+            EventKind::Fork {
+                parent: p(parent),
+                child: p(child),
+                child_thread: p(child),
+                thread: false,
+                child_start: None,
+            },
+            t,
+        )
     }
 
     fn thread(pid: i32, tid: i32, t: u64) -> Event {

@@ -40,7 +40,9 @@ fn run(args: &[&str]) -> Output {
 fn alive(pid: i32) -> bool {
     // Zombies count as gone.
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(s.rsplit(')').next().map(str::trim_start).and_then(|r| r.chars().next()), Some('Z') | Some('X')),
+        Ok(s) => {
+            !matches!(s.rsplit(')').next().map(str::trim_start).and_then(|r| r.chars().next()), Some('Z') | Some('X'))
+        }
         Err(_) => false,
     }
 }
@@ -69,7 +71,8 @@ fn run_writes_json_events_with_the_vps_name() {
     for b in backends() {
         let d = tmpdir(&format!("json-{b}"));
         let f = d.join("events.jsonl");
-        let out = run(&["run", "--backend", b, "--json-events", f.to_str().unwrap(), "j", "--", "sh", "-c", "/bin/true"]);
+        let out =
+            run(&["run", "--backend", b, "--json-events", f.to_str().unwrap(), "j", "--", "sh", "-c", "/bin/true"]);
         assert_eq!(out.status.code(), Some(0), "[{b}] {}", String::from_utf8_lossy(&out.stderr));
         let text = std::fs::read_to_string(&f).unwrap();
         let lines: Vec<serde_json::Value> = text.lines().map(|l| serde_json::from_str(l).unwrap()).collect();

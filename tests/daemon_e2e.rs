@@ -35,7 +35,9 @@ fn is_root() -> bool {
 
 fn alive(pid: i32) -> bool {
     match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(s.rsplit(')').next().map(str::trim_start).and_then(|r| r.chars().next()), Some('Z') | Some('X')),
+        Ok(s) => {
+            !matches!(s.rsplit(')').next().map(str::trim_start).and_then(|r| r.chars().next()), Some('Z') | Some('X'))
+        }
         Err(_) => false,
     }
 }
@@ -287,7 +289,12 @@ fn two_vpses_an_untracked_tree_ps_which_and_exec() {
     assert!(text(&again.stderr).contains("already running"), "{}", text(&again.stderr));
 
     // exec: the loader registers itself, then becomes the command (same pid).
-    let loader = d.cmd(&["exec", "beta", "--", "sh", "-c", "sleep 206 & wait"]).stdout(Stdio::null()).process_group(0).spawn().unwrap();
+    let loader = d
+        .cmd(&["exec", "beta", "--", "sh", "-c", "sleep 206 & wait"])
+        .stdout(Stdio::null())
+        .process_group(0)
+        .spawn()
+        .unwrap();
     let loader_pid = loader.id() as i32;
     d.extra.borrow_mut().push(loader);
     wait_until("the exec'd command's child", Duration::from_secs(10), || d.pids_of("beta", "sleep 206").len() == 1);
@@ -442,7 +449,9 @@ fn restart_after_kill_9_recovers_live_members_only() {
     assert_eq!(d.which(s402), (Some(0), "keep".to_string()), "and is still tagged after a clean restart");
     // Events still flow for recovered members: kill the surviving sleep and see its exit.
     kill(s402, libc::SIGTERM);
-    wait_until("the recovered member's exit to be seen", Duration::from_secs(10), || !d.members("keep").contains(&s402));
+    wait_until("the recovered member's exit to be seen", Duration::from_secs(10), || {
+        !d.members("keep").contains(&s402)
+    });
 }
 
 #[test]
@@ -533,7 +542,19 @@ fn garbage_and_oversized_lines_get_an_error_reply_and_the_daemon_keeps_serving()
     req.extend_from_slice(b"{\"v\":1,\"op\":\"hello\"}\n");
     let replies = raw_exchange(&d.socket, &req, 8);
     let kinds: Vec<&str> = replies.iter().map(|r| r["error"]["kind"].as_str().unwrap_or("")).collect();
-    assert_eq!(kinds, ["bad_request", "too_long", "bad_request", "unsupported_version", "bad_request", "bad_request", "bad_request", ""]);
+    assert_eq!(
+        kinds,
+        [
+            "bad_request",
+            "too_long",
+            "bad_request",
+            "unsupported_version",
+            "bad_request",
+            "bad_request",
+            "bad_request",
+            ""
+        ]
+    );
     for r in &replies[..7] {
         assert_eq!(r["ok"], false);
         assert!(r["error"]["message"].as_str().unwrap().len() > 5);
@@ -566,7 +587,10 @@ fn errors_name_the_fix() {
     // VPSTAG_SOCKET is honoured.
     let out = Command::new(BIN).env("VPSTAG_SOCKET", &sock).args(["list"]).output().unwrap();
     assert!(text(&out.stderr).contains(&*sock.to_string_lossy()), "{}", text(&out.stderr));
-    assert_eq!(Command::new(BIN).env("VPSTAG_SOCKET", &sock).args(["which", "1"]).output().unwrap().status.code(), Some(2));
+    assert_eq!(
+        Command::new(BIN).env("VPSTAG_SOCKET", &sock).args(["which", "1"]).output().unwrap().status.code(),
+        Some(2)
+    );
 }
 
 #[test]
@@ -616,7 +640,8 @@ fn the_library_client_answers_and_follows_events() {
     assert!(seen.iter().any(|e| e.event == "exec" && e.cmd.as_deref() == Some("/bin/sleep 0.1")), "{seen:?}");
     assert!(seen.iter().any(|e| e.event == "exit" && e.code == Some(7)), "{seen:?}");
     // The CLI's follow mode prints the same, one JSON object a line.
-    let mut f = d.cmd(&["events", "--json", "--follow", "lib"]).stdout(Stdio::piped()).process_group(0).spawn().unwrap();
+    let mut f =
+        d.cmd(&["events", "--json", "--follow", "lib"]).stdout(Stdio::piped()).process_group(0).spawn().unwrap();
     let mut lines = BufReader::new(f.stdout.take().unwrap()).lines();
     let first_line = lines.next().unwrap().unwrap();
     let v: Value = serde_json::from_str(&first_line).unwrap();
@@ -652,7 +677,11 @@ fn a_fork_storm_in_one_vps_does_not_stop_the_daemon_serving_others() {
     // forking short-lived processes as fast as they can.
     d.start_vps(
         "storm",
-        &["sh", "-c", "for j in 1 2 3 4; do (i=0; while [ $i -lt 1500 ]; do /bin/true & i=$((i+1)); done; wait) & done; wait"],
+        &[
+            "sh",
+            "-c",
+            "for j in 1 2 3 4; do (i=0; while [ $i -lt 1500 ]; do /bin/true & i=$((i+1)); done; wait) & done; wait",
+        ],
     );
     let mut slowest = Duration::ZERO;
     let mut answers = 0;

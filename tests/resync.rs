@@ -121,7 +121,8 @@ fn adopting_a_tree_that_keeps_forking_misses_nothing_born_during_the_scan() {
     std::fs::create_dir_all(&dir).unwrap();
     let stop = dir.join("stop");
     // An untracked shell that keeps starting children until told to stop (at most 400).
-    let script = format!("i=0; while [ ! -e {} ] && [ $i -lt 400 ]; do sleep 60 & i=$((i+1)); done; wait", stop.display());
+    let script =
+        format!("i=0; while [ ! -e {} ] && [ $i -lt 400 ]; do sleep 60 & i=$((i+1)); done; wait", stop.display());
     let mut child = Command::new("sh").args(["-c", &script]).spawn().unwrap();
     let root = Pid::new(child.id() as i32).unwrap();
     std::thread::sleep(Duration::from_millis(30));
@@ -138,7 +139,11 @@ fn adopting_a_tree_that_keeps_forking_misses_nothing_born_during_the_scan() {
     assert!(expected.len() > 10, "the shell started too few children to test anything: {}", expected.len());
     let missing: Vec<_> = expected.difference(&members).collect();
     assert!(missing.is_empty(), "children missed around the scan: {missing:?} of {}", expected.len());
-    assert!(members.is_subset(&expected), "members that are not in the tree: {:?}", members.difference(&expected).collect::<Vec<_>>());
+    assert!(
+        members.is_subset(&expected),
+        "members that are not in the tree: {:?}",
+        members.difference(&expected).collect::<Vec<_>>()
+    );
 }
 
 #[test]

@@ -27,9 +27,7 @@ fn main() {
         .map(PathBuf::from)
         .expect("DEP_BPF_INCLUDE is not set: libbpf-sys must be a direct dependency");
 
-    let clang = env::var_os("VPSTAG_BPF_CLANG")
-        .or_else(|| env::var_os("CLANG"))
-        .unwrap_or_else(|| "clang".into());
+    let clang = env::var_os("VPSTAG_BPF_CLANG").or_else(|| env::var_os("CLANG")).unwrap_or_else(|| "clang".into());
     // BPF has both byte orders; the program must use the target's.
     let bpf_target = match env::var("CARGO_CFG_TARGET_ENDIAN").as_deref() {
         Ok("big") => "bpfeb",
@@ -61,8 +59,5 @@ fn main() {
              .ci/install-ebpf-deps); set VPSTAG_BPF_CLANG to use another clang"
         ),
     };
-    assert!(
-        status.success(),
-        "{clang:?} failed to compile src/bpf/vpstag.bpf.c ({status})"
-    );
+    assert!(status.success(), "{clang:?} failed to compile src/bpf/vpstag.bpf.c ({status})");
 }

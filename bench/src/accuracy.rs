@@ -88,23 +88,14 @@ pub fn run(backend: Backend, p: Params) -> Result<AccuracyResult, String> {
             &theirs.to_string(),
         ])
         .env("VPSBENCH_ACC", k.to_string());
-        let vps = mgr
-            .start(&format!("acc-{k}"), &mut cmd)
-            .map_err(|e| e.to_string())?;
+        let vps = mgr.start(&format!("acc-{k}"), &mut cmd).map_err(|e| e.to_string())?;
         sys::close(theirs);
         socks.push(mine);
         vpses.push(vps);
     }
     let firsts: HashMap<i32, VpsId> = vpses.iter().map(|v| (v.first.as_raw(), v.id)).collect();
-    let by_idx: HashMap<String, VpsId> = vpses
-        .iter()
-        .enumerate()
-        .map(|(i, v)| (i.to_string(), v.id))
-        .collect();
-    let mut res = AccuracyResult {
-        vpses: p.vpses,
-        ..Default::default()
-    };
+    let by_idx: HashMap<String, VpsId> = vpses.iter().enumerate().map(|(i, v)| (i.to_string(), v.id)).collect();
+    let mut res = AccuracyResult { vpses: p.vpses, ..Default::default() };
     let mut active: Vec<bool> = vec![true; socks.len()];
     while active.iter().any(|a| *a) {
         let mut waiting = Vec::new();
@@ -123,9 +114,7 @@ pub fn run(backend: Backend, p: Params) -> Result<AccuracyResult, String> {
                     let mut m = [0u8; 12];
                     if sys::read_exact(fd, &mut m).map_err(|e| e.to_string())? {
                         res.created += u64::from_ne_bytes(m[..8].try_into().unwrap());
-                        res.wraps = res
-                            .wraps
-                            .max(u32::from_ne_bytes(m[8..].try_into().unwrap()));
+                        res.wraps = res.wraps.max(u32::from_ne_bytes(m[8..].try_into().unwrap()));
                     }
                     active[i] = false;
                 }
@@ -145,12 +134,7 @@ pub fn run(backend: Backend, p: Params) -> Result<AccuracyResult, String> {
                     res.examples.push(e);
                 }
             }
-            eprint!(
-                "\r  accuracy {}: checkpoint {} ({} live compared)   ",
-                backend.name(),
-                res.checkpoints,
-                c.checked
-            );
+            eprint!("\r  accuracy {}: checkpoint {} ({} live compared)   ", backend.name(), res.checkpoints, c.checked);
             for fd in waiting {
                 sys::write_all(fd, b"g").map_err(|e| e.to_string())?;
             }
@@ -170,9 +154,7 @@ pub fn run(backend: Backend, p: Params) -> Result<AccuracyResult, String> {
     let table = mgr.table().map_err(|e| e.to_string())?;
     for e in table.entries() {
         match sys::read_stat(e.id.pid.as_raw()) {
-            Some(st) if st.start.abs_diff(e.id.start.0) <= 1 && st.state != b'Z' => {
-                res.alive_end += 1
-            }
+            Some(st) if st.start.abs_diff(e.id.start.0) <= 1 && st.state != b'Z' => res.alive_end += 1,
             _ => res.stale_end += 1,
         }
     }
@@ -200,10 +182,7 @@ enum Problem {
 }
 
 fn snapshot() -> HashMap<i32, Stat> {
-    sys::all_pids()
-        .into_iter()
-        .filter_map(|p| sys::read_stat(p).map(|s| (p, s)))
-        .collect()
+    sys::all_pids().into_iter().filter_map(|p| sys::read_stat(p).map(|s| (p, s))).collect()
 }
 
 /// The VPS a process belongs to by its ancestry (or, for one re-parented out of every VPS, by
@@ -237,7 +216,9 @@ fn problems(
     let mut out = Vec::new();
     let (mut checked, mut zombies) = (0, 0);
     let wanted = |pid: i32| {
-        only.map_or(true, |o| o.iter().any(|q| matches!(q, Problem::Missed(p) | Problem::Mistagged(p) | Problem::Stale(p) if *p == pid)))
+        only.map_or(true, |o| {
+            o.iter().any(|q| matches!(q, Problem::Missed(p) | Problem::Mistagged(p) | Problem::Stale(p) if *p == pid))
+        })
     };
     for (&pid, st) in procs {
         if st.state == b'Z' || !wanted(pid) {
@@ -291,11 +272,7 @@ fn checkpoint(
     let table = mgr.table().map_err(|e| e.to_string())?;
     let procs = snapshot();
     let (first, checked, zombies) = problems(&table, &procs, firsts, by_idx, None);
-    let mut c = Check {
-        checked,
-        zombies,
-        ..Default::default()
-    };
+    let mut c = Check { checked, zombies, ..Default::default() };
     if first.is_empty() {
         return Ok(c);
     }
@@ -315,23 +292,13 @@ fn checkpoint(
             Problem::Missed(x) | Problem::Mistagged(x) | Problem::Stale(x) => x,
         };
         let comm = std::fs::read_to_string(format!("/proc/{pid}/comm")).unwrap_or_default();
-        c.examples.push(format!(
-            "{p:?} {} ppid {:?}",
-            comm.trim(),
-            procs.get(&pid).map(|s| s.ppid)
-        ));
+        c.examples.push(format!("{p:?} {} ppid {:?}", comm.trim(), procs.get(&pid).map(|s| s.ppid)));
     }
     Ok(c)
 }
 
 /// The worker inside a VPS.
-pub fn worker(
-    count: u64,
-    every: u64,
-    sleeper_every: u64,
-    cap: usize,
-    fd: i32,
-) -> std::io::Result<()> {
+pub fn worker(count: u64, every: u64, sleeper_every: u64, cap: usize, fd: i32) -> std::io::Result<()> {
     let true_ = sys::Spawner::new(&["/bin/true"]);
     let sleep_ = sys::Spawner::new(&["/bin/sleep", "100000"]);
     let (dp_r, dp_w) = sys::pipe(true)?;
@@ -379,11 +346,7 @@ pub fn worker(
                 }
             }
             2 => {
-                let pid = if sleeper {
-                    sleep_.spawn()?
-                } else {
-                    true_.spawn()?
-                };
+                let pid = if sleeper { sleep_.spawn()? } else { true_.spawn()? };
                 note(pid);
                 if sleeper {
                     sleepers.push_back((pid, true));

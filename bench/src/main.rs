@@ -23,10 +23,7 @@ use clap::{Parser, Subcommand};
 static ALLOC: scale::Counting = scale::Counting;
 
 #[derive(Parser)]
-#[command(
-    name = "vpstag-bench",
-    about = "vpstag's benchmarks: accuracy, overhead, latency, loss and scale"
-)]
+#[command(name = "vpstag-bench", about = "vpstag's benchmarks: accuracy, overhead, latency, loss and scale")]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -145,9 +142,7 @@ enum Cmd {
 fn print_json<T: serde::Serialize>(v: &T, out: Option<&str>) {
     let s = serde_json::to_string(v).expect("serializable");
     match out {
-        Some(path) => {
-            std::fs::write(path, s).unwrap_or_else(|e| die(&format!("writing {path}: {e}")))
-        }
+        Some(path) => std::fs::write(path, s).unwrap_or_else(|e| die(&format!("writing {path}: {e}"))),
         None => println!("{s}"),
     }
 }
@@ -162,37 +157,22 @@ fn main() {
     match cli.cmd {
         Cmd::Run(a) => orchestrate::run(*a),
         Cmd::Report { json, out, svg } => {
-            let text = std::fs::read_to_string(&json)
-                .unwrap_or_else(|e| die(&format!("reading {json}: {e}")));
-            let r: orchestrate::Results =
-                serde_json::from_str(&text).unwrap_or_else(|e| die(&format!("{json}: {e}")));
+            let text = std::fs::read_to_string(&json).unwrap_or_else(|e| die(&format!("reading {json}: {e}")));
+            let r: orchestrate::Results = serde_json::from_str(&text).unwrap_or_else(|e| die(&format!("{json}: {e}")));
             println!("{}", report::text(&r));
             if out != "-" {
                 std::fs::write(&out, report::markdown(&r, &svg))
                     .unwrap_or_else(|e| die(&format!("writing {out}: {e}")));
             }
             if svg != "-" {
-                std::fs::write(&svg, report::svg(&r))
-                    .unwrap_or_else(|e| die(&format!("writing {svg}: {e}")));
+                std::fs::write(&svg, report::svg(&r)).unwrap_or_else(|e| die(&format!("writing {svg}: {e}")));
             }
         }
-        Cmd::Work {
-            mode,
-            count,
-            parallel,
-            rate,
-            cpu,
-            out,
-        } => match work::run(mode, count, parallel, rate, cpu) {
+        Cmd::Work { mode, count, parallel, rate, cpu, out } => match work::run(mode, count, parallel, rate, cpu) {
             Ok(r) => print_json(&r, out.as_deref()),
             Err(e) => die(&format!("workload: {e}")),
         },
-        Cmd::Track {
-            backend,
-            rcvbuf,
-            cpu,
-            cmd,
-        } => match cpu
+        Cmd::Track { backend, rcvbuf, cpu, cmd } => match cpu
             .map_or(Ok(()), sys::pin_to_cpu)
             .map_err(|e| e.to_string())
             .and_then(|()| track::run(backend, rcvbuf, &cmd))
@@ -217,44 +197,18 @@ fn main() {
                 die(&format!("latency child: {e}"));
             }
         }
-        Cmd::Accuracy {
-            backend,
-            procs,
-            vpses,
-            checkpoints,
-            sleeper_every,
-            cap,
-        } => {
-            match accuracy::run(
-                backend,
-                accuracy::Params {
-                    procs,
-                    vpses,
-                    checkpoints,
-                    sleeper_every,
-                    cap,
-                },
-            ) {
+        Cmd::Accuracy { backend, procs, vpses, checkpoints, sleeper_every, cap } => {
+            match accuracy::run(backend, accuracy::Params { procs, vpses, checkpoints, sleeper_every, cap }) {
                 Ok(r) => print_json(&r, None),
                 Err(e) => die(&format!("accuracy with {}: {e}", backend.name())),
             }
         }
-        Cmd::AccWorker {
-            count,
-            every,
-            sleeper_every,
-            cap,
-            fd,
-        } => {
+        Cmd::AccWorker { count, every, sleeper_every, cap, fd } => {
             if let Err(e) = accuracy::worker(count, every, sleeper_every, cap, fd) {
                 die(&format!("accuracy worker: {e}"));
             }
         }
-        Cmd::ScaleReal {
-            entries,
-            backend,
-            rounds,
-        } => match scale::real(entries, backend, rounds) {
+        Cmd::ScaleReal { entries, backend, rounds } => match scale::real(entries, backend, rounds) {
             Ok(r) => print_json(&r, None),
             Err(e) => die(&format!("scale: {e}")),
         },

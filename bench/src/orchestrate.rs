@@ -39,11 +39,7 @@ pub struct RunArgs {
     #[arg(long)]
     pub latency_samples: Option<usize>,
     /// Parts to run (comma-separated): accuracy, overhead, latency, loss, scale.
-    #[arg(
-        long,
-        default_value = "accuracy,overhead,latency,loss,scale",
-        value_delimiter = ','
-    )]
+    #[arg(long, default_value = "accuracy,overhead,latency,loss,scale", value_delimiter = ',')]
     pub parts: Vec<String>,
     /// Backends to measure (comma-separated); unavailable ones are reported as such.
     #[arg(long, default_value = "cnproc,ptrace,ebpf", value_delimiter = ',')]
@@ -169,29 +165,19 @@ fn child_json<T: DeserializeOwned>(args: &[String]) -> Result<T, String> {
     let status = loop {
         match child.try_wait() {
             Ok(Some(st)) => break st,
-            Ok(None) if std::time::Instant::now() < deadline => {
-                std::thread::sleep(Duration::from_millis(20))
-            }
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(20)),
             Ok(None) => {
                 let pid = child.id() as i32;
                 sys::kill(-pid, libc::SIGKILL);
                 sys::kill(pid, libc::SIGKILL);
                 let _ = child.wait();
-                return Err(format!(
-                    "{} did not finish within {} s: killed",
-                    args.join(" "),
-                    CHILD_TIMEOUT.as_secs()
-                ));
+                return Err(format!("{} did not finish within {} s: killed", args.join(" "), CHILD_TIMEOUT.as_secs()));
             }
             Err(e) => return Err(format!("waiting for {args:?}: {e}")),
         }
     };
     let text = reader.join().unwrap_or_default();
-    let line = text
-        .lines()
-        .rev()
-        .find(|l| l.starts_with('{') || l.starts_with('['))
-        .unwrap_or("");
+    let line = text.lines().rev().find(|l| l.starts_with('{') || l.starts_with('[')).unwrap_or("");
     if !status.success() || line.is_empty() {
         return Err(format!("{} failed ({status})", args.join(" ")));
     }
@@ -218,15 +204,7 @@ impl Ctx {
         format!("{}/work-{}.json", self.tmp, self.seq)
     }
 
-    fn work_args(
-        &self,
-        mode: Mode,
-        count: u64,
-        parallel: u32,
-        rate: f64,
-        out: &str,
-        pin: bool,
-    ) -> Vec<String> {
+    fn work_args(&self, mode: Mode, count: u64, parallel: u32, rate: f64, out: &str, pin: bool) -> Vec<String> {
         let mut v = vec![
             self.exe.clone(),
             "work".into(),
@@ -280,10 +258,7 @@ fn run_variant(ctx: &mut Ctx, v: Variant, mode: Mode, count: u64) -> Result<Vari
     let w = ctx.work_args(mode, count, 1, 0.0, &out, true);
     match v {
         Variant::Untracked => {
-            let st = Command::new(&w[0])
-                .args(&w[1..])
-                .status()
-                .map_err(|e| e.to_string())?;
+            let st = Command::new(&w[0]).args(&w[1..]).status().map_err(|e| e.to_string())?;
             if !st.success() {
                 return Err(format!("workload failed: {st}"));
             }
@@ -299,18 +274,9 @@ fn run_variant(ctx: &mut Ctx, v: Variant, mode: Mode, count: u64) -> Result<Vari
             args.extend(w);
             let t: TrackResult = child_json(&args)?;
             if t.exit_code != 0 {
-                return Err(format!(
-                    "workload under {} exited with {}",
-                    b.name(),
-                    t.exit_code
-                ));
+                return Err(format!("workload under {} exited with {}", b.name(), t.exit_code));
             }
-            Ok((
-                read_work(&out)?.rate,
-                Some(t.tracker_cpu),
-                Some(t.events),
-                Some(t.wakeups),
-            ))
+            Ok((read_work(&out)?.rate, Some(t.tracker_cpu), Some(t.events), Some(t.wakeups)))
         }
         Variant::RawBatched => {
             let mut args = vec!["raw".to_string(), "--batch-ms".into(), "5".into()];
@@ -322,17 +288,9 @@ fn run_variant(ctx: &mut Ctx, v: Variant, mode: Mode, count: u64) -> Result<Vari
             args.extend(w);
             let t: TrackResult = child_json(&args)?;
             if t.exit_code != 0 {
-                return Err(format!(
-                    "workload under the bare reader exited with {}",
-                    t.exit_code
-                ));
+                return Err(format!("workload under the bare reader exited with {}", t.exit_code));
             }
-            Ok((
-                read_work(&out)?.rate,
-                Some(t.tracker_cpu),
-                Some(t.events),
-                Some(t.wakeups),
-            ))
+            Ok((read_work(&out)?.rate, Some(t.tracker_cpu), Some(t.events), Some(t.wakeups)))
         }
         Variant::Strace => {
             let st = taskset(ctx.tracker_pin, "strace")
@@ -390,26 +348,13 @@ fn machine() -> Vec<(String, String)> {
                 .map(|l| l.split(':').nth(1).unwrap_or("").trim().to_string())
         })
         .unwrap_or_default();
-    let ncpu = std::thread::available_parallelism()
-        .map(|n| n.get())
-        .unwrap_or(0);
+    let ncpu = std::thread::available_parallelism().map(|n| n.get()).unwrap_or(0);
     m.push(("CPU".into(), format!("{ncpu} × {cpu}")));
     let mem = std::fs::read_to_string("/proc/meminfo")
         .ok()
-        .and_then(|s| {
-            s.lines().next().map(|l| {
-                l.split_whitespace()
-                    .nth(1)
-                    .unwrap_or("0")
-                    .parse::<u64>()
-                    .unwrap_or(0)
-            })
-        })
+        .and_then(|s| s.lines().next().map(|l| l.split_whitespace().nth(1).unwrap_or("0").parse::<u64>().unwrap_or(0)))
         .unwrap_or(0);
-    m.push((
-        "memory".into(),
-        format!("{:.1} GiB", mem as f64 / 1048576.0),
-    ));
+    m.push(("memory".into(), format!("{:.1} GiB", mem as f64 / 1048576.0)));
     let uname = Command::new("uname")
         .arg("-srm")
         .output()
@@ -418,11 +363,7 @@ fn machine() -> Vec<(String, String)> {
     m.push(("kernel".into(), uname));
     let os = std::fs::read_to_string("/etc/os-release")
         .ok()
-        .and_then(|s| {
-            s.lines()
-                .find(|l| l.starts_with("PRETTY_NAME="))
-                .map(|l| l[12..].trim_matches('"').to_string())
-        })
+        .and_then(|s| s.lines().find(|l| l.starts_with("PRETTY_NAME=")).map(|l| l[12..].trim_matches('"').to_string()))
         .unwrap_or_default();
     m.push(("system".into(), os));
     let pid_max = std::fs::read_to_string("/proc/sys/kernel/pid_max").unwrap_or_default();
@@ -441,14 +382,7 @@ fn machine() -> Vec<(String, String)> {
             .output()
             .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
             .unwrap_or_default();
-        m.push((
-            tool.into(),
-            if v.is_empty() {
-                "not installed".into()
-            } else {
-                v
-            },
-        ));
+        m.push((tool.into(), if v.is_empty() { "not installed".into() } else { v }));
     }
     let commit = Command::new("git")
         .args(["rev-parse", "--short", "HEAD"])
@@ -460,17 +394,7 @@ fn machine() -> Vec<(String, String)> {
         .output()
         .map(|o| !o.stdout.is_empty())
         .unwrap_or(false);
-    m.push((
-        "vpstag commit".into(),
-        format!(
-            "{commit}{}",
-            if dirty {
-                " (with uncommitted changes)"
-            } else {
-                ""
-            }
-        ),
-    ));
+    m.push(("vpstag commit".into(), format!("{commit}{}", if dirty { " (with uncommitted changes)" } else { "" })));
     m
 }
 
@@ -498,28 +422,12 @@ pub fn run(a: RunArgs) {
     let count = a.count.unwrap_or(if a.full { 10_000 } else { 3_000 });
     let loss_count = a.loss_count.unwrap_or(if a.full { 60_000 } else { 20_000 });
     let procs = a.procs.unwrap_or(if a.full { 100_000 } else { 10_000 });
-    let lat_samples = a
-        .latency_samples
-        .unwrap_or(if a.full { 5_000 } else { 1_000 });
-    let pin = if a.pin_cpu == "none" {
-        None
-    } else {
-        a.pin_cpu.parse().ok()
-    };
+    let lat_samples = a.latency_samples.unwrap_or(if a.full { 5_000 } else { 1_000 });
+    let pin = if a.pin_cpu == "none" { None } else { a.pin_cpu.parse().ok() };
     let tmp = std::env::temp_dir().join(format!("vpstag-bench-{}", std::process::id()));
     std::fs::create_dir_all(&tmp).expect("temp dir");
-    let tracker_pin = if a.tracker_cpu == "none" {
-        None
-    } else {
-        a.tracker_cpu.parse().ok()
-    };
-    let mut ctx = Ctx {
-        exe: sys::self_exe(),
-        tmp: tmp.to_string_lossy().into_owned(),
-        pin,
-        tracker_pin,
-        seq: 0,
-    };
+    let tracker_pin = if a.tracker_cpu == "none" { None } else { a.tracker_cpu.parse().ok() };
+    let mut ctx = Ctx { exe: sys::self_exe(), tmp: tmp.to_string_lossy().into_owned(), pin, tracker_pin, seq: 0 };
     let has = |p: &str| a.parts.iter().any(|x| x == p);
 
     let mut r = Results {
@@ -552,13 +460,8 @@ pub fn run(a: RunArgs) {
                 continue;
             }
         };
-        let probe: Result<TrackResult, String> = child_json(&[
-            "track".into(),
-            "--backend".into(),
-            b.name().into(),
-            "--".into(),
-            "/bin/true".into(),
-        ]);
+        let probe: Result<TrackResult, String> =
+            child_json(&["track".into(), "--backend".into(), b.name().into(), "--".into(), "/bin/true".into()]);
         match probe {
             Ok(_) => backends.push(b),
             Err(e) => {
@@ -572,14 +475,7 @@ pub fn run(a: RunArgs) {
             }
         }
     }
-    let tools_ok = |t: &str| {
-        Command::new(t)
-            .arg("-V")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-    };
+    let tools_ok = |t: &str| Command::new(t).arg("-V").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok();
 
     // 1. Accuracy.
     if has("accuracy") {
@@ -588,10 +484,7 @@ pub fn run(a: RunArgs) {
             // Two runs per backend: the goal is zero, and 10^5-process runs must fit a final run's time.
             let n = rounds.min(2);
             for i in 0..n {
-                progress(
-                    t0,
-                    &format!("accuracy {} run {}/{n}: {procs} processes", b.name(), i + 1),
-                );
+                progress(t0, &format!("accuracy {} run {}/{n}: {procs} processes", b.name(), i + 1));
                 match child_json::<AccuracyResult>(&[
                     "accuracy".into(),
                     "--backend".into(),
@@ -619,39 +512,22 @@ pub fn run(a: RunArgs) {
         if tools_ok("strace") {
             variants.push(Variant::Strace);
         } else {
-            r.unavailable
-                .push(("strace".into(), "not installed (bench/install-deps)".into()));
+            r.unavailable.push(("strace".into(), "not installed (bench/install-deps)".into()));
         }
-        if Command::new("forkstat")
-            .arg("-h")
-            .stdout(Stdio::null())
-            .stderr(Stdio::null())
-            .status()
-            .is_ok()
-        {
+        if Command::new("forkstat").arg("-h").stdout(Stdio::null()).stderr(Stdio::null()).status().is_ok() {
             variants.push(Variant::Forkstat);
         } else {
-            r.unavailable.push((
-                "forkstat".into(),
-                "not installed (bench/install-deps)".into(),
-            ));
+            r.unavailable.push(("forkstat".into(), "not installed (bench/install-deps)".into()));
         }
         for mode in [Mode::Seq, Mode::Burst, Mode::Spawn] {
-            let c = if mode == Mode::Spawn {
-                (count / 5).max(100)
-            } else {
-                count
-            };
+            let c = if mode == Mode::Spawn { (count / 5).max(100) } else { count };
             r.counts.push((mode.name().into(), c));
             let mut unt = Vec::new();
             // Per variant: ratios, rates, listener CPU per 10^5 events, events applied per workload event.
             type Samples = (Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>, Vec<f64>);
             let mut per: Vec<Samples> = vec![Default::default(); variants.len()];
             for round in 0..rounds {
-                progress(
-                    t0,
-                    &format!("overhead {} round {}/{rounds}", mode.name(), round + 1),
-                );
+                progress(t0, &format!("overhead {} round {}/{rounds}", mode.name(), round + 1));
                 let mut before = match run_variant(&mut ctx, Variant::Untracked, mode, c) {
                     Ok(x) => x.0,
                     Err(e) => {
@@ -690,8 +566,7 @@ pub fn run(a: RunArgs) {
                                 v.name(),
                                 rate,
                                 ratio,
-                                cpu.map(|c| format!("  listener {:.3} s CPU", c))
-                                    .unwrap_or_default()
+                                cpu.map(|c| format!("  listener {:.3} s CPU", c)).unwrap_or_default()
                             );
                         }
                         Err(e) => progress(t0, &format!("{}: {e}", v.name())),
@@ -707,21 +582,9 @@ pub fn run(a: RunArgs) {
                     variant: v.name(),
                     ratio: summarize(ratios),
                     rate: summarize(rates),
-                    cpu_per_1e5: if cpus.is_empty() {
-                        None
-                    } else {
-                        Some(summarize(cpus))
-                    },
-                    events_seen_per_event: if evs.is_empty() {
-                        None
-                    } else {
-                        Some(crate::stats::median(evs))
-                    },
-                    wakeups_per_event: if wks.is_empty() {
-                        None
-                    } else {
-                        Some(crate::stats::median(wks))
-                    },
+                    cpu_per_1e5: if cpus.is_empty() { None } else { Some(summarize(cpus)) },
+                    events_seen_per_event: if evs.is_empty() { None } else { Some(crate::stats::median(evs)) },
+                    wakeups_per_event: if wks.is_empty() { None } else { Some(crate::stats::median(wks)) },
                     ratios: ratios.clone(),
                 });
             }
@@ -733,14 +596,7 @@ pub fn run(a: RunArgs) {
         for &b in &backends {
             let mut runs = Vec::new();
             for i in 0..rounds {
-                progress(
-                    t0,
-                    &format!(
-                        "latency {} run {}/{rounds}: {lat_samples} forks",
-                        b.name(),
-                        i + 1
-                    ),
-                );
+                progress(t0, &format!("latency {} run {}/{rounds}: {lat_samples} forks", b.name(), i + 1));
                 match child_json::<LatencyResult>(&[
                     "latency".into(),
                     "--backend".into(),
@@ -792,12 +648,7 @@ pub fn run(a: RunArgs) {
                 if rate == 0.0 && rcvbuf.is_none() {
                     let out = ctx.out_path();
                     let w = ctx.work_args(mode, n, par, 0.0, &out, false);
-                    if Command::new(&w[0])
-                        .args(&w[1..])
-                        .status()
-                        .map(|s| s.success())
-                        .unwrap_or(false)
-                    {
+                    if Command::new(&w[0]).args(&w[1..]).status().map(|s| s.success()).unwrap_or(false) {
                         if let Ok(x) = read_work(&out) {
                             unt.push(x.rate);
                         }
@@ -842,13 +693,7 @@ pub fn run(a: RunArgs) {
             LossRow {
                 label: label.into(),
                 rcvbuf: rcvbuf
-                    .map(|b| {
-                        if b >= 1024 {
-                            format!("{} KiB", b / 1024)
-                        } else {
-                            format!("{b} B")
-                        }
-                    })
+                    .map(|b| if b >= 1024 { format!("{} KiB", b / 1024) } else { format!("{b} B") })
                     .unwrap_or_else(|| "8 MiB (default)".into()),
                 mode: mode.name().into(),
                 parallel: par,
@@ -864,34 +709,10 @@ pub fn run(a: RunArgs) {
             }
         };
         let lr = rounds.min(3);
-        r.loss.push(row(
-            &mut ctx,
-            "full rate, fork",
-            None,
-            Mode::Seq,
-            0.0,
-            lc,
-            lr,
-        ));
-        r.loss.push(row(
-            &mut ctx,
-            "full rate, bursts",
-            None,
-            Mode::Burst,
-            0.0,
-            lc,
-            lr,
-        ));
+        r.loss.push(row(&mut ctx, "full rate, fork", None, Mode::Seq, 0.0, lc, lr));
+        r.loss.push(row(&mut ctx, "full rate, bursts", None, Mode::Burst, 0.0, lc, lr));
         let small = Some(a.small_rcvbuf);
-        r.loss.push(row(
-            &mut ctx,
-            "full rate, small buffer",
-            small,
-            Mode::Seq,
-            0.0,
-            lc,
-            lr,
-        ));
+        r.loss.push(row(&mut ctx, "full rate, small buffer", small, Mode::Seq, 0.0, lc, lr));
         // The highest paced rate with no loss with the small buffer.
         let mut best = None;
         for target in [250.0, 500.0, 1_000.0, 2_000.0, 4_000.0, 8_000.0] {
@@ -948,8 +769,7 @@ pub fn run(a: RunArgs) {
                 Err(e) => progress(t0, &format!("scale {n}: {e}")),
             }
         }
-        r.scale
-            .sort_by(|x, y| x.entries.cmp(&y.entries).then(x.kind.cmp(&y.kind)));
+        r.scale.sort_by(|x, y| x.entries.cmp(&y.entries).then(x.kind.cmp(&y.kind)));
         r.criterion = crate::report::criterion_results(a.criterion_dir.as_deref());
     }
 

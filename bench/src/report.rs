@@ -1,18 +1,14 @@
 //! The report: a terminal table, BENCHMARKS.md and the SVG chart of the overhead ratios.
 
 use crate::orchestrate::{OverheadRow, Results};
-use crate::stats::{
-    fmt_count, fmt_secs, fmt_summary, markdown_table, text_table, xml_escape, Summary,
-};
+use crate::stats::{fmt_count, fmt_secs, fmt_summary, markdown_table, text_table, xml_escape, Summary};
 
 /// The C PTRACE_SEIZE tracer's ratios (issue 4's goal for the ptrace backend).
 const C_TRACER: [(&str, f64); 3] = [("seq", 0.69), ("burst", 0.42), ("spawn", 0.82)];
 const MODES: [&str; 3] = ["seq", "burst", "spawn"];
 
 fn row<'a>(r: &'a Results, mode: &str, variant: &str) -> Option<&'a OverheadRow> {
-    r.overhead
-        .iter()
-        .find(|o| o.mode == mode && o.variant == variant)
+    r.overhead.iter().find(|o| o.mode == mode && o.variant == variant)
 }
 
 fn variants(r: &Results) -> Vec<String> {
@@ -35,10 +31,7 @@ struct Goal {
 }
 
 fn cpu_us(r: &Results, variant: &str) -> Option<f64> {
-    let v: Vec<f64> = MODES
-        .iter()
-        .filter_map(|m| row(r, m, variant)?.cpu_per_1e5.map(|s| s.median * 10.0))
-        .collect();
+    let v: Vec<f64> = MODES.iter().filter_map(|m| row(r, m, variant)?.cpu_per_1e5.map(|s| s.median * 10.0)).collect();
     if v.is_empty() {
         None
     } else {
@@ -68,23 +61,17 @@ fn goals(r: &Results) -> Vec<Goal> {
                     .accuracy
                     .iter()
                     .flat_map(|(b, runs)| {
-                        runs.iter()
-                            .flat_map(move |x| x.examples.iter().map(move |e| format!("{b}: {e}")))
+                        runs.iter().flat_map(move |x| x.examples.iter().map(move |e| format!("{b}: {e}")))
                     })
                     .take(6)
                     .collect();
-                format!(
-                    "discrepancies confirmed on a second look; examples: {}",
-                    ex.join("; ")
-                )
+                format!("discrepancies confirmed on a second look; examples: {}", ex.join("; "))
             },
         });
     }
     // cnproc overhead.
-    let cn: Vec<(&str, f64)> = MODES
-        .iter()
-        .filter_map(|m| row(r, m, "vpstag cnproc").map(|o| (*m, o.ratio.median)))
-        .collect();
+    let cn: Vec<(&str, f64)> =
+        MODES.iter().filter_map(|m| row(r, m, "vpstag cnproc").map(|o| (*m, o.ratio.median))).collect();
     if !cn.is_empty() {
         let worst = cn.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
         g.push(Goal {
@@ -158,11 +145,7 @@ fn goals(r: &Results) -> Vec<Goal> {
         .filter_map(|m| {
             let p = row(r, m, "vpstag ptrace")?.ratio.median;
             let s = row(r, m, "strace -f").map(|o| o.ratio.median);
-            let c = C_TRACER
-                .iter()
-                .find(|x| x.0 == *m)
-                .map(|x| x.1)
-                .unwrap_or(0.0);
+            let c = C_TRACER.iter().find(|x| x.0 == *m).map(|x| x.1).unwrap_or(0.0);
             Some((*m, p, s, c))
         })
         .collect();
@@ -258,17 +241,19 @@ fn goals(r: &Results) -> Vec<Goal> {
     if !r.latency.is_empty() {
         g.push(Goal {
             goal: "p99 tag latency under 1 ms".into(),
-            result: r.latency.iter().map(|(b, _, p99, _)| format!("{b} {}", fmt_secs(p99.median))).collect::<Vec<_>>().join(", "),
+            result: r
+                .latency
+                .iter()
+                .map(|(b, _, p99, _)| format!("{b} {}", fmt_secs(p99.median)))
+                .collect::<Vec<_>>()
+                .join(", "),
             met: Some(r.latency.iter().all(|(_, _, p99, agg)| p99.median < 1e-3 && agg.untagged == 0)),
-            why: "some p99 is over 1 ms or some child was never tagged (see §4); the figure includes the socket hop.".into(),
+            why: "some p99 is over 1 ms or some child was never tagged (see §4); the figure includes the socket hop."
+                .into(),
         });
     }
     // Loss.
-    let full: Vec<_> = r
-        .loss
-        .iter()
-        .filter(|l| l.target_rate == 0.0 && l.rcvbuf.contains("default"))
-        .collect();
+    let full: Vec<_> = r.loss.iter().filter(|l| l.target_rate == 0.0 && l.rcvbuf.contains("default")).collect();
     if !full.is_empty() {
         g.push(Goal {
             goal: "zero loss at the machine's full fork rate (8 MiB buffer)".into(),
@@ -290,11 +275,8 @@ fn goals(r: &Results) -> Vec<Goal> {
             .filter(|(id, _)| !id.contains("manager"))
             .map(|(id, ns)| (id.clone(), 1e9 / ns))
             .collect();
-        let own: Vec<(String, f64)> = r
-            .scale
-            .iter()
-            .map(|x| (format!("{} {}", x.kind, x.entries), x.lookups_per_sec))
-            .collect();
+        let own: Vec<(String, f64)> =
+            r.scale.iter().map(|x| (format!("{} {}", x.kind, x.entries), x.lookups_per_sec)).collect();
         let src = if crit.is_empty() { &own } else { &crit };
         let worst = src.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
         let own_worst = own.iter().map(|x| x.1).fold(f64::INFINITY, f64::min);
@@ -321,16 +303,8 @@ fn goals(r: &Results) -> Vec<Goal> {
                 )
             },
         });
-        let most = r
-            .scale
-            .iter()
-            .map(|s| s.bytes_per_entry)
-            .fold(0.0, f64::max);
-        let least = r
-            .scale
-            .iter()
-            .map(|s| s.bytes_per_entry)
-            .fold(f64::INFINITY, f64::min);
+        let most = r.scale.iter().map(|s| s.bytes_per_entry).fold(0.0, f64::max);
+        let least = r.scale.iter().map(|s| s.bytes_per_entry).fold(f64::INFINITY, f64::min);
         g.push(Goal {
             goal: "under 100 bytes per entry".into(),
             result: format!("{least:.0}–{most:.0} B depending on the size"),
@@ -365,23 +339,13 @@ fn overhead_table(r: &Results, md: bool) -> String {
     let mut rows = Vec::new();
     let mut u = vec!["untracked (ops/s)".to_string()];
     for m in MODES {
-        u.push(
-            r.untracked
-                .iter()
-                .find(|x| x.0 == m)
-                .map(|x| rate_summary(&x.1))
-                .unwrap_or_default(),
-        );
+        u.push(r.untracked.iter().find(|x| x.0 == m).map(|x| rate_summary(&x.1)).unwrap_or_default());
     }
     rows.push(u);
     for v in variants(r) {
         let mut line = vec![v.clone()];
         for m in MODES {
-            line.push(
-                row(r, m, &v)
-                    .map(|o| fmt_summary(&o.ratio, 3))
-                    .unwrap_or_else(|| "–".into()),
-            );
+            line.push(row(r, m, &v).map(|o| fmt_summary(&o.ratio, 3)).unwrap_or_else(|| "–".into()));
         }
         rows.push(line);
     }
@@ -402,21 +366,13 @@ fn rate_summary(s: &Summary) -> String {
     if s.n == 0 {
         return "n/a".into();
     }
-    format!(
-        "{} ({}–{})",
-        fmt_count(s.median),
-        fmt_count(s.min),
-        fmt_count(s.max)
-    )
+    format!("{} ({}–{})", fmt_count(s.median), fmt_count(s.min), fmt_count(s.max))
 }
 
 fn listener_table(r: &Results, md: bool) -> String {
     let mut rows = Vec::new();
     for v in variants(r) {
-        if !MODES
-            .iter()
-            .any(|m| row(r, m, &v).is_some_and(|o| o.cpu_per_1e5.is_some()))
-        {
+        if !MODES.iter().any(|m| row(r, m, &v).is_some_and(|o| o.cpu_per_1e5.is_some())) {
             continue;
         }
         let mut line = vec![v.clone()];
@@ -430,30 +386,14 @@ fn listener_table(r: &Results, md: bool) -> String {
         }
         let seen: Vec<String> = MODES
             .iter()
-            .filter_map(|m| {
-                row(r, m, &v)
-                    .and_then(|o| o.events_seen_per_event)
-                    .map(|x| format!("{x:.2}"))
-            })
+            .filter_map(|m| row(r, m, &v).and_then(|o| o.events_seen_per_event).map(|x| format!("{x:.2}")))
             .collect();
-        line.push(if seen.is_empty() {
-            "–".into()
-        } else {
-            seen.join(" / ")
-        });
+        line.push(if seen.is_empty() { "–".into() } else { seen.join(" / ") });
         let wk: Vec<String> = MODES
             .iter()
-            .filter_map(|m| {
-                row(r, m, &v)
-                    .and_then(|o| o.wakeups_per_event)
-                    .map(|x| format!("{x:.2}"))
-            })
+            .filter_map(|m| row(r, m, &v).and_then(|o| o.wakeups_per_event).map(|x| format!("{x:.2}")))
             .collect();
-        line.push(if wk.is_empty() {
-            "–".into()
-        } else {
-            wk.join(" / ")
-        });
+        line.push(if wk.is_empty() { "–".into() } else { wk.join(" / ") });
         rows.push(line);
     }
     let h = [
@@ -547,12 +487,7 @@ fn latency_table(r: &Results, md: bool) -> String {
 }
 
 fn us(s: &Summary) -> String {
-    let t = Summary {
-        median: s.median * 1e6,
-        min: s.min * 1e6,
-        max: s.max * 1e6,
-        n: s.n,
-    };
+    let t = Summary { median: s.median * 1e6, min: s.min * 1e6, max: s.max * 1e6, n: s.n };
     fmt_summary(&t, 0)
 }
 
@@ -570,11 +505,7 @@ fn loss_table(r: &Results, md: bool) -> String {
                 fmt_summary(&l.lost_events, 0),
                 fmt_summary(&l.resyncs, 0),
                 format!("{}/{}", l.exact_runs, l.runs),
-                if l.resync_secs.n > 0 {
-                    fmt_secs(l.resync_secs.median)
-                } else {
-                    "–".into()
-                },
+                if l.resync_secs.n > 0 { fmt_secs(l.resync_secs.median) } else { "–".into() },
                 format!("{}/{}", l.wait_missed, l.runs),
             ]
         })
@@ -607,23 +538,12 @@ fn scale_table(r: &Results, md: bool) -> String {
                 fmt_count(s.entries as f64),
                 s.kind.clone(),
                 format!("{:.1}", s.bytes_per_entry),
-                format!(
-                    "{:.2e} ({:.2e}–{:.2e})",
-                    s.lookups_per_sec, s.lookups_min, s.lookups_max
-                ),
-                s.manager_lookups_per_sec
-                    .map(|x| format!("{x:.2e}"))
-                    .unwrap_or_else(|| "–".into()),
+                format!("{:.2e} ({:.2e}–{:.2e})", s.lookups_per_sec, s.lookups_min, s.lookups_max),
+                s.manager_lookups_per_sec.map(|x| format!("{x:.2e}")).unwrap_or_else(|| "–".into()),
             ]
         })
         .collect();
-    let h = [
-        "entries",
-        "table",
-        "bytes per entry",
-        "`MappingTable::vps_of` per s",
-        "`Manager::vps_of` per s",
-    ];
+    let h = ["entries", "table", "bytes per entry", "`MappingTable::vps_of` per s", "`Manager::vps_of` per s"];
     if md {
         markdown_table(&h, &rows)
     } else {
@@ -640,12 +560,7 @@ fn resync_table(r: &Results, md: bool) -> String {
                 fmt_count(x.live as f64),
                 fmt_secs(x.manager_new),
                 fmt_secs(x.adopt),
-                format!(
-                    "{} ({}–{})",
-                    fmt_secs(x.resync),
-                    fmt_secs(x.resync_min),
-                    fmt_secs(x.resync_max)
-                ),
+                format!("{} ({}–{})", fmt_secs(x.resync), fmt_secs(x.resync_min), fmt_secs(x.resync_max)),
                 fmt_secs(x.kill_all),
             ]
         })
@@ -667,22 +582,11 @@ fn resync_table(r: &Results, md: bool) -> String {
 /// The terminal report.
 pub fn text(r: &Results) -> String {
     let mut s = String::new();
-    s.push_str(&format!(
-        "vpstag benchmarks, {} ({:.0} s)\n\n",
-        r.date, r.elapsed
-    ));
+    s.push_str(&format!("vpstag benchmarks, {} ({:.0} s)\n\n", r.date, r.elapsed));
     let g = goals(r);
     if !g.is_empty() {
-        let rows: Vec<Vec<String>> = g
-            .iter()
-            .map(|x| {
-                vec![
-                    x.goal.clone(),
-                    x.result.clone(),
-                    met(x.met).replace("**", ""),
-                ]
-            })
-            .collect();
+        let rows: Vec<Vec<String>> =
+            g.iter().map(|x| vec![x.goal.clone(), x.result.clone(), met(x.met).replace("**", "")]).collect();
         s.push_str(&text_table(&["goal", "result", ""], &rows));
         s.push('\n');
     }
@@ -737,11 +641,7 @@ pub fn markdown(r: &Results, svg: &str) -> String {
         r.load_before,
         r.load_after
     ));
-    let m: Vec<Vec<String>> = r
-        .machine
-        .iter()
-        .map(|(k, v)| vec![k.clone(), v.clone()])
-        .collect();
+    let m: Vec<Vec<String>> = r.machine.iter().map(|(k, v)| vec![k.clone(), v.clone()]).collect();
     s.push_str(&markdown_table(&["machine", ""], &m));
     s.push('\n');
     for (n, why) in &r.unavailable {
@@ -753,14 +653,9 @@ pub fn markdown(r: &Results, svg: &str) -> String {
     let g = goals(r);
     if !g.is_empty() {
         s.push_str("## Goals\n\n");
-        let rows: Vec<Vec<String>> = g
-            .iter()
-            .map(|x| vec![x.goal.clone(), x.result.clone(), met(x.met).into()])
-            .collect();
-        s.push_str(&markdown_table(
-            &["goal (2-core machine)", "result (medians)", ""],
-            &rows,
-        ));
+        let rows: Vec<Vec<String>> =
+            g.iter().map(|x| vec![x.goal.clone(), x.result.clone(), met(x.met).into()]).collect();
+        s.push_str(&markdown_table(&["goal (2-core machine)", "result (medians)", ""], &rows));
         s.push('\n');
         let missed: Vec<&Goal> = g.iter().filter(|x| x.met == Some(false)).collect();
         if !missed.is_empty() {
@@ -771,12 +666,7 @@ pub fn markdown(r: &Results, svg: &str) -> String {
             s.push('\n');
         }
         let missed_wait: usize = r.loss.iter().map(|l| l.wait_missed).sum();
-        let lossy: usize = r
-            .loss
-            .iter()
-            .filter(|l| l.loss_reports.max > 0.0)
-            .map(|l| l.runs)
-            .sum();
+        let lossy: usize = r.loss.iter().filter(|l| l.loss_reports.max > 0.0).map(|l| l.runs).sum();
         if missed_wait > 0 {
             s.push_str(&format!(
                 "Also found: in {missed_wait} of the {lossy} runs of the §5 rows with losses, `Manager::wait` never \
@@ -858,11 +748,7 @@ pub fn markdown(r: &Results, svg: &str) -> String {
         ));
         s.push_str(&loss_table(r, true));
         s.push('\n');
-        let full: Vec<_> = r
-            .loss
-            .iter()
-            .filter(|l| l.target_rate == 0.0 && l.rcvbuf.contains("default"))
-            .collect();
+        let full: Vec<_> = r.loss.iter().filter(|l| l.target_rate == 0.0 && l.rcvbuf.contains("default")).collect();
         if !full.is_empty() && full.iter().all(|l| l.loss_reports.max == 0.0) {
             let best = full.iter().map(|l| l.rate.max).fold(0.0, f64::max);
             s.push_str(&format!(
@@ -888,27 +774,18 @@ pub fn markdown(r: &Results, svg: &str) -> String {
         s.push_str(&scale_table(r, true));
         s.push('\n');
         if !r.criterion.is_empty() {
-            s.push_str("Criterion (`cargo bench --bench table`, the latest results found), one look-up per iteration:\n\n");
+            s.push_str(
+                "Criterion (`cargo bench --bench table`, the latest results found), one look-up per iteration:\n\n",
+            );
             let rows: Vec<Vec<String>> = r
                 .criterion
                 .iter()
-                .map(|(id, ns)| {
-                    vec![
-                        id.clone(),
-                        format!("{ns:.1} ns"),
-                        format!("{:.2e}", 1e9 / ns),
-                    ]
-                })
+                .map(|(id, ns)| vec![id.clone(), format!("{ns:.1} ns"), format!("{:.2e}", 1e9 / ns)])
                 .collect();
-            s.push_str(&markdown_table(
-                &["benchmark", "median time", "per second"],
-                &rows,
-            ));
+            s.push_str(&markdown_table(&["benchmark", "median time", "per second"], &rows));
             s.push('\n');
         }
-        s.push_str(
-            "Start-up and resync with many live processes (the holder's children, sleeping):\n\n",
-        );
+        s.push_str("Start-up and resync with many live processes (the holder's children, sleeping):\n\n");
         s.push_str(&resync_table(r, true));
         s.push('\n');
     }
@@ -938,19 +815,12 @@ pub fn markdown(r: &Results, svg: &str) -> String {
 /// The chart: the overhead ratios per tracker and workload, with min–max whiskers.
 pub fn svg(r: &Results) -> String {
     let vars: Vec<String> = variants(r);
-    let colors = [
-        "#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02",
-    ];
+    let colors = ["#1b9e77", "#d95f02", "#7570b3", "#e7298a", "#66a61e", "#e6ab02"];
     let (w, h) = (860.0, 380.0);
     let (left, right, top, bottom) = (60.0, 260.0, 40.0, 50.0);
     let pw = w - left - right;
     let ph = h - top - bottom;
-    let top_ratio = r
-        .overhead
-        .iter()
-        .map(|o| o.ratio.max)
-        .filter(|x| x.is_finite())
-        .fold(1.2, f64::max);
+    let top_ratio = r.overhead.iter().map(|o| o.ratio.max).filter(|x| x.is_finite()).fold(1.2, f64::max);
     let ymax = (top_ratio * 5.0).ceil() / 5.0;
     let y = |v: f64| top + ph * (1.0 - (v.clamp(0.0, ymax) / ymax));
     let mut s = format!(
@@ -1074,10 +944,8 @@ pub fn svg(r: &Results) -> String {
 pub fn criterion_results(dir: Option<&str>) -> Vec<(String, f64)> {
     let base = match dir {
         Some(d) => std::path::PathBuf::from(d),
-        None => std::path::PathBuf::from(
-            std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()),
-        )
-        .join("criterion"),
+        None => std::path::PathBuf::from(std::env::var("CARGO_TARGET_DIR").unwrap_or_else(|_| "target".into()))
+            .join("criterion"),
     };
     let mut out = Vec::new();
     let mut stack = vec![base.clone()];
@@ -1093,18 +961,13 @@ pub fn criterion_results(dir: Option<&str>) -> Vec<(String, f64)> {
                     if let Ok(txt) = std::fs::read_to_string(&est) {
                         if let Ok(v) = serde_json::from_str::<serde_json::Value>(&txt) {
                             if let Some(ns) = v["median"]["point_estimate"].as_f64() {
-                                let id = d
-                                    .strip_prefix(&base)
-                                    .map(|x| x.to_string_lossy().into_owned())
-                                    .unwrap_or_default();
+                                let id =
+                                    d.strip_prefix(&base).map(|x| x.to_string_lossy().into_owned()).unwrap_or_default();
                                 out.push((id, ns));
                             }
                         }
                     }
-                } else if p
-                    .file_name()
-                    .is_some_and(|n| n != "report" && n != "base" && n != "change")
-                {
+                } else if p.file_name().is_some_and(|n| n != "report" && n != "base" && n != "change") {
                     stack.push(p);
                 }
             }

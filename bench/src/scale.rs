@@ -63,15 +63,11 @@ struct Proxy {
 
 impl Proxy {
     fn build(n: usize, vpses: u64) -> Proxy {
-        let mut p = Proxy {
-            by_pid: HashMap::new(),
-            members: HashMap::new(),
-        };
+        let mut p = Proxy { by_pid: HashMap::new(), members: HashMap::new() };
         for i in 0..n {
             let pid = Pid::new(i as i32 + 1).unwrap();
             let vps = VpsId(i as u64 % vpses + 1);
-            p.by_pid
-                .insert(pid, Shadow([i as u8; std::mem::size_of::<Entry>()]));
+            p.by_pid.insert(pid, Shadow([i as u8; std::mem::size_of::<Entry>()]));
             p.members.entry(vps).or_default().insert(pid);
         }
         p
@@ -110,12 +106,7 @@ pub struct ResyncRow {
     pub tagged: usize,
 }
 
-fn lookup_rate(
-    pids: &[Pid],
-    f: impl Fn(Pid) -> Option<VpsId>,
-    total: usize,
-    rounds: usize,
-) -> (f64, f64, f64) {
+fn lookup_rate(pids: &[Pid], f: impl Fn(Pid) -> Option<VpsId>, total: usize, rounds: usize) -> (f64, f64, f64) {
     let mut rates = Vec::new();
     for _ in 0..rounds {
         let t0 = sys::now_secs();
@@ -145,12 +136,7 @@ pub fn proxy_rows(sizes: &[usize], rounds: usize) -> Vec<ScaleRow> {
         let p = Proxy::build(n, 8);
         let bytes = (allocated() - a0) as f64 / n as f64;
         let pids: Vec<Pid> = p.by_pid.keys().copied().collect();
-        let (r, lo, hi) = lookup_rate(
-            &pids,
-            |x| p.by_pid.get(&x).map(|_| VpsId(1)),
-            10_000_000,
-            rounds,
-        );
+        let (r, lo, hi) = lookup_rate(&pids, |x| p.by_pid.get(&x).map(|_| VpsId(1)), 10_000_000, rounds);
         eprintln!("  proxy table {n}: {bytes:.1} B/entry, {r:.3e} look-ups/s");
         rows.push(ScaleRow {
             entries: n,
@@ -200,9 +186,7 @@ fn holder(n: usize) -> std::io::Result<i32> {
     sys::close(r);
     if !ok {
         sys::reap(pid);
-        return Err(std::io::Error::other(
-            "the holder could not fork its children",
-        ));
+        return Err(std::io::Error::other("the holder could not fork its children"));
     }
     Ok(pid)
 }
@@ -230,9 +214,7 @@ pub fn real(n: usize, backend: Backend, rounds: usize) -> Result<(ScaleRow, Resy
         let mgr = track::open(backend, None)?;
         let manager_new = sys::now_secs() - t0;
         let t0 = sys::now_secs();
-        let vps = mgr
-            .adopt("scale", Pid::new(h).unwrap())
-            .map_err(|e| e.to_string())?;
+        let vps = mgr.adopt("scale", Pid::new(h).unwrap()).map_err(|e| e.to_string())?;
         let adopt = sys::now_secs() - t0;
         let mut rs = Vec::new();
         for _ in 0..rounds {
@@ -247,12 +229,7 @@ pub fn real(n: usize, backend: Backend, rounds: usize) -> Result<(ScaleRow, Resy
         let tagged = table.len();
         let pids: Vec<Pid> = table.members(vps.id).collect();
         let (r, lo, hi) = lookup_rate(&pids, |p| table.vps_of(p), 10_000_000, rounds);
-        let (mr, _, _) = lookup_rate(
-            &pids,
-            |p| mgr.vps_of(p).ok().flatten().map(|v| v.id),
-            200_000,
-            rounds,
-        );
+        let (mr, _, _) = lookup_rate(&pids, |p| mgr.vps_of(p).ok().flatten().map(|v| v.id), 200_000, rounds);
         eprintln!("  real table {tagged}: {bytes:.1} B/entry, {r:.3e} look-ups/s, Manager::vps_of {mr:.3e}/s");
         let t0 = sys::now_secs();
         let _ = mgr.kill_all(&vps, Duration::from_secs(30));

@@ -37,19 +37,9 @@ pub fn summarize(xs: &[f64]) -> Summary {
     let min = v.iter().copied().fold(f64::INFINITY, f64::min);
     let max = v.iter().copied().fold(f64::NEG_INFINITY, f64::max);
     if v.is_empty() {
-        return Summary {
-            median: f64::NAN,
-            min: f64::NAN,
-            max: f64::NAN,
-            n: 0,
-        };
+        return Summary { median: f64::NAN, min: f64::NAN, max: f64::NAN, n: 0 };
     }
-    Summary {
-        median: median(&v),
-        min,
-        max,
-        n: v.len(),
-    }
+    Summary { median: median(&v), min, max, n: v.len() }
 }
 
 /// The `p`-th percentile (0..=100) of `xs` by the nearest-rank method; NaN when empty.
@@ -86,10 +76,7 @@ pub fn fmt_summary(s: &Summary, digits: usize) -> String {
     if s.n == 1 {
         return format!("{:.*}", digits, s.median);
     }
-    format!(
-        "{:.*} ({:.*}–{:.*})",
-        digits, s.median, digits, s.min, digits, s.max
-    )
+    format!("{:.*} ({:.*}–{:.*})", digits, s.median, digits, s.min, digits, s.max)
 }
 
 /// A number with a thousands separator (`12 345`), rounded.
@@ -173,11 +160,7 @@ pub fn text_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     };
     let mut out = line(headers.to_vec());
     out.push('\n');
-    let rule: String = widths
-        .iter()
-        .map(|w| "-".repeat(*w))
-        .collect::<Vec<_>>()
-        .join("  ");
+    let rule: String = widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>().join("  ");
     out.push_str(&rule);
     out.push('\n');
     for r in rows {
@@ -189,10 +172,7 @@ pub fn text_table(headers: &[&str], rows: &[Vec<String>]) -> String {
 
 /// Escapes text for SVG/XML.
 pub fn xml_escape(s: &str) -> String {
-    s.replace('&', "&amp;")
-        .replace('<', "&lt;")
-        .replace('>', "&gt;")
-        .replace('"', "&quot;")
+    s.replace('&', "&amp;").replace('<', "&lt;").replace('>', "&gt;").replace('"', "&quot;")
 }
 
 #[cfg(test)]

@@ -10,10 +10,7 @@ extern "C" {
 
 /// CLOCK_MONOTONIC in nanoseconds (comparable across processes).
 pub fn mono_ns() -> u64 {
-    let mut ts = libc::timespec {
-        tv_sec: 0,
-        tv_nsec: 0,
-    };
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid out pointer.
     unsafe { libc::clock_gettime(libc::CLOCK_MONOTONIC, &mut ts) };
     ts.tv_sec as u64 * 1_000_000_000 + ts.tv_nsec as u64
@@ -103,11 +100,7 @@ impl Spawner {
         let args: Vec<CString> = argv.iter().map(|a| CString::new(*a).unwrap()).collect();
         let mut p: Vec<*mut c_char> = args.iter().map(|c| c.as_ptr() as *mut c_char).collect();
         p.push(std::ptr::null_mut());
-        Spawner {
-            path: args[0].clone(),
-            _args: args,
-            argv: p,
-        }
+        Spawner { path: args[0].clone(), _args: args, argv: p }
     }
 
     /// Spawns one; returns the child's pid.
@@ -159,12 +152,7 @@ pub fn parse_stat(s: &[u8]) -> Option<Stat> {
     let state = f.first()?.as_bytes()[0];
     let ppid = f.get(1)?.parse().ok()?;
     let start = f.get(19)?.parse().ok()?;
-    Some(Stat {
-        pid,
-        ppid,
-        state,
-        start,
-    })
+    Some(Stat { pid, ppid, state, start })
 }
 
 /// Every pid in /proc (thread-group leaders).
@@ -263,9 +251,7 @@ pub fn kill(pid: i32, sig: i32) {
 
 /// The path of this executable.
 pub fn self_exe() -> String {
-    std::env::current_exe()
-        .map(|p| p.to_string_lossy().into_owned())
-        .unwrap_or_else(|_| "/proc/self/exe".into())
+    std::env::current_exe().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| "/proc/self/exe".into())
 }
 
 #[cfg(test)]
@@ -274,7 +260,8 @@ mod tests {
 
     #[test]
     fn stat_lines() {
-        let line = b"1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10 18446744073709551615";
+        let line =
+            b"1234 (a (b) c) S 1 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 1 0 98765 1000 10 18446744073709551615";
         let s = parse_stat(line).unwrap();
         assert_eq!((s.pid, s.ppid, s.state, s.start), (1234, 1, b'S', 98765));
         assert!(parse_stat(b"garbage").is_none());

@@ -90,10 +90,7 @@ fn wait_first(mgr: &Manager, vps: &vpstag::Vps) -> Result<(i32, bool), String> {
     let first = vps.first.as_raw();
     let mut dead_since: Option<f64> = None;
     loop {
-        if let Some(st) = mgr
-            .wait(vps, Some(Duration::from_millis(500)))
-            .map_err(|e| e.to_string())?
-        {
+        if let Some(st) = mgr.wait(vps, Some(Duration::from_millis(500))).map_err(|e| e.to_string())? {
             return Ok((st.shell_code(), false));
         }
         let dead = sys::read_stat(first).map_or(true, |s| s.state == b'Z' || s.state == b'X');
@@ -112,9 +109,7 @@ fn wait_first(mgr: &Manager, vps: &vpstag::Vps) -> Result<(i32, bool), String> {
             // SAFETY: waitpid on our own child, with a valid out pointer.
             let r = unsafe { libc::waitpid(first, &mut raw, libc::WNOHANG) };
             if r == first {
-                vpstag::ExitStatus::from_wait_status(raw)
-                    .map(|s| s.shell_code())
-                    .unwrap_or(-1)
+                vpstag::ExitStatus::from_wait_status(raw).map(|s| s.shell_code()).unwrap_or(-1)
             } else {
                 -1
             }
@@ -131,9 +126,7 @@ pub fn run(backend: Backend, rcvbuf: Option<usize>, cmd: &[String]) -> Result<Tr
     let cpu0 = sys::cpu_self();
     let w0 = sys::wakeups_self();
     let t0 = sys::now_secs();
-    let vps = mgr
-        .start("bench", Command::new(&cmd[0]).args(&cmd[1..]))
-        .map_err(|e| e.to_string())?;
+    let vps = mgr.start("bench", Command::new(&cmd[0]).args(&cmd[1..])).map_err(|e| e.to_string())?;
     let (status, wait_missed) = wait_first(&mgr, &vps)?;
     let _ = mgr.wait_empty(&vps, Some(Duration::from_secs(10)));
     mgr.sync().map_err(|e| e.to_string())?;
@@ -142,10 +135,7 @@ pub fn run(backend: Backend, rcvbuf: Option<usize>, cmd: &[String]) -> Result<Tr
     let wall = sys::now_secs() - t0;
     let s1 = mgr.stats();
     let table_left = mgr.table().map_err(|e| e.to_string())?.len();
-    let divergences = mgr
-        .check()
-        .map(|c| c.divergences.len())
-        .unwrap_or(usize::MAX);
+    let divergences = mgr.check().map(|c| c.divergences.len()).unwrap_or(usize::MAX);
     let r0 = sys::now_secs();
     mgr.resync().map_err(|e| e.to_string())?;
     let resync_secs = sys::now_secs() - r0;
@@ -176,22 +166,15 @@ pub fn raw(batch_ms: u64, cmd: &[String]) -> Result<TrackResult, String> {
     let cpu0 = sys::cpu_self();
     let w0 = sys::wakeups_self();
     let t0 = sys::now_secs();
-    let mut child = Command::new(&cmd[0])
-        .args(&cmd[1..])
-        .spawn()
-        .map_err(|e| e.to_string())?;
+    let mut child = Command::new(&cmd[0]).args(&cmd[1..]).spawn().map_err(|e| e.to_string())?;
     let mut buf = Vec::with_capacity(16384);
     let mut events = 0u64;
     let mut lost = 0u64;
     let status = loop {
         buf.clear();
-        t.read_events(&mut buf, Some(Duration::from_millis(20)))
-            .map_err(|e| e.to_string())?;
+        t.read_events(&mut buf, Some(Duration::from_millis(20))).map_err(|e| e.to_string())?;
         events += buf.len() as u64;
-        lost += buf
-            .iter()
-            .filter(|e| matches!(e.kind, vpstag::EventKind::Lost { .. }))
-            .count() as u64;
+        lost += buf.iter().filter(|e| matches!(e.kind, vpstag::EventKind::Lost { .. })).count() as u64;
         if let Some(st) = child.try_wait().map_err(|e| e.to_string())? {
             buf.clear();
             let _ = t.read_events(&mut buf, Some(Duration::ZERO));

@@ -107,13 +107,7 @@ fn fork_exit() -> io::Result<i32> {
 }
 
 /// Runs the workload and returns its rate.
-pub fn run(
-    mode: Mode,
-    count: u64,
-    parallel: u32,
-    rate: f64,
-    cpu: Option<usize>,
-) -> io::Result<WorkResult> {
+pub fn run(mode: Mode, count: u64, parallel: u32, rate: f64, cpu: Option<usize>) -> io::Result<WorkResult> {
     if let Some(c) = cpu {
         sys::pin_to_cpu(c)?;
     }
@@ -121,11 +115,7 @@ pub fn run(
         let t0 = sys::now_secs();
         one_forker(mode, count, rate)?;
         let secs = sys::now_secs() - t0;
-        return Ok(WorkResult {
-            ops: count,
-            secs,
-            rate: count as f64 / secs,
-        });
+        return Ok(WorkResult { ops: count, secs, rate: count as f64 / secs });
     }
     // Several forkers, released together by closing a pipe.
     let (gate_r, gate_w) = sys::pipe(true)?;
@@ -159,9 +149,5 @@ pub fn run(
         return Err(io::Error::other("a forker failed"));
     }
     let ops = share * u64::from(parallel);
-    Ok(WorkResult {
-        ops,
-        secs,
-        rate: ops as f64 / secs,
-    })
+    Ok(WorkResult { ops, secs, rate: ops as f64 / secs })
 }

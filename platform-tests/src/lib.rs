@@ -273,9 +273,7 @@ fn kill_checked(s: &ProcessStamp) -> bool {
 /// Every process (not thread) on the system with its parent, from `/proc`.
 pub fn process_table() -> Vec<Stat> {
     let Ok(dir) = std::fs::read_dir("/proc") else { return Vec::new() };
-    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok())
-        .filter_map(Stat::of)
-        .collect()
+    dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse::<i32>().ok()).filter_map(Stat::of).collect()
 }
 
 /// The live descendants of `pid` (children, their children...) by the ppid links in `/proc`,
@@ -456,10 +454,7 @@ mod tests {
         let text = "12 fork-chain/1\n13 fork-chain/2\nSKIP clone3 clone3: ENOSYS (kernel older than 5.3)\n\
                     FAIL relay timed out after 30s\n14 all/top\nREADY 3\n";
         let r = Report::parse(text);
-        assert_eq!(
-            r.live,
-            vec![(12, "fork-chain/1".into()), (13, "fork-chain/2".into()), (14, "all/top".into())]
-        );
+        assert_eq!(r.live, vec![(12, "fork-chain/1".into()), (13, "fork-chain/2".into()), (14, "all/top".into())]);
         assert_eq!(r.ready, Some(3));
         assert_eq!(r.skipped, vec![("clone3".into(), "clone3: ENOSYS (kernel older than 5.3)".into())]);
         assert_eq!(r.failed, vec![("relay".into(), "timed out after 30s".into())]);
@@ -540,10 +535,7 @@ mod tests {
     #[test]
     fn kills_a_child_and_finds_descendants() {
         let mut guard = Cleanup::new();
-        let child = std::process::Command::new("/bin/sh")
-            .args(["-c", "sleep 30 & sleep 30 & wait"])
-            .spawn()
-            .unwrap();
+        let child = std::process::Command::new("/bin/sh").args(["-c", "sleep 30 & sleep 30 & wait"]).spawn().unwrap();
         let root = child.id() as i32;
         guard.add_child(child);
         let deadline = Instant::now() + Duration::from_secs(5);

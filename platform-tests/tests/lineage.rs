@@ -174,8 +174,7 @@ fn kill_vps(mgr: &Manager, vps: &Vps, report: &Report) {
     pids.push(vps.first.as_raw());
     let stamps = stamp_all(pids);
     if let Err(e) = mgr.kill_all(vps, KILL_TIMEOUT) {
-        let left: Vec<String> =
-            mgr.members(vps).unwrap_or_default().iter().map(|p| describe(p.as_raw())).collect();
+        let left: Vec<String> = mgr.members(vps).unwrap_or_default().iter().map(|p| describe(p.as_raw())).collect();
         panic!("kill_all({}): {e}\n  members now: {}", vps.name, left.join(", "));
     }
     let left = vpstag_platform_tests::wait_gone(&stamps, Duration::from_secs(5));
@@ -306,9 +305,8 @@ fn nsenter_into_a_vps_pid_namespace_is_not_tagged() {
         // nsenter forks (a new PID namespace applies to children only) and the child execs sleep.
         let deadline = Instant::now() + Duration::from_secs(10);
         let sleeper = loop {
-            let found = live_descendants_of(nsenter_pid)
-                .into_iter()
-                .find(|p| Stat::of(*p).is_some_and(|s| s.comm == "sleep"));
+            let found =
+                live_descendants_of(nsenter_pid).into_iter().find(|p| Stat::of(*p).is_some_and(|s| s.comm == "sleep"));
             if let Some(p) = found {
                 break p;
             }

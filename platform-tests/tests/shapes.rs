@@ -52,12 +52,7 @@ impl Run {
         guard.add(report.pids());
         let run = Run { guard, report, top, path };
         assert!(run.report.failed.is_empty(), "{args:?} failed: {:?}", run.report.failed);
-        assert_eq!(
-            run.report.ready,
-            Some(run.report.live.len()),
-            "READY must count every live line: {:?}",
-            run.report
-        );
+        assert_eq!(run.report.ready, Some(run.report.live.len()), "READY must count every live line: {:?}", run.report);
         run
     }
 
@@ -270,7 +265,8 @@ const ORPHANED_ROLES: &[&str] =
 #[test]
 fn all_shapes_under_one_top() {
     let run = Run::start(&["all"]);
-    let shapes: BTreeSet<&str> = run.report.live.iter().filter_map(|(_, r)| r.split_once('/')).map(|(s, _)| s).collect();
+    let shapes: BTreeSet<&str> =
+        run.report.live.iter().filter_map(|(_, r)| r.split_once('/')).map(|(s, _)| s).collect();
     for shape in [
         "fork-chain",
         "vfork-exec",

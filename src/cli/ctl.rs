@@ -164,7 +164,13 @@ fn draw_trees(procs: &[ProcessInfo]) -> String {
                 roots.push(*p);
             }
         }
-        fn walk(out: &mut String, p: &ProcessInfo, prefix: &str, last: bool, children: &HashMap<i32, Vec<&ProcessInfo>>) {
+        fn walk(
+            out: &mut String,
+            p: &ProcessInfo,
+            prefix: &str,
+            last: bool,
+            children: &HashMap<i32, Vec<&ProcessInfo>>,
+        ) {
             out.push_str(&format!("{prefix}{}{} {}\n", if last { "└─" } else { "├─" }, p.pid, p.cmd));
             let kids = children.get(&p.pid).map(Vec::as_slice).unwrap_or(&[]);
             let next = format!("{prefix}{}", if last { "  " } else { "│ " });
@@ -212,7 +218,13 @@ fn list(a: super::ListArgs, socket: &Path) -> R {
             v.id,
             v.owner,
             v.first,
-            if v.first_alive { "running" } else if v.members > 0 { "orphan" } else { "exited" },
+            if v.first_alive {
+                "running"
+            } else if v.members > 0 {
+                "orphan"
+            } else {
+                "exited"
+            },
             v.members,
             &started[..19],
             v.cpu_ms as f64 / 1000.0,
@@ -270,8 +282,16 @@ fn check(a: super::CheckArgs, socket: &Path) -> R {
     } else {
         for d in &r.divergences {
             match d.kind.as_str() {
-                "missing" => println!("missing   {:>7}  untagged, but its ancestry says VPS {}", d.pid, d.expected.as_deref().unwrap_or("?")),
-                "extra" => println!("extra     {:>7}  tagged {} but gone (or its pid reused)", d.pid, d.vps.as_deref().unwrap_or("?")),
+                "missing" => println!(
+                    "missing   {:>7}  untagged, but its ancestry says VPS {}",
+                    d.pid,
+                    d.expected.as_deref().unwrap_or("?")
+                ),
+                "extra" => println!(
+                    "extra     {:>7}  tagged {} but gone (or its pid reused)",
+                    d.pid,
+                    d.vps.as_deref().unwrap_or("?")
+                ),
                 _ => println!(
                     "{:<9} {:>7}  tagged {} but its parent is in {}",
                     d.kind,

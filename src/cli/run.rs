@@ -161,7 +161,12 @@ pub(crate) fn run(a: RunArgs) -> vpstag::Result<i32> {
     let left: Vec<Pid> = mgr.members(&vps)?;
     if !left.is_empty() {
         if a.wait_all {
-            eprintln!("vpstag: {} exited; waiting for the {} remaining processes of VPS {:?}", a.name, left.len(), vps.name);
+            eprintln!(
+                "vpstag: {} exited; waiting for the {} remaining processes of VPS {:?}",
+                a.name,
+                left.len(),
+                vps.name
+            );
             while !mgr.members(&vps)?.is_empty() {
                 tick(&mut out)?;
             }

@@ -158,7 +158,8 @@ fn error_line(r: &Refusal) -> Vec<u8> {
         kind: &'a str,
         message: &'a str,
     }
-    let mut v = serde_json::to_vec(&Failure { ok: false, error: ErrorBody { kind: r.kind, message: &r.message } }).unwrap_or_default();
+    let mut v = serde_json::to_vec(&Failure { ok: false, error: ErrorBody { kind: r.kind, message: &r.message } })
+        .unwrap_or_default();
     v.push(b'\n');
     v
 }
@@ -218,7 +219,9 @@ fn event_info(ev: &crate::TaggedEvent, name: &str) -> Option<EventInfo> {
     };
     match ev.event.kind {
         EventKind::Fork { thread: true, .. } => None,
-        EventKind::Fork { parent, child, .. } => Some(EventInfo { parent: Some(parent.as_raw()), ..base("fork", child) }),
+        EventKind::Fork { parent, child, .. } => {
+            Some(EventInfo { parent: Some(parent.as_raw()), ..base("fork", child) })
+        }
         EventKind::Exec { pid, .. } => Some(EventInfo { cmd: crate::sys::cmdline(pid), ..base("exec", pid) }),
         EventKind::Exit { pid, thread, .. } if pid != thread => None,
         EventKind::Exit { pid, status, .. } => Some(EventInfo {
@@ -256,7 +259,10 @@ impl Daemon {
             let owner = self.owner(vps.id.0).map_or("another user".to_string(), |u| format!("uid {u}"));
             return Err(refuse(
                 "permission_denied",
-                format!("VPS {name:?} belongs to {owner}; only its owner or root may {what} it (you are uid {})", peer.uid),
+                format!(
+                    "VPS {name:?} belongs to {owner}; only its owner or root may {what} it (you are uid {})",
+                    peer.uid
+                ),
             ));
         }
         Ok(vps)
@@ -329,7 +335,9 @@ impl Daemon {
                 match self.mgr.vps_of(pid)? {
                     None => Ok(ok_line(json!({ "vps": null }))),
                     Some(v) if self.visible(peer, v.id.0) => Ok(ok_line(json!({ "vps": v.name }))),
-                    Some(_) => Err(refuse("permission_denied", format!("process {pid} belongs to a VPS of another user"))),
+                    Some(_) => {
+                        Err(refuse("permission_denied", format!("process {pid} belongs to a VPS of another user")))
+                    }
                 }
             }
             Op::Members { name } => {
@@ -340,7 +348,9 @@ impl Daemon {
             Op::Ps { name } => {
                 let vpses: Vec<Vps> = match name {
                     Some(n) => vec![self.lookup(peer, &n, "see")?],
-                    None => self.mgr.list()?.into_iter().map(|s| s.vps).filter(|v| self.visible(peer, v.id.0)).collect(),
+                    None => {
+                        self.mgr.list()?.into_iter().map(|s| s.vps).filter(|v| self.visible(peer, v.id.0)).collect()
+                    }
                 };
                 let mut out = Vec::new();
                 for vps in vpses {
@@ -360,7 +370,10 @@ impl Daemon {
                             vps: vps.name.clone(),
                             cmd: crate::sys::cmdline(m.id.pid).unwrap_or_else(|| format!("[{}]", info.name)),
                             uid: info.uid,
-                            source: serde_json::to_value(m.source).ok().and_then(|v| v.as_str().map(String::from)).unwrap_or_default(),
+                            source: serde_json::to_value(m.source)
+                                .ok()
+                                .and_then(|v| v.as_str().map(String::from))
+                                .unwrap_or_default(),
                             start: m.id.start.0,
                         });
                     }
@@ -441,7 +454,9 @@ impl Daemon {
                     report.divergences.retain(|d| match d {
                         crate::Divergence::Missing { expected, .. } => mine.contains(expected),
                         crate::Divergence::Extra { vps, .. } => mine.contains(vps),
-                        crate::Divergence::WrongTag { vps, expected, .. } => mine.contains(vps) || mine.contains(expected),
+                        crate::Divergence::WrongTag { vps, expected, .. } => {
+                            mine.contains(vps) || mine.contains(expected)
+                        }
                     });
                 }
                 Ok(ok_line(report))
@@ -462,16 +477,17 @@ impl Daemon {
         loop {
             let members = self.mgr.members(vps)?;
             let (allowed, denied): (Vec<Pid>, Vec<Pid>) = members.iter().partition(|p| may_signal(peer.uid, **p));
-            let targets: Vec<Pid> = if sig == Signal::KILL {
-                allowed
-            } else {
-                allowed.into_iter().filter(|p| !done.contains(p)).collect()
-            };
+            let targets: Vec<Pid> =
+                if sig == Signal::KILL { allowed } else { allowed.into_iter().filter(|p| !done.contains(p)).collect() };
             if targets.is_empty() {
                 if sig == Signal::KILL && !denied.is_empty() {
                     return Err(refuse(
                         "permission_denied",
-                        format!("{} processes of VPS {:?} run as another user and were not killed: {denied:?}", denied.len(), vps.name),
+                        format!(
+                            "{} processes of VPS {:?} run as another user and were not killed: {denied:?}",
+                            denied.len(),
+                            vps.name
+                        ),
                     ));
                 }
                 return Ok(done.len());
@@ -486,7 +502,10 @@ impl Daemon {
                 if sig != Signal::KILL || left.is_empty() {
                     return Ok(done.len());
                 }
-                return Err(refuse("timeout", format!("{} processes of VPS {:?} still alive after SIGKILL: {left:?}", left.len(), vps.name)));
+                return Err(refuse(
+                    "timeout",
+                    format!("{} processes of VPS {:?} still alive after SIGKILL: {left:?}", left.len(), vps.name),
+                ));
             }
             if sig == Signal::KILL {
                 std::thread::sleep(Duration::from_millis(10));
@@ -620,7 +639,9 @@ impl PeekNonblocking for UnixStream {
     /// `Some(0)` when the other end closed; `None` when nothing is there (or on error).
     fn peek_nonblocking(&self, buf: &mut [u8]) -> Option<usize> {
         // SAFETY: recv into a valid buffer, non-blocking peek.
-        let r = unsafe { libc::recv(self.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT) };
+        let r = unsafe {
+            libc::recv(self.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
+        };
         (r >= 0).then_some(r as usize)
     }
 }
@@ -666,14 +687,18 @@ fn read_line(r: &mut BufReader<UnixStream>) -> Line {
 }
 
 fn parse_request(line: &[u8]) -> Result<Request, Refusal> {
-    let v: Value = serde_json::from_slice(line).map_err(|e| refuse("bad_request", format!("not a JSON object: {e}")))?;
+    let v: Value =
+        serde_json::from_slice(line).map_err(|e| refuse("bad_request", format!("not a JSON object: {e}")))?;
     if !v.is_object() {
         return Err(refuse("bad_request", "a request is one JSON object a line"));
     }
     match v.get("v").and_then(Value::as_u64) {
         Some(n) if n == u64::from(PROTOCOL_VERSION) => {}
         Some(n) => {
-            return Err(refuse("unsupported_version", format!("protocol version {n} is not supported; this daemon speaks {PROTOCOL_VERSION}")))
+            return Err(refuse(
+                "unsupported_version",
+                format!("protocol version {n} is not supported; this daemon speaks {PROTOCOL_VERSION}"),
+            ))
         }
         None => return Err(refuse("bad_request", format!("missing \"v\" (the protocol version, {PROTOCOL_VERSION})"))),
     }
@@ -688,10 +713,14 @@ fn prepare_socket(path: &Path) -> Result<UnixListener, Error> {
         if UnixStream::connect(path).is_ok() {
             return Err(Error::io(
                 format!("listening on {}", path.display()),
-                io::Error::new(io::ErrorKind::AddrInUse, "a vpstag daemon is already listening there; stop it first or use another --socket"),
+                io::Error::new(
+                    io::ErrorKind::AddrInUse,
+                    "a vpstag daemon is already listening there; stop it first or use another --socket",
+                ),
             ));
         }
-        std::fs::remove_file(path).map_err(|e| Error::io(format!("removing the stale socket {}", path.display()), e))?;
+        std::fs::remove_file(path)
+            .map_err(|e| Error::io(format!("removing the stale socket {}", path.display()), e))?;
     }
     let l = UnixListener::bind(path).map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
     // Anyone may connect; every request is authorised by the peer's credentials.
@@ -706,8 +735,8 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     for sig in [libc::SIGTERM, libc::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| Error::io("installing signal handlers", e))?;
     }
-    let (store, loaded) =
-        Store::open(&cfg.state_dir).map_err(|e| Error::io(format!("opening the state directory {}", cfg.state_dir.display()), e))?;
+    let (store, loaded) = Store::open(&cfg.state_dir)
+        .map_err(|e| Error::io(format!("opening the state directory {}", cfg.state_dir.display()), e))?;
     if loaded.skipped > 0 {
         log!("skipped {} unreadable journal lines (a write torn by a crash)", loaded.skipped);
     }
@@ -789,7 +818,10 @@ pub fn run(cfg: Config) -> Result<(), Error> {
                     let _ = stream.set_nonblocking(false);
                     if daemon.connections.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
                         let mut s = &stream;
-                        let _ = s.write_all(&error_line(&refuse("busy", format!("{MAX_CONNECTIONS} connections are open; try again"))));
+                        let _ = s.write_all(&error_line(&refuse(
+                            "busy",
+                            format!("{MAX_CONNECTIONS} connections are open; try again"),
+                        )));
                         continue;
                     }
                     daemon.connections.fetch_add(1, Ordering::SeqCst);
@@ -819,7 +851,10 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             }
         }
     }
-    log!("stopping (the VPSes keep running{})", if backend == "ptrace" { "; under ptrace they are killed when the tracer exits" } else { "" });
+    log!(
+        "stopping (the VPSes keep running{})",
+        if backend == "ptrace" { "; under ptrace they are killed when the tracer exits" } else { "" }
+    );
     let _ = std::fs::remove_file(&cfg.socket);
     if let Err(e) = daemon.compact() {
         log!("cannot write the final snapshot: {e}");
@@ -837,7 +872,10 @@ mod tests {
 
     #[test]
     fn requests_parse_and_bad_ones_are_refused() {
-        assert!(matches!(parse_request(br#"{"v":1,"op":"which","pid":3}"#), Ok(Request { op: Op::Which { pid: 3 }, .. })));
+        assert!(matches!(
+            parse_request(br#"{"v":1,"op":"which","pid":3}"#),
+            Ok(Request { op: Op::Which { pid: 3 }, .. })
+        ));
         assert_eq!(parse_request(b"garbage").unwrap_err().kind, "bad_request");
         assert_eq!(parse_request(br#"{"op":"list"}"#).unwrap_err().kind, "bad_request");
         assert_eq!(parse_request(br#"{"v":9,"op":"list"}"#).unwrap_err().kind, "unsupported_version");

@@ -117,7 +117,10 @@ impl Store {
                 let snap: Snapshot = serde_json::from_slice(&bytes).map_err(|e| {
                     io::Error::new(
                         io::ErrorKind::InvalidData,
-                        format!("{} is not a vpstag snapshot ({e}); move it away to start without it", dir.join("snapshot.json").display()),
+                        format!(
+                            "{} is not a vpstag snapshot ({e}); move it away to start without it",
+                            dir.join("snapshot.json").display()
+                        ),
                     )
                 })?;
                 for v in snap.vpses {
@@ -214,10 +217,14 @@ mod tests {
         let v = SavedVps { id: 1, name: "a".into(), first_pid: 10, first_start: 5, started: 0 };
         l.apply(Record::Vps { vps: v, owner: 1000 });
         l.apply(Record::Change { c: Change::Added { pid: 10, start: 5, vps: 1, source: Source::First, parent: None } });
-        l.apply(Record::Change { c: Change::Added { pid: 11, start: 6, vps: 1, source: Source::Event, parent: Some(10) } });
+        l.apply(Record::Change {
+            c: Change::Added { pid: 11, start: 6, vps: 1, source: Source::Event, parent: Some(10) },
+        });
         l.apply(Record::Change { c: Change::Removed { pid: 11, start: 6, vps: 1 } });
         // A removal of an older holder of the pid does not drop the new one.
-        l.apply(Record::Change { c: Change::Added { pid: 12, start: 9, vps: 1, source: Source::Event, parent: Some(10) } });
+        l.apply(Record::Change {
+            c: Change::Added { pid: 12, start: 9, vps: 1, source: Source::Event, parent: Some(10) },
+        });
         l.apply(Record::Change { c: Change::Removed { pid: 12, start: 3, vps: 1 } });
         assert_eq!(l.members.len(), 2);
         assert!(l.members.contains_key(&10) && l.members.contains_key(&12));

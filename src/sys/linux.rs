@@ -128,9 +128,7 @@ fn open_ebpf() -> Result<Box<dyn ForkTracker>, TrackerError> {
 
 #[cfg(not(feature = "ebpf"))]
 fn open_ebpf() -> Result<Box<dyn ForkTracker>, TrackerError> {
-    Err(TrackerError::Unsupported(
-        "this vpstag was built without the eBPF backend (cargo feature `ebpf`)".into(),
-    ))
+    Err(TrackerError::Unsupported("this vpstag was built without the eBPF backend (cargo feature `ebpf`)".into()))
 }
 
 /// Opens a backend; `notes` receives what `auto` tried and why it fell back.

@@ -24,17 +24,13 @@ fn main() {
     // Tag ourselves: the command, our child, inherits the tag in the kernel.
     let me = Pid::new(std::process::id() as i32).unwrap();
     t.watch(me, VpsId(1)).expect("watch");
-    let mut child = std::process::Command::new(&args[0])
-        .args(&args[1..])
-        .spawn()
-        .expect("spawn");
+    let mut child = std::process::Command::new(&args[0]).args(&args[1..]).spawn().expect("spawn");
     let root = Pid::new(child.id() as i32).unwrap();
     let mut out = Vec::new();
     let mut done = false;
     loop {
         out.clear();
-        t.read_events(&mut out, Some(Duration::from_millis(200)))
-            .expect("read_events");
+        t.read_events(&mut out, Some(Duration::from_millis(200))).expect("read_events");
         for ev in &out {
             println!("{ev:?}");
             if matches!(ev.kind, EventKind::Exit { pid, .. } if pid == root) {

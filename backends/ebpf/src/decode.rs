@@ -47,13 +47,8 @@ pub struct Clock {
 impl Clock {
     /// A clock for `clk_tck` ticks a second (`sysconf(_SC_CLK_TCK)`, usually 100).
     pub fn new(clk_tck: u64, boottime_offset_ns: i64) -> Clock {
-        let ns_per_tick = 1_000_000_000u64
-            .checked_div(clk_tck)
-            .map_or(10_000_000, |n| n.max(1));
-        Clock {
-            ns_per_tick,
-            boottime_offset_ns,
-        }
+        let ns_per_tick = 1_000_000_000u64.checked_div(clk_tck).map_or(10_000_000, |n| n.max(1));
+        Clock { ns_per_tick, boottime_offset_ns }
     }
 
     /// Kernel boot-clock nanoseconds as this process's `CLOCK_BOOTTIME` nanoseconds.
@@ -70,10 +65,7 @@ impl Clock {
     /// A `/proc` start time back to kernel boot-clock nanoseconds (the start of that tick), so
     /// that [`to_ticks`](Clock::to_ticks) gives `ticks` again.
     pub fn from_ticks(self, ticks: StartTime) -> u64 {
-        ticks
-            .0
-            .saturating_mul(self.ns_per_tick)
-            .saturating_add_signed(self.boottime_offset_ns.saturating_neg())
+        ticks.0.saturating_mul(self.ns_per_tick).saturating_add_signed(self.boottime_offset_ns.saturating_neg())
     }
 }
 
@@ -134,10 +126,7 @@ pub fn decode_record(rec: &[u8], clock: Clock) -> Result<Record, DecodeError> {
             thread: false,
             child_start: Some(clock.to_ticks(u64_at(rec, OFF_START))),
         },
-        KIND_EXEC => EventKind::Exec {
-            pid: pid_at(rec, OFF_PID, "process")?,
-            thread: pid_at(rec, OFF_TID, "thread")?,
-        },
+        KIND_EXEC => EventKind::Exec { pid: pid_at(rec, OFF_PID, "process")?, thread: pid_at(rec, OFF_TID, "thread")? },
         KIND_EXIT => EventKind::Exit {
             pid: pid_at(rec, OFF_PID, "process")?,
             thread: pid_at(rec, OFF_TID, "thread")?,
@@ -152,10 +141,7 @@ pub fn decode_record(rec: &[u8], clock: Clock) -> Result<Record, DecodeError> {
         tag: Some(VpsId(u64_at(rec, OFF_VPS))),
         cpu: Some(u32_at(rec, OFF_CPU)),
     };
-    Ok(Record {
-        event,
-        flags: u32_at(rec, OFF_FLAGS),
-    })
+    Ok(Record { event, flags: u32_at(rec, OFF_FLAGS) })
 }
 
 /// Decodes one ring-buffer record into an event; a malformed record becomes
@@ -163,10 +149,7 @@ pub fn decode_record(rec: &[u8], clock: Clock) -> Result<Record, DecodeError> {
 pub fn decode_event(rec: &[u8], clock: Clock) -> Event {
     match decode_record(rec, clock) {
         Ok(r) => r.event,
-        Err(_) => Event::new(EventKind::Lost {
-            count: Some(1),
-            reason: LossReason::Other,
-        }),
+        Err(_) => Event::new(EventKind::Lost { count: Some(1), reason: LossReason::Other }),
     }
 }
 
@@ -218,10 +201,7 @@ impl Tag {
 
     /// Reads a map value; `None` if it has the wrong size.
     pub fn from_bytes(b: &[u8]) -> Option<Tag> {
-        (b.len() == TAG_SIZE).then(|| Tag {
-            vps: VpsId(u64_at(b, 0)),
-            start_ns: u64_at(b, 8),
-        })
+        (b.len() == TAG_SIZE).then(|| Tag { vps: VpsId(u64_at(b, 0)), start_ns: u64_at(b, 8) })
     }
 }
 
@@ -251,10 +231,7 @@ pub struct Counters {
 impl Counters {
     /// Reads the `counters` map value; `None` if it has the wrong size.
     pub fn from_bytes(b: &[u8]) -> Option<Counters> {
-        (b.len() == COUNTERS_SIZE).then(|| Counters {
-            insert_failed: u64_at(b, 0),
-            ringbuf_full: u64_at(b, 8),
-        })
+        (b.len() == COUNTERS_SIZE).then(|| Counters { insert_failed: u64_at(b, 0), ringbuf_full: u64_at(b, 8) })
     }
 
     /// The map value's bytes.
@@ -270,17 +247,8 @@ impl Counters {
     pub fn losses_since(self, seen: Counters) -> impl Iterator<Item = Event> {
         let map = self.insert_failed.saturating_sub(seen.insert_failed);
         let ring = self.ringbuf_full.saturating_sub(seen.ringbuf_full);
-        let lost = |n: u64, reason| {
-            (n > 0).then(|| {
-                Event::new(EventKind::Lost {
-                    count: Some(n),
-                    reason,
-                })
-            })
-        };
-        lost(map, LossReason::TrackingError)
-            .into_iter()
-            .chain(lost(ring, LossReason::Overflow))
+        let lost = |n: u64, reason| (n > 0).then(|| Event::new(EventKind::Lost { count: Some(n), reason }));
+        lost(map, LossReason::TrackingError).into_iter().chain(lost(ring, LossReason::Overflow))
     }
 }
 
@@ -288,10 +256,7 @@ impl Counters {
 mod tests {
     use super::*;
 
-    const CLOCK: Clock = Clock {
-        ns_per_tick: 10_000_000,
-        boottime_offset_ns: 0,
-    };
+    const CLOCK: Clock = Clock { ns_per_tick: 10_000_000, boottime_offset_ns: 0 };
 
     fn pid(n: i32) -> Pid {
         Pid::new(n).unwrap()
@@ -306,16 +271,11 @@ mod tests {
         assert_eq!(OFF_FLAGS + 4 + 4, RECORD_SIZE);
         assert_eq!(TAG_SIZE, 16);
         assert_eq!(COUNTERS_SIZE, 16);
-        let order = [
-            "time_ns", "vps", "start_ns", "kind", "cpu", "pid", "tid", "child", "status", "flags",
-            "pad",
-        ];
+        let order = ["time_ns", "vps", "start_ns", "kind", "cpu", "pid", "tid", "child", "status", "flags", "pad"];
         let body = &header[header.find("struct vpstag_event {").unwrap()..];
         let mut last = 0;
         for field in order {
-            let at = body
-                .find(&format!("{field};"))
-                .unwrap_or_else(|| panic!("{field} not in vpstag.h"));
+            let at = body.find(&format!("{field};")).unwrap_or_else(|| panic!("{field} not in vpstag.h"));
             assert!(at > last, "{field} out of order in vpstag.h");
             last = at;
         }
@@ -324,18 +284,7 @@ mod tests {
     #[test]
     fn decodes_a_fork() {
         // Child started 12.345678901 s after boot: tick 1234.
-        let rec = encode_record(
-            KIND_FORK,
-            99_000_000_000,
-            7,
-            12_345_678_901,
-            1,
-            100,
-            101,
-            101,
-            0,
-            0,
-        );
+        let rec = encode_record(KIND_FORK, 99_000_000_000, 7, 12_345_678_901, 1, 100, 101, 101, 0, 0);
         let r = decode_record(&rec, CLOCK).unwrap();
         assert_eq!(r.flags, 0);
         assert_eq!(
@@ -365,13 +314,7 @@ mod tests {
     fn decodes_exec_from_a_thread() {
         let rec = encode_record(KIND_EXEC, 5, 9, 0, 0, 200, 203, 0, 0, 0);
         let ev = decode_event(&rec, CLOCK);
-        assert_eq!(
-            ev.kind,
-            EventKind::Exec {
-                pid: pid(200),
-                thread: pid(203)
-            }
-        );
+        assert_eq!(ev.kind, EventKind::Exec { pid: pid(200), thread: pid(203) });
         assert_eq!(ev.tag, Some(VpsId(9)));
         assert_eq!(ev.time_ns, Some(5));
     }
@@ -394,10 +337,7 @@ mod tests {
             EventKind::Exit {
                 pid: pid(200),
                 thread: pid(200),
-                status: Some(ExitStatus::Signaled {
-                    signal: 9,
-                    core_dumped: false
-                }),
+                status: Some(ExitStatus::Signaled { signal: 9, core_dumped: false }),
                 group_dead: Some(true)
             }
         );
@@ -414,32 +354,14 @@ mod tests {
     #[test]
     fn malformed_records_are_errors_and_lost_events() {
         let rec = encode_record(KIND_FORK, 1, 1, 0, 0, 2, 3, 3, 0, 0);
-        assert_eq!(
-            decode_record(&rec[..40], CLOCK),
-            Err(DecodeError::Short(40))
-        );
+        assert_eq!(decode_record(&rec[..40], CLOCK), Err(DecodeError::Short(40)));
         let unknown = encode_record(42, 1, 1, 0, 0, 2, 3, 3, 0, 0);
-        assert_eq!(
-            decode_record(&unknown, CLOCK),
-            Err(DecodeError::UnknownKind(42))
-        );
+        assert_eq!(decode_record(&unknown, CLOCK), Err(DecodeError::UnknownKind(42)));
         let bad_child = encode_record(KIND_FORK, 1, 1, 0, 0, 2, 3, 0, 0, 0);
-        assert_eq!(
-            decode_record(&bad_child, CLOCK),
-            Err(DecodeError::BadPid("child", 0))
-        );
+        assert_eq!(decode_record(&bad_child, CLOCK), Err(DecodeError::BadPid("child", 0)));
         let bad_pid = encode_record(KIND_EXIT, 1, 1, 0, 0, -4, 3, 0, 0, 0);
-        assert_eq!(
-            decode_record(&bad_pid, CLOCK),
-            Err(DecodeError::BadPid("process", -4))
-        );
-        assert_eq!(
-            decode_event(&unknown, CLOCK).kind,
-            EventKind::Lost {
-                count: Some(1),
-                reason: LossReason::Other
-            }
-        );
+        assert_eq!(decode_record(&bad_pid, CLOCK), Err(DecodeError::BadPid("process", -4)));
+        assert_eq!(decode_event(&unknown, CLOCK).kind, EventKind::Lost { count: Some(1), reason: LossReason::Other });
     }
 
     #[test]
@@ -466,10 +388,7 @@ mod tests {
 
     #[test]
     fn tag_values_round_trip() {
-        let t = Tag {
-            vps: VpsId(0xdead_beef_0042),
-            start_ns: 123_456_789_012,
-        };
+        let t = Tag { vps: VpsId(0xdead_beef_0042), start_ns: 123_456_789_012 };
         assert_eq!(Tag::from_bytes(&t.to_bytes()), Some(t));
         assert_eq!(Tag::from_bytes(&[0; 8]), None);
         assert_eq!(pid_from_key(&tag_key(pid(4242))), Some(pid(4242)));
@@ -479,37 +398,17 @@ mod tests {
 
     #[test]
     fn counter_growth_becomes_lost_events() {
-        let c = Counters {
-            insert_failed: 5,
-            ringbuf_full: 2,
-        };
+        let c = Counters { insert_failed: 5, ringbuf_full: 2 };
         assert_eq!(Counters::from_bytes(&c.to_bytes()), Some(c));
         assert_eq!(Counters::from_bytes(&[0; 3]), None);
-        let lost: Vec<_> = c
-            .losses_since(Counters {
-                insert_failed: 1,
-                ringbuf_full: 2,
-            })
-            .collect();
-        assert_eq!(
-            lost,
-            vec![Event::new(EventKind::Lost {
-                count: Some(4),
-                reason: LossReason::TrackingError
-            })]
-        );
+        let lost: Vec<_> = c.losses_since(Counters { insert_failed: 1, ringbuf_full: 2 }).collect();
+        assert_eq!(lost, vec![Event::new(EventKind::Lost { count: Some(4), reason: LossReason::TrackingError })]);
         let lost: Vec<_> = c.losses_since(Counters::default()).collect();
         assert_eq!(
             lost,
             vec![
-                Event::new(EventKind::Lost {
-                    count: Some(5),
-                    reason: LossReason::TrackingError
-                }),
-                Event::new(EventKind::Lost {
-                    count: Some(2),
-                    reason: LossReason::Overflow
-                }),
+                Event::new(EventKind::Lost { count: Some(5), reason: LossReason::TrackingError }),
+                Event::new(EventKind::Lost { count: Some(2), reason: LossReason::Overflow }),
             ]
         );
         assert_eq!(c.losses_since(c).count(), 0);

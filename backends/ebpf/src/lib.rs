@@ -84,9 +84,7 @@ use std::os::fd::BorrowedFd;
 use std::time::Duration;
 
 pub use vpstag_tracker;
-use vpstag_tracker::{
-    BackendKind, Capabilities, Event, ForkTracker, Pid, StartTime, TrackerError, VpsId,
-};
+use vpstag_tracker::{BackendKind, Capabilities, Event, ForkTracker, Pid, StartTime, TrackerError, VpsId};
 
 pub mod decode;
 #[cfg(target_os = "linux")]
@@ -129,10 +127,7 @@ impl Config {
 
 impl Default for Config {
     fn default() -> Config {
-        Config {
-            map_entries: Config::DEFAULT_MAP_ENTRIES,
-            ring_bytes: Config::DEFAULT_RING_BYTES,
-        }
+        Config { map_entries: Config::DEFAULT_MAP_ENTRIES, ring_bytes: Config::DEFAULT_RING_BYTES }
     }
 }
 
@@ -194,39 +189,21 @@ mod linux {
             if config.map_entries == 0 {
                 return Err(TrackerError::io(
                     "eBPF backend",
-                    io::Error::new(
-                        io::ErrorKind::InvalidInput,
-                        "Config::map_entries must be at least 1",
-                    ),
+                    io::Error::new(io::ErrorKind::InvalidInput, "Config::map_entries must be at least 1"),
                 ));
             }
             let page = page_size();
-            let ring_bytes = config
-                .ring_bytes
-                .max(page)
-                .checked_next_power_of_two()
-                .ok_or_else(|| {
-                    TrackerError::io(
-                        "eBPF backend",
-                        io::Error::new(
-                            io::ErrorKind::InvalidInput,
-                            "Config::ring_bytes is too large",
-                        ),
-                    )
-                })?;
-            let config = Config {
-                ring_bytes,
-                ..config
-            };
+            let ring_bytes = config.ring_bytes.max(page).checked_next_power_of_two().ok_or_else(|| {
+                TrackerError::io(
+                    "eBPF backend",
+                    io::Error::new(io::ErrorKind::InvalidInput, "Config::ring_bytes is too large"),
+                )
+            })?;
+            let config = Config { ring_bytes, ..config };
             let clock = Clock::new(procfs::clk_tck(), procfs::own_boottime_offset());
             let inner = Loaded::load(config.map_entries, config.ring_bytes, clock)?;
             let seen = inner.counters()?;
-            Ok(Ebpf {
-                inner,
-                clock,
-                config,
-                seen,
-            })
+            Ok(Ebpf { inner, clock, config, seen })
         }
 
         /// The checks [`new`](Ebpf::new) makes before it asks the kernel anything: BTF is there
@@ -249,10 +226,7 @@ mod linux {
         /// The map's raw entry for `pid`: its VPS and start time, without checking that `pid` is
         /// still that process (see [`lookup`](ForkTracker::lookup), which does).
         pub fn tag_of(&self, pid: Pid) -> Result<Option<(VpsId, StartTime)>, TrackerError> {
-            Ok(self
-                .inner
-                .get(pid)?
-                .map(|t| (t.vps, self.clock.to_ticks(t.start_ns))))
+            Ok(self.inner.get(pid)?.map(|t| (t.vps, self.clock.to_ticks(t.start_ns))))
         }
 
         /// Every entry of the tag map (a snapshot).
@@ -261,11 +235,7 @@ mod linux {
                 .inner
                 .entries()?
                 .into_iter()
-                .map(|(pid, t)| Member {
-                    pid,
-                    vps: t.vps,
-                    start: self.clock.to_ticks(t.start_ns),
-                })
+                .map(|(pid, t)| Member { pid, vps: t.vps, start: self.clock.to_ticks(t.start_ns) })
                 .collect())
         }
 
@@ -288,13 +258,7 @@ mod linux {
             };
             let tgid = procfs::tgid_of(pid).map_err(gone)?;
             let start = procfs::start_time(tgid).map_err(gone)?;
-            self.inner.set(
-                tgid,
-                Tag {
-                    vps,
-                    start_ns: self.clock.from_ticks(start),
-                },
-            )?;
+            self.inner.set(tgid, Tag { vps, start_ns: self.clock.from_ticks(start) })?;
             // If the process died and its pid was reused meanwhile, undo.
             if procfs::start_time(tgid).ok() != Some(start) {
                 self.inner.remove(tgid)?;
@@ -346,11 +310,7 @@ mod linux {
             self.inner.fd()
         }
 
-        fn read_events(
-            &mut self,
-            out: &mut Vec<Event>,
-            timeout: Option<Duration>,
-        ) -> Result<usize, TrackerError> {
+        fn read_events(&mut self, out: &mut Vec<Event>, timeout: Option<Duration>) -> Result<usize, TrackerError> {
             let start = out.len();
             let deadline = timeout.and_then(|t| Instant::now().checked_add(t));
             loop {
@@ -439,9 +399,7 @@ mod other {
     }
 
     fn unsupported() -> TrackerError {
-        TrackerError::Unsupported(
-            "the eBPF backend is Linux only; use --backend kqueue or ptrace".to_owned(),
-        )
+        TrackerError::Unsupported("the eBPF backend is Linux only; use --backend kqueue or ptrace".to_owned())
     }
 
     impl Ebpf {
@@ -486,11 +444,7 @@ mod other {
         fn as_fd(&self) -> BorrowedFd<'_> {
             match self.never {}
         }
-        fn read_events(
-            &mut self,
-            _out: &mut Vec<Event>,
-            _timeout: Option<Duration>,
-        ) -> Result<usize, TrackerError> {
+        fn read_events(&mut self, _out: &mut Vec<Event>, _timeout: Option<Duration>) -> Result<usize, TrackerError> {
             match self.never {}
         }
     }
@@ -518,10 +472,7 @@ mod tests {
         let c = Config::default();
         assert_eq!(c.map_entries, 65_536);
         assert_eq!(c.ring_bytes, 1 << 20);
-        let small = Config {
-            map_entries: 8,
-            ..Config::default()
-        };
+        let small = Config { map_entries: 8, ..Config::default() };
         assert_eq!(small.ring_bytes, Config::DEFAULT_RING_BYTES);
     }
 }

@@ -18,18 +18,12 @@ pub fn parse_stat_start(stat: &str) -> Option<u64> {
 
 /// The `Tgid:` line of `/proc/PID/status`.
 pub fn parse_status_tgid(status: &str) -> Option<i32> {
-    status
-        .lines()
-        .find_map(|l| l.strip_prefix("Tgid:"))
-        .and_then(|v| v.trim().parse().ok())
+    status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
 }
 
 /// The effective capability set (`CapEff:` of `/proc/thread-self/status`).
 pub fn parse_cap_eff(status: &str) -> Option<u64> {
-    let hex = status
-        .lines()
-        .find_map(|l| l.strip_prefix("CapEff:"))?
-        .trim();
+    let hex = status.lines().find_map(|l| l.strip_prefix("CapEff:"))?.trim();
     u64::from_str_radix(hex, 16).ok()
 }
 
@@ -78,12 +72,7 @@ mod linux {
         let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw()))?;
         super::parse_stat_start(&stat)
             .map(StartTime)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("unparsable /proc/{pid}/stat"),
-                )
-            })
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unparsable /proc/{pid}/stat")))
     }
 
     /// The process (thread-group id) that the task `pid` belongs to.
@@ -91,12 +80,7 @@ mod linux {
         let status = std::fs::read_to_string(format!("/proc/{}/status", pid.as_raw()))?;
         super::parse_status_tgid(&status)
             .and_then(Pid::new)
-            .ok_or_else(|| {
-                io::Error::new(
-                    io::ErrorKind::InvalidData,
-                    format!("no Tgid in /proc/{pid}/status"),
-                )
-            })
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no Tgid in /proc/{pid}/status")))
     }
 
     /// The calling thread's effective capabilities (what bpf(2) checks), if /proc tells.
@@ -166,28 +150,16 @@ mod tests {
 
     #[test]
     fn timens_offsets() {
-        assert_eq!(
-            parse_timens_boottime("monotonic 0 0\nboottime 0 0\n"),
-            Some(0)
-        );
-        assert_eq!(
-            parse_timens_boottime("monotonic  1 0\nboottime  -5 250\n"),
-            Some(-4_999_999_750)
-        );
+        assert_eq!(parse_timens_boottime("monotonic 0 0\nboottime 0 0\n"), Some(0));
+        assert_eq!(parse_timens_boottime("monotonic  1 0\nboottime  -5 250\n"), Some(-4_999_999_750));
         assert_eq!(parse_timens_boottime("1 3 0\n7 2 5\n"), Some(2_000_000_005));
         assert_eq!(parse_timens_boottime("monotonic 1 0\n"), None);
     }
 
     #[test]
     fn lockdown_modes() {
-        assert_eq!(
-            parse_lockdown("[none] integrity confidentiality\n"),
-            Some("none")
-        );
-        assert_eq!(
-            parse_lockdown("none integrity [confidentiality]\n"),
-            Some("confidentiality")
-        );
+        assert_eq!(parse_lockdown("[none] integrity confidentiality\n"), Some("none"));
+        assert_eq!(parse_lockdown("none integrity [confidentiality]\n"), Some("confidentiality"));
         assert_eq!(parse_lockdown(""), None);
     }
 }

@@ -9,8 +9,7 @@ use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
 
 use libbpf_rs::{
-    ErrorKind, Link, MapCore, MapFlags, MapHandle, Object, ObjectBuilder, PrintLevel, RingBuffer,
-    RingBufferBuilder,
+    ErrorKind, Link, MapCore, MapFlags, MapHandle, Object, ObjectBuilder, PrintLevel, RingBuffer, RingBufferBuilder,
 };
 use vpstag_tracker::{Event, Pid, TrackerError};
 
@@ -20,8 +19,7 @@ use crate::procfs;
 /// The BPF object that build.rs compiled, 8-byte aligned for libelf.
 #[repr(C, align(8))]
 struct Aligned<T: ?Sized>(T);
-static OBJECT: &Aligned<[u8]> =
-    &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/vpstag.bpf.o")));
+static OBJECT: &Aligned<[u8]> = &Aligned(*include_bytes!(concat!(env!("OUT_DIR"), "/vpstag.bpf.o")));
 
 const PROGRAMS: [&str; 3] = ["vpstag_fork", "vpstag_exec", "vpstag_exit"];
 const BTF_PATH: &str = "/sys/kernel/btf/vmlinux";
@@ -127,13 +125,11 @@ fn check_btf(path: &Path) -> Result<(), TrackerError> {
              CONFIG_DEBUG_INFO_BTF=y and Linux 5.8 or later), so the BPF program cannot be \
              relocated to it; use --backend cnproc"
         ))),
-        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => {
-            Err(TrackerError::PermissionDenied {
-                what: format!("reading the kernel's BTF ({shown})"),
-                hint: permission_hint(),
-                source: e,
-            })
-        }
+        Err(e) if e.kind() == io::ErrorKind::PermissionDenied => Err(TrackerError::PermissionDenied {
+            what: format!("reading the kernel's BTF ({shown})"),
+            hint: permission_hint(),
+            source: e,
+        }),
         Err(e) => Err(TrackerError::io(format!("reading {shown}"), e)),
     }
 }
@@ -144,8 +140,7 @@ pub(crate) fn preflight() -> Result<(), TrackerError> {
     if let Some(caps) = procfs::own_cap_eff() {
         if !procfs::caps_suffice(caps) {
             return Err(TrackerError::PermissionDenied {
-                what: "loading the eBPF backend's programs (this process lacks CAP_BPF and CAP_PERFMON)"
-                    .to_owned(),
+                what: "loading the eBPF backend's programs (this process lacks CAP_BPF and CAP_PERFMON)".to_owned(),
                 hint: permission_hint(),
                 source: io::Error::from_raw_os_error(libc::EPERM),
             });
@@ -170,11 +165,7 @@ pub(crate) struct Loaded {
 
 impl Loaded {
     /// Loads the object with the given map sizes, attaches every program and sets up the reader.
-    pub(crate) fn load(
-        map_entries: u32,
-        ring_bytes: u32,
-        clock: Clock,
-    ) -> Result<Loaded, TrackerError> {
+    pub(crate) fn load(map_entries: u32, ring_bytes: u32, clock: Clock) -> Result<Loaded, TrackerError> {
         preflight()?;
         let _one_at_a_time = lock(&LOAD_LOCK);
         lock(&LOAD_LOG).clear();
@@ -191,20 +182,14 @@ impl Loaded {
         clock: Clock,
     ) -> Result<Loaded, (&'static str, libbpf_rs::Error)> {
         let mut builder = ObjectBuilder::default();
-        builder
-            .name("vpstag")
-            .map_err(|e| ("naming the BPF object", e))?;
-        let mut open = builder
-            .open_memory(&OBJECT.0)
-            .map_err(|e| ("opening the BPF object", e))?;
+        builder.name("vpstag").map_err(|e| ("naming the BPF object", e))?;
+        let mut open = builder.open_memory(&OBJECT.0).map_err(|e| ("opening the BPF object", e))?;
         for mut map in open.maps_mut() {
             let name = map.name().to_owned();
             if name == "tags" {
-                map.set_max_entries(map_entries)
-                    .map_err(|e| ("sizing the tag map", e))?;
+                map.set_max_entries(map_entries).map_err(|e| ("sizing the tag map", e))?;
             } else if name == "events" {
-                map.set_max_entries(ring_bytes)
-                    .map_err(|e| ("sizing the ring buffer", e))?;
+                map.set_max_entries(ring_bytes).map_err(|e| ("sizing the ring buffer", e))?;
             }
         }
         let object = open.load().map_err(|e| ("loading the BPF programs", e))?;
@@ -213,12 +198,7 @@ impl Loaded {
             let map = object
                 .maps()
                 .find(|m| m.name() == OsStr::new(name))
-                .ok_or_else(|| {
-                    (
-                        "finding a map",
-                        libbpf_rs::Error::from(io::Error::from(io::ErrorKind::NotFound)),
-                    )
-                })?;
+                .ok_or_else(|| ("finding a map", libbpf_rs::Error::from(io::Error::from(io::ErrorKind::NotFound))))?;
             MapHandle::try_from(&map).map_err(|e| ("duplicating a map descriptor", e))
         };
         let tags = handle("tags")?;
@@ -228,19 +208,10 @@ impl Loaded {
         // Attach each program once and keep its link for as long as the tracker lives.
         let mut links = Vec::with_capacity(PROGRAMS.len());
         for name in PROGRAMS {
-            let prog = object
-                .progs_mut()
-                .find(|p| p.name() == OsStr::new(name))
-                .ok_or_else(|| {
-                    (
-                        "finding a program",
-                        libbpf_rs::Error::from(io::Error::from(io::ErrorKind::NotFound)),
-                    )
-                })?;
-            links.push(
-                prog.attach()
-                    .map_err(|e| ("attaching a tp_btf program", e))?,
-            );
+            let prog = object.progs_mut().find(|p| p.name() == OsStr::new(name)).ok_or_else(|| {
+                ("finding a program", libbpf_rs::Error::from(io::Error::from(io::ErrorKind::NotFound)))
+            })?;
+            links.push(prog.attach().map_err(|e| ("attaching a tp_btf program", e))?);
         }
 
         let staged = Arc::new(Mutex::new(Vec::with_capacity(1024)));
@@ -251,19 +222,9 @@ impl Loaded {
             0
         })
         .map_err(|e| ("setting up the ring-buffer reader", e))?;
-        let ring = rb
-            .build()
-            .map_err(|e| ("setting up the ring-buffer reader", e))?;
+        let ring = rb.build().map_err(|e| ("setting up the ring-buffer reader", e))?;
 
-        Ok(Loaded {
-            ring,
-            staged,
-            _links: links,
-            tags,
-            counters,
-            events,
-            _object: object,
-        })
+        Ok(Loaded { ring, staged, _links: links, tags, counters, events, _object: object })
     }
 
     /// The ring buffer's descriptor: it polls readable when records wait.
@@ -275,10 +236,7 @@ impl Loaded {
     pub(crate) fn consume(&self) -> Result<(), TrackerError> {
         let n = self.ring.consume_raw();
         if n < 0 && n != -libc::EINTR {
-            return Err(TrackerError::io(
-                "reading the eBPF ring buffer",
-                io::Error::from_raw_os_error(-n),
-            ));
+            return Err(TrackerError::io("reading the eBPF ring buffer", io::Error::from_raw_os_error(-n)));
         }
         Ok(())
     }
@@ -289,16 +247,11 @@ impl Loaded {
         let timeout = match timeout {
             None => Duration::MAX,
             // Whole milliseconds for epoll, rounded up so that a short wait does wait.
-            Some(t) => {
-                Duration::from_millis(t.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as u64)
-            }
+            Some(t) => Duration::from_millis(t.as_nanos().div_ceil(1_000_000).min(i32::MAX as u128) as u64),
         };
         let n = self.ring.poll_raw(timeout);
         if n < 0 && n != -libc::EINTR {
-            return Err(TrackerError::io(
-                "waiting on the eBPF ring buffer",
-                io::Error::from_raw_os_error(-n),
-            ));
+            return Err(TrackerError::io("waiting on the eBPF ring buffer", io::Error::from_raw_os_error(-n)));
         }
         Ok(())
     }
@@ -317,10 +270,7 @@ impl Loaded {
             .counters
             .lookup(&0u32.to_ne_bytes(), MapFlags::ANY)
             .map_err(|e| map_error("reading the eBPF counters", e))?;
-        Ok(value
-            .as_deref()
-            .and_then(Counters::from_bytes)
-            .unwrap_or_default())
+        Ok(value.as_deref().and_then(Counters::from_bytes).unwrap_or_default())
     }
 
     /// The map's entry for `pid`.
@@ -351,10 +301,7 @@ impl Loaded {
         match self.tags.delete(&decode::tag_key(pid)) {
             Ok(()) => Ok(true),
             Err(e) if e.kind() == ErrorKind::NotFound => Ok(false),
-            Err(e) => Err(map_error(
-                format!("deleting {pid} from the eBPF tag map"),
-                e,
-            )),
+            Err(e) => Err(map_error(format!("deleting {pid} from the eBPF tag map"), e)),
         }
     }
 
@@ -364,9 +311,7 @@ impl Loaded {
             .tags
             .lookup_batch(1024, MapFlags::ANY, MapFlags::ANY)
             .map_err(|e| map_error("listing the eBPF tag map", e))?;
-        Ok(batch
-            .filter_map(|(k, v)| Some((decode::pid_from_key(&k)?, Tag::from_bytes(&v)?)))
-            .collect())
+        Ok(batch.filter_map(|(k, v)| Some((decode::pid_from_key(&k)?, Tag::from_bytes(&v)?))).collect())
     }
 
     /// The tag map's capacity.
@@ -384,10 +329,7 @@ mod tests {
         assert_eq!(log_tail(""), "");
         let log: String = (0..20).map(|i| format!("line {i}\n")).collect();
         let tail = log_tail(&log);
-        assert!(
-            tail.contains("line 19") && tail.contains("line 12") && !tail.contains("line 11"),
-            "{tail}"
-        );
+        assert!(tail.contains("line 19") && tail.contains("line 12") && !tail.contains("line 11"), "{tail}");
     }
 
     #[test]
@@ -395,44 +337,26 @@ mod tests {
         let eperm = libbpf_rs::Error::from(io::Error::from_raw_os_error(libc::EPERM));
         match load_error("loading", eperm, "") {
             TrackerError::PermissionDenied { hint, .. } => {
-                assert!(
-                    hint.contains("CAP_BPF")
-                        && hint.contains("CAP_PERFMON")
-                        && hint.contains("cnproc")
-                )
+                assert!(hint.contains("CAP_BPF") && hint.contains("CAP_PERFMON") && hint.contains("cnproc"))
             }
             other => panic!("{other:?}"),
         }
         let einval = libbpf_rs::Error::from(io::Error::from_raw_os_error(libc::EINVAL));
-        match load_error(
-            "loading",
-            einval,
-            "libbpf: prog 'vpstag_fork': failed to load\n",
-        ) {
+        match load_error("loading", einval, "libbpf: prog 'vpstag_fork': failed to load\n") {
             TrackerError::Unsupported(msg) => {
-                assert!(
-                    msg.contains("failed to load") && msg.contains("cnproc"),
-                    "{msg}"
-                )
+                assert!(msg.contains("failed to load") && msg.contains("cnproc"), "{msg}")
             }
             other => panic!("{other:?}"),
         }
         let enomem = libbpf_rs::Error::from(io::Error::from_raw_os_error(libc::ENOMEM));
-        assert!(matches!(
-            load_error("loading", enomem, ""),
-            TrackerError::Io { .. }
-        ));
+        assert!(matches!(load_error("loading", enomem, ""), TrackerError::Io { .. }));
     }
 
     #[test]
     fn missing_btf_is_unsupported_with_a_hint() {
         match check_btf(Path::new("/nonexistent/vmlinux")) {
             Err(TrackerError::Unsupported(msg)) => {
-                assert!(
-                    msg.contains("BTF")
-                        && msg.contains("CONFIG_DEBUG_INFO_BTF")
-                        && msg.contains("cnproc")
-                )
+                assert!(msg.contains("BTF") && msg.contains("CONFIG_DEBUG_INFO_BTF") && msg.contains("cnproc"))
             }
             other => panic!("{other:?}"),
         }

@@ -10,9 +10,7 @@ use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
 use vpstag_ebpf::{Config, Ebpf};
-use vpstag_tracker::{
-    Event, EventKind, ExitStatus, ForkTracker, LossReason, Pid, StartTime, TrackerError, VpsId,
-};
+use vpstag_tracker::{Event, EventKind, ExitStatus, ForkTracker, LossReason, Pid, StartTime, TrackerError, VpsId};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
 
@@ -34,35 +32,22 @@ fn stat(p: i32) -> Option<(char, i32, u64)> {
     let s = std::fs::read_to_string(format!("/proc/{p}/stat")).ok()?;
     let rest = &s[s.rfind(')')? + 1..];
     let f: Vec<&str> = rest.split_ascii_whitespace().collect();
-    Some((
-        f.first()?.chars().next()?,
-        f.get(1)?.parse().ok()?,
-        f.get(19)?.parse().ok()?,
-    ))
+    Some((f.first()?.chars().next()?, f.get(1)?.parse().ok()?, f.get(19)?.parse().ok()?))
 }
 
 fn threads(p: i32) -> usize {
-    std::fs::read_dir(format!("/proc/{p}/task"))
-        .map(|d| d.count())
-        .unwrap_or(0)
+    std::fs::read_dir(format!("/proc/{p}/task")).map(|d| d.count()).unwrap_or(0)
 }
 
 fn comm(p: i32) -> String {
-    std::fs::read_to_string(format!("/proc/{p}/comm"))
-        .unwrap_or_default()
-        .trim()
-        .to_owned()
+    std::fs::read_to_string(format!("/proc/{p}/comm")).unwrap_or_default().trim().to_owned()
 }
 
 /// Every live process below `root` by /proc ppid links (not `root` itself).
 fn descendants(root: i32) -> Vec<i32> {
     let mut children: HashMap<i32, Vec<i32>> = HashMap::new();
     for entry in std::fs::read_dir("/proc").expect("/proc").flatten() {
-        let Some(p) = entry
-            .file_name()
-            .to_str()
-            .and_then(|n| n.parse::<i32>().ok())
-        else {
+        let Some(p) = entry.file_name().to_str().and_then(|n| n.parse::<i32>().ok()) else {
             continue;
         };
         if let Some((_, ppid, _)) = stat(p) {
@@ -81,11 +66,7 @@ fn descendants(root: i32) -> Vec<i32> {
 }
 
 fn read_pid(d: &Path, name: &str) -> Option<i32> {
-    std::fs::read_to_string(d.join(name))
-        .ok()?
-        .trim()
-        .parse()
-        .ok()
+    std::fs::read_to_string(d.join(name)).ok()?.trim().parse().ok()
 }
 
 fn wait_for(what: &str, mut done: impl FnMut() -> bool) {
@@ -135,10 +116,7 @@ impl Held {
         let args: Vec<CString> = argv.iter().map(|a| CString::new(*a).unwrap()).collect();
         let mut argp: Vec<*const libc::c_char> = args.iter().map(|a| a.as_ptr()).collect();
         argp.push(std::ptr::null());
-        let envs: Vec<CString> = env
-            .iter()
-            .map(|(k, v)| CString::new(format!("{k}={v}")).unwrap())
-            .collect();
+        let envs: Vec<CString> = env.iter().map(|(k, v)| CString::new(format!("{k}={v}")).unwrap()).collect();
         let mut envp: Vec<*const libc::c_char> = envs.iter().map(|e| e.as_ptr()).collect();
         envp.push(std::ptr::null());
         let mut fds = [0; 2];
@@ -154,11 +132,7 @@ impl Held {
                 libc::_exit(127);
             }
             libc::close(fds[0]);
-            Held {
-                pid: child,
-                gate: Some(fds[1]),
-                extra: Vec::new(),
-            }
+            Held { pid: child, gate: Some(fds[1]), extra: Vec::new() }
         }
     }
 
@@ -206,8 +180,7 @@ impl Drop for Held {
 }
 
 fn drain(t: &mut Ebpf, events: &mut Vec<Event>) {
-    t.read_events(events, Some(Duration::ZERO))
-        .expect("read_events");
+    t.read_events(events, Some(Duration::ZERO)).expect("read_events");
 }
 
 /// Checks that every live process in `pids` has `want`. A process that exits meanwhile is skipped
@@ -240,11 +213,7 @@ fn check_tagged(t: &Ebpf, pids: impl IntoIterator<Item = i32>, want: VpsId, at: 
                 _ => continue 'each,
             }
         }
-        panic!(
-            "{at}: live descendant {p} ({}) has lookup {:?}, want {want:?}",
-            comm(p),
-            t.lookup(pid(p))
-        );
+        panic!("{at}: live descendant {p} ({}) has lookup {:?}, want {want:?}", comm(p), t.lookup(pid(p)));
     }
     checked
 }
@@ -297,41 +266,23 @@ fn tags_follow_the_whole_lineage() {
     let vps = VpsId(7);
     let dir = TempDir::new("lineage");
     let d = dir.0.to_str().unwrap().to_owned();
-    let mut held = Held::spawn(
-        &["/bin/sh", "-c", SCRIPT],
-        &[("PATH", "/usr/bin:/bin"), ("D", &d), ("PY", PY)],
-    );
+    let mut held = Held::spawn(&["/bin/sh", "-c", SCRIPT], &[("PATH", "/usr/bin:/bin"), ("D", &d), ("PY", PY)]);
     let root = held.pid;
 
     // An unrelated process: never tagged.
-    let mut stranger = std::process::Command::new("/bin/sleep")
-        .arg("1000")
-        .spawn()
-        .expect("spawn sleep");
+    let mut stranger = std::process::Command::new("/bin/sleep").arg("1000").spawn().expect("spawn sleep");
     let stranger_pid = stranger.id() as i32;
 
     t.watch(held.pid(), vps).expect("watch");
-    assert_eq!(
-        t.lookup(held.pid()),
-        Some(vps),
-        "the held first process is tagged"
-    );
+    assert_eq!(t.lookup(held.pid()), Some(vps), "the held first process is tagged");
     assert_eq!(t.tag_of(held.pid()).unwrap().map(|(v, _)| v), Some(vps));
-    assert_eq!(
-        t.tag_of(held.pid()).unwrap().map(|(_, s)| s),
-        Some(StartTime(stat(root).unwrap().2))
-    );
+    assert_eq!(t.tag_of(held.pid()).unwrap().map(|(_, s)| s), Some(StartTime(stat(root).unwrap().2)));
     held.open_gate();
 
     let mut events = Vec::new();
     let untracked = |t: &Ebpf, at: &str| {
         for p in [std::process::id() as i32, 1, stranger_pid] {
-            assert_eq!(
-                t.lookup(pid(p)),
-                None,
-                "{at}: untracked process {p} ({}) has a tag",
-                comm(p)
-            );
+            assert_eq!(t.lookup(pid(p)), None, "{at}: untracked process {p} ({}) has a tag", comm(p));
         }
     };
 
@@ -361,87 +312,36 @@ fn tags_follow_the_whole_lineage() {
     held.extra.push(py);
 
     // Point 2: python's leader is a zombie, its worker thread lives on.
-    wait_for("python's leader to exit", || {
-        read_pid(&dir.0, "py_leader_dead").is_some()
-    });
+    wait_for("python's leader to exit", || read_pid(&dir.0, "py_leader_dead").is_some());
     let worker = read_pid(&dir.0, "py_leader_dead").unwrap();
-    assert_eq!(
-        stat(py).map(|s| s.0),
-        Some('Z'),
-        "python's leader is a zombie"
-    );
+    assert_eq!(stat(py).map(|s| s.0), Some('Z'), "python's leader is a zombie");
     assert!(threads(py) >= 2, "python's worker thread lives");
-    assert_eq!(
-        t.lookup(pid(py)),
-        Some(vps),
-        "a zombie leader with live threads keeps its tag"
-    );
-    assert_eq!(
-        t.lookup(pid(worker)),
-        None,
-        "threads are not keys: only processes are looked up"
-    );
+    assert_eq!(t.lookup(pid(py)), Some(vps), "a zombie leader with live threads keeps its tag");
+    assert_eq!(t.lookup(pid(worker)), None, "threads are not keys: only processes are looked up");
     let py_child = read_pid(&dir.0, "py_child").expect("the worker's child");
     assert_eq!(stat(py_child).map(|s| s.1), Some(py));
-    assert_eq!(
-        t.lookup(pid(py_child)),
-        Some(vps),
-        "a child forked by a thread of a zombie-led process"
-    );
-    assert_ne!(
-        stat(orphan).map(|s| s.1),
-        Some(root),
-        "the orphan was reparented"
-    );
-    assert!(
-        !descendants(root).contains(&orphan),
-        "the orphan is outside the ppid tree"
-    );
-    assert_eq!(
-        t.lookup(pid(orphan)),
-        Some(vps),
-        "the setsid double-fork orphan keeps its tag"
-    );
+    assert_eq!(t.lookup(pid(py_child)), Some(vps), "a child forked by a thread of a zombie-led process");
+    assert_ne!(stat(orphan).map(|s| s.1), Some(root), "the orphan was reparented");
+    assert!(!descendants(root).contains(&orphan), "the orphan is outside the ppid tree");
+    assert_eq!(t.lookup(pid(orphan)), Some(vps), "the setsid double-fork orphan keeps its tag");
     let mut all = descendants(root);
     all.push(root);
-    let n = check_tagged(
-        &t,
-        all.iter().copied().chain([orphan]),
-        vps,
-        "with python's leader dead",
-    );
-    assert!(
-        n >= 4,
-        "sh, bg sleep, orphan and python are tagged (checked {n})"
-    );
+    let n = check_tagged(&t, all.iter().copied().chain([orphan]), vps, "with python's leader dead");
+    assert!(n >= 4, "sh, bg sleep, orphan and python are tagged (checked {n})");
     untracked(&t, "with python's leader dead");
     drain(&mut t, &mut events);
 
     // Point 3: the worker thread execs.
     std::fs::write(dir.0.join("go_exec"), b"").unwrap();
     wait_for("python's worker to exec sleep", || comm(py) == "sleep");
-    assert_eq!(
-        t.lookup(pid(py)),
-        Some(vps),
-        "a process that exec'd from a thread keeps its tag"
-    );
+    assert_eq!(t.lookup(pid(py)), Some(vps), "a process that exec'd from a thread keeps its tag");
     let mut all = descendants(root);
     all.push(root);
-    check_tagged(
-        &t,
-        all.iter().copied().chain([orphan]),
-        vps,
-        "after the exec from a thread",
-    );
+    check_tagged(&t, all.iter().copied().chain([orphan]), vps, "after the exec from a thread");
     untracked(&t, "after the exec from a thread");
 
     // The map holds exactly the live members.
-    let members: HashSet<i32> = t
-        .members(vps)
-        .unwrap()
-        .iter()
-        .map(|m| m.pid.as_raw())
-        .collect();
+    let members: HashSet<i32> = t.members(vps).unwrap().iter().map(|m| m.pid.as_raw()).collect();
     for p in all.iter().copied().chain([orphan]) {
         if stat(p).is_some_and(|s| s.0 != 'Z') {
             assert!(members.contains(&p), "live member {p} is in the map");
@@ -451,25 +351,13 @@ fn tags_follow_the_whole_lineage() {
 
     // The event stream.
     drain(&mut t, &mut events);
-    let lost = events
-        .iter()
-        .any(|e| matches!(e.kind, EventKind::Lost { .. }));
-    assert!(events
-        .iter()
-        .all(|e| e.tag == Some(vps) || matches!(e.kind, EventKind::Lost { .. })));
-    assert!(events
-        .iter()
-        .all(|e| e.time_ns.is_some() && e.cpu.is_some()));
+    let lost = events.iter().any(|e| matches!(e.kind, EventKind::Lost { .. }));
+    assert!(events.iter().all(|e| e.tag == Some(vps) || matches!(e.kind, EventKind::Lost { .. })));
+    assert!(events.iter().all(|e| e.time_ns.is_some() && e.cpu.is_some()));
     let forks: Vec<_> = events
         .iter()
         .filter_map(|e| match e.kind {
-            EventKind::Fork {
-                parent,
-                child,
-                child_thread,
-                thread,
-                child_start,
-            } => {
+            EventKind::Fork { parent, child, child_thread, thread, child_start } => {
                 assert!(!thread);
                 assert_eq!(child, child_thread);
                 Some((parent.as_raw(), child.as_raw(), child_start))
@@ -484,30 +372,14 @@ fn tags_follow_the_whole_lineage() {
         members.len()
     );
     if !lost {
-        assert!(
-            forks.len() >= 1000,
-            "1,000 short forks and more were reported (got {})",
-            forks.len()
-        );
-        let bg_fork = forks
-            .iter()
-            .find(|f| f.1 == bg)
-            .expect("the background job's fork");
+        assert!(forks.len() >= 1000, "1,000 short forks and more were reported (got {})", forks.len());
+        let bg_fork = forks.iter().find(|f| f.1 == bg).expect("the background job's fork");
         assert_eq!(bg_fork.0, root);
-        assert_eq!(
-            bg_fork.2,
-            Some(StartTime(stat(bg).unwrap().2)),
-            "fork start time = /proc start time"
-        );
+        assert_eq!(bg_fork.2, Some(StartTime(stat(bg).unwrap().2)), "fork start time = /proc start time");
         let exits: HashMap<i32, Option<ExitStatus>> = events
             .iter()
             .filter_map(|e| match e.kind {
-                EventKind::Exit {
-                    pid,
-                    status,
-                    group_dead,
-                    ..
-                } => {
+                EventKind::Exit { pid, status, group_dead, .. } => {
                     assert_eq!(group_dead, Some(true));
                     Some((pid.as_raw(), status))
                 }
@@ -517,61 +389,33 @@ fn tags_follow_the_whole_lineage() {
         let exit3 = read_pid(&dir.0, "exit3").unwrap();
         let killed = read_pid(&dir.0, "killed").unwrap();
         assert_eq!(exits.get(&exit3), Some(&Some(ExitStatus::Exited(3))));
-        assert_eq!(
-            exits.get(&killed),
-            Some(&Some(ExitStatus::Signaled {
-                signal: 9,
-                core_dumped: false
-            }))
-        );
+        assert_eq!(exits.get(&killed), Some(&Some(ExitStatus::Signaled { signal: 9, core_dumped: false })));
         assert!(
-            events.iter().any(|e| e.kind
-                == EventKind::Exec {
-                    pid: pid(py),
-                    thread: pid(worker)
-                }),
+            events.iter().any(|e| e.kind == EventKind::Exec { pid: pid(py), thread: pid(worker) }),
             "the exec from python's worker thread {worker} was reported"
         );
-        assert!(
-            !forks.iter().any(|f| f.1 == worker),
-            "thread creation is not reported"
-        );
+        assert!(!forks.iter().any(|f| f.1 == worker), "thread creation is not reported");
     } else {
-        eprintln!(
-            "notifications were lost ({} events); event checks skipped",
-            events.len()
-        );
+        eprintln!("notifications were lost ({} events); event checks skipped", events.len());
     }
 
     // Kill everything by pid: the kernel drops the entries as the processes exit.
     let live_before: Vec<i32> = descendants(root);
     held.kill_all();
-    wait_for("the VPS's entries to go", || {
-        t.members(vps).unwrap().is_empty()
-    });
+    wait_for("the VPS's entries to go", || t.members(vps).unwrap().is_empty());
     for p in live_before {
         assert_eq!(t.lookup(pid(p)), None, "killed member {p} has no tag");
     }
     drain(&mut t, &mut events);
-    if !events
-        .iter()
-        .any(|e| matches!(e.kind, EventKind::Lost { .. }))
-    {
-        assert!(events
-            .iter()
-            .any(|e| matches!(e.kind, EventKind::Exit { pid, .. } if pid.as_raw() == orphan)));
-        assert!(events
-            .iter()
-            .any(|e| matches!(e.kind, EventKind::Exit { pid, .. } if pid.as_raw() == py)));
+    if !events.iter().any(|e| matches!(e.kind, EventKind::Lost { .. })) {
+        assert!(events.iter().any(|e| matches!(e.kind, EventKind::Exit { pid, .. } if pid.as_raw() == orphan)));
+        assert!(events.iter().any(|e| matches!(e.kind, EventKind::Exit { pid, .. } if pid.as_raw() == py)));
     }
     t.forget(vps).unwrap();
     assert!(t.members(vps).unwrap().is_empty());
     let c = t.counters().unwrap();
     assert_eq!(c.insert_failed, 0, "the map never was full");
-    assert!(
-        lost || c.ringbuf_full == 0,
-        "no Lost event, so no notification was dropped: {c:?}"
-    );
+    assert!(lost || c.ringbuf_full == 0, "no Lost event, so no notification was dropped: {c:?}");
 
     let _ = stranger.kill();
     let _ = stranger.wait();
@@ -582,55 +426,30 @@ fn a_full_map_is_reported() {
     if skip_unless_root("a_full_map_is_reported") {
         return;
     }
-    let mut t = Ebpf::with_config(Config {
-        map_entries: 4,
-        ..Config::default()
-    })
-    .expect("load");
+    let mut t = Ebpf::with_config(Config { map_entries: 4, ..Config::default() }).expect("load");
     let vps = VpsId(9);
     let dir = TempDir::new("full");
     let d = dir.0.to_str().unwrap().to_owned();
     let script = r#"for i in 1 2 3 4 5 6 7 8 9 10; do sleep 1000 & done; : > "$D/ready"; wait"#;
-    let mut held = Held::spawn(
-        &["/bin/sh", "-c", script],
-        &[("PATH", "/usr/bin:/bin"), ("D", &d)],
-    );
+    let mut held = Held::spawn(&["/bin/sh", "-c", script], &[("PATH", "/usr/bin:/bin"), ("D", &d)]);
     t.watch(held.pid(), vps).expect("watch");
     held.open_gate();
 
     let mut events = Vec::new();
     let start = Instant::now();
-    while !events.iter().any(|e: &Event| {
-        matches!(
-            e.kind,
-            EventKind::Lost {
-                reason: LossReason::TrackingError,
-                ..
-            }
-        )
-    }) {
-        assert!(
-            start.elapsed() < TIMEOUT,
-            "no Lost event for a full map: {events:?}"
-        );
-        t.read_events(&mut events, Some(Duration::from_millis(100)))
-            .expect("read_events");
+    while !events.iter().any(|e: &Event| matches!(e.kind, EventKind::Lost { reason: LossReason::TrackingError, .. })) {
+        assert!(start.elapsed() < TIMEOUT, "no Lost event for a full map: {events:?}");
+        t.read_events(&mut events, Some(Duration::from_millis(100))).expect("read_events");
     }
     wait_for("the script", || dir.0.join("ready").exists());
     wait_for("ten children", || descendants(held.pid).len() >= 10);
     let c = t.counters().unwrap();
-    assert!(
-        c.insert_failed >= 6,
-        "10 children, at most 3 free entries: {c:?}"
-    );
+    assert!(c.insert_failed >= 6, "10 children, at most 3 free entries: {c:?}");
     assert_eq!(c.ringbuf_full, 0);
     let lost: u64 = events
         .iter()
         .filter_map(|e| match e.kind {
-            EventKind::Lost {
-                count,
-                reason: LossReason::TrackingError,
-            } => count,
+            EventKind::Lost { count, reason: LossReason::TrackingError } => count,
             _ => None,
         })
         .sum();
@@ -639,30 +458,19 @@ fn a_full_map_is_reported() {
     let lost_total: u64 = events
         .iter()
         .filter_map(|e| match e.kind {
-            EventKind::Lost {
-                count,
-                reason: LossReason::TrackingError,
-            } => count,
+            EventKind::Lost { count, reason: LossReason::TrackingError } => count,
             _ => None,
         })
         .sum();
-    assert!(
-        lost >= 1 && lost_total == t.counters().unwrap().insert_failed,
-        "{lost} {lost_total} {c:?}"
-    );
+    assert!(lost >= 1 && lost_total == t.counters().unwrap().insert_failed, "{lost} {lost_total} {c:?}");
     let members = t.members(vps).unwrap();
     assert!(!members.is_empty() && members.len() <= 4, "{members:?}");
     // The untagged children were still reported, with their parent's tag.
-    let forks = events
-        .iter()
-        .filter(|e| matches!(e.kind, EventKind::Fork { .. }) && e.tag == Some(vps))
-        .count();
+    let forks = events.iter().filter(|e| matches!(e.kind, EventKind::Fork { .. }) && e.tag == Some(vps)).count();
     assert!(forks >= 10, "{forks} forks reported");
 
     held.kill_all();
-    wait_for("the VPS's entries to go", || {
-        t.members(vps).unwrap().is_empty()
-    });
+    wait_for("the VPS's entries to go", || t.members(vps).unwrap().is_empty());
 }
 
 #[test]
@@ -671,20 +479,13 @@ fn a_full_ring_buffer_is_reported_and_tags_survive() {
         return;
     }
     // One page holds 64 records; the loop makes 900 notifications without us reading.
-    let mut t = Ebpf::with_config(Config {
-        ring_bytes: 4096,
-        ..Config::default()
-    })
-    .expect("load");
+    let mut t = Ebpf::with_config(Config { ring_bytes: 4096, ..Config::default() }).expect("load");
     assert!(t.config().ring_bytes.is_power_of_two());
     let vps = VpsId(11);
     let dir = TempDir::new("ring");
     let d = dir.0.to_str().unwrap().to_owned();
     let script = r#"i=0; while [ $i -lt 300 ]; do /bin/true; i=$((i+1)); done; sleep 1000 & : > "$D/done"; wait"#;
-    let mut held = Held::spawn(
-        &["/bin/sh", "-c", script],
-        &[("PATH", "/usr/bin:/bin"), ("D", &d)],
-    );
+    let mut held = Held::spawn(&["/bin/sh", "-c", script], &[("PATH", "/usr/bin:/bin"), ("D", &d)]);
     t.watch(held.pid(), vps).expect("watch");
     held.open_gate();
     wait_for("the fork loop", || dir.0.join("done").exists());
@@ -695,10 +496,7 @@ fn a_full_ring_buffer_is_reported_and_tags_survive() {
     let overflow: u64 = events
         .iter()
         .filter_map(|e| match e.kind {
-            EventKind::Lost {
-                count,
-                reason: LossReason::Overflow,
-            } => count,
+            EventKind::Lost { count, reason: LossReason::Overflow } => count,
             _ => None,
         })
         .sum();
@@ -709,9 +507,7 @@ fn a_full_ring_buffer_is_reported_and_tags_survive() {
     check_tagged(&t, descendants(held.pid), vps, "after the overflow");
 
     held.kill_all();
-    wait_for("the VPS's entries to go", || {
-        t.members(vps).unwrap().is_empty()
-    });
+    wait_for("the VPS's entries to go", || t.members(vps).unwrap().is_empty());
 }
 
 #[test]
@@ -727,30 +523,17 @@ fn watch_forget_and_blocking_reads() {
 
     // Nothing tagged yet: a bounded read returns nothing.
     let mut events = Vec::new();
-    assert_eq!(
-        t.read_events(&mut events, Some(Duration::from_millis(20)))
-            .unwrap(),
-        0
-    );
+    assert_eq!(t.read_events(&mut events, Some(Duration::from_millis(20))).unwrap(), 0);
 
     // A process that does not exist.
     let mut gone = std::process::Command::new("/bin/true").spawn().unwrap();
     let gone_pid = gone.id() as i32;
     gone.wait().unwrap();
-    assert!(matches!(
-        t.watch(pid(gone_pid), VpsId(3)),
-        Err(TrackerError::NoSuchProcess(_))
-    ));
+    assert!(matches!(t.watch(pid(gone_pid), VpsId(3)), Err(TrackerError::NoSuchProcess(_))));
 
     // Two VPSs side by side; forget drops one of them only.
-    let mut a = Held::spawn(
-        &["/bin/sh", "-c", "sleep 1000 & wait"],
-        &[("PATH", "/usr/bin:/bin")],
-    );
-    let mut b = Held::spawn(
-        &["/bin/sh", "-c", "sleep 1000 & wait"],
-        &[("PATH", "/usr/bin:/bin")],
-    );
+    let mut a = Held::spawn(&["/bin/sh", "-c", "sleep 1000 & wait"], &[("PATH", "/usr/bin:/bin")]);
+    let mut b = Held::spawn(&["/bin/sh", "-c", "sleep 1000 & wait"], &[("PATH", "/usr/bin:/bin")]);
     t.watch(a.pid(), VpsId(21)).unwrap();
     t.watch(b.pid(), VpsId(22)).unwrap();
     a.open_gate();
@@ -764,14 +547,11 @@ fn watch_forget_and_blocking_reads() {
         tx.send(()).unwrap();
         (t, out, n)
     });
-    rx.recv_timeout(TIMEOUT)
-        .expect("a blocking read_events returns when events arrive");
+    rx.recv_timeout(TIMEOUT).expect("a blocking read_events returns when events arrive");
     let (mut t, mut events, n) = reader.join().unwrap();
     assert!(n > 0 && n == events.len());
 
-    wait_for("both sleeps", || {
-        descendants(a.pid).len() == 1 && descendants(b.pid).len() == 1
-    });
+    wait_for("both sleeps", || descendants(a.pid).len() == 1 && descendants(b.pid).len() == 1);
     let sleep_a = descendants(a.pid)[0];
     check_tagged(&t, [a.pid, sleep_a], VpsId(21), "vps 21");
     check_tagged(&t, [b.pid, descendants(b.pid)[0]], VpsId(22), "vps 22");
@@ -780,40 +560,21 @@ fn watch_forget_and_blocking_reads() {
     t.forget(VpsId(21)).unwrap();
     assert!(t.members(VpsId(21)).unwrap().is_empty());
     assert_eq!(t.lookup(pid(sleep_a)), None, "forgotten");
-    assert_eq!(
-        t.members(VpsId(22)).unwrap().len(),
-        2,
-        "the other VPS is untouched"
-    );
+    assert_eq!(t.members(VpsId(22)).unwrap().len(), 2, "the other VPS is untouched");
     // A forgotten process's exit is not reported.
     t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
     events.clear();
     a.kill_all();
     b.kill_all();
-    wait_for("vps 22's entries to go", || {
-        t.members(VpsId(22)).unwrap().is_empty()
-    });
-    t.read_events(&mut events, Some(Duration::from_millis(50)))
-        .unwrap();
-    assert!(
-        events.iter().all(|e| e.tag == Some(VpsId(22))),
-        "{events:?}"
-    );
-    assert_eq!(
-        events
-            .iter()
-            .filter(|e| matches!(e.kind, EventKind::Exit { .. }))
-            .count(),
-        2
-    );
+    wait_for("vps 22's entries to go", || t.members(VpsId(22)).unwrap().is_empty());
+    t.read_events(&mut events, Some(Duration::from_millis(50))).unwrap();
+    assert!(events.iter().all(|e| e.tag == Some(VpsId(22))), "{events:?}");
+    assert_eq!(events.iter().filter(|e| matches!(e.kind, EventKind::Exit { .. })).count(), 2);
 }
 
 /// Runs `f` in a new thread whose effective capabilities are only `keep` (capability numbers).
 /// Capabilities are per thread, so the rest of the test process keeps its own.
-fn with_only_caps<T: Send + 'static>(
-    keep: &'static [u32],
-    f: impl FnOnce() -> T + Send + 'static,
-) -> T {
+fn with_only_caps<T: Send + 'static>(keep: &'static [u32], f: impl FnOnce() -> T + Send + 'static) -> T {
     std::thread::spawn(move || {
         #[repr(C)]
         struct Header {
@@ -828,26 +589,17 @@ fn with_only_caps<T: Send + 'static>(
             inheritable: u32,
         }
         const V3: u32 = 0x2008_0522;
-        let mut h = Header {
-            version: V3,
-            pid: 0,
-        };
+        let mut h = Header { version: V3, pid: 0 };
         let mut d = [Data::default(); 2];
         // SAFETY: capget/capset with a v3 header and two data structs, for this thread only.
         unsafe {
-            assert_eq!(
-                libc::syscall(libc::SYS_capget, &mut h as *mut Header, d.as_mut_ptr()),
-                0
-            );
+            assert_eq!(libc::syscall(libc::SYS_capget, &mut h as *mut Header, d.as_mut_ptr()), 0);
             d[0].effective = 0;
             d[1].effective = 0;
             for &c in keep {
                 d[(c / 32) as usize].effective |= 1 << (c % 32);
             }
-            assert_eq!(
-                libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()),
-                0
-            );
+            assert_eq!(libc::syscall(libc::SYS_capset, &mut h as *mut Header, d.as_ptr()), 0);
         }
         f()
     })
@@ -867,19 +619,13 @@ fn missing_capabilities_are_a_clear_error() {
     for r in [checked, loaded] {
         match r {
             Err(TrackerError::PermissionDenied { hint, .. }) => {
-                assert!(
-                    hint.contains("CAP_BPF") && hint.contains("CAP_PERFMON"),
-                    "{hint}"
-                )
+                assert!(hint.contains("CAP_BPF") && hint.contains("CAP_PERFMON"), "{hint}")
             }
             other => panic!("expected PermissionDenied, got {other:?}"),
         }
     }
     let only_bpf = with_only_caps(&[CAP_BPF], || Ebpf::new().map(|_| ()));
-    assert!(
-        matches!(only_bpf, Err(TrackerError::PermissionDenied { .. })),
-        "{only_bpf:?}"
-    );
+    assert!(matches!(only_bpf, Err(TrackerError::PermissionDenied { .. })), "{only_bpf:?}");
 }
 
 #[test]
@@ -890,31 +636,15 @@ fn cap_bpf_and_cap_perfmon_suffice() {
     with_only_caps(&[CAP_BPF, CAP_PERFMON], || {
         Ebpf::check_system().expect("CAP_BPF + CAP_PERFMON pass the checks");
         let mut t = Ebpf::new().expect("load with CAP_BPF + CAP_PERFMON only");
-        let mut held = Held::spawn(
-            &["/bin/sh", "-c", "sleep 1000 & wait"],
-            &[("PATH", "/usr/bin:/bin")],
-        );
+        let mut held = Held::spawn(&["/bin/sh", "-c", "sleep 1000 & wait"], &[("PATH", "/usr/bin:/bin")]);
         t.watch(held.pid(), VpsId(31)).expect("watch");
         held.open_gate();
         wait_for("the sleep", || descendants(held.pid).len() == 1);
-        check_tagged(
-            &t,
-            [held.pid, descendants(held.pid)[0]],
-            VpsId(31),
-            "with CAP_BPF + CAP_PERFMON",
-        );
+        check_tagged(&t, [held.pid, descendants(held.pid)[0]], VpsId(31), "with CAP_BPF + CAP_PERFMON");
         let mut events = Vec::new();
-        t.read_events(&mut events, Some(Duration::from_secs(5)))
-            .unwrap();
-        assert!(
-            events
-                .iter()
-                .any(|e| matches!(e.kind, EventKind::Fork { .. })),
-            "{events:?}"
-        );
+        t.read_events(&mut events, Some(Duration::from_secs(5))).unwrap();
+        assert!(events.iter().any(|e| matches!(e.kind, EventKind::Fork { .. })), "{events:?}");
         held.kill_all();
-        wait_for("the entries to go", || {
-            t.members(VpsId(31)).unwrap().is_empty()
-        });
+        wait_for("the entries to go", || t.members(VpsId(31)).unwrap().is_empty());
     });
 }

@@ -408,12 +408,8 @@ impl Tracer {
             child_start: stat.map(|s| s.start),
         });
         fork.tag = vps;
-        let mut exit = Event::new(EventKind::Exit {
-            pid: child_tgid,
-            thread: child,
-            status: exit,
-            group_dead: Some(!thread),
-        });
+        let mut exit =
+            Event::new(EventKind::Exit { pid: child_tgid, thread: child, status: exit, group_dead: Some(!thread) });
         exit.tag = vps;
         events.push(fork);
         events.push(exit);
@@ -519,7 +515,13 @@ impl Tracer {
     /// event, when it comes, finds the child known and adds nothing. A child already reparented
     /// away (its real parent is no longer followed) is reported as a child of `dead`, the best
     /// creator known.
-    fn resolve_orphans(&mut self, dead: Pid, probe: &mut dyn Probe, events: &mut Vec<Event>, actions: &mut Vec<Action>) {
+    fn resolve_orphans(
+        &mut self,
+        dead: Pid,
+        probe: &mut dyn Probe,
+        events: &mut Vec<Event>,
+        actions: &mut Vec<Action>,
+    ) {
         let waiting: Vec<(Pid, Resume)> = self.early.iter().map(|(t, r)| (*t, *r)).collect();
         for (child, resume) in waiting {
             let Some(stat) = probe.stat(child) else { continue };

@@ -167,9 +167,7 @@ mod linux {
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
 
-    use vpstag_tracker::{
-        BackendKind, Capabilities, Event, ForkTracker, Pid, TrackerError, VpsId,
-    };
+    use vpstag_tracker::{BackendKind, Capabilities, Event, ForkTracker, Pid, TrackerError, VpsId};
 
     use crate::decode::{needs_event_msg, Action, Counters, Resume, Tracer};
     use crate::source::{self, ProcProbe};
@@ -282,9 +280,11 @@ mod linux {
             }
             // SAFETY: fd is a fresh descriptor nobody else owns.
             let efd = unsafe { OwnedFd::from_raw_fd(fd) };
-            let shared = Arc::new(Shared { inner: Mutex::new(Inner { queue: VecDeque::new(), failed: None, counters: Counters::default() }), efd });
-            let options =
-                source::BASE_OPTIONS | if exit_stops { source::EXIT_OPTION } else { 0 };
+            let shared = Arc::new(Shared {
+                inner: Mutex::new(Inner { queue: VecDeque::new(), failed: None, counters: Counters::default() }),
+                efd,
+            });
+            let options = source::BASE_OPTIONS | if exit_stops { source::EXIT_OPTION } else { 0 };
             let (tx, rx) = mpsc::channel();
             let (tid_tx, tid_rx) = mpsc::channel();
             let sh = Arc::clone(&shared);

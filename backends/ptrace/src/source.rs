@@ -153,10 +153,7 @@ impl Probe for ProcProbe {
 /// The first value of a `/proc/PID/status` line.
 pub fn status_field(pid: Pid, key: &str) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    text.lines()
-        .find_map(|l| l.strip_prefix(key))
-        .and_then(|v| v.split_whitespace().next())
-        .map(str::to_owned)
+    text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()).map(str::to_owned)
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds.
@@ -196,7 +193,9 @@ pub fn install_wake_handler() -> Result<(), String> {
                 if libc::sigaction(sig, std::ptr::null(), &mut old) != 0 {
                     return Err(format!("sigaction({sig}): {}", io::Error::last_os_error()));
                 }
-                if old.sa_sigaction != libc::SIG_DFL && old.sa_sigaction != on_wake as extern "C" fn(libc::c_int) as libc::sighandler_t {
+                if old.sa_sigaction != libc::SIG_DFL
+                    && old.sa_sigaction != on_wake as extern "C" fn(libc::c_int) as libc::sighandler_t
+                {
                     return Err(format!(
                         "signal {sig} (SIGRTMAX-3), which this backend uses to wake its tracer thread, \
                          already has a handler in this program"

@@ -162,7 +162,9 @@ impl Session {
         self.events
             .iter()
             .filter_map(|e| match e.kind {
-                EventKind::Fork { parent, child, child_thread, thread, .. } => Some((parent, child, child_thread, thread)),
+                EventKind::Fork { parent, child, child_thread, thread, .. } => {
+                    Some((parent, child, child_thread, thread))
+                }
                 _ => None,
             })
             .collect()
@@ -358,9 +360,20 @@ fn kill_storm_leaves_nothing_unreported() {
         }
         if Instant::now() >= deadline {
             for t in &alive {
-                let evs: Vec<_> = s.events.iter().filter(|e| format!("{:?}", e.kind).contains(&t.to_string())).collect();
-                eprintln!("{t}: stat={:?} status={:?}\n  events={evs:#?}", proc_stat(*t),
-                    std::fs::read_to_string(format!("/proc/{t}/status")).ok().map(|x| x.lines().filter(|l| l.starts_with("State") || l.starts_with("TracerPid") || l.starts_with("PPid") || l.starts_with("Tgid")).collect::<Vec<_>>().join(" ")));
+                let evs: Vec<_> =
+                    s.events.iter().filter(|e| format!("{:?}", e.kind).contains(&t.to_string())).collect();
+                eprintln!(
+                    "{t}: stat={:?} status={:?}\n  events={evs:#?}",
+                    proc_stat(*t),
+                    std::fs::read_to_string(format!("/proc/{t}/status")).ok().map(|x| x
+                        .lines()
+                        .filter(|l| l.starts_with("State")
+                            || l.starts_with("TracerPid")
+                            || l.starts_with("PPid")
+                            || l.starts_with("Tgid"))
+                        .collect::<Vec<_>>()
+                        .join(" "))
+                );
             }
             eprintln!("counters {:?}", s.pt().counters());
             panic!("still alive: {alive:?}");
@@ -421,7 +434,8 @@ fn exec_from_a_thread() {
     assert!(s.events.iter().any(|e| e.kind == EventKind::Exec { pid: root, thread: t }), "{:#?}", s.events);
     // The thread became the process: no exit of its own tid, one exit of the process.
     assert!(!s.events.iter().any(|e| matches!(e.kind, EventKind::Exit { thread, .. } if thread == t)));
-    let root_exits = s.events.iter().filter(|e| matches!(e.kind, EventKind::Exit { thread, .. } if thread == root)).count();
+    let root_exits =
+        s.events.iter().filter(|e| matches!(e.kind, EventKind::Exit { thread, .. } if thread == root)).count();
     assert_eq!(root_exits, 1);
 }
 
@@ -642,8 +656,8 @@ fn killed_root_is_reported() {
 #[test]
 fn unprivileged_follows_own_children() {
     let _g = lock();
-    use std::os::unix::process::CommandExt;
     use std::os::unix::fs::PermissionsExt;
+    use std::os::unix::process::CommandExt;
     // A copy nobody can reach whatever the permissions on the build directory (/root/...).
     let dir = std::env::temp_dir().join(format!("vpstag-ptrace-nobody-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();

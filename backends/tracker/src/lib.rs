@@ -408,10 +408,7 @@ mod tests {
     fn wait_status_decodes() {
         assert_eq!(ExitStatus::from_wait_status(0), Some(ExitStatus::Exited(0)));
         assert_eq!(ExitStatus::from_wait_status(3 << 8), Some(ExitStatus::Exited(3)));
-        assert_eq!(
-            ExitStatus::from_wait_status(9),
-            Some(ExitStatus::Signaled { signal: 9, core_dumped: false })
-        );
+        assert_eq!(ExitStatus::from_wait_status(9), Some(ExitStatus::Signaled { signal: 9, core_dumped: false }));
         assert_eq!(
             ExitStatus::from_wait_status(11 | 0x80),
             Some(ExitStatus::Signaled { signal: 11, core_dumped: true })

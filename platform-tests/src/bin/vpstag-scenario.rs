@@ -182,9 +182,7 @@ impl ShapeCtx {
             line.num(n as i64);
         }
         line.write_to(self.report_fd);
-        unsafe {
-            while libc::write(self.ready_w, b"+".as_ptr() as *const c_void, 1) < 0 && errno() == libc::EINTR {}
-        }
+        unsafe { while libc::write(self.ready_w, b"+".as_ptr() as *const c_void, 1) < 0 && errno() == libc::EINTR {} }
     }
 
     fn say_alive(&self, role: &[u8]) {
@@ -356,12 +354,7 @@ fn vfork_exec(ctx: &ShapeCtx) -> ShapeResult {
     let top = ((top as usize) & !15usize) as *mut c_void;
     // CLONE_VFORK: we resume once the child has exec'd or exited.
     let pid = unsafe {
-        libc::clone(
-            child,
-            top,
-            libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD,
-            &arg as *const Arg as *mut c_void,
-        )
+        libc::clone(child, top, libc::CLONE_VM | libc::CLONE_VFORK | libc::SIGCHLD, &arg as *const Arg as *mut c_void)
     };
     if pid < 0 {
         return Err(format!("clone(CLONE_VM|CLONE_VFORK): {}", errno_text(errno())));
@@ -500,9 +493,7 @@ fn clone3(ctx: &ShapeCtx) -> ShapeResult {
         tls: u64,
     }
     let args = CloneArgs { exit_signal: libc::SIGCHLD as u64, ..Default::default() };
-    let r = unsafe {
-        libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>())
-    };
+    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
     if r == 0 {
         ctx.say_alive(b"child");
         hold_forever();
@@ -645,7 +636,11 @@ fn exec_from_thread(ctx: &ShapeCtx) -> ShapeResult {
     unsafe { libc::close(exec_w) };
     // EOF on the close-on-exec pipe: the exec happened (or the child died).
     let mut e: i32 = 0;
-    let n = read_with_timeout(exec_r, unsafe { std::slice::from_raw_parts_mut(&mut e as *mut i32 as *mut u8, 4) }, SHAPE_TIMEOUT);
+    let n = read_with_timeout(
+        exec_r,
+        unsafe { std::slice::from_raw_parts_mut(&mut e as *mut i32 as *mut u8, 4) },
+        SHAPE_TIMEOUT,
+    );
     unsafe { libc::close(exec_r) };
     match n {
         Err(msg) => return Err(format!("waiting for the exec: {msg}")),
@@ -1080,10 +1075,7 @@ fn churn(count: u64, report_fd: c_int) -> ! {
 }
 
 fn usage() -> ! {
-    eprintln!(
-        "usage: vpstag-scenario SHAPE [--report FILE] [--count N]\nshapes: {} churn all",
-        ALL_SHAPES.join(" ")
-    );
+    eprintln!("usage: vpstag-scenario SHAPE [--report FILE] [--count N]\nshapes: {} churn all", ALL_SHAPES.join(" "));
     std::process::exit(2)
 }
 
