@@ -57,18 +57,26 @@ fn kill_tree(root: i32) {
     }
 }
 
+/// A manager over the proc connector with `receive_buffer` bytes (`None`: the default 8 MiB), or
+/// `None` (with the reason printed) where this kernel does not let us listen.
+fn cnproc_manager(receive_buffer: Option<usize>) -> Option<Manager> {
+    let cfg = vpstag_cnproc::Config {
+        receive_buffer: receive_buffer.unwrap_or(vpstag_cnproc::Config::DEFAULT_RECEIVE_BUFFER),
+        kernel_filter: false,
+    };
+    match vpstag_cnproc::CnProc::with_config(cfg) {
+        Ok(t) => Some(Manager::new(Box::new(t)).unwrap()),
+        Err(e) => {
+            eprintln!("skipped: cannot open the proc connector here: {e}");
+            None
+        }
+    }
+}
+
 #[test]
 fn overflow_is_noticed_and_a_resync_makes_the_table_exact() {
     // A receive buffer far too small for a fork burst: the kernel reports ENOBUFS.
-    let cfg = vpstag_cnproc::Config { receive_buffer: 4096, kernel_filter: false };
-    let tracker = match vpstag_cnproc::CnProc::with_config(cfg) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("skipped: cannot open the proc connector here: {e}");
-            return;
-        }
-    };
-    let mgr = Manager::new(Box::new(tracker)).unwrap();
+    let Some(mgr) = cnproc_manager(Some(4096)) else { return };
     let dir = std::env::temp_dir().join(format!("vpstag-resync-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let ready = dir.join("ready");
@@ -109,14 +117,7 @@ fn overflow_is_noticed_and_a_resync_makes_the_table_exact() {
 
 #[test]
 fn adopting_a_tree_that_keeps_forking_misses_nothing_born_during_the_scan() {
-    let tracker = match vpstag::open_backend(vpstag::BackendChoice::Cnproc) {
-        Ok(t) => t,
-        Err(e) => {
-            eprintln!("skipped: cannot open the proc connector here: {e}");
-            return;
-        }
-    };
-    let mgr = Manager::new(tracker).unwrap();
+    let Some(mgr) = cnproc_manager(None) else { return };
     let dir = std::env::temp_dir().join(format!("vpstag-adopt-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     let stop = dir.join("stop");
@@ -148,13 +149,7 @@ fn adopting_a_tree_that_keeps_forking_misses_nothing_born_during_the_scan() {
 
 #[test]
 fn check_reports_no_divergence_on_a_quiet_vps() {
-    let mgr = match Manager::with_backend(vpstag::BackendChoice::Cnproc) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
-    };
+    let Some(mgr) = cnproc_manager(None) else { return };
     let vps = mgr.start("quiet", Command::new("sh").args(["-c", "sleep 60 & (sleep 60 &); sleep 60"])).unwrap();
     std::thread::sleep(Duration::from_millis(300));
     let report = mgr.check().unwrap();
@@ -166,13 +161,7 @@ fn check_reports_no_divergence_on_a_quiet_vps() {
 
 #[test]
 fn a_command_that_cannot_start_leaves_its_name_free() {
-    let mgr = match Manager::with_backend(vpstag::BackendChoice::Cnproc) {
-        Ok(m) => m,
-        Err(e) => {
-            eprintln!("skipped: {e}");
-            return;
-        }
-    };
+    let Some(mgr) = cnproc_manager(None) else { return };
     let err = mgr.start("again", &mut Command::new("/nonexistent/x")).unwrap_err();
     assert!(matches!(err, vpstag::Error::Spawn { .. }), "{err}");
     let vps = mgr.start("again", Command::new("true").arg("ok")).unwrap();
@@ -188,15 +177,7 @@ fn wait_returns_even_when_the_first_process_exit_event_is_lost() {
     // and of the first process are often among the lost ones. The resync must still notice that
     // the first process is gone, and its status then comes from waitpid.
     for round in 0..3 {
-        let cfg = vpstag_cnproc::Config { receive_buffer: 4096, kernel_filter: false };
-        let tracker = match vpstag_cnproc::CnProc::with_config(cfg) {
-            Ok(t) => t,
-            Err(e) => {
-                eprintln!("skipped: cannot open the proc connector here: {e}");
-                return;
-            }
-        };
-        let mgr = Manager::new(Box::new(tracker)).unwrap();
+        let Some(mgr) = cnproc_manager(Some(4096)) else { return };
         let script = "i=0; while [ $i -lt 300 ]; do /bin/true & i=$((i+1)); done; wait; exit 7";
         let vps = mgr.start("lost-exit", Command::new("sh").args(["-c", script])).unwrap();
         let status = mgr.wait(&vps, Some(Duration::from_secs(60))).unwrap();
