@@ -77,8 +77,7 @@ struct State {
     to_reap: Vec<Pid>,
     failed: Option<String>,
     observer: Option<Observer>,
-    /// Backends that can lose a child without saying so (FreeBSD's `knote_fork` skips a parent
-    /// knote that is "in flux") get a resync this often.
+    /// [`Capabilities::resync_every`], and when the last periodic resync ran.
     periodic_resync: Option<(Duration, Instant)>,
 }
 
@@ -340,7 +339,7 @@ impl Manager {
             to_reap: Vec::new(),
             failed: None,
             observer: None,
-            periodic_resync: (kind == BackendKind::Kqueue).then(|| (Duration::from_secs(5), Instant::now())),
+            periodic_resync: caps.resync_every.map(|every| (every, Instant::now())),
         };
         state.resync()?;
         let shared =

@@ -179,6 +179,7 @@ mod linux {
                 thread_events: true,
                 reaps: false,
                 can_lose: true,
+                resync_every: None,
             }
         }
 

@@ -103,6 +103,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     thread_events: false,
     reaps: false,
     can_lose: true,
+    resync_every: None,
 };
 
 /// Sizes of the kernel-side structures.
@@ -463,6 +464,7 @@ mod tests {
             thread_events: false,
             reaps: false,
             can_lose: true,
+            resync_every: None,
         };
         assert_eq!(CAPABILITIES, want);
     }

@@ -97,6 +97,8 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     thread_events: false,
     reaps: false,
     can_lose: true,
+    // knote_fork() skips a parent knote that is "in flux" without NOTE_TRACKERR.
+    resync_every: Some(std::time::Duration::from_secs(5)),
 };
 
 /// Every descendant of `reaper`, a process that took `procctl(PROC_REAP_ACQUIRE)` (the VPS's first

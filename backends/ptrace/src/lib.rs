@@ -152,6 +152,7 @@ pub const CAPABILITIES: Capabilities = Capabilities {
     thread_events: true,
     reaps: true,
     can_lose: false,
+    resync_every: None,
 };
 
 /// [`BackendKind::Ptrace`].

@@ -276,6 +276,9 @@ pub struct Capabilities {
     pub reaps: bool,
     /// It can lose events and then reports [`EventKind::Lost`].
     pub can_lose: bool,
+    /// It can also miss a child *without* reporting it (FreeBSD's `knote_fork` skips a parent
+    /// knote that is "in flux"): the consumer should resynchronise this often.
+    pub resync_every: Option<Duration>,
 }
 
 /// What went wrong in a backend.
