@@ -73,6 +73,10 @@ struct State {
     names: HashMap<String, VpsId>,
     next_id: u64,
     subscribers: Vec<Sender<TaggedEvent>>,
+    /// Receivers of whole batches (one send per drain, not per event).
+    batch_subscribers: Vec<Sender<Arc<[TaggedEvent]>>>,
+    /// The events of the drain in progress, for `batch_subscribers`.
+    batch: Vec<TaggedEvent>,
     buf: Vec<Event>,
     to_reap: Vec<Pid>,
     failed: Option<String>,
@@ -158,13 +162,19 @@ impl State {
             for ev in &events {
                 let tagged = self.tracking.apply(ev, &mut self.view);
                 self.note_lifecycle(&tagged);
-                self.subscribers.retain(|s| s.send(tagged).is_ok());
+                if !self.subscribers.is_empty() {
+                    self.subscribers.retain(|s| s.send(tagged).is_ok());
+                }
+                if !self.batch_subscribers.is_empty() {
+                    self.batch.push(tagged);
+                }
                 if self.tracking.resync_due {
                     self.resync()?;
                 }
             }
             self.buf = events;
         }
+        self.send_batch();
         self.tracking.recheck_suspects(&mut self.view);
         if let Some((every, last)) = self.periodic_resync {
             if last.elapsed() >= every {
@@ -195,6 +205,15 @@ impl State {
         }
         self.note_lost_first_exits();
         Ok(())
+    }
+
+    /// Hands the events of this drain to the batch subscribers, one send each.
+    fn send_batch(&mut self) {
+        if self.batch.is_empty() {
+            return;
+        }
+        let batch: Arc<[TaggedEvent]> = std::mem::take(&mut self.batch).into();
+        self.batch_subscribers.retain(|s| s.send(Arc::clone(&batch)).is_ok());
     }
 
     fn flush_changes(&mut self) {
@@ -335,6 +354,8 @@ impl Manager {
             names: HashMap::new(),
             next_id: 0,
             subscribers: Vec::new(),
+            batch_subscribers: Vec::new(),
+            batch: Vec::new(),
             buf: Vec::with_capacity(1024),
             to_reap: Vec::new(),
             failed: None,
@@ -650,6 +671,15 @@ impl Manager {
         rx
     }
 
+    /// Like [`subscribe`](Manager::subscribe), but one message per drain of the backend: every
+    /// event applied since the last message, in order. Under load the manager drains at most every
+    /// few milliseconds, so this costs one hand-off per batch instead of one per event.
+    pub fn subscribe_batches(&self) -> Receiver<Arc<[TaggedEvent]>> {
+        let (tx, rx) = mpsc::channel();
+        self.lock().batch_subscribers.push(tx);
+        rx
+    }
+
     /// The counters: events, losses, resyncs.
     pub fn stats(&self) -> Stats {
         self.lock().tracking.stats
@@ -929,8 +959,15 @@ impl Drop for Manager {
     }
 }
 
+/// Under load the pump drains the backend at most this often, so that a fork storm costs one
+/// wake-up of the pump (and one hand-off to batch subscribers and the change observer) per batch
+/// instead of one per event. An event after a quiet spell is drained at once. Queries drain
+/// synchronously before answering, so this delays no answer.
+const PUMP_INTERVAL: Duration = Duration::from_millis(5);
+
 fn pump_loop(shared: &Shared, fd: &OwnedFd) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
+    let mut last_drain = Instant::now();
     while !shared.stop.load(Ordering::SeqCst) {
         let busy = {
             let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
@@ -939,6 +976,11 @@ fn pump_loop(shared: &Shared, fd: &OwnedFd) {
         let ms: u16 = if busy { 20 } else { 100 };
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
         let _ = poll(&mut fds, PollTimeout::from(ms));
+        let since = last_drain.elapsed();
+        if since < PUMP_INTERVAL {
+            std::thread::sleep(PUMP_INTERVAL - since);
+        }
+        last_drain = Instant::now();
         let failed = {
             let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             st.failed.is_some() || st.pump().is_err()

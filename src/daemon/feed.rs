@@ -36,35 +36,48 @@ pub(super) fn event_info(ev: &crate::TaggedEvent, name: &str) -> Option<EventInf
 }
 
 impl Daemon {
-    /// Records every tagged event: the recent ring and the followers.
-    pub(super) fn record_events(self: &Arc<Daemon>, rx: mpsc::Receiver<crate::TaggedEvent>) {
+    /// Records every tagged event: the recent ring and the followers. Takes whole batches from the
+    /// manager (one hand-off per drain), and takes each lock once per batch.
+    pub(super) fn record_events(self: &Arc<Daemon>, rx: mpsc::Receiver<Arc<[crate::TaggedEvent]>>) {
         while !self.stop.load(Ordering::SeqCst) {
-            let t = match rx.recv_timeout(Duration::from_millis(200)) {
-                Ok(t) => t,
+            let batch = match rx.recv_timeout(Duration::from_millis(200)) {
+                Ok(b) => b,
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return,
             };
-            let Some(id) = t.vps else { continue };
-            let name = match self.meta().get(&id.0) {
-                Some(m) => m.name.clone(),
-                None => match self.mgr.name_of(id) {
-                    Some(n) => n,
-                    None => continue,
-                },
+            let infos: Vec<(u64, EventInfo)> = {
+                let meta = self.meta();
+                batch
+                    .iter()
+                    .filter_map(|t| {
+                        let id = t.vps?;
+                        let name = match meta.get(&id.0) {
+                            Some(m) => m.name.clone(),
+                            None => self.mgr.name_of(id)?,
+                        };
+                        event_info(t, &name).map(|info| (id.0, info))
+                    })
+                    .collect()
             };
-            let Some(info) = event_info(&t, &name) else { continue };
+            if infos.is_empty() {
+                continue;
+            }
             {
                 let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-                if r.len() >= RECENT_EVENTS {
-                    r.pop_front();
+                for item in &infos {
+                    if r.len() >= RECENT_EVENTS {
+                        r.pop_front();
+                    }
+                    r.push_back(item.clone());
                 }
-                r.push_back((id.0, info.clone()));
             }
             let mut f = self.followers.lock().unwrap_or_else(|e| e.into_inner());
-            f.retain(|tx| match tx.try_send((id.0, info.clone())) {
-                Ok(()) => true,
-                Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
-            });
+            for item in &infos {
+                f.retain(|tx| match tx.try_send(item.clone()) {
+                    Ok(()) => true,
+                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+                });
+            }
         }
     }
 

@@ -200,7 +200,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         );
     }
     daemon.compact().map_err(|e| Error::io(format!("writing a snapshot in {}", cfg.state_dir.display()), e))?;
-    let rx = daemon.mgr.subscribe();
+    let rx = daemon.mgr.subscribe_batches();
     {
         let d = Arc::clone(&daemon);
         std::thread::Builder::new()
