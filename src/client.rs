@@ -681,10 +681,29 @@ pub fn start_first_process(socket: &Path, name: &str, cmd: &Command, output: Opt
     Pid::new(pid).ok_or_else(|| ClientError::Protocol("fork returned a bad pid".into()))
 }
 
-/// Joins VPS `name` through the daemon at `socket`, then executes `cmd` in place (the loader).
-/// Returns only on failure.
+/// The loader (`vpstag exec`): makes the calling process a child subreaper, joins VPS `name`
+/// through the daemon at `socket`, then runs `program` as its child and waits for it, exiting
+/// with its status. The calling process stays as the registered root below which the whole
+/// command tree lives: orphans and `clone(CLONE_PARENT)` children of the command are re-parented
+/// to (or born below) it, so they are tagged under every backend and are found again by a scan
+/// after a daemon restart. Signals it receives (HUP, INT, QUIT, TERM, USR1, USR2, WINCH) are
+/// passed on to the command.
+///
+/// Returns only on failure. The calling process must be single-threaded and should have no
+/// other children.
 pub fn exec_in(socket: &Path, name: &str, program: &OsString, args: &[OsString]) -> ClientError {
-    use std::os::unix::process::CommandExt;
+    let spawn_err = |message: String| ClientError::Spawn { program: program.to_string_lossy().into_owned(), message };
+    let mut cmd = Command::new(program);
+    cmd.args(args);
+    // Resolve the command first, so "not found" is said before joining anything.
+    let plan = match crate::init::Plan::new(&cmd) {
+        Ok(p) => p,
+        Err(e) => return spawn_err(e.to_string()),
+    };
+    let rc = crate::sys::become_subreaper();
+    if rc != 0 {
+        return ClientError::io("becoming the reaper of the command's orphans", io::Error::from_raw_os_error(rc));
+    }
     let mut c = match Client::connect_to(socket) {
         Ok(c) => c,
         Err(e) => return e,
@@ -693,6 +712,6 @@ pub fn exec_in(socket: &Path, name: &str, program: &OsString, args: &[OsString])
         return e;
     }
     drop(c);
-    let e = Command::new(program).args(args).exec();
-    ClientError::Spawn { program: program.to_string_lossy().into_owned(), message: e.to_string() }
+    let e = crate::init::run_loader_shim(&plan);
+    spawn_err(e.to_string())
 }

@@ -413,10 +413,29 @@ pub(crate) unsafe fn run_first_process_socket(plan: &Plan, gate: &SocketGate, re
 /// # Safety
 /// Only in the first process after its gate opened; async-signal-safe.
 unsafe fn init_loop(plan: &Plan, rep: Reporter) -> ! {
-    let err = rep.fd();
     // SAFETY (whole block): as in the callers.
     unsafe {
-        // Block what we handle with sigwaitinfo, after making sure SIGCHLD is not ignored.
+        let (cmd, set) = spawn_command(plan, rep);
+        if cmd < 0 {
+            rep.fail(stage::FORK, errno());
+            libc::_exit(127);
+        }
+        libc::close(rep.fd());
+        supervise(cmd, &set)
+    }
+}
+
+/// Blocks the signals an init handles (after making sure SIGCHLD is not ignored) and forks the
+/// command; the child restores the signal mask and executes it, reporting a failure through
+/// `rep` (then exits 127). Returns the command's pid (negative when `fork` failed) and the set of
+/// blocked signals, for [`supervise`].
+///
+/// # Safety
+/// Async-signal-safe; `plan` was prepared before any `fork()` of the caller.
+unsafe fn spawn_command(plan: &Plan, rep: Reporter) -> (libc::pid_t, libc::sigset_t) {
+    // SAFETY (whole block): raw system calls on integers, stack buffers and the Plan's
+    // pre-built, NUL-terminated arrays.
+    unsafe {
         libc::signal(libc::SIGCHLD, libc::SIG_DFL);
         let mut set: libc::sigset_t = std::mem::zeroed();
         libc::sigemptyset(&mut set);
@@ -428,10 +447,6 @@ unsafe fn init_loop(plan: &Plan, rep: Reporter) -> ! {
         libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
 
         let cmd = libc::fork();
-        if cmd < 0 {
-            rep.fail(stage::FORK, errno());
-            libc::_exit(127);
-        }
         if cmd == 0 {
             for s in FORWARDED {
                 // Handlers the manager installed (e.g. for Ctrl-C) do not belong to the command;
@@ -452,11 +467,22 @@ unsafe fn init_loop(plan: &Plan, rep: Reporter) -> ! {
             rep.fail(stage::EXEC, errno());
             libc::_exit(127);
         }
-        libc::close(err);
+        (cmd, set)
+    }
+}
 
+/// Waits for the signals in `set`: forwards the termination signals to `cmd`, reaps every child
+/// (orphans of the VPS included), and exits with `cmd`'s status (128 + signal number when a
+/// signal ended it) once it is reaped.
+///
+/// # Safety
+/// Async-signal-safe; `set` is blocked in the calling thread.
+unsafe fn supervise(cmd: libc::pid_t, set: &libc::sigset_t) -> ! {
+    // SAFETY (whole block): raw system calls on integers and stack buffers.
+    unsafe {
         loop {
             let mut sig: libc::c_int = 0;
-            if libc::sigwait(&set, &mut sig) != 0 {
+            if libc::sigwait(set, &mut sig) != 0 {
                 continue;
             }
             if sig == libc::SIGCHLD {
@@ -482,4 +508,46 @@ unsafe fn init_loop(plan: &Plan, rep: Reporter) -> ! {
             }
         }
     }
+}
+
+/// The loader's shim (`vpstag exec`), once it is a subreaper and registered as a member of its
+/// VPS: runs the command as its child and stays, as the VPS's root for that command, until the
+/// command exits (then exits with its status). Orphans and `clone(CLONE_PARENT)` children of the
+/// command are re-parented to (or born below) the shim, so the command's whole tree stays below
+/// a registered root: its lineage is exact for every backend and can be rebuilt from a scan.
+///
+/// Returns only when the command could not be started, with the reason. The calling process
+/// must be single-threaded (it is the `vpstag exec` process).
+pub(crate) fn run_loader_shim(plan: &Plan) -> io::Error {
+    let (err_read, err_write) = match nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC) {
+        Ok(p) => p,
+        Err(e) => return e.into(),
+    };
+    // SAFETY: the plan was prepared before; this process is single-threaded, so the child may run
+    // the async-signal-safe spawn path.
+    let (cmd, set) = unsafe { spawn_command(plan, Reporter::Errno(err_write.as_raw_fd())) };
+    drop(err_write);
+    if cmd < 0 {
+        return io::Error::last_os_error();
+    }
+    // EOF: the command was executed (the pipe is close-on-exec). Four bytes: an errno.
+    let mut buf = [0u8; 4];
+    let mut got = 0;
+    let mut f = std::fs::File::from(err_read);
+    while got < 4 {
+        match std::io::Read::read(&mut f, &mut buf[got..]) {
+            Ok(0) => break,
+            Ok(n) => got += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return e,
+        }
+    }
+    if got == 4 {
+        // SAFETY: waitpid on our own child, which exits at once after reporting.
+        unsafe { libc::waitpid(cmd, std::ptr::null_mut(), 0) };
+        return io::Error::from_raw_os_error(i32::from_ne_bytes(buf));
+    }
+    drop(f);
+    // SAFETY: `set` is blocked in this (only) thread by spawn_command.
+    unsafe { supervise(cmd, &set) }
 }

@@ -288,7 +288,7 @@ fn two_vpses_an_untracked_tree_ps_which_and_exec() {
     assert!(!again.status.success());
     assert!(text(&again.stderr).contains("already running"), "{}", text(&again.stderr));
 
-    // exec: the loader registers itself, then becomes the command (same pid).
+    // exec: the loader becomes a subreaper, registers itself, and runs the command as its child.
     let loader = d
         .cmd(&["exec", "beta", "--", "sh", "-c", "sleep 206 & wait"])
         .stdout(Stdio::null())
@@ -301,8 +301,10 @@ fn two_vpses_an_untracked_tree_ps_which_and_exec() {
     assert_eq!(d.which(loader_pid), (Some(0), "beta".to_string()));
     let procs = d.ps(Some("beta"));
     let lp = procs.iter().find(|p| p["pid"] == loader_pid).expect("the loader is a member");
-    assert_eq!(lp["cmd"], "sh -c sleep 206 & wait");
-    assert_eq!(lp["source"], "loader");
+    assert_eq!(lp["source"], "loader", "{procs:?}");
+    let sh = procs.iter().find(|p| p["cmd"] == "sh -c sleep 206 & wait").expect("the command is a member");
+    assert_eq!(sh["ppid"], loader_pid, "the command runs below the loader: {procs:?}");
+    assert_eq!(sh["source"], "event", "{procs:?}");
     // exec into an unknown VPS is refused.
     let bad = d.run(&["exec", "nope", "--", "true"]);
     assert!(!bad.status.success() && text(&bad.stderr).contains("unknown VPS"), "{}", text(&bad.stderr));
@@ -705,4 +707,99 @@ fn a_fork_storm_in_one_vps_does_not_stop_the_daemon_serving_others() {
         .filter(|x| x["vps"] == "calm" || x["expected"] == "calm" || x["vps"] == "storm" || x["expected"] == "storm")
         .collect();
     assert!(bad.is_empty(), "{report}");
+}
+
+/// The backends this build has, for tests that run under each.
+fn daemon_backends() -> Vec<&'static str> {
+    let mut v = Vec::new();
+    if cnproc_available() {
+        v.push("cnproc");
+    }
+    v.push("ptrace");
+    if cfg!(feature = "ebpf") {
+        match vpstag::open_backend(vpstag::BackendChoice::Ebpf) {
+            Ok(_) => v.push("ebpf"),
+            Err(e) => eprintln!("skipping ebpf: {e}"),
+        }
+    }
+    v
+}
+
+/// A program brought in with `vpstag exec` from outside the VPS makes a `clone(CLONE_PARENT)`
+/// child (the kernel names the caller's parent as its parent) and a setsid-orphaned grandchild.
+/// Every one of them is tagged, `check` sees no divergence, all are still members after the
+/// daemon is killed with -9 and restarted (nothing of the VPS died with it), and
+/// `kill --signal KILL` ends them all.
+fn joined_program_tree_is_tagged_and_survives_a_daemon_crash(backend: &'static str) {
+    let mut d = Daemon::new("join", backend);
+    let first = d.start_vps("jv", &["sleep", "310"]);
+    // clone(CLONE_PARENT | SIGCHLD) by raw syscall (56 on x86_64): the child's parent is the
+    // caller's parent. Then a double fork with setsid, then exec.
+    let prog = r#"
+import ctypes, os
+libc = ctypes.CDLL(None, use_errno=True)
+pid = libc.syscall(56, 0x8000 | 17, 0, 0, 0, 0)
+if pid == 0:
+    os.execv("/bin/sleep", ["sleep", "311"])
+if os.fork() == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.execv("/bin/sleep", ["sleep", "312"])
+    os._exit(0)
+os.wait()
+os.execv("/bin/sleep", ["sleep", "313"])
+"#;
+    let loader = d
+        .cmd(&["exec", "jv", "--", "python3", "-c", prog])
+        .stdout(Stdio::null())
+        .stderr(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let shim = loader.id() as i32;
+    d.extra.borrow_mut().push(loader);
+    let cmds = ["sleep 311", "sleep 312", "sleep 313"];
+    wait_until("the joined program's three sleeps", Duration::from_secs(20), || {
+        cmds.iter().all(|c| d.pids_of("jv", c).len() == 1)
+    });
+    let pids: Vec<i32> = cmds.iter().map(|c| d.pids_of("jv", c)[0]).collect();
+    let procs = d.ps(Some("jv"));
+    let ppid = |p: i32| procs.iter().find(|x| x["pid"] == p).map(|x| x["ppid"].as_i64().unwrap() as i32);
+    assert_eq!(ppid(pids[0]), Some(shim), "[{backend}] the CLONE_PARENT child is born below the shim: {procs:?}");
+    assert_eq!(ppid(pids[1]), Some(shim), "[{backend}] the setsid orphan is re-parented to the shim: {procs:?}");
+    for &p in &pids {
+        assert_eq!(d.which(p), (Some(0), "jv".to_string()), "[{backend}] {p}: {procs:?}");
+    }
+    let check = d.run(&["check", "--json"]);
+    let report: Value = serde_json::from_slice(&check.stdout).unwrap_or(Value::Null);
+    assert_eq!(report["divergences"], serde_json::json!([]), "[{backend}] check: {}", text(&check.stdout));
+
+    d.crash();
+    for &p in pids.iter().chain([first, shim].iter()) {
+        assert!(alive(p), "[{backend}] process {p} of the VPS survives the daemon's crash");
+    }
+    d.start();
+    wait_until("every member to be known again", Duration::from_secs(20), || {
+        let m = d.members("jv");
+        pids.iter().chain([first, shim].iter()).all(|p| m.contains(p))
+    });
+    for &p in &pids {
+        assert_eq!(d.which(p), (Some(0), "jv".to_string()), "[{backend}] {p} after the restart\n{}", d.log());
+    }
+    let out = d.run(&["kill", "--signal", "KILL", "jv"]);
+    assert!(out.status.success(), "[{backend}] kill: {}", text(&out.stderr));
+    wait_until("every process of the VPS to die", Duration::from_secs(10), || {
+        pids.iter().chain([first, shim].iter()).all(|p| !alive(*p))
+    });
+}
+
+#[test]
+fn a_joined_programs_clone_parent_child_and_setsid_orphan_are_tagged_under_every_backend() {
+    if !is_root() {
+        eprintln!("skipping: needs root");
+        return;
+    }
+    for backend in daemon_backends() {
+        joined_program_tree_is_tagged_and_survives_a_daemon_crash(backend);
+    }
 }
