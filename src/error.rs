@@ -16,6 +16,15 @@ pub enum Error {
     /// A VPS of that name is running.
     #[error("a VPS named {0:?} is already running; stop it first or pick another name")]
     AlreadyRunning(String),
+    /// The process is already a member of another VPS; registering or joining it elsewhere would
+    /// take it out of that VPS's reach.
+    #[error("process {pid} is already a member of VPS {vps:?}; it cannot start or join another VPS from there")]
+    AlreadyMember {
+        /// The process.
+        pid: Pid,
+        /// The VPS it is in.
+        vps: String,
+    },
     /// A VPS name must be 1-64 characters of letters, digits, `.`, `_` or `-`.
     #[error("invalid VPS name {name:?}: {why}")]
     InvalidName {

@@ -63,6 +63,8 @@ struct VpsRecord {
 
 /// Receives batches of table changes (for a journal).
 type Observer = Box<dyn FnMut(&[Change]) + Send>;
+/// Receives the members whose parent exited while they live on (see [`Manager::on_orphans`]).
+type OrphanObserver = Box<dyn FnMut(&[(ProcessId, VpsId)]) + Send>;
 
 struct State {
     tracker: Box<dyn ForkTracker>,
@@ -81,6 +83,7 @@ struct State {
     to_reap: Vec<Pid>,
     failed: Option<String>,
     observer: Option<Observer>,
+    orphan_observer: Option<OrphanObserver>,
     /// [`Capabilities::resync_every`], and when the last periodic resync ran.
     periodic_resync: Option<(Duration, Instant)>,
 }
@@ -118,7 +121,8 @@ pub struct Manager {
     kind: BackendKind,
 }
 
-fn validate_name(name: &str) -> Result<()> {
+/// Checks a VPS name: 1 to 64 letters, digits, '.', '_' or '-', not starting with '-' or '.'.
+pub(crate) fn validate_name(name: &str) -> Result<()> {
     let bad = |why| Err(Error::InvalidName { name: name.to_string(), why });
     if name.is_empty() {
         return bad("it is empty");
@@ -217,6 +221,13 @@ impl State {
     }
 
     fn flush_changes(&mut self) {
+        let orphans = self.tracking.table.take_orphaned();
+        if let Some(obs) = &mut self.orphan_observer {
+            if !orphans.is_empty() {
+                let v: Vec<(ProcessId, VpsId)> = orphans.iter().map(|e| (e.id, e.vps)).collect();
+                obs(&v);
+            }
+        }
         if let Some(obs) = &mut self.observer {
             let changes = self.tracking.table.take_changes();
             if !changes.is_empty() {
@@ -360,6 +371,7 @@ impl Manager {
             to_reap: Vec::new(),
             failed: None,
             observer: None,
+            orphan_observer: None,
             periodic_resync: caps.resync_every.map(|every| (every, Instant::now())),
         };
         state.resync()?;
@@ -576,22 +588,17 @@ impl Manager {
         Ok(v)
     }
 
-    /// Sends `sig` to every member of `vps`; returns how many were signalled.
+    /// Sends `sig` to every member of `vps`; returns how many were signalled. Each member is held
+    /// by a pidfd where the kernel has them (Linux 5.3+) and checked by start time, so a member
+    /// that exits meanwhile is skipped and a later holder of its pid is never signalled.
     pub fn signal(&self, vps: &Vps, sig: Signal) -> Result<usize> {
-        let st = self.synced()?;
-        st.record(vps)?;
-        let mut n = 0;
-        for pid in st.tracking.table.members(vps.id) {
-            if nix::sys::signal::kill(
-                nix::unistd::Pid::from_raw(pid.as_raw()),
-                nix::sys::signal::Signal::try_from(sig.as_raw()).ok(),
-            )
-            .is_ok()
-            {
-                n += 1;
-            }
-        }
-        Ok(n)
+        let targets: Vec<ProcessId> = {
+            let st = self.synced()?;
+            st.record(vps)?;
+            let t = &st.tracking.table;
+            t.members(vps.id).filter_map(|p| t.get(p)).map(|e| e.id).collect()
+        };
+        Ok(targets.into_iter().filter(|id| matches!(crate::sys::signal_exact(*id, sig.as_raw()), Ok(true))).count())
     }
 
     /// Sends SIGKILL to every member of `vps`, again and again, until none is left (a member
@@ -658,8 +665,11 @@ impl Manager {
         let mut st = self.synced()?;
         st.record(vps)?;
         st.tracking.table.remove_vps(vps.id);
-        st.vpses.remove(&vps.id);
-        st.names.remove(&vps.name);
+        if let Some(rec) = st.vpses.remove(&vps.id) {
+            if st.names.get(&rec.vps.name) == Some(&vps.id) {
+                st.names.remove(&rec.vps.name);
+            }
+        }
         st.tracker.forget(vps.id)?;
         Ok(())
     }
@@ -790,7 +800,17 @@ impl Manager {
     /// own credentials). The caller opens the gate after this returns.
     pub fn register_first(&self, name: &str, pid: Pid) -> Result<Vps> {
         validate_name(name)?;
+        self.register_first_as(name, pid)
+    }
+
+    /// [`register_first`](Manager::register_first) under a name the caller has checked (the daemon's
+    /// `uid:name` keys). A process that is already a member of a VPS is refused: it would leave it.
+    pub(crate) fn register_first_as(&self, name: &str, pid: Pid) -> Result<Vps> {
         let mut st = self.synced()?;
+        if let Some(id) = st.tracking.table.vps_of(pid) {
+            let other = st.vpses.get(&id).map_or_else(|| id.to_string(), |r| r.vps.name.clone());
+            return Err(Error::AlreadyMember { pid, vps: other });
+        }
         if st.name_in_use(name) {
             return Err(Error::AlreadyRunning(name.to_string()));
         }
@@ -811,14 +831,38 @@ impl Manager {
     /// Adds `pid` (a process without children, held until this returns: the loader) to the
     /// running VPS `name`.
     pub fn join(&self, name: &str, pid: Pid) -> Result<Vps> {
+        let vps = {
+            let st = self.synced()?;
+            let id = st
+                .names
+                .get(name)
+                .copied()
+                .filter(|_| st.name_in_use(name))
+                .ok_or_else(|| Error::UnknownVps(name.into()))?;
+            st.vpses.get(&id).map(|r| r.vps.clone()).ok_or_else(|| Error::UnknownVps(name.into()))?
+        };
+        self.join_vps(&vps, pid)
+    }
+
+    /// [`join`](Manager::join) the VPS `vps` by its id: a VPS stopped meanwhile (whose name another
+    /// may have taken) is refused, never confused with the new one. A process that is a member of
+    /// another VPS is refused: it would leave it.
+    pub fn join_vps(&self, vps: &Vps, pid: Pid) -> Result<Vps> {
         let mut st = self.synced()?;
-        let id = st
-            .names
-            .get(name)
-            .copied()
-            .filter(|_| st.name_in_use(name))
-            .ok_or_else(|| Error::UnknownVps(name.into()))?;
-        let vps = st.vpses.get(&id).map(|r| r.vps.clone()).ok_or_else(|| Error::UnknownVps(name.into()))?;
+        let running =
+            st.vpses.get(&vps.id).is_some_and(|r| !r.first_gone || st.tracking.table.member_count(vps.id) > 0);
+        if !running {
+            return Err(Error::UnknownVps(vps.name.clone()));
+        }
+        let vps = st.vpses.get(&vps.id).map(|r| r.vps.clone()).ok_or_else(|| Error::UnknownVps(vps.name.clone()))?;
+        match st.tracking.table.vps_of(pid) {
+            Some(id) if id == vps.id => return Ok(vps),
+            Some(id) => {
+                let other = st.vpses.get(&id).map_or_else(|| id.to_string(), |r| r.vps.name.clone());
+                return Err(Error::AlreadyMember { pid, vps: other });
+            }
+            None => {}
+        }
         let info = crate::sys::process(pid)
             .map_err(|e| Error::io("reading the process", e))?
             .ok_or(Error::NoSuchProcess(pid))?;
@@ -834,6 +878,17 @@ impl Manager {
         let mut st = self.lock();
         st.tracking.table.record_changes(true);
         st.observer = Some(Box::new(f));
+    }
+
+    /// Calls `f` with the members whose parent has exited while they live on, from now on. The
+    /// kernel re-parents such a process to the nearest child subreaper, which is inside its VPS
+    /// while the VPS's root lives, or else outside it; so a journal that records only each VPS's
+    /// roots (first processes and loader joins, which are subreapers) records these too, and a
+    /// restart can rebuild every member from the journal's roots and a scan. Rare in practice
+    /// (double-forked daemons, a root that exits before its descendants). Called with the manager's
+    /// lock held: hand the batch on, do not block.
+    pub fn on_orphans(&self, f: impl FnMut(&[(ProcessId, VpsId)]) + Send + 'static) {
+        self.lock().orphan_observer = Some(Box::new(f));
     }
 
     /// Every VPS and member, for a snapshot.

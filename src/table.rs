@@ -40,6 +40,10 @@ pub struct Entry {
     pub(crate) threads_exact: bool,
     /// The thread-group leader has exited (pthread_exit in main) while other threads may live.
     pub(crate) leader_exited: bool,
+    /// Live entries born from (or found below) this one: when this process exits with children
+    /// left, they are re-parented, possibly out of their VPS's subtree (see
+    /// [`MappingTable::take_orphaned`]).
+    pub(crate) children: u32,
 }
 
 impl Entry {
@@ -54,6 +58,7 @@ impl Entry {
             threads: 1,
             threads_exact: source == Source::Event || source == Source::First,
             leader_exited: false,
+            children: 0,
         }
     }
 
@@ -84,6 +89,9 @@ pub struct MappingTable {
     members: HashMap<VpsId, HashSet<Pid>>,
     /// When enabled, every insertion and removal, for a journal.
     log: Option<Vec<Change>>,
+    /// Processes that left the table with children still in it, since the last
+    /// [`take_orphaned`](MappingTable::take_orphaned).
+    orphaning: Vec<Pid>,
 }
 
 /// One change to the table, as a journal records it.
@@ -188,6 +196,19 @@ impl MappingTable {
                 parent: entry.parent.map(Pid::as_raw),
             });
         }
+        let mut entry = entry;
+        let same = self.by_pid.get(&pid).is_some_and(|o| o.id == entry.id);
+        if same {
+            // The same process re-tagged: it keeps its children.
+            entry.children = self.by_pid.get(&pid).map_or(0, |o| o.children);
+        } else if let Some(o) = self.by_pid.get(&pid).cloned() {
+            self.forget_child(&o);
+        }
+        if !same {
+            if let Some(pe) = entry.parent.and_then(|pp| self.by_pid.get_mut(&pp)) {
+                pe.children += 1;
+            }
+        }
         let old = self.by_pid.insert(pid, entry);
         if let Some(o) = &old {
             if o.vps != vps {
@@ -202,8 +223,39 @@ impl MappingTable {
     pub(crate) fn remove(&mut self, pid: Pid) -> Option<Entry> {
         let old = self.by_pid.remove(&pid)?;
         self.unlink(old.vps, pid);
+        self.forget_child(&old);
         self.note_removed(&old);
         Some(old)
+    }
+
+    /// `e` leaves the table: its parent has one child less, and its own children are orphans.
+    fn forget_child(&mut self, e: &Entry) {
+        if let Some(pe) = e.parent.and_then(|pp| self.by_pid.get_mut(&pp)) {
+            pe.children = pe.children.saturating_sub(1);
+        }
+        if e.children > 0 {
+            self.orphaning.push(e.id.pid);
+        }
+    }
+
+    /// The entries whose parent left the table while they live on, since the last call: the
+    /// kernel re-parents them (to the nearest child subreaper, or to init), so they may now be
+    /// outside their VPS's subtree, and a scan could no longer find them from the VPS's root. A
+    /// journal that records only roots records these too. Cheap when nothing was orphaned.
+    pub(crate) fn take_orphaned(&mut self) -> Vec<Entry> {
+        if self.orphaning.is_empty() {
+            return Vec::new();
+        }
+        let parents: HashSet<Pid> = self.orphaning.drain(..).collect();
+        let mut out = Vec::new();
+        for e in self.by_pid.values_mut() {
+            if e.parent.is_some_and(|p| parents.contains(&p)) {
+                // Its birth parent is gone: it counts against no later holder of that pid.
+                e.parent = None;
+                out.push(e.clone());
+            }
+        }
+        out
     }
 
     /// Removes every entry of `vps`.
@@ -211,6 +263,9 @@ impl MappingTable {
         let pids = self.members.remove(&vps).unwrap_or_default();
         for p in &pids {
             if let Some(old) = self.by_pid.remove(p) {
+                if let Some(pe) = old.parent.and_then(|pp| self.by_pid.get_mut(&pp)) {
+                    pe.children = pe.children.saturating_sub(1);
+                }
                 self.note_removed(&old);
             }
         }
@@ -285,6 +340,34 @@ mod tests {
             ]
         );
         assert!(t.take_changes().is_empty());
+    }
+
+    #[test]
+    fn a_parent_that_exits_with_live_children_orphans_them_once() {
+        let mut t = MappingTable::new();
+        let v = VpsId(1);
+        t.insert(Entry::new(id(10, 1), v, Source::First, None));
+        t.insert(Entry::new(id(11, 2), v, Source::Event, Some(pid(10))));
+        t.insert(Entry::new(id(12, 3), v, Source::Event, Some(pid(10))));
+        t.insert(Entry::new(id(13, 4), v, Source::Event, Some(pid(12))));
+        // A child that exits before its parent orphans nothing.
+        t.remove(pid(11));
+        assert!(t.take_orphaned().is_empty());
+        // The parent exits: its live child is an orphan (not the grandchild: its parent lives).
+        t.remove(pid(10));
+        let o: Vec<i32> = t.take_orphaned().iter().map(|e| e.id.pid.as_raw()).collect();
+        assert_eq!(o, vec![12]);
+        assert_eq!(t.get(pid(12)).unwrap().parent, None, "the dead parent is forgotten");
+        assert!(t.take_orphaned().is_empty(), "reported once");
+        // A later holder of pid 10 with no children orphans nothing when it exits.
+        t.insert(Entry::new(id(10, 9), v, Source::Event, Some(pid(13))));
+        t.remove(pid(10));
+        assert!(t.take_orphaned().is_empty());
+        // Re-tagging the same process keeps its children.
+        t.insert(Entry::new(id(12, 3), v, Source::Loader, None));
+        t.remove(pid(12));
+        let o: Vec<i32> = t.take_orphaned().iter().map(|e| e.id.pid.as_raw()).collect();
+        assert_eq!(o, vec![13]);
     }
 
     #[test]

@@ -2,6 +2,14 @@
 
 use super::*;
 
+/// The manager's name for VPS `name` of user `owner`: names are per owner.
+pub(super) fn key(owner: u32, name: &str) -> String {
+    format!("{owner}:{name}")
+}
+
+/// A VPS the user does not own may be many; one user may start at most this many (root: any).
+pub(super) const MAX_VPSES_PER_USER: usize = 64;
+
 impl Daemon {
     pub(super) fn meta(&self) -> MutexGuard<'_, HashMap<u64, VpsMeta>> {
         self.meta.lock().unwrap_or_else(|e| e.into_inner())
@@ -15,20 +23,136 @@ impl Daemon {
         peer.uid == 0 || self.owner(id) == Some(peer.uid)
     }
 
-    /// The VPS `name`, if `peer` may act on it.
+    /// `vps` with the name its owner gave it (the manager knows it by its [`key`]).
+    pub(super) fn shown(&self, mut vps: Vps) -> Vps {
+        if let Some(m) = self.meta().get(&vps.id.0) {
+            vps.name = m.name.clone();
+        }
+        vps
+    }
+
+    /// A manager key (`uid:name`) as `peer` should see it: the bare name for its own VPSes (and for
+    /// root's, to root), `uid:name` for another user's.
+    pub(super) fn shown_key(&self, peer: Peer, key: &str) -> String {
+        match key.split_once(':') {
+            Some((uid, name)) if uid == peer.uid.to_string() => name.to_string(),
+            _ => key.to_string(),
+        }
+    }
+
+    /// The VPS `name` means to `peer`, if `peer` may `what` it. Names are per owner: a bare name
+    /// is the caller's own VPS; `uid:name` names another user's (root only). Root's bare name falls
+    /// back to the one VPS of that name of any user, except to join it (`vpstag exec`), so that
+    /// root's tools never run inside a VPS another user named like theirs.
     pub(super) fn lookup(&self, peer: Peer, name: &str, what: &str) -> Result<Vps, Refusal> {
-        let vps = self.mgr.vps(name)?;
-        if !self.visible(peer, vps.id.0) {
-            let owner = self.owner(vps.id.0).map_or("another user".to_string(), |u| format!("uid {u}"));
+        let (owner, bare) = match name.split_once(':') {
+            Some((uid, bare)) => {
+                let uid: u32 = uid.parse().map_err(|_| {
+                    refuse("invalid_name", format!("{name:?}: say NAME, or UID:NAME with a numeric uid"))
+                })?;
+                (uid, bare)
+            }
+            None => (peer.uid, name),
+        };
+        if owner != peer.uid && peer.uid != 0 {
             return Err(refuse(
                 "permission_denied",
                 format!(
-                    "VPS {name:?} belongs to {owner}; only its owner or root may {what} it (you are uid {})",
+                    "VPS {name:?} belongs to uid {owner}; only its owner or root may {what} it (you are uid {})",
                     peer.uid
                 ),
             ));
         }
-        Ok(vps)
+        if let Ok(vps) = self.mgr.vps(&key(owner, bare)) {
+            return Ok(self.shown(vps));
+        }
+        if name != bare {
+            return Err(Error::UnknownVps(name.to_string()).into());
+        }
+        let others: Vec<(u64, u32)> = {
+            let meta = self.meta();
+            meta.iter().filter(|(_, m)| m.name == bare && m.owner != owner).map(|(id, m)| (*id, m.owner)).collect()
+        };
+        let running: Vec<(Vps, u32)> = others
+            .into_iter()
+            .filter_map(|(id, o)| self.mgr.vps(&key(o, bare)).ok().filter(|v| v.id.0 == id).map(|v| (v, o)))
+            .collect();
+        match running.as_slice() {
+            [] => Err(Error::UnknownVps(bare.to_string()).into()),
+            _ if peer.uid != 0 => Err(refuse(
+                "permission_denied",
+                format!(
+                    "VPS {bare:?} belongs to another user; only its owner or root may {what} it (you are uid {})",
+                    peer.uid
+                ),
+            )),
+            [(vps, _)] if what != "join" && name == bare => Ok(self.shown(vps.clone())),
+            _ => {
+                let names: Vec<String> = running.iter().map(|(_, o)| format!("{o}:{bare}")).collect();
+                Err(refuse(
+                    "unknown_vps",
+                    format!("you have no VPS named {bare:?}; other users do: say {}", names.join(" or ")),
+                ))
+            }
+        }
+    }
+
+    /// The process that opened this connection, checked: it still runs (so its pid is still its
+    /// own: see [`crate::sys::peer_state`]) and runs as the user that connected. Only a verified
+    /// peer is registered or joined anywhere.
+    pub(super) fn verified_peer(
+        &self,
+        peer: Peer,
+        who: &crate::sys::SocketPeer,
+    ) -> Result<crate::sys::ProcInfo, Refusal> {
+        match crate::sys::peer_state(who) {
+            crate::sys::PeerState::Alive(info) if info.uid == peer.uid => Ok(info),
+            crate::sys::PeerState::Alive(info) => Err(refuse(
+                "permission_denied",
+                format!(
+                    "process {} runs as uid {} but connected as uid {}; it is not registered",
+                    info.id.pid, info.uid, peer.uid
+                ),
+            )),
+            crate::sys::PeerState::Gone => Err(refuse(
+                "no_such_process",
+                format!(
+                    "the process that opened this connection (pid {}) has exited; its pid may be another \
+                     process's now, so nothing is registered",
+                    who.pid
+                ),
+            )),
+            crate::sys::PeerState::Unsure => Err(refuse(
+                "unverifiable",
+                format!(
+                    "cannot verify that pid {} is still the process that connected (this kernel has no \
+                     SO_PEERPIDFD and its start time could not be read); reconnect and try again",
+                    who.pid
+                ),
+            )),
+        }
+    }
+
+    /// Refuses to register or join `pid` when it is a member of another VPS (`into`: the VPS it
+    /// joins, which it may already be in): a VPS started or joined from inside another would take
+    /// its processes out of that VPS's reach (its `stop`, `kill` and accounting).
+    pub(super) fn refuse_nested(&self, pid: Pid, into: Option<&Vps>) -> Result<(), Refusal> {
+        match self.mgr.vps_of(pid)? {
+            None => Ok(()),
+            Some(v) if into.is_some_and(|i| i.id == v.id) => Ok(()),
+            Some(v) => {
+                let v = self.shown(v);
+                Err(refuse(
+                    "nested",
+                    format!(
+                        "process {pid} is a member of VPS {:?}; a VPS cannot be started or joined from inside \
+                         another (its processes would escape {:?}'s stop, kill and accounting): run it from \
+                         outside",
+                        v.name, v.name
+                    ),
+                ))
+            }
+        }
     }
 
     pub(super) fn journal(&self, records: &[Record]) -> Result<(), Refusal> {
@@ -56,7 +180,7 @@ impl Daemon {
         Store::write_snapshot(&dir, owned, members)
     }
 
-    pub(super) fn handle(&self, peer: Peer, op: Op) -> Result<Vec<u8>, Refusal> {
+    pub(super) fn handle(&self, peer: Peer, who: &crate::sys::SocketPeer, op: Op) -> Result<Vec<u8>, Refusal> {
         match op {
             Op::Hello => Ok(ok_line(json!({
                 "version": PROTOCOL_VERSION,
@@ -65,11 +189,30 @@ impl Daemon {
                 "uid": peer.uid,
             }))),
             Op::RegisterFirst { name } => {
-                let pid = Pid::new(peer.pid).ok_or_else(|| refuse("bad_request", "the peer has no pid"))?;
-                let info = crate::sys::process(pid)
-                    .map_err(|e| refuse("failed", format!("reading process {pid}: {e}")))?
-                    .ok_or_else(|| refuse("no_such_process", format!("process {pid} is gone")))?;
-                let vps = self.mgr.register_first(&name, pid)?;
+                crate::manager::validate_name(&name)?;
+                let info = self.verified_peer(peer, who)?;
+                let pid = info.id.pid;
+                self.refuse_nested(pid, None)?;
+                if peer.uid != 0 {
+                    let mine = self.meta().values().filter(|m| m.owner == peer.uid).count();
+                    if mine >= MAX_VPSES_PER_USER {
+                        return Err(refuse(
+                            "quota",
+                            format!(
+                                "uid {} has {mine} VPSes, the most one user may have ({MAX_VPSES_PER_USER}); stop one \
+                                 first (`vpstag list`, `vpstag stop NAME`)",
+                                peer.uid
+                            ),
+                        ));
+                    }
+                }
+                let vps = self.mgr.register_first_as(&key(peer.uid, &name), pid)?;
+                // The peer may have exited between the check and the registration (and its pid
+                // been reused): then nothing stays registered.
+                if !matches!(crate::sys::peer_state(who), crate::sys::PeerState::Alive(_)) {
+                    let _ = self.mgr.forget(&vps);
+                    return Err(refuse("no_such_process", format!("process {pid} exited while registering")));
+                }
                 let saved = SavedVps {
                     id: vps.id.0,
                     name: vps.name.clone(),
@@ -77,27 +220,43 @@ impl Daemon {
                     first_start: info.id.start.0,
                     started: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                 };
-                self.meta().insert(vps.id.0, VpsMeta { name: vps.name.clone(), owner: peer.uid });
+                self.meta().insert(vps.id.0, VpsMeta { name: name.clone(), owner: peer.uid });
                 if let Err(e) = self.journal(&[Record::Vps { vps: saved, owner: peer.uid }]) {
                     let _ = self.mgr.forget(&vps);
                     self.meta().remove(&vps.id.0);
                     return Err(e);
                 }
-                log!("VPS {:?} (id {}) started by uid {}: first process {pid}", vps.name, vps.id, peer.uid);
-                Ok(ok_line(json!({ "vps": vps })))
+                log!("VPS {name:?} (id {}) started by uid {}: first process {pid}", vps.id, peer.uid);
+                Ok(ok_line(json!({ "vps": self.shown(vps) })))
             }
             Op::Join { name } => {
                 let vps = self.lookup(peer, &name, "join")?;
-                let pid = Pid::new(peer.pid).ok_or_else(|| refuse("bad_request", "the peer has no pid"))?;
-                let vps = self.mgr.join(&vps.name, pid)?;
-                log!("process {pid} (uid {}) joined VPS {:?}", peer.uid, vps.name);
+                let info = self.verified_peer(peer, who)?;
+                let pid = info.id.pid;
+                self.refuse_nested(pid, Some(&vps))?;
+                // By id: the name may have been stopped and reused since it was looked up.
+                let vps = self.mgr.join_vps(&vps, pid)?;
+                if !matches!(crate::sys::peer_state(who), crate::sys::PeerState::Alive(_)) {
+                    return Err(refuse("no_such_process", format!("process {pid} exited while joining")));
+                }
+                let vps = self.shown(vps);
+                log!(
+                    "process {pid} (real uid {}, connected as uid {}) joined VPS {:?} (id {})",
+                    info.uid,
+                    peer.uid,
+                    vps.name,
+                    vps.id
+                );
                 Ok(ok_line(json!({ "vps": vps })))
             }
             Op::Which { pid } => {
                 let pid = Pid::new(pid).ok_or_else(|| refuse("bad_request", format!("not a process id: {pid}")))?;
                 match self.mgr.vps_of(pid)? {
                     None => Ok(ok_line(json!({ "vps": null }))),
-                    Some(v) if self.visible(peer, v.id.0) => Ok(ok_line(json!({ "vps": v.name }))),
+                    // A process may always ask about itself.
+                    Some(v) if self.visible(peer, v.id.0) || pid.as_raw() == peer.pid => {
+                        Ok(ok_line(json!({ "vps": self.shown(v).name })))
+                    }
                     Some(_) => {
                         Err(refuse("permission_denied", format!("process {pid} belongs to a VPS of another user")))
                     }
@@ -111,9 +270,14 @@ impl Daemon {
             Op::Ps { name } => {
                 let vpses: Vec<Vps> = match name {
                     Some(n) => vec![self.lookup(peer, &n, "see")?],
-                    None => {
-                        self.mgr.list()?.into_iter().map(|s| s.vps).filter(|v| self.visible(peer, v.id.0)).collect()
-                    }
+                    None => self
+                        .mgr
+                        .list()?
+                        .into_iter()
+                        .map(|s| s.vps)
+                        .filter(|v| self.visible(peer, v.id.0))
+                        .map(|v| self.shown(v))
+                        .collect(),
                 };
                 let mut out = Vec::new();
                 for vps in vpses {
@@ -159,7 +323,7 @@ impl Daemon {
                     }
                     out.push(VpsInfo {
                         id,
-                        name: s.vps.name.clone(),
+                        name: self.shown(s.vps.clone()).name,
                         owner: self.owner(id).unwrap_or(0),
                         first: s.vps.first.as_raw(),
                         first_alive: s.first_alive,
@@ -211,16 +375,24 @@ impl Daemon {
             }
             Op::Check => {
                 let mut report = self.mgr.check()?;
-                if peer.uid != 0 {
-                    let mine: HashSet<String> =
-                        self.meta().values().filter(|m| m.owner == peer.uid).map(|m| m.name.clone()).collect();
-                    report.divergences.retain(|d| match d {
-                        crate::Divergence::Missing { expected, .. } => mine.contains(expected),
-                        crate::Divergence::Extra { vps, .. } => mine.contains(vps),
+                // The manager names VPSes by key (uid:name): keep what the caller may see, named
+                // as it knows them.
+                let prefix = format!("{}:", peer.uid);
+                let mine = |k: &str| peer.uid == 0 || k.starts_with(&prefix);
+                report.divergences.retain(|d| match d {
+                    crate::Divergence::Missing { expected, .. } => mine(expected),
+                    crate::Divergence::Extra { vps, .. } => mine(vps),
+                    crate::Divergence::WrongTag { vps, expected, .. } => mine(vps) || mine(expected),
+                });
+                for d in &mut report.divergences {
+                    match d {
+                        crate::Divergence::Missing { expected, .. } => *expected = self.shown_key(peer, expected),
+                        crate::Divergence::Extra { vps, .. } => *vps = self.shown_key(peer, vps),
                         crate::Divergence::WrongTag { vps, expected, .. } => {
-                            mine.contains(vps) || mine.contains(expected)
+                            *vps = self.shown_key(peer, vps);
+                            *expected = self.shown_key(peer, expected);
                         }
-                    });
+                    }
                 }
                 Ok(ok_line(report))
             }
@@ -232,15 +404,16 @@ impl Daemon {
     /// then to every member born meanwhile, until a pass finds none new.
     pub(super) fn signal_all(&self, peer: Peer, vps: &Vps, sig: Signal, timeout: Duration) -> Result<usize, Refusal> {
         let deadline = Instant::now() + timeout;
-        let send = |pid: Pid| {
-            // SAFETY: kill with integer arguments.
-            unsafe { libc::kill(pid.as_raw(), sig.as_raw()) == 0 }
-        };
-        let mut done: HashSet<Pid> = HashSet::new();
+        // By pidfd, after a start-time check: a member that exits meanwhile is skipped, and a later
+        // holder of its pid is never signalled.
+        let send = |id: crate::ProcessId| matches!(crate::sys::signal_exact(id, sig.as_raw()), Ok(true));
+        let mut done: HashSet<crate::ProcessId> = HashSet::new();
         loop {
-            let members = self.mgr.members(vps)?;
-            let (allowed, denied): (Vec<Pid>, Vec<Pid>) = members.iter().partition(|p| may_signal(peer.uid, **p));
-            let targets: Vec<Pid> =
+            let members: Vec<crate::ProcessId> = self.mgr.member_details(vps)?.into_iter().map(|m| m.id).collect();
+            let (allowed, denied): (Vec<crate::ProcessId>, Vec<crate::ProcessId>) =
+                members.iter().partition(|m| may_signal(peer.uid, m.pid));
+            let denied: Vec<Pid> = denied.into_iter().map(|m| m.pid).collect();
+            let targets: Vec<crate::ProcessId> =
                 if sig == Signal::KILL { allowed } else { allowed.into_iter().filter(|p| !done.contains(p)).collect() };
             if targets.is_empty() {
                 if sig == Signal::KILL && !denied.is_empty() {

@@ -27,7 +27,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::client::{self, EventInfo, Op, ProcessInfo, Request, VpsInfo, MAX_REQUEST, PROTOCOL_VERSION};
+use crate::client::{EventInfo, Op, ProcessInfo, Request, VpsInfo, MAX_REQUEST, PROTOCOL_VERSION};
 use crate::{BackendChoice, Error, EventKind, ExitStatus, Manager, Pid, SavedVps, Signal, Vps};
 use store::{OwnedVps, Record, Store};
 
@@ -172,13 +172,26 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             }
         });
     }
-    let vpses: Vec<SavedVps> = loaded.vpses.values().map(|o| o.vps.clone()).collect();
+    // The manager knows each VPS by its key, `uid:name` (names are per owner); a journal from
+    // before that has bare names.
+    let vpses: Vec<SavedVps> = loaded
+        .vpses
+        .values()
+        .map(|o| {
+            let mut v = o.vps.clone();
+            if !v.name.contains(':') {
+                v.name = handlers::key(o.owner, &v.name);
+            }
+            v
+        })
+        .collect();
     let members: Vec<crate::SavedMember> = loaded.members.values().copied().collect();
     let restored = mgr.restore(&vpses, &members)?;
     mgr.recheck_first_processes()?;
     let mut meta = HashMap::new();
     for o in loaded.vpses.values() {
-        meta.insert(o.vps.id, VpsMeta { name: o.vps.name.clone(), owner: o.owner });
+        let name = o.vps.name.split_once(':').map_or(o.vps.name.as_str(), |(_, n)| n);
+        meta.insert(o.vps.id, VpsMeta { name: name.to_string(), owner: o.owner });
     }
     let daemon = Arc::new(Daemon {
         mgr,

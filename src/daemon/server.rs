@@ -4,14 +4,17 @@ use super::*;
 
 impl Daemon {
     pub(super) fn serve(self: &Arc<Daemon>, stream: UnixStream) {
-        let peer = match client::peer_credentials(stream.as_raw_fd()) {
-            Ok((pid, uid)) => Peer { pid, uid },
+        // Who connected, pinned now (a pidfd, or the start time): a later holder of its pid is never
+        // taken for it.
+        let who = match crate::sys::socket_peer(std::os::fd::AsFd::as_fd(&stream), crate::sys::now_ns()) {
+            Ok(w) => w,
             Err(e) => {
                 let mut s = &stream;
                 let _ = s.write_all(&error_line(&refuse("failed", format!("cannot read the peer's credentials: {e}"))));
                 return;
             }
         };
+        let peer = Peer { pid: who.pid.as_raw(), uid: who.uid };
         let _ = stream.set_read_timeout(Some(Duration::from_secs(300)));
         let _ = stream.set_write_timeout(Some(Duration::from_secs(30)));
         let Ok(mut writer) = stream.try_clone() else { return };
@@ -38,7 +41,7 @@ impl Daemon {
                         Op::Events { follow: true, name } => Some(name.clone()),
                         _ => None,
                     };
-                    match self.handle(peer, req.op) {
+                    match self.handle(peer, &who, req.op) {
                         Ok(l) => (l, follow),
                         Err(r) => (error_line(&r), None),
                     }

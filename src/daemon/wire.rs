@@ -18,6 +18,7 @@ impl From<Error> for Refusal {
         let kind = match &e {
             Error::UnknownVps(_) => "unknown_vps",
             Error::AlreadyRunning(_) => "already_running",
+            Error::AlreadyMember { .. } => "nested",
             Error::InvalidName { .. } => "invalid_name",
             Error::NoSuchProcess(_) => "no_such_process",
             Error::UnknownSignal(_) => "bad_request",

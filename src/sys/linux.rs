@@ -113,6 +113,103 @@ pub(crate) fn set_process_name(name: &std::ffi::CStr) {
     }
 }
 
+/// The peer of an accepted Unix socket connection: `SO_PEERCRED` for its pid and uid, and
+/// `SO_PEERPIDFD` (Linux 6.5+) for a pidfd of the very process. Where the kernel has no
+/// `SO_PEERPIDFD`, the peer's start time is read now and must be no later than `accepted_ns` (the
+/// boot-clock time the connection was accepted): a process born after that is not the peer.
+///
+/// # References
+/// - [`unix(7)`](https://man7.org/linux/man-pages/man7/unix.7.html): `SO_PEERCRED`, `SO_PEERPIDFD`
+pub(crate) fn socket_peer(sock: std::os::fd::BorrowedFd<'_>, accepted_ns: u64) -> io::Result<super::SocketPeer> {
+    use nix::sys::socket::{getsockopt, sockopt};
+    let cred = getsockopt(&sock, sockopt::PeerCredentials).map_err(io::Error::from)?;
+    let pid = Pid::new(cred.pid())
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, "the peer has no pid in this PID namespace"))?;
+    let pidfd = getsockopt(&sock, sockopt::PeerPidfd).ok();
+    let start = match &pidfd {
+        Some(_) => None,
+        None => match process(pid)? {
+            Some(info) if info.id.start.0.saturating_mul(ns_per_start_unit()) <= accepted_ns => Some(info.id.start),
+            _ => None,
+        },
+    };
+    Ok(super::SocketPeer { pid, uid: cred.uid(), pidfd, start })
+}
+
+/// Whether a pidfd's process still exists (not yet reaped): `pidfd_send_signal` with signal 0.
+fn pidfd_alive(fd: std::os::fd::BorrowedFd<'_>) -> bool {
+    use std::os::fd::AsRawFd;
+    // SAFETY: pidfd_send_signal with a valid descriptor, signal 0 and no siginfo.
+    let r = unsafe { libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), 0, std::ptr::null::<u8>(), 0) };
+    r == 0
+}
+
+/// What became of `peer`: the process that now holds its pid is it (and alive), it is gone, or
+/// this cannot be told. With a pidfd, the process is read first and the pidfd checked after: while
+/// the pidfd's process is not reaped its pid cannot be reused, so what was read was the peer.
+pub(crate) fn peer_state(peer: &super::SocketPeer) -> super::PeerState {
+    use super::PeerState;
+    use std::os::fd::AsFd;
+    let info = match process(peer.pid) {
+        Ok(Some(i)) => i,
+        Ok(None) => return PeerState::Gone,
+        Err(_) => return PeerState::Unsure,
+    };
+    let same = match (&peer.pidfd, peer.start) {
+        (Some(fd), _) => {
+            if !pidfd_alive(fd.as_fd()) {
+                return PeerState::Gone;
+            }
+            true
+        }
+        (None, Some(start)) => info.id.start == start,
+        (None, None) => return PeerState::Unsure,
+    };
+    if !same || info.zombie {
+        return PeerState::Gone;
+    }
+    PeerState::Alive(info)
+}
+
+/// Sends `sig` (0: only checks) to the process `id` and to no other: the pid is held with a pidfd
+/// (Linux 5.3+) before its start time is checked, so if the process exits and its pid is reused in
+/// between, the signal goes to the dead process (and fails), never to the new one. `Ok(false)`
+/// when `id` is gone. Falls back to `kill` after the start-time check where pidfds are missing.
+///
+/// # References
+/// - [`pidfd_open(2)`](https://man7.org/linux/man-pages/man2/pidfd_open.2.html),
+///   [`pidfd_send_signal(2)`](https://man7.org/linux/man-pages/man2/pidfd_send_signal.2.html)
+pub(crate) fn signal_exact(id: ProcessId, sig: i32) -> io::Result<bool> {
+    use std::os::fd::AsRawFd;
+    let Some(rpid) = rustix::process::Pid::from_raw(id.pid.as_raw()) else { return Ok(false) };
+    let fd = match rustix::process::pidfd_open(rpid, rustix::process::PidfdFlags::empty()) {
+        Ok(fd) => Some(fd),
+        Err(rustix::io::Errno::SRCH) => return Ok(false),
+        Err(rustix::io::Errno::NOSYS) => None,
+        Err(e) => return Err(e.into()),
+    };
+    match process(id.pid)? {
+        Some(info) if info.id.start == id.start => {}
+        _ => return Ok(false),
+    }
+    let r = match &fd {
+        // SAFETY: pidfd_send_signal with a valid descriptor and no siginfo.
+        Some(fd) => unsafe {
+            libc::syscall(libc::SYS_pidfd_send_signal, fd.as_raw_fd(), sig, std::ptr::null::<u8>(), 0)
+        },
+        // SAFETY: kill with integer arguments.
+        None => libc::c_long::from(unsafe { libc::kill(id.pid.as_raw(), sig) }),
+    };
+    if r == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ESRCH) {
+        return Ok(false);
+    }
+    Err(e)
+}
+
 fn open_cnproc() -> Result<Box<dyn ForkTracker>, TrackerError> {
     Ok(Box::new(vpstag_cnproc::CnProc::new()?))
 }

@@ -1,0 +1,37 @@
+//! Portable fallbacks shared by the non-Linux systems.
+
+use std::io;
+
+use vpstag_tracker::ProcessId;
+
+use super::{PeerState, SocketPeer};
+
+/// The peer of a Unix socket: not available here (the daemon's peer checks use Linux's
+/// `SO_PEERCRED`/`SO_PEERPIDFD`; FreeBSD's `LOCAL_PEERCRED` has no pid).
+pub(crate) fn socket_peer(sock: std::os::fd::BorrowedFd<'_>, accepted_ns: u64) -> io::Result<SocketPeer> {
+    let _ = (sock, accepted_ns);
+    Err(io::Error::new(io::ErrorKind::Unsupported, "peer credentials with a pid are Linux-only in this version"))
+}
+
+/// Never sure without a pidfd or start time.
+pub(crate) fn peer_state(peer: &SocketPeer) -> PeerState {
+    let _ = peer;
+    PeerState::Unsure
+}
+
+/// `kill` after checking the start time (no pidfds here: a pid reused in between is a risk).
+pub(crate) fn signal_exact(id: ProcessId, sig: i32) -> io::Result<bool> {
+    match super::process(id.pid)? {
+        Some(info) if info.id.start.0.abs_diff(id.start.0) <= super::start_tolerance() => {}
+        _ => return Ok(false),
+    }
+    // SAFETY: kill with integer arguments.
+    if unsafe { libc::kill(id.pid.as_raw(), sig) } == 0 {
+        return Ok(true);
+    }
+    let e = io::Error::last_os_error();
+    if e.raw_os_error() == Some(libc::ESRCH) {
+        return Ok(false);
+    }
+    Err(e)
+}
