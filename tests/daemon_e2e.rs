@@ -750,7 +750,7 @@ os.wait()
 os.execv("/bin/sleep", ["sleep", "313"])
 "#;
     let loader = d
-        .cmd(&["exec", "jv", "--", "python3", "-c", prog])
+        .cmd(&["exec", "jv", "--", "/usr/bin/python3", "-c", prog])
         .stdout(Stdio::null())
         .stderr(Stdio::piped())
         .process_group(0)
@@ -802,4 +802,228 @@ fn a_joined_programs_clone_parent_child_and_setsid_orphan_are_tagged_under_every
     for backend in daemon_backends() {
         joined_program_tree_is_tagged_and_survives_a_daemon_crash(backend);
     }
+}
+
+/// Runs `python3 -c prog` as user 65534 with piped stdin/stdout (an attacker script).
+fn spawn_attacker(prog: &str, socket: &Path) -> Child {
+    Command::new("setpriv")
+        .args(["--reuid=65534", "--regid=65534", "--clear-groups", "/usr/bin/python3", "-c", prog])
+        .arg(socket)
+        .stdin(Stdio::piped())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::inherit())
+        .process_group(0)
+        .spawn()
+        .expect("running python3 as 65534")
+}
+
+/// Starts `/bin/sleep 600` as uid 65533 on exactly pid `pid` (clone3 with `set_tid`: root only),
+/// as a pid-reusing victim would be born. `None` when the pid is taken.
+fn spawn_on_pid(pid: i32) -> Option<i32> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    let path = c"/bin/sleep";
+    let a0 = c"sleep";
+    let a1 = c"600";
+    let argv = [a0.as_ptr(), a1.as_ptr(), std::ptr::null()];
+    let envp = [std::ptr::null::<libc::c_char>()];
+    let tid = pid;
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: &tid as *const i32 as u64,
+        set_tid_size: 1,
+        ..Default::default()
+    };
+    // SAFETY: clone3 with a valid argument block; the child only calls async-signal-safe
+    // functions on data prepared before (setresgid, setresuid, execve, _exit).
+    let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+    if r == 0 {
+        // SAFETY: in the child: raw system calls only.
+        unsafe {
+            libc::setresgid(65533, 65533, 65533);
+            libc::setresuid(65533, 65533, 65533);
+            libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+            libc::_exit(127);
+        }
+    }
+    (r > 0).then_some(r as i32)
+}
+
+/// The stale-peer attack: user 65534 keeps a connection whose peer has exited; another user's
+/// process is then born on that pid, and the attacker sends `join` / `register_first` on the old
+/// connection. Neither may take the victim: the daemon checks that the peer is still the process
+/// that connected (pidfd).
+#[test]
+fn a_connection_whose_peer_exited_cannot_register_or_join_a_process_born_on_its_pid() {
+    if !cnproc_available() || !is_root() {
+        return;
+    }
+    let d = Daemon::new("stalepeer", "cnproc");
+    let out = d.run_as_nobody(&["start", "a", "--", "sleep", "620"]);
+    assert!(out.status.success(), "start as nobody: {}", text(&out.stderr));
+    let first: i32 = text(&out.stdout).trim().parse().unwrap();
+    d.seen.borrow_mut().push((first, start_time(first)));
+    // Two connections opened by short-lived children, handed to the parent, children reaped.
+    let prog = r#"
+import os, socket, sys
+path = sys.argv[1]
+held = []
+for _ in range(2):
+    a, b = socket.socketpair(socket.AF_UNIX, socket.SOCK_STREAM)
+    pid = os.fork()
+    if pid == 0:
+        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        s.connect(path)
+        socket.send_fds(b, [b"x"], [s.fileno()])
+        os._exit(0)
+    _, fds, _, _ = socket.recv_fds(a, 1, 1)
+    os.waitpid(pid, 0)
+    held.append((pid, socket.socket(fileno=fds[0])))
+print(" ".join(str(p) for p, _ in held), flush=True)
+sys.stdin.readline()
+for (p, s), req in zip(held, [b'{"v":1,"op":"join","name":"a"}\n', b'{"v":1,"op":"register_first","name":"evil"}\n']):
+    s.sendall(req)
+    print(s.makefile().readline().strip(), flush=True)
+"#;
+    let mut att = spawn_attacker(prog, &d.socket);
+    let mut out = BufReader::new(att.stdout.take().unwrap());
+    let mut line = String::new();
+    out.read_line(&mut line).unwrap();
+    let dead: Vec<i32> = line.split_whitespace().map(|p| p.parse().unwrap()).collect();
+    assert_eq!(dead.len(), 2, "{line:?}");
+    let victims: Vec<i32> = dead.iter().map(|&p| spawn_on_pid(p).unwrap_or_else(|| panic!("pid {p} taken"))).collect();
+    let victims_start: Vec<u64> = victims.iter().map(|&v| start_time(v)).collect();
+    d.seen.borrow_mut().extend(victims.iter().copied().zip(victims_start.iter().copied()));
+    att.stdin.take().unwrap().write_all(b"go\n").unwrap();
+    let mut replies = Vec::new();
+    for _ in 0..2 {
+        let mut l = String::new();
+        out.read_line(&mut l).unwrap();
+        replies.push(l);
+    }
+    d.extra.borrow_mut().push(att);
+    for r in &replies {
+        assert!(r.starts_with("{\"ok\":false") && r.contains("no_such_process"), "refused: {replies:?}");
+    }
+    for &v in &victims {
+        assert_eq!(d.which(v).0, Some(1), "victim {v} stays untagged: {replies:?}\n{}", d.log());
+    }
+    let list = d.run(&["list", "--json"]);
+    assert!(!text(&list.stdout).contains("evil"), "no VPS registered for the victim: {}", text(&list.stdout));
+}
+
+/// A process inside a VPS cannot leave it by starting or joining another VPS (it would escape the
+/// provider's stop, kill and accounting).
+#[test]
+fn a_member_cannot_start_or_join_another_vps_from_inside() {
+    if !cnproc_available() || !is_root() {
+        return;
+    }
+    let d = Daemon::new("nested", "cnproc");
+    let out = d.run_as_nobody(&["start", "mine", "--", "sleep", "630"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let mine_first: i32 = text(&out.stdout).trim().parse().unwrap();
+    d.seen.borrow_mut().push((mine_first, start_time(mine_first)));
+    let report = d.dir.join("inside.txt");
+    std::fs::write(&report, "").unwrap();
+    std::fs::set_permissions(&report, std::fs::Permissions::from_mode(0o666)).unwrap();
+    let script = format!(
+        "exec >>{r} 2>&1; setpriv --reuid=65534 --regid=65534 --clear-groups {b} --socket {s} start inner -- sleep 631; \
+         echo start=$?; setpriv --reuid=65534 --regid=65534 --clear-groups {b} --socket {s} exec mine -- true; \
+         echo exec=$?; echo done; sleep 632",
+        r = report.display(),
+        b = BIN,
+        s = d.socket.display()
+    );
+    d.start_vps("outer", &["sh", "-c", &script]);
+    wait_until("the inside attempts", Duration::from_secs(20), || {
+        std::fs::read_to_string(&report).unwrap_or_default().contains("done")
+    });
+    let said = std::fs::read_to_string(&report).unwrap();
+    assert!(said.contains("start=1") || said.contains("start=2"), "start from inside refused: {said}");
+    assert!(said.contains("exec=1") || said.contains("exec=2"), "exec from inside refused: {said}");
+    assert!(said.contains("inside another"), "the refusal says why: {said}");
+    let list = d.run(&["list", "--json"]);
+    assert!(!text(&list.stdout).contains("inner"), "{}", text(&list.stdout));
+    // Everything the outer VPS ran is still its member, reachable by its stop.
+    wait_until("sleep 632 in outer", Duration::from_secs(10), || d.pids_of("outer", "sleep 632").len() == 1);
+}
+
+/// Names are per owner: a user's VPS named like root's tools never captures them; root reaches
+/// another user's VPS as `uid:name`; one user cannot take unlimited names; one process cannot
+/// register itself as the first process of many VPSes.
+#[test]
+fn names_are_per_owner_and_capped() {
+    if !cnproc_available() || !is_root() {
+        return;
+    }
+    let d = Daemon::new("names", "cnproc");
+    let out = d.run_as_nobody(&["start", "backup", "--", "sleep", "640"]);
+    assert!(out.status.success(), "{}", text(&out.stderr));
+    let squat: i32 = text(&out.stdout).trim().parse().unwrap();
+    d.seen.borrow_mut().push((squat, start_time(squat)));
+    // Root's `exec backup` does not run inside the squatter's VPS.
+    let out = d.run(&["exec", "backup", "--", "true"]);
+    assert!(!out.status.success(), "root joined another user's VPS");
+    assert!(text(&out.stderr).contains("65534:backup"), "the refusal names the other VPS: {}", text(&out.stderr));
+    // Root has a `backup` of its own beside it, and its exec lands there.
+    let mine = d.start_vps("backup", &["sleep", "641"]);
+    let out = d.cmd(&["exec", "backup", "--", "sh", "-c", "echo $$; exit 3"]).stdout(Stdio::piped()).output().unwrap();
+    assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
+    assert_eq!(d.which(mine), (Some(0), "backup".to_string()));
+    // Root reaches the user's VPS by uid:name; the user by its bare name.
+    let ps = d.run(&["ps", "--json", "65534:backup"]);
+    assert!(text(&ps.stdout).contains("sleep 640"), "{}", text(&ps.stdout));
+    let ps = d.run_as_nobody(&["ps", "--json", "backup"]);
+    assert!(text(&ps.stdout).contains("sleep 640") && !text(&ps.stdout).contains("sleep 641"), "{}", text(&ps.stdout));
+    // One process registers itself once.
+    let prog = r#"
+import socket, sys
+s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+s.connect(sys.argv[1])
+f = s.makefile()
+for n in ["n1", "n2"]:
+    s.sendall(('{"v":1,"op":"register_first","name":"%s"}\n' % n).encode())
+    print(f.readline().strip(), flush=True)
+"#;
+    let att = spawn_attacker(prog, &d.socket).wait_with_output().unwrap();
+    let said = text(&att.stdout);
+    let lines: Vec<&str> = said.lines().collect();
+    assert_eq!(lines.len(), 2, "{said}");
+    assert!(lines[0].starts_with("{\"ok\":true"), "{said}");
+    assert!(lines[1].starts_with("{\"ok\":false") && lines[1].contains("nested"), "{said}");
+    let list = d.run_as_nobody(&["list", "--json"]);
+    let v: Value = serde_json::from_slice(&list.stdout).unwrap();
+    let n1 = v.as_array().unwrap().iter().find(|x| x["name"] == "n1").expect("n1 listed").clone();
+    assert_eq!(n1["first_alive"], false, "its first process exited: {v}");
+    assert!(!v.as_array().unwrap().iter().any(|x| x["name"] == "n2"), "{v}");
+    // The cap: the user already has backup and n1; it may have 64 in all.
+    let mut refused = None;
+    for i in 0..70 {
+        let out = d.run_as_nobody(&["start", &format!("q{i}"), "--", "sleep", "642"]);
+        if !out.status.success() {
+            refused = Some((i, text(&out.stderr)));
+            break;
+        }
+        let p: i32 = text(&out.stdout).trim().parse().unwrap();
+        d.seen.borrow_mut().push((p, start_time(p)));
+    }
+    let (i, why) = refused.expect("the 65th VPS of one user is refused");
+    assert_eq!(i, 62, "backup + n1 + 62 more = 64: {why}");
+    assert!(why.contains("most one user may have"), "{why}");
+    // Root is not capped.
+    d.start_vps("root-extra", &["sleep", "643"]);
 }
