@@ -81,17 +81,16 @@ impl Daemon {
         }
     }
 
-    pub(super) fn follow(&self, peer: Peer, only: Option<u64>, stream: &mut UnixStream) {
+    pub(super) fn follow(&self, peer: Peer, only: Option<u64>, stream: &UnixStream) {
         let (tx, rx) = mpsc::sync_channel(FOLLOWER_QUEUE);
         self.followers.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
         while !self.stop.load(Ordering::SeqCst) {
             match rx.recv_timeout(Duration::from_millis(500)) {
                 Ok((id, info)) => {
                     if only.is_some_and(|o| o != id) || !self.visible(peer, id) {
                         continue;
                     }
-                    if stream.write_all(&ok_line(json!({ "next": info }))).is_err() {
+                    if write_within(stream, &ok_line(json!({ "next": info })), Duration::from_secs(10)).is_err() {
                         return;
                     }
                 }
@@ -104,10 +103,14 @@ impl Daemon {
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    let _ = stream.write_all(&error_line(&refuse(
-                        "lagging",
-                        format!("this follower fell {FOLLOWER_QUEUE} events behind and was cut off; reconnect"),
-                    )));
+                    let _ = write_within(
+                        stream,
+                        &error_line(&refuse(
+                            "lagging",
+                            format!("this follower fell {FOLLOWER_QUEUE} events behind and was cut off; reconnect"),
+                        )),
+                        Duration::from_secs(10),
+                    );
                     return;
                 }
             }
