@@ -14,6 +14,7 @@
 //!   [`MAX_REQUEST`](crate::client::MAX_REQUEST) bytes and must arrive within [`REQUEST_DEADLINE`]
 //!   of its first byte; an idle connection is closed after [`IDLE_TIMEOUT`]. A malformed request
 //!   gets an error reply.
+//! - Memory for events is bounded in bytes: command lines are cut to [`MAX_EVENT_CMD`] bytes.
 
 mod store;
 
@@ -69,6 +70,7 @@ mod peer;
 mod server;
 mod wire;
 
+pub use feed::{MAX_EVENT_CMD, TRUNCATED_MARK};
 pub use server::{IDLE_TIMEOUT, MAX_CONNECTIONS_PER_USER, REQUEST_DEADLINE, ROOT_RESERVED_CONNECTIONS};
 
 use peer::*;
@@ -118,7 +120,7 @@ struct Daemon {
     store_failed: Arc<AtomicBool>,
     meta: Mutex<HashMap<u64, VpsMeta>>,
     recent: Mutex<VecDeque<(u64, EventInfo)>>,
-    followers: Mutex<Vec<SyncSender<(u64, EventInfo)>>>,
+    followers: Mutex<Vec<feed::Follower>>,
     stop: Arc<AtomicBool>,
     /// Connections open (kept by the accept loop).
     connections: AtomicUsize,
