@@ -16,7 +16,7 @@ pub const TRUNCATED_MARK: &str = "\u{2026}";
 const RECENT_BYTES: usize = 1 << 20;
 /// A follower with this many bytes of events waiting to be sent is cut off (as when it falls
 /// [`FOLLOWER_QUEUE`] events behind).
-const FOLLOWER_BYTES: usize = 4 << 20;
+const FOLLOWER_BYTES: usize = 1 << 20;
 
 /// `cmd`, cut to at most [`MAX_EVENT_CMD`] bytes (mark included) when longer.
 pub(super) fn truncate_cmd(mut cmd: String) -> String {
@@ -38,9 +38,12 @@ pub(super) fn event_bytes(e: &EventInfo) -> usize {
     std::mem::size_of::<(u64, EventInfo)>() + e.event.len() + e.vps.len() + e.cmd.as_ref().map_or(0, String::len)
 }
 
+/// An event of a VPS (by id), stored once for every follower.
+type Shared = Arc<(u64, EventInfo)>;
+
 /// One follower of `events --follow`: whom it serves, and its queue.
 pub(super) struct Follower {
-    tx: SyncSender<Arc<(u64, EventInfo)>>,
+    tx: SyncSender<Shared>,
     /// Bytes (`event_bytes`) in the queue.
     queued: Arc<AtomicUsize>,
     uid: u32,
@@ -50,7 +53,7 @@ pub(super) struct Follower {
 impl Follower {
     /// Queues `item` (of a VPS owned by `owner`) if this follower wants it; `false` when the
     /// follower is gone or too far behind (then it is to be dropped).
-    fn offer(&self, item: &Arc<(u64, EventInfo)>, owner: Option<u32>, bytes: usize) -> bool {
+    fn offer(&self, item: &Shared, owner: Option<u32>, bytes: usize) -> bool {
         if self.only.is_some_and(|o| o != item.0) || !(self.uid == 0 || owner == Some(self.uid)) {
             return true;
         }
@@ -110,7 +113,7 @@ impl Daemon {
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             // Each event once, shared by every follower, with its VPS's owner and its size.
-            let infos: Vec<(Arc<(u64, EventInfo)>, Option<u32>, usize)> = {
+            let infos: Vec<(Shared, Option<u32>, usize)> = {
                 let meta = self.meta();
                 batch
                     .iter()
