@@ -727,3 +727,28 @@ pub fn exec_in(socket: &Path, name: &str, program: &OsString, args: &[OsString])
     let e = Command::new(program).args(args).exec();
     ClientError::Spawn { program: program.to_string_lossy().into_owned(), message: e.to_string() }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_refusal_says_so_and_to_retry() {
+        let e = parse_reply(r#"{"ok":false,"error":{"kind":"busy","message":"uid 7 has 16 connections open"}}"#)
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Busy(_)), "{e:?}");
+        assert_eq!(e.kind(), Some("busy"));
+        let text = e.to_string();
+        assert!(text.contains("busy") && text.contains("uid 7") && text.contains("try again"), "{text}");
+    }
+
+    #[test]
+    fn a_refusal_written_before_the_daemon_closed_is_read_after_a_failed_send() {
+        let (a, b) = UnixStream::pair().unwrap();
+        (&b).write_all(b"{\"ok\":false,\"error\":{\"kind\":\"busy\",\"message\":\"full\"}}\n").unwrap();
+        drop(b);
+        let mut c = Client { reader: BufReader::new(a), socket: PathBuf::from("/nonexistent") };
+        let e = c.list().unwrap_err();
+        assert_eq!(e.kind(), Some("busy"), "{e}");
+    }
+}
