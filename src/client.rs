@@ -74,6 +74,10 @@ pub enum ClientError {
     /// A VPS of that name is running.
     #[error("{0}")]
     AlreadyRunning(String),
+    /// The daemon turned the connection away: too many are open (this user's share, or all it
+    /// serves). Nothing was done; try again once some have closed.
+    #[error("the daemon is busy: {0}; try again in a moment")]
+    Busy(String),
     /// Any other refusal by the daemon.
     #[error("the daemon refused ({kind}): {message}")]
     Daemon {
@@ -115,6 +119,7 @@ impl ClientError {
             ClientError::PermissionDenied(_) => Some("permission_denied"),
             ClientError::UnknownVps(_) => Some("unknown_vps"),
             ClientError::AlreadyRunning(_) => Some("already_running"),
+            ClientError::Busy(_) => Some("busy"),
             ClientError::Daemon { kind, .. } => Some(kind),
             _ => None,
         }
@@ -345,6 +350,7 @@ fn reply_error(v: &serde_json::Value) -> ClientError {
             "permission_denied" => ClientError::PermissionDenied(e.message),
             "unknown_vps" => ClientError::UnknownVps(e.message),
             "already_running" => ClientError::AlreadyRunning(e.message),
+            "busy" => ClientError::Busy(e.message),
             _ => ClientError::Daemon { kind: e.kind, message: e.message },
         },
         _ => ClientError::Protocol(format!("a refusal without an error object: {v}")),
@@ -428,8 +434,24 @@ impl Client {
 
     /// Sends one request and reads one reply (its body, or the refusal).
     pub fn call(&mut self, op: Op) -> Result<serde_json::Value> {
-        self.send(op)?;
-        self.read_reply()
+        match self.send(op) {
+            Ok(()) => self.read_reply(),
+            Err(ClientError::Io { context, source })
+                if matches!(source.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)) =>
+            {
+                Err(self.refusal_before_request().unwrap_or(ClientError::Io { context, source }))
+            }
+            Err(e) => Err(e),
+        }
+    }
+
+    /// After a request could not be sent because the daemon had closed the connection: the
+    /// refusal it wrote before closing (`busy`, when it turned the connection away), if any.
+    fn refusal_before_request(&mut self) -> Option<ClientError> {
+        let _ = self.reader.get_ref().set_read_timeout(Some(Duration::from_secs(1)));
+        let line = self.read_line().ok().flatten();
+        let _ = self.reader.get_ref().set_read_timeout(None);
+        parse_reply(&line?).err()
     }
 
     fn send(&mut self, op: Op) -> Result<()> {
@@ -667,6 +689,15 @@ pub fn start_first_process(socket: &Path, name: &str, cmd: &Command, output: Opt
             if stage == crate::init::stage::CONNECT {
                 return Err(connect_error(socket, io::Error::from_raw_os_error(errno)));
             }
+            if stage == crate::init::stage::SEND && (errno == libc::EPIPE || errno == libc::ECONNRESET) {
+                // The daemon closed the connection before reading anything: it turns away
+                // connections beyond its limits that way (its refusal went to the first process).
+                return Err(ClientError::Busy(
+                    "it closed the first process's connection before reading the registration (too many \
+                     connections open?)"
+                        .into(),
+                ));
+            }
             let what = if errno == 0 { "failed".to_string() } else { io::Error::from_raw_os_error(errno).to_string() };
             let e = spawn_err(format!("{}: {what}", stage_name(stage)));
             if stage == crate::init::stage::FORK || stage == crate::init::stage::EXEC {
@@ -714,4 +745,29 @@ pub fn exec_in(socket: &Path, name: &str, program: &OsString, args: &[OsString])
     drop(c);
     let e = crate::init::run_loader_shim(&plan);
     spawn_err(e.to_string())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_busy_refusal_says_so_and_to_retry() {
+        let e = parse_reply(r#"{"ok":false,"error":{"kind":"busy","message":"uid 7 has 16 connections open"}}"#)
+            .unwrap_err();
+        assert!(matches!(e, ClientError::Busy(_)), "{e:?}");
+        assert_eq!(e.kind(), Some("busy"));
+        let text = e.to_string();
+        assert!(text.contains("busy") && text.contains("uid 7") && text.contains("try again"), "{text}");
+    }
+
+    #[test]
+    fn a_refusal_written_before_the_daemon_closed_is_read_after_a_failed_send() {
+        let (a, b) = UnixStream::pair().unwrap();
+        (&b).write_all(b"{\"ok\":false,\"error\":{\"kind\":\"busy\",\"message\":\"full\"}}\n").unwrap();
+        drop(b);
+        let mut c = Client { reader: BufReader::new(a), socket: PathBuf::from("/nonexistent") };
+        let e = c.list().unwrap_err();
+        assert_eq!(e.kind(), Some("busy"), "{e}");
+    }
 }

@@ -43,7 +43,8 @@ fn alive(pid: i32) -> bool {
 }
 
 fn kill(pid: i32, sig: i32) {
-    if pid > 1 {
+    // A positive pid, or a negative process group id, never 0, 1 or -1 (everything).
+    if pid > 1 || pid < -1 {
         // SAFETY: kill by a pid this test recorded itself.
         unsafe { libc::kill(pid, sig) };
     }

@@ -1,6 +1,7 @@
 //! The daemon and the commands that talk to it: start, exec, ps, which, list, kill, stop,
 //! events, check; and completions and the man page, from the same clap definitions.
 
+use std::borrow::Cow;
 use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
@@ -129,6 +130,30 @@ fn which(a: super::WhichArgs, socket: &Path) -> R {
     }
 }
 
+/// `s` safe to print to a terminal: every control character spelled out, so that text another
+/// user chose (a command line) cannot drive the terminal of whoever reads it (clear the screen,
+/// set the title, move the cursor, answer back). C0 controls (ESC, BEL, newline, tab, ...) and
+/// DEL become `\x1b`-style escapes; C1 controls (CSI U+009B, ...) and the bidirectional
+/// overrides and isolates (which reorder what is shown) become `\u{9b}`-style escapes.
+/// JSON output is not passed through this: JSON escapes them already.
+fn printable(s: &str) -> Cow<'_, str> {
+    fn unsafe_char(c: char) -> bool {
+        matches!(c, '\0'..='\x1f' | '\x7f'..='\u{9f}' | '\u{202a}'..='\u{202e}' | '\u{2066}'..='\u{2069}')
+    }
+    if !s.chars().any(unsafe_char) {
+        return Cow::Borrowed(s);
+    }
+    let mut out = String::with_capacity(s.len() + 16);
+    for c in s.chars() {
+        match c {
+            '\0'..='\x1f' | '\x7f' => out.push_str(&format!("\\x{:02x}", c as u32)),
+            c if unsafe_char(c) => out.push_str(&format!("\\u{{{:x}}}", c as u32)),
+            c => out.push(c),
+        }
+    }
+    Cow::Owned(out)
+}
+
 fn ps(a: super::PsArgs, socket: &Path) -> R {
     let procs = Client::connect_to(socket)?.ps(a.name.as_deref())?;
     if a.json {
@@ -138,7 +163,15 @@ fn ps(a: super::PsArgs, socket: &Path) -> R {
     } else {
         println!("{:<16} {:>7} {:>7} {:>6} {:<7} CMD", "VPS", "PID", "PPID", "UID", "SOURCE");
         for p in &procs {
-            println!("{:<16} {:>7} {:>7} {:>6} {:<7} {}", p.vps, p.pid, p.ppid, p.uid, p.source, p.cmd);
+            println!(
+                "{:<16} {:>7} {:>7} {:>6} {:<7} {}",
+                printable(&p.vps),
+                p.pid,
+                p.ppid,
+                p.uid,
+                printable(&p.source),
+                printable(&p.cmd)
+            );
         }
     }
     Ok(0)
@@ -153,7 +186,7 @@ fn draw_trees(procs: &[ProcessInfo]) -> String {
     }
     let mut out = String::new();
     for (vps, members) in by_vps {
-        out.push_str(&format!("VPS {vps} ({} processes)\n", members.len()));
+        out.push_str(&format!("VPS {} ({} processes)\n", printable(vps), members.len()));
         let pids: HashSet<i32> = members.iter().map(|p| p.pid).collect();
         let mut children: HashMap<i32, Vec<&ProcessInfo>> = HashMap::new();
         let mut roots = Vec::new();
@@ -171,7 +204,7 @@ fn draw_trees(procs: &[ProcessInfo]) -> String {
             last: bool,
             children: &HashMap<i32, Vec<&ProcessInfo>>,
         ) {
-            out.push_str(&format!("{prefix}{}{} {}\n", if last { "└─" } else { "├─" }, p.pid, p.cmd));
+            out.push_str(&format!("{prefix}{}{} {}\n", if last { "└─" } else { "├─" }, p.pid, printable(&p.cmd)));
             let kids = children.get(&p.pid).map(Vec::as_slice).unwrap_or(&[]);
             let next = format!("{prefix}{}", if last { "  " } else { "│ " });
             for (i, k) in kids.iter().enumerate() {
@@ -214,7 +247,7 @@ fn list(a: super::ListArgs, socket: &Path) -> R {
         let started = vpstag::daemon::format_time(SystemTime::UNIX_EPOCH + Duration::from_secs(v.started));
         println!(
             "{:<16} {:>4} {:>6} {:>7} {:<7} {:>7} {:<20} {:>8.2}s {:>9}",
-            v.name,
+            printable(&v.name),
             v.id,
             v.owner,
             v.first,
@@ -251,15 +284,16 @@ fn print_event(e: &EventInfo, json: bool) -> bool {
     let line = if json {
         serde_json::to_string(e).expect("serialises")
     } else {
+        let vps = printable(&e.vps);
         match e.event.as_str() {
-            "fork" => format!("[{}] fork {} -> {}", e.vps, e.parent.unwrap_or(0), e.pid),
-            "exec" => format!("[{}] exec {} {}", e.vps, e.pid, e.cmd.as_deref().unwrap_or("?")),
+            "fork" => format!("[{vps}] fork {} -> {}", e.parent.unwrap_or(0), e.pid),
+            "exec" => format!("[{vps}] exec {} {}", e.pid, printable(e.cmd.as_deref().unwrap_or("?"))),
             "exit" => match (e.code, e.signal) {
-                (Some(c), _) => format!("[{}] exit {} (exit code {c})", e.vps, e.pid),
-                (_, Some(s)) => format!("[{}] exit {} (killed by signal {s})", e.vps, e.pid),
-                _ => format!("[{}] exit {}", e.vps, e.pid),
+                (Some(c), _) => format!("[{vps}] exit {} (exit code {c})", e.pid),
+                (_, Some(s)) => format!("[{vps}] exit {} (killed by signal {s})", e.pid),
+                _ => format!("[{vps}] exit {}", e.pid),
             },
-            other => format!("[{}] {other} {}", e.vps, e.pid),
+            other => format!("[{vps}] {} {}", printable(other), e.pid),
         }
     };
     let mut out = std::io::stdout().lock();
@@ -285,19 +319,19 @@ fn check(a: super::CheckArgs, socket: &Path) -> R {
                 "missing" => println!(
                     "missing   {:>7}  untagged, but its ancestry says VPS {}",
                     d.pid,
-                    d.expected.as_deref().unwrap_or("?")
+                    printable(d.expected.as_deref().unwrap_or("?"))
                 ),
                 "extra" => println!(
                     "extra     {:>7}  tagged {} but gone (or its pid reused)",
                     d.pid,
-                    d.vps.as_deref().unwrap_or("?")
+                    printable(d.vps.as_deref().unwrap_or("?"))
                 ),
                 _ => println!(
                     "{:<9} {:>7}  tagged {} but its parent is in {}",
-                    d.kind,
+                    printable(&d.kind),
                     d.pid,
-                    d.vps.as_deref().unwrap_or("?"),
-                    d.expected.as_deref().unwrap_or("?")
+                    printable(d.vps.as_deref().unwrap_or("?")),
+                    printable(d.expected.as_deref().unwrap_or("?"))
                 ),
             }
         }
@@ -319,6 +353,25 @@ mod tests {
 
     fn p(pid: i32, ppid: i32, vps: &str) -> ProcessInfo {
         ProcessInfo { pid, ppid, vps: vps.into(), cmd: format!("c{pid}"), uid: 0, source: "event".into(), start: 0 }
+    }
+
+    #[test]
+    fn control_characters_are_spelled_out_and_the_rest_kept() {
+        assert!(matches!(printable("sleep 1 é ü 日本"), Cow::Borrowed("sleep 1 é ü 日本")));
+        assert_eq!(printable("a\x1b[2Jb"), "a\\x1b[2Jb");
+        assert_eq!(printable("\x07\x00\n\t\x7f"), "\\x07\\x00\\x0a\\x09\\x7f");
+        assert_eq!(printable("x\u{9b}31m\u{85}"), "x\\u{9b}31m\\u{85}");
+        assert_eq!(printable("\u{202e}txt.exe"), "\\u{202e}txt.exe");
+        assert_eq!(printable("\u{a0}\u{a9}"), "\u{a0}\u{a9}", "printable Latin-1 stays");
+    }
+
+    #[test]
+    fn a_tree_escapes_command_lines() {
+        let mut evil = p(10, 1, "a");
+        evil.cmd = "sh \x1b]0;pwned\x07".into();
+        let t = draw_trees(&[evil]);
+        assert!(!t.contains('\x1b') && !t.contains('\x07'), "{t:?}");
+        assert!(t.contains("sh \\x1b]0;pwned\\x07"), "{t:?}");
     }
 
     #[test]

@@ -1,6 +1,79 @@
 //! The event feed: the recent-events ring and the followers of `vpstag events --follow`.
+//!
+//! Memory is bounded in bytes, not only in events: a command line is kept to at most
+//! [`MAX_EVENT_CMD`] bytes, the ring to [`RECENT_BYTES`], and each follower's queue to
+//! [`FOLLOWER_BYTES`]. One copy of each event is shared by every follower's queue.
 
 use super::*;
+
+/// The most bytes of an exec's command line an event keeps; a longer one is cut (at a character
+/// boundary) and ends with [`TRUNCATED_MARK`], so that it is at most this long with the mark.
+pub const MAX_EVENT_CMD: usize = 4096;
+/// The end of a command line that was cut.
+pub const TRUNCATED_MARK: &str = "\u{2026}";
+/// Bytes of events (as counted by `event_bytes`) kept for `vpstag events` without `--follow`,
+/// besides the count [`RECENT_EVENTS`].
+const RECENT_BYTES: usize = 1 << 20;
+/// A follower with this many bytes of events waiting to be sent is cut off (as when it falls
+/// [`FOLLOWER_QUEUE`] events behind).
+const FOLLOWER_BYTES: usize = 1 << 20;
+
+/// `cmd`, cut to at most [`MAX_EVENT_CMD`] bytes (mark included) when longer.
+pub(super) fn truncate_cmd(mut cmd: String) -> String {
+    if cmd.len() <= MAX_EVENT_CMD {
+        return cmd;
+    }
+    let mut end = MAX_EVENT_CMD - TRUNCATED_MARK.len();
+    while !cmd.is_char_boundary(end) {
+        end -= 1;
+    }
+    cmd.truncate(end);
+    cmd.push_str(TRUNCATED_MARK);
+    cmd.shrink_to_fit();
+    cmd
+}
+
+/// What an event costs in memory, roughly: its strings and a fixed part.
+pub(super) fn event_bytes(e: &EventInfo) -> usize {
+    std::mem::size_of::<(u64, EventInfo)>() + e.event.len() + e.vps.len() + e.cmd.as_ref().map_or(0, String::len)
+}
+
+/// An event of a VPS (by id), stored once for every follower.
+pub(super) type Shared = Arc<(u64, EventInfo)>;
+
+/// The recent events (for `vpstag events` without `--follow`): the same shared copies the
+/// followers get, with their total size kept as they come and go.
+#[derive(Default)]
+pub(super) struct Recent {
+    pub(super) items: VecDeque<(Shared, usize)>,
+    bytes: usize,
+}
+
+/// One follower of `events --follow`: whom it serves, and its queue.
+pub(super) struct Follower {
+    tx: SyncSender<Shared>,
+    /// Bytes (`event_bytes`) in the queue.
+    queued: Arc<AtomicUsize>,
+    uid: u32,
+    only: Option<u64>,
+}
+
+impl Follower {
+    /// Queues `item` (of a VPS owned by `owner`) if this follower wants it; `false` when the
+    /// follower is gone or too far behind (then it is to be dropped).
+    fn offer(&self, item: &Shared, owner: Option<u32>, bytes: usize) -> bool {
+        if self.only.is_some_and(|o| o != item.0) || !(self.uid == 0 || owner == Some(self.uid)) {
+            return true;
+        }
+        if self.queued.fetch_add(bytes, Ordering::SeqCst) + bytes > FOLLOWER_BYTES {
+            return false;
+        }
+        match self.tx.try_send(Arc::clone(item)) {
+            Ok(()) => true,
+            Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
+        }
+    }
+}
 
 pub(super) fn event_info(ev: &crate::TaggedEvent, name: &str) -> Option<EventInfo> {
     let base = |event: &str, pid: Pid| EventInfo {
@@ -18,7 +91,9 @@ pub(super) fn event_info(ev: &crate::TaggedEvent, name: &str) -> Option<EventInf
         EventKind::Fork { parent, child, .. } => {
             Some(EventInfo { parent: Some(parent.as_raw()), ..base("fork", child) })
         }
-        EventKind::Exec { pid, .. } => Some(EventInfo { cmd: crate::sys::cmdline(pid), ..base("exec", pid) }),
+        EventKind::Exec { pid, .. } => {
+            Some(EventInfo { cmd: crate::sys::cmdline(pid).map(truncate_cmd), ..base("exec", pid) })
+        }
         EventKind::Exit { pid, thread, .. } if pid != thread => None,
         EventKind::Exit { pid, status, .. } => Some(EventInfo {
             code: status.and_then(|s| match s {
@@ -45,17 +120,20 @@ impl Daemon {
                 Err(RecvTimeoutError::Timeout) => continue,
                 Err(RecvTimeoutError::Disconnected) => return,
             };
-            let infos: Vec<(u64, EventInfo)> = {
+            // Each event once, shared by every follower, with its VPS's owner and its size.
+            let infos: Vec<(Shared, Option<u32>, usize)> = {
                 let meta = self.meta();
                 batch
                     .iter()
                     .filter_map(|t| {
                         let id = t.vps?;
-                        let name = match meta.get(&id.0) {
-                            Some(m) => m.name.clone(),
-                            None => self.mgr.name_of(id)?,
+                        let (name, owner) = match meta.get(&id.0) {
+                            Some(m) => (m.name.clone(), Some(m.owner)),
+                            None => (self.mgr.name_of(id)?, None),
                         };
-                        event_info(t, &name).map(|info| (id.0, info))
+                        let info = event_info(t, &name)?;
+                        let bytes = event_bytes(&info);
+                        Some((Arc::new((id.0, info)), owner, bytes))
                     })
                     .collect()
             };
@@ -64,34 +142,39 @@ impl Daemon {
             }
             {
                 let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-                for item in &infos {
-                    if r.len() >= RECENT_EVENTS {
-                        r.pop_front();
+                for (item, _, bytes) in &infos {
+                    r.items.push_back((Arc::clone(item), *bytes));
+                    r.bytes += bytes;
+                }
+                while r.items.len() > RECENT_EVENTS || (r.bytes > RECENT_BYTES && r.items.len() > 1) {
+                    if let Some((_, b)) = r.items.pop_front() {
+                        r.bytes -= b;
                     }
-                    r.push_back(item.clone());
                 }
             }
             let mut f = self.followers.lock().unwrap_or_else(|e| e.into_inner());
-            for item in &infos {
-                f.retain(|tx| match tx.try_send(item.clone()) {
-                    Ok(()) => true,
-                    Err(TrySendError::Full(_)) | Err(TrySendError::Disconnected(_)) => false,
-                });
-            }
+            f.retain(|fl| infos.iter().all(|(item, owner, bytes)| fl.offer(item, *owner, *bytes)));
         }
     }
 
-    pub(super) fn follow(&self, peer: Peer, only: Option<u64>, stream: &mut UnixStream) {
+    pub(super) fn follow(&self, peer: Peer, only: Option<u64>, stream: &UnixStream) {
         let (tx, rx) = mpsc::sync_channel(FOLLOWER_QUEUE);
-        self.followers.lock().unwrap_or_else(|e| e.into_inner()).push(tx);
-        let _ = stream.set_write_timeout(Some(Duration::from_secs(10)));
+        let queued = Arc::new(AtomicUsize::new(0));
+        self.followers.lock().unwrap_or_else(|e| e.into_inner()).push(Follower {
+            tx,
+            queued: Arc::clone(&queued),
+            uid: peer.uid,
+            only,
+        });
         while !self.stop.load(Ordering::SeqCst) {
             match rx.recv_timeout(Duration::from_millis(500)) {
-                Ok((id, info)) => {
-                    if only.is_some_and(|o| o != id) || !self.visible(peer, id) {
+                Ok(item) => {
+                    let (id, info) = &*item;
+                    queued.fetch_sub(event_bytes(info), Ordering::SeqCst);
+                    if only.is_some_and(|o| o != *id) || !self.visible(peer, *id) {
                         continue;
                     }
-                    if stream.write_all(&ok_line(json!({ "next": info }))).is_err() {
+                    if write_within(stream, &ok_line(json!({ "next": info })), Duration::from_secs(10)).is_err() {
                         return;
                     }
                 }
@@ -104,13 +187,80 @@ impl Daemon {
                     }
                 }
                 Err(RecvTimeoutError::Disconnected) => {
-                    let _ = stream.write_all(&error_line(&refuse(
-                        "lagging",
-                        format!("this follower fell {FOLLOWER_QUEUE} events behind and was cut off; reconnect"),
-                    )));
+                    let _ = write_within(
+                        stream,
+                        &error_line(&refuse(
+                            "lagging",
+                            format!(
+                                "this follower fell behind ({FOLLOWER_QUEUE} events or {} MiB waiting) and was cut \
+                                 off; reconnect",
+                                FOLLOWER_BYTES >> 20
+                            ),
+                        )),
+                        Duration::from_secs(10),
+                    );
                     return;
                 }
             }
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn exec(cmd: &str) -> EventInfo {
+        EventInfo {
+            event: "exec".into(),
+            vps: "v".into(),
+            pid: 1,
+            parent: None,
+            cmd: Some(cmd.into()),
+            code: None,
+            signal: None,
+            time_ns: None,
+        }
+    }
+
+    #[test]
+    fn long_command_lines_are_cut_and_marked_and_short_ones_kept() {
+        assert_eq!(truncate_cmd("sleep 1".into()), "sleep 1");
+        let exact = "x".repeat(MAX_EVENT_CMD);
+        assert_eq!(truncate_cmd(exact.clone()), exact);
+        let cut = truncate_cmd("y".repeat(1 << 20));
+        assert_eq!(cut.len(), MAX_EVENT_CMD);
+        assert!(cut.ends_with(TRUNCATED_MARK) && cut.starts_with("yyy"));
+        // Never in the middle of a character.
+        let cut = truncate_cmd("\u{e9}".repeat(MAX_EVENT_CMD));
+        assert!(cut.len() <= MAX_EVENT_CMD && cut.ends_with(TRUNCATED_MARK));
+    }
+
+    #[test]
+    fn a_follower_gets_only_what_it_may_see_and_is_dropped_when_too_far_behind() {
+        let (tx, rx) = mpsc::sync_channel(FOLLOWER_QUEUE);
+        let f = Follower { tx, queued: Arc::new(AtomicUsize::new(0)), uid: 1000, only: None };
+        let mine = Arc::new((1, exec("a")));
+        let theirs = Arc::new((2, exec("b")));
+        assert!(f.offer(&mine, Some(1000), 10));
+        assert!(f.offer(&theirs, Some(1001), 10));
+        assert!(f.offer(&theirs, None, 10), "an event of a VPS without an owner is root's");
+        assert_eq!(rx.try_iter().map(|i| i.0).collect::<Vec<_>>(), [1]);
+        let big = FOLLOWER_BYTES / 3;
+        assert!(f.offer(&mine, Some(1000), big));
+        assert!(f.offer(&mine, Some(1000), big));
+        assert!(!f.offer(&mine, Some(1000), big), "more bytes waiting than a follower may hold");
+    }
+
+    #[test]
+    fn followers_share_one_copy_of_an_event() {
+        let (tx, rx) = mpsc::sync_channel(4);
+        let (tx2, rx2) = mpsc::sync_channel(4);
+        let root = Follower { tx, queued: Arc::new(AtomicUsize::new(0)), uid: 0, only: None };
+        let other = Follower { tx: tx2, queued: Arc::new(AtomicUsize::new(0)), uid: 0, only: Some(1) };
+        let item = Arc::new((1, exec("a")));
+        assert!(root.offer(&item, Some(5), 10) && other.offer(&item, Some(5), 10));
+        let (a, b) = (rx.recv().unwrap(), rx2.recv().unwrap());
+        assert!(Arc::ptr_eq(&a, &b));
     }
 }

@@ -367,7 +367,9 @@ impl Daemon {
                     .recent
                     .lock()
                     .unwrap_or_else(|e| e.into_inner())
+                    .items
                     .iter()
+                    .map(|(item, _)| &**item)
                     .filter(|(id, _)| only.map_or(true, |o| o == *id) && self.visible(peer, *id))
                     .map(|(_, e)| e.clone())
                     .collect();

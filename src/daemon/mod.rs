@@ -8,8 +8,13 @@
 //!   process with its own credentials; that process connects and registers itself, and the daemon
 //!   takes its pid and uid from `SO_PEERCRED`, never from the request.
 //! - State survives a crash: see [`store`].
-//! - One thread per connection (at most [`MAX_CONNECTIONS`]), request lines of at most
-//!   [`MAX_REQUEST`](crate::client::MAX_REQUEST) bytes; a malformed request gets an error reply.
+//! - One thread per connection: at most [`MAX_CONNECTIONS_PER_USER`] per non-root user and
+//!   [`MAX_CONNECTIONS`] in all, with [`ROOT_RESERVED_CONNECTIONS`] more for root, checked before a
+//!   thread is started; more get a `busy` refusal. A request line is at most
+//!   [`MAX_REQUEST`](crate::client::MAX_REQUEST) bytes and must arrive within [`REQUEST_DEADLINE`]
+//!   of its first byte; an idle connection is closed after [`IDLE_TIMEOUT`]. A malformed request
+//!   gets an error reply.
+//! - Memory for events is bounded in bytes: command lines are cut to [`MAX_EVENT_CMD`] bytes.
 
 mod store;
 
@@ -31,7 +36,8 @@ use crate::client::{EventInfo, Op, ProcessInfo, Request, VpsInfo, MAX_REQUEST, P
 use crate::{BackendChoice, Error, EventKind, ExitStatus, Manager, Pid, SavedVps, Signal, Vps};
 use store::{OwnedVps, Record, Store};
 
-/// At most this many connections are served at once; more get a `busy` error.
+/// At most this many connections of users other than root are served at once; more get a `busy`
+/// error (root has [`ROOT_RESERVED_CONNECTIONS`] more).
 pub const MAX_CONNECTIONS: usize = 128;
 /// Events kept for `vpstag events` without `--follow`.
 const RECENT_EVENTS: usize = 2000;
@@ -64,7 +70,11 @@ mod peer;
 mod server;
 mod wire;
 
+pub use feed::{MAX_EVENT_CMD, TRUNCATED_MARK};
+pub use server::{IDLE_TIMEOUT, MAX_CONNECTIONS_PER_USER, REQUEST_DEADLINE, ROOT_RESERVED_CONNECTIONS};
+
 use peer::*;
+use server::write_within;
 use wire::*;
 
 /// Now as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
@@ -109,9 +119,10 @@ struct Daemon {
     /// Store errors seen in the change callback (which cannot return them).
     store_failed: Arc<AtomicBool>,
     meta: Mutex<HashMap<u64, VpsMeta>>,
-    recent: Mutex<VecDeque<(u64, EventInfo)>>,
-    followers: Mutex<Vec<SyncSender<(u64, EventInfo)>>>,
+    recent: Mutex<feed::Recent>,
+    followers: Mutex<Vec<feed::Follower>>,
     stop: Arc<AtomicBool>,
+    /// Connections open (kept by the accept loop).
     connections: AtomicUsize,
     backend: String,
 }
@@ -198,7 +209,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         store,
         store_failed,
         meta: Mutex::new(meta),
-        recent: Mutex::new(VecDeque::new()),
+        recent: Mutex::new(feed::Recent::default()),
         followers: Mutex::new(Vec::new()),
         stop: Arc::clone(&stop),
         connections: AtomicUsize::new(0),
@@ -229,52 +240,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         cfg.state_dir.display(),
         std::process::id()
     );
-    while !stop.load(Ordering::SeqCst) {
-        let mut fds = [nix::poll::PollFd::new(
-            // SAFETY: the listener outlives this poll.
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) },
-            nix::poll::PollFlags::POLLIN,
-        )];
-        let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
-        loop {
-            match listener.accept() {
-                Ok((stream, _)) => {
-                    let _ = stream.set_nonblocking(false);
-                    if daemon.connections.load(Ordering::SeqCst) >= MAX_CONNECTIONS {
-                        let mut s = &stream;
-                        let _ = s.write_all(&error_line(&refuse(
-                            "busy",
-                            format!("{MAX_CONNECTIONS} connections are open; try again"),
-                        )));
-                        continue;
-                    }
-                    daemon.connections.fetch_add(1, Ordering::SeqCst);
-                    let d = Arc::clone(&daemon);
-                    let spawned = std::thread::Builder::new().name("vpstag-conn".into()).spawn(move || {
-                        d.serve(stream);
-                        d.connections.fetch_sub(1, Ordering::SeqCst);
-                    });
-                    if let Err(e) = spawned {
-                        daemon.connections.fetch_sub(1, Ordering::SeqCst);
-                        log!("cannot start a connection thread: {e}");
-                    }
-                }
-                Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
-                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-                Err(e) => {
-                    log!("accept: {e}");
-                    std::thread::sleep(Duration::from_millis(50));
-                    break;
-                }
-            }
-        }
-        let due = daemon.store.lock().map(|s| s.lines >= COMPACT_AFTER).unwrap_or(false);
-        if due {
-            if let Err(e) = daemon.compact() {
-                log!("cannot write a snapshot: {e}");
-            }
-        }
-    }
+    server::accept_until_stopped(&daemon, &listener, &stop);
     log!(
         "stopping (the VPSes keep running{})",
         if backend == "ptrace" { "; under ptrace they are killed when the tracer exits" } else { "" }
