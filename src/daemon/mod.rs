@@ -11,14 +11,14 @@
 //! - One thread per connection (at most [`MAX_CONNECTIONS`]), request lines of at most
 //!   [`MAX_REQUEST`](crate::client::MAX_REQUEST) bytes; a malformed request gets an error reply.
 
+mod paths;
 mod store;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -49,6 +49,9 @@ pub struct Config {
     pub socket: PathBuf,
     /// Where the journal and snapshot live.
     pub state_dir: PathBuf,
+    /// Start even when the journal or snapshot has an unreadable line: keep a copy of the bad
+    /// file, start from what can be read, and log it (otherwise the daemon stops and says where).
+    pub discard_bad_journal: bool,
 }
 
 /// Writes one log line with a UTC timestamp to standard error.
@@ -96,7 +99,7 @@ struct VpsMeta {
 
 struct Daemon {
     mgr: Manager,
-    store: Arc<Mutex<Store>>,
+    store: Arc<Store>,
     /// Store errors seen in the change callback (which cannot return them).
     store_failed: Arc<AtomicBool>,
     meta: Mutex<HashMap<u64, VpsMeta>>,
@@ -269,19 +272,14 @@ impl Daemon {
     }
 
     fn journal(&self, records: &[Record]) -> Result<(), Refusal> {
-        let mut st = self.store.lock().unwrap_or_else(|e| e.into_inner());
-        st.append(records).map_err(|e| {
-            log!("cannot write the journal in {}: {e}", st.dir().display());
+        self.store.append(records).map_err(|e| {
+            log!("cannot write the journal in {}: {e}", self.store.dir().display());
             refuse("failed", format!("cannot write the journal: {e}"))
         })
     }
 
     fn compact(&self) -> io::Result<()> {
-        let dir = {
-            let mut st = self.store.lock().unwrap_or_else(|e| e.into_inner());
-            st.rotate()?;
-            st.dir().to_path_buf()
-        };
+        self.store.rotate()?;
         let (vpses, members) = self.mgr.export().map_err(|e| io::Error::other(e.to_string()))?;
         let owned: Vec<OwnedVps> = {
             let meta = self.meta();
@@ -290,7 +288,7 @@ impl Daemon {
                 .filter_map(|v| meta.get(&v.id).map(|m| m.owner).map(|owner| OwnedVps { vps: v, owner }))
                 .collect()
         };
-        Store::write_snapshot(&dir, owned, members)
+        self.store.write_snapshot(owned, members)
     }
 
     fn handle(&self, peer: Peer, op: Op) -> Result<Vec<u8>, Refusal> {
@@ -705,28 +703,8 @@ fn parse_request(line: &[u8]) -> Result<Request, Refusal> {
     serde_json::from_value(v).map_err(|e| refuse("bad_request", format!("bad request: {e}")))
 }
 
-fn prepare_socket(path: &Path) -> Result<UnixListener, Error> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::io(
-                format!("listening on {}", path.display()),
-                io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    "a vpstag daemon is already listening there; stop it first or use another --socket",
-                ),
-            ));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| Error::io(format!("removing the stale socket {}", path.display()), e))?;
-    }
-    let l = UnixListener::bind(path).map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
-    // Anyone may connect; every request is authorised by the peer's credentials.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| Error::io(format!("setting the mode of {}", path.display()), e))?;
-    Ok(l)
+fn prepare_socket(path: &std::path::Path) -> Result<(UnixListener, paths::BoundSocket), Error> {
+    paths::bind_socket(path).map_err(|e| Error::io(format!("preparing the socket {}", path.display()), e))
 }
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
@@ -735,10 +713,10 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     for sig in [libc::SIGTERM, libc::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| Error::io("installing signal handlers", e))?;
     }
-    let (store, loaded) = Store::open(&cfg.state_dir)
+    let (store, loaded) = Store::open(&cfg.state_dir, cfg.discard_bad_journal)
         .map_err(|e| Error::io(format!("opening the state directory {}", cfg.state_dir.display()), e))?;
-    if loaded.skipped > 0 {
-        log!("skipped {} unreadable journal lines (a write torn by a crash)", loaded.skipped);
+    for note in &loaded.notes {
+        log!("{note}");
     }
     let (tracker, notes) = crate::open_backend_with_notes(cfg.backend)?;
     for n in &notes {
@@ -746,23 +724,23 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     }
     let backend = tracker.kind().name().to_string();
     let mgr = Manager::new(tracker)?;
-    let store = Arc::new(Mutex::new(store));
+    let store = Arc::new(store);
     let store_failed = Arc::new(AtomicBool::new(false));
     {
         let store = Arc::clone(&store);
         let failed = Arc::clone(&store_failed);
         mgr.on_change(move |changes| {
-            let records: Vec<Record> = changes.iter().map(|c| Record::Change { c: *c }).collect();
-            let mut st = store.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = st.append(&records) {
+            // Only roots are journaled: the rest is rebuilt from them by a scan.
+            let records = store::roots_of(changes);
+            if let Err(e) = store.append(&records) {
                 if !failed.swap(true, Ordering::SeqCst) {
-                    log!("cannot write the journal in {}: {e}; membership changes are not saved", st.dir().display());
+                    log!("cannot write the journal in {}: {e}; new roots are not saved", store.dir().display());
                 }
             }
         });
     }
     let vpses: Vec<SavedVps> = loaded.vpses.values().map(|o| o.vps.clone()).collect();
-    let members: Vec<crate::SavedMember> = loaded.members.values().copied().collect();
+    let members: Vec<crate::SavedMember> = loaded.roots();
     let restored = mgr.restore(&vpses, &members)?;
     mgr.recheck_first_processes()?;
     let mut meta = HashMap::new();
@@ -782,7 +760,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     });
     if !loaded.vpses.is_empty() {
         log!(
-            "recovered {} VPSes and {restored} of {} saved members from {}",
+            "recovered {} VPSes and {restored} of {} saved roots from {}",
             loaded.vpses.len(),
             members.len(),
             cfg.state_dir.display()
@@ -797,7 +775,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             .spawn(move || d.record_events(rx))
             .map_err(|e| Error::io("starting the event thread", e))?;
     }
-    let listener = prepare_socket(&cfg.socket)?;
+    let (listener, socket) = prepare_socket(&cfg.socket)?;
     listener.set_nonblocking(true).map_err(|e| Error::io("setting the socket non-blocking", e))?;
     log!(
         "listening on {} (backend {backend}, state in {}, pid {})",
@@ -844,7 +822,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
                 }
             }
         }
-        let due = daemon.store.lock().map(|s| s.lines >= COMPACT_AFTER).unwrap_or(false);
+        let due = daemon.store.lines() >= COMPACT_AFTER;
         if due {
             if let Err(e) = daemon.compact() {
                 log!("cannot write a snapshot: {e}");
@@ -855,7 +833,9 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         "stopping (the VPSes keep running{})",
         if backend == "ptrace" { "; under ptrace they are killed when the tracer exits" } else { "" }
     );
-    let _ = std::fs::remove_file(&cfg.socket);
+    if let Err(e) = socket.remove() {
+        log!("cannot remove the socket {}: {e}", cfg.socket.display());
+    }
     if let Err(e) = daemon.compact() {
         log!("cannot write the final snapshot: {e}");
     }
