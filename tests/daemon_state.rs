@@ -469,8 +469,9 @@ fn under_umask_000_the_created_directories_and_files_get_explicit_modes() {
         (s.join("run/vpstag"), 0o755),
         (sock.clone(), 0o666),
     ];
+    let show = |v: &[(PathBuf, u32)]| v.iter().map(|(p, m)| format!("{} {m:04o}", p.display())).collect::<Vec<_>>();
     let got: Vec<(PathBuf, u32)> = want.iter().map(|(p, _)| (p.clone(), mode(p))).collect();
-    assert_eq!(got, want.to_vec(), "modes under umask 000 (got, want)");
+    assert_eq!(show(&got), show(&want), "modes under umask 000 (got, want)");
     assert!(std::fs::metadata(&sock).unwrap().file_type().is_socket());
     // A clean stop removes the socket.
     d.stop();
