@@ -82,6 +82,12 @@ fn perms(st: &Stat) -> u32 {
     st.st_mode as u32 & 0o7777
 }
 
+/// `m` as a [`Mode`] (whose raw type is u16 on some systems).
+#[allow(clippy::unnecessary_cast)]
+fn mode_bits(m: u32) -> Mode {
+    Mode::from_raw_mode((m & 0o7777) as rustix::fs::RawMode)
+}
+
 /// Checks one opened directory (or a symbolic link, `is_link`) met on the way to a target.
 /// `last` says whether it is the target itself, which may never be writable by others.
 fn check(st: &Stat, shown: &Path, purpose: Purpose, last: bool, is_link: bool) -> io::Result<()> {
@@ -202,7 +208,7 @@ impl TrustedDir {
                 Ok(_) => {}
                 Err(rustix::io::Errno::NOENT) => {
                     let mode = if last { purpose.mode } else { PARENT_MODE };
-                    match rustix::fs::mkdirat(parent_fd, name.as_os_str(), Mode::from_raw_mode(mode)) {
+                    match rustix::fs::mkdirat(parent_fd, name.as_os_str(), mode_bits(mode)) {
                         Ok(()) => created = true,
                         Err(rustix::io::Errno::EXIST) => {}
                         Err(e) => {
@@ -233,7 +239,7 @@ impl TrustedDir {
             if created {
                 // The umask applied to mkdirat; the mode is set on the opened directory.
                 let mode = if last { purpose.mode } else { PARENT_MODE };
-                rustix::fs::fchmod(&fd, Mode::from_raw_mode(mode)).map_err(errno)?;
+                rustix::fs::fchmod(&fd, mode_bits(mode)).map_err(errno)?;
             }
             stack.push((fd, shown));
         }
@@ -340,7 +346,7 @@ impl TrustedDir {
     /// with [`stat`](TrustedDir::stat) (not a symbolic link): the directory is writable only by
     /// trusted users, so the entry cannot have been swapped since.
     pub(crate) fn chmod(&self, name: impl AsRef<OsStr>, mode: u32) -> io::Result<()> {
-        rustix::fs::chmodat(&self.fd, name.as_ref(), Mode::from_raw_mode(mode), AtFlags::empty()).map_err(errno)
+        rustix::fs::chmodat(&self.fd, name.as_ref(), mode_bits(mode), AtFlags::empty()).map_err(errno)
     }
 }
 
