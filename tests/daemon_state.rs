@@ -356,7 +356,6 @@ fn symlinks_in_a_state_dir_owned_by_another_user_are_refused_and_their_target_is
     for name in ["lock", "journal.jsonl", "snapshot.json.tmp"] {
         assert!(std::fs::symlink_metadata(state.join(name)).unwrap().file_type().is_symlink(), "{name} untouched");
     }
-    assert!(!s.join("run").exists(), "nothing else was created: the daemon stopped first");
 }
 
 #[test]

@@ -147,13 +147,8 @@ impl TrustedDir {
         let mut stack: Vec<(OwnedFd, PathBuf)> = vec![(root, PathBuf::from("/"))];
         let mut todo: Vec<OsString> = Vec::new();
         push_components(&mut todo, &abs);
-        if todo.is_empty() {
-            let st = rustix::fs::fstat(&stack[0].0).map_err(errno)?;
-            check(&st, Path::new("/"), purpose, true, false)?;
-        } else {
-            let st = rustix::fs::fstat(&stack[0].0).map_err(errno)?;
-            check(&st, Path::new("/"), purpose, false, false)?;
-        }
+        let st = rustix::fs::fstat(&stack[0].0).map_err(errno)?;
+        check(&st, Path::new("/"), purpose, false, false)?;
         let mut links = 0;
         // `todo` is a stack: the next component is at the end.
         while let Some(name) = todo.pop() {
@@ -190,11 +185,6 @@ impl TrustedDir {
                         stack.truncate(1);
                     }
                     push_components(&mut todo, &target);
-                    if todo.is_empty() {
-                        // A link to "/": the root is the target.
-                        let st = rustix::fs::fstat(&stack[0].0).map_err(errno)?;
-                        check(&st, Path::new("/"), purpose, true, false)?;
-                    }
                     continue;
                 }
                 Ok(st) if FileType::from_raw_mode(st.st_mode) != FileType::Directory => {
@@ -243,7 +233,11 @@ impl TrustedDir {
             }
             stack.push((fd, shown));
         }
-        let (fd, _) = stack.pop().ok_or_else(|| io::Error::other("internal: empty directory stack"))?;
+        let (fd, shown) = stack.pop().ok_or_else(|| io::Error::other("internal: empty directory stack"))?;
+        // Checked once more as the target: the walk may have ended on a directory it passed as a
+        // parent (a path ending in "..", a link to "/").
+        let st = rustix::fs::fstat(&fd).map_err(errno)?;
+        check(&st, &shown, purpose, true, false)?;
         Ok(TrustedDir { fd, path: abs })
     }
 
@@ -543,6 +537,9 @@ mod tests {
         TrustedDir::open(&open.join("state"), STATE_DIR).unwrap();
         let msg = refused(&open, SOCKET_DIR);
         assert!(msg.contains("sticky bit is not enough") && msg.contains("--socket"), "{msg}");
+        // Also when reached as a parent first.
+        let msg = refused(&open.join("state/.."), SOCKET_DIR);
+        assert!(msg.contains("sticky bit is not enough"), "{msg}");
         std::fs::remove_dir_all(&base).unwrap();
     }
 

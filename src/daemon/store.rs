@@ -296,7 +296,7 @@ struct Scan {
 
 /// Reads every line of a journal, giving each readable one to `each` (with its bytes).
 fn scan(f: &File, mut each: impl FnMut(Line, &[u8]) -> io::Result<()>) -> io::Result<Scan> {
-    let mut r = BufReader::with_capacity(MAX_LINE.min(64 * 1024), f);
+    let mut r = BufReader::with_capacity(64 * 1024, f);
     let mut buf = Vec::new();
     let mut out = Scan::default();
     let (mut lineno, mut offset) = (0usize, 0u64);
