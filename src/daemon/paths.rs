@@ -267,7 +267,8 @@ impl TrustedDir {
     /// root or the daemon's user, and gives the file mode 0600 if it has another one. `Ok(None)`
     /// when it does not exist and `create` is not set.
     pub(crate) fn open_file(&self, name: &str, flags: OFlags, create: bool) -> io::Result<Option<std::fs::File>> {
-        let mut flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC;
+        // O_NONBLOCK: a FIFO in place of a file must not hang the open (it is refused below).
+        let mut flags = flags | OFlags::NOFOLLOW | OFlags::CLOEXEC | OFlags::NONBLOCK;
         if create {
             flags |= OFlags::CREATE;
         }
@@ -591,6 +592,9 @@ mod tests {
         assert_eq!(std::fs::metadata(base.join("state/loose")).unwrap().permissions().mode() & 0o777, 0o600);
         std::fs::create_dir(base.join("state/dir")).unwrap();
         assert!(d.open_file("dir", OFlags::RDONLY, false).is_err());
+        rustix::fs::mknodat(d.fd(), "fifo", rustix::fs::FileType::Fifo, Mode::from_raw_mode(0o600), 0).unwrap();
+        let e = d.open_file("fifo", OFlags::RDONLY, false).unwrap_err();
+        assert!(e.to_string().contains("not a regular file"), "{e}");
         std::fs::remove_dir_all(&base).unwrap();
     }
 
