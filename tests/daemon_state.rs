@@ -38,7 +38,7 @@ fn backend() -> &'static str {
 
 /// Signals a process, or a process group when `pid` is negative (never 0, 1 or -1).
 fn kill(pid: i32, sig: i32) {
-    if pid > 1 || pid < -1 {
+    if !(-1..=1).contains(&pid) {
         // SAFETY: kill with a pid (or group) this test recorded itself.
         unsafe { libc::kill(pid, sig) };
     }
