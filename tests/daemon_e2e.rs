@@ -44,7 +44,7 @@ fn alive(pid: i32) -> bool {
 
 fn kill(pid: i32, sig: i32) {
     // A positive pid, or a negative process group id, never 0, 1 or -1 (everything).
-    if pid > 1 || pid < -1 {
+    if !(-1..=1).contains(&pid) {
         // SAFETY: kill by a pid this test recorded itself.
         unsafe { libc::kill(pid, sig) };
     }
@@ -1079,4 +1079,39 @@ fn a_ptrace_daemon_killed_while_its_vps_forks_kills_nothing_and_retags_everythin
     let out = d.run(&["kill", "--signal", "KILL", "busy"]);
     assert!(out.status.success(), "kill: {}", text(&out.stderr));
     wait_until("the VPS to die", Duration::from_secs(10), || [first, sh, s650].iter().all(|p| !alive(*p)));
+}
+
+/// The journal keeps only roots, and members whose parent exited while they live on: a daemon
+/// that escaped with a double fork after its VPS's first process exited is no longer below any
+/// root, yet it is still a member after the daemon is killed with -9 and restarted.
+#[test]
+fn an_escaped_daemon_whose_root_exited_is_still_a_member_after_a_restart() {
+    if !cnproc_available() {
+        return;
+    }
+    let mut d = Daemon::new("orphanroot", "cnproc");
+    let first = d.start_vps("esc2", &["sh", "-c", "setsid sh -c 'sleep 661 & sleep 662 &'; sleep 0.2; exit 0"]);
+    wait_until("the first process to exit", Duration::from_secs(10), || !alive(first));
+    wait_until("both escaped sleeps", Duration::from_secs(10), || {
+        d.pids_of("esc2", "sleep 661").len() == 1 && d.pids_of("esc2", "sleep 662").len() == 1
+    });
+    let sleeps = [d.pids_of("esc2", "sleep 661")[0], d.pids_of("esc2", "sleep 662")[0]];
+    let journal_has_them = || {
+        let j = std::fs::read_to_string(d.state.join("journal.jsonl")).unwrap_or_default();
+        sleeps.iter().all(|p| j.contains(&format!("\"pid\":{p},")))
+    };
+    wait_until("the orphans to be journaled", Duration::from_secs(10), journal_has_them);
+    d.crash();
+    d.start();
+    for p in sleeps {
+        assert_eq!(d.which(p), (Some(0), "esc2".to_string()), "orphan {p} after the restart\n{}", d.log());
+    }
+    // A compaction keeps them (a clean stop writes a snapshot); a second restart still finds them.
+    let mut c = d.child.take().unwrap();
+    kill(c.id() as i32, libc::SIGTERM);
+    let _ = c.wait();
+    d.start();
+    for p in sleeps {
+        assert_eq!(d.which(p), (Some(0), "esc2".to_string()), "orphan {p} after a snapshot\n{}", d.log());
+    }
 }

@@ -97,7 +97,12 @@ fn man(a: super::ManArgs) -> R {
 
 fn daemon(a: super::DaemonArgs, socket: &Path) -> R {
     let backend: vpstag::BackendChoice = a.backend.parse()?;
-    vpstag::daemon::run(vpstag::daemon::Config { backend, socket: socket.to_path_buf(), state_dir: a.state_dir })?;
+    vpstag::daemon::run(vpstag::daemon::Config {
+        backend,
+        socket: socket.to_path_buf(),
+        state_dir: a.state_dir,
+        discard_bad_journal: a.discard_bad_journal,
+    })?;
     Ok(0)
 }
 

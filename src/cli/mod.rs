@@ -80,6 +80,11 @@ pub(crate) struct DaemonArgs {
     /// Where the journal and snapshot live (created if missing).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/vpstag")]
     pub state_dir: PathBuf,
+    /// Start even when the journal or the snapshot has an unreadable line (the daemon otherwise
+    /// stops and names the file and line): keep a copy of the bad file (FILE.bad-TIME), start
+    /// from what can be read, and log it.
+    #[arg(long)]
+    pub discard_bad_journal: bool,
 }
 
 /// `vpstag start`.

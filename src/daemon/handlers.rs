@@ -156,19 +156,14 @@ impl Daemon {
     }
 
     pub(super) fn journal(&self, records: &[Record]) -> Result<(), Refusal> {
-        let mut st = self.store.lock().unwrap_or_else(|e| e.into_inner());
-        st.append(records).map_err(|e| {
-            log!("cannot write the journal in {}: {e}", st.dir().display());
+        self.store.append(records).map_err(|e| {
+            log!("cannot write the journal in {}: {e}", self.store.dir().display());
             refuse("failed", format!("cannot write the journal: {e}"))
         })
     }
 
     pub(super) fn compact(&self) -> io::Result<()> {
-        let dir = {
-            let mut st = self.store.lock().unwrap_or_else(|e| e.into_inner());
-            st.rotate()?;
-            st.dir().to_path_buf()
-        };
+        self.store.rotate()?;
         let (vpses, members) = self.mgr.export().map_err(|e| io::Error::other(e.to_string()))?;
         let owned: Vec<OwnedVps> = {
             let meta = self.meta();
@@ -177,7 +172,25 @@ impl Daemon {
                 .filter_map(|v| meta.get(&v.id).map(|m| m.owner).map(|owner| OwnedVps { vps: v, owner }))
                 .collect()
         };
-        Store::write_snapshot(&dir, owned, members)
+        // The roots: first processes, loader joins, and orphans still alive (the others go).
+        let members: Vec<crate::SavedMember> = {
+            let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
+            let live: HashSet<crate::ProcessId> = members
+                .iter()
+                .filter_map(|m| Pid::new(m.pid).map(|pid| crate::ProcessId { pid, start: crate::StartTime(m.start) }))
+                .collect();
+            orphans.retain(|id| live.contains(id));
+            members
+                .into_iter()
+                .filter(|m| {
+                    matches!(m.source, crate::Source::First | crate::Source::Loader)
+                        || Pid::new(m.pid).is_some_and(|pid| {
+                            orphans.contains(&crate::ProcessId { pid, start: crate::StartTime(m.start) })
+                        })
+                })
+                .collect()
+        };
+        self.store.write_snapshot(owned, members)
     }
 
     pub(super) fn handle(&self, peer: Peer, who: &crate::sys::SocketPeer, op: Op) -> Result<Vec<u8>, Refusal> {
@@ -221,7 +234,13 @@ impl Daemon {
                     started: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                 };
                 self.meta().insert(vps.id.0, VpsMeta { name: name.clone(), owner: peer.uid });
-                if let Err(e) = self.journal(&[Record::Vps { vps: saved, owner: peer.uid }]) {
+                let root = Record::Root {
+                    vps: vps.id.0,
+                    pid: pid.as_raw(),
+                    start: info.id.start.0,
+                    source: crate::Source::First,
+                };
+                if let Err(e) = self.journal(&[Record::Vps { vps: saved, owner: peer.uid }, root]) {
                     let _ = self.mgr.forget(&vps);
                     self.meta().remove(&vps.id.0);
                     return Err(e);
@@ -234,10 +253,20 @@ impl Daemon {
                 let info = self.verified_peer(peer, who)?;
                 let pid = info.id.pid;
                 self.refuse_nested(pid, Some(&vps))?;
+                let already = self.mgr.vps_of(pid)?.is_some();
                 // By id: the name may have been stopped and reused since it was looked up.
                 let vps = self.mgr.join_vps(&vps, pid)?;
                 if !matches!(crate::sys::peer_state(who), crate::sys::PeerState::Alive(_)) {
                     return Err(refuse("no_such_process", format!("process {pid} exited while joining")));
+                }
+                if !already {
+                    // A root: what it starts is rebuilt from it after a restart.
+                    self.journal(&[Record::Root {
+                        vps: vps.id.0,
+                        pid: pid.as_raw(),
+                        start: info.id.start.0,
+                        source: crate::Source::Loader,
+                    }])?;
                 }
                 let vps = self.shown(vps);
                 log!(

@@ -16,14 +16,14 @@
 //!   gets an error reply.
 //! - Memory for events is bounded in bytes: command lines are cut to [`MAX_EVENT_CMD`] bytes.
 
+mod paths;
 mod store;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, BufRead, BufReader, Write};
 use std::os::fd::AsRawFd;
-use std::os::unix::fs::PermissionsExt;
 use std::os::unix::net::{UnixListener, UnixStream};
-use std::path::{Path, PathBuf};
+use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError, SyncSender, TrySendError};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -55,6 +55,9 @@ pub struct Config {
     pub socket: PathBuf,
     /// Where the journal and snapshot live.
     pub state_dir: PathBuf,
+    /// Start even when the journal or snapshot has an unreadable line: keep a copy of the bad
+    /// file, start from what can be read, and log it (otherwise the daemon stops and says where).
+    pub discard_bad_journal: bool,
 }
 
 /// Writes one log line with a UTC timestamp to standard error.
@@ -115,7 +118,9 @@ struct VpsMeta {
 
 struct Daemon {
     mgr: Manager,
-    store: Arc<Mutex<Store>>,
+    store: Arc<Store>,
+    /// Members kept as roots because their parent exited (see [`Manager::on_orphans`]).
+    orphans: Arc<Mutex<HashSet<crate::ProcessId>>>,
     /// Store errors seen in the change callback (which cannot return them).
     store_failed: Arc<AtomicBool>,
     meta: Mutex<HashMap<u64, VpsMeta>>,
@@ -127,28 +132,8 @@ struct Daemon {
     backend: String,
 }
 
-fn prepare_socket(path: &Path) -> Result<UnixListener, Error> {
-    if let Some(dir) = path.parent().filter(|d| !d.as_os_str().is_empty()) {
-        std::fs::create_dir_all(dir).map_err(|e| Error::io(format!("creating {}", dir.display()), e))?;
-    }
-    if path.exists() {
-        if UnixStream::connect(path).is_ok() {
-            return Err(Error::io(
-                format!("listening on {}", path.display()),
-                io::Error::new(
-                    io::ErrorKind::AddrInUse,
-                    "a vpstag daemon is already listening there; stop it first or use another --socket",
-                ),
-            ));
-        }
-        std::fs::remove_file(path)
-            .map_err(|e| Error::io(format!("removing the stale socket {}", path.display()), e))?;
-    }
-    let l = UnixListener::bind(path).map_err(|e| Error::io(format!("listening on {}", path.display()), e))?;
-    // Anyone may connect; every request is authorised by the peer's credentials.
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o666))
-        .map_err(|e| Error::io(format!("setting the mode of {}", path.display()), e))?;
-    Ok(l)
+fn prepare_socket(path: &std::path::Path) -> Result<(UnixListener, paths::BoundSocket), Error> {
+    paths::bind_socket(path).map_err(|e| Error::io(format!("preparing the socket {}", path.display()), e))
 }
 
 /// Runs the daemon in the foreground until SIGTERM or SIGINT.
@@ -157,10 +142,10 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     for sig in [libc::SIGTERM, libc::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| Error::io("installing signal handlers", e))?;
     }
-    let (store, loaded) = Store::open(&cfg.state_dir)
+    let (store, loaded) = Store::open(&cfg.state_dir, cfg.discard_bad_journal)
         .map_err(|e| Error::io(format!("opening the state directory {}", cfg.state_dir.display()), e))?;
-    if loaded.skipped > 0 {
-        log!("skipped {} unreadable journal lines (a write torn by a crash)", loaded.skipped);
+    for note in &loaded.notes {
+        log!("{note}");
     }
     let (tracker, notes) = crate::open_backend_with_notes(cfg.backend)?;
     for n in &notes {
@@ -168,20 +153,51 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     }
     let backend = tracker.kind().name().to_string();
     let mgr = Manager::new(tracker)?;
-    let store = Arc::new(Mutex::new(store));
+    let store = Arc::new(store);
     let store_failed = Arc::new(AtomicBool::new(false));
+    // Members whose parent exited while they live on are roots too (a scan from the other roots
+    // may no longer reach them): the manager reports them, a thread journals them.
+    let orphans: Arc<Mutex<HashSet<crate::ProcessId>>> = Arc::new(Mutex::new(
+        loaded
+            .roots()
+            .iter()
+            .filter(|m| !matches!(m.source, crate::Source::First | crate::Source::Loader))
+            .filter_map(|m| Pid::new(m.pid).map(|pid| crate::ProcessId { pid, start: crate::StartTime(m.start) }))
+            .collect(),
+    ));
     {
+        let (tx, rx) = mpsc::channel::<Vec<(crate::ProcessId, crate::VpsId)>>();
+        mgr.on_orphans(move |batch| {
+            let _ = tx.send(batch.to_vec());
+        });
         let store = Arc::clone(&store);
         let failed = Arc::clone(&store_failed);
-        mgr.on_change(move |changes| {
-            let records: Vec<Record> = changes.iter().map(|c| Record::Change { c: *c }).collect();
-            let mut st = store.lock().unwrap_or_else(|e| e.into_inner());
-            if let Err(e) = st.append(&records) {
-                if !failed.swap(true, Ordering::SeqCst) {
-                    log!("cannot write the journal in {}: {e}; membership changes are not saved", st.dir().display());
+        let orphans = Arc::clone(&orphans);
+        std::thread::Builder::new()
+            .name("vpstag-journal".into())
+            .spawn(move || {
+                while let Ok(batch) = rx.recv() {
+                    let records: Vec<Record> = batch
+                        .iter()
+                        .map(|(id, vps)| Record::Root {
+                            vps: vps.0,
+                            pid: id.pid.as_raw(),
+                            start: id.start.0,
+                            source: crate::Source::Event,
+                        })
+                        .collect();
+                    orphans.lock().unwrap_or_else(|e| e.into_inner()).extend(batch.iter().map(|(id, _)| *id));
+                    if let Err(e) = store.append(&records) {
+                        if !failed.swap(true, Ordering::SeqCst) {
+                            log!(
+                                "cannot write the journal in {}: {e}; orphaned members are not saved",
+                                store.dir().display()
+                            );
+                        }
+                    }
                 }
-            }
-        });
+            })
+            .map_err(|e| Error::io("starting the journal thread", e))?;
     }
     // The manager knows each VPS by its key, `uid:name` (names are per owner); a journal from
     // before that has bare names.
@@ -196,7 +212,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             v
         })
         .collect();
-    let members: Vec<crate::SavedMember> = loaded.members.values().copied().collect();
+    let members: Vec<crate::SavedMember> = loaded.roots();
     let restored = mgr.restore(&vpses, &members)?;
     mgr.recheck_first_processes()?;
     let mut meta = HashMap::new();
@@ -208,6 +224,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         mgr,
         store,
         store_failed,
+        orphans,
         meta: Mutex::new(meta),
         recent: Mutex::new(feed::Recent::default()),
         followers: Mutex::new(Vec::new()),
@@ -217,7 +234,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     });
     if !loaded.vpses.is_empty() {
         log!(
-            "recovered {} VPSes and {restored} of {} saved members from {}",
+            "recovered {} VPSes and {restored} of {} saved roots from {}",
             loaded.vpses.len(),
             members.len(),
             cfg.state_dir.display()
@@ -232,7 +249,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             .spawn(move || d.record_events(rx))
             .map_err(|e| Error::io("starting the event thread", e))?;
     }
-    let listener = prepare_socket(&cfg.socket)?;
+    let (listener, socket) = prepare_socket(&cfg.socket)?;
     listener.set_nonblocking(true).map_err(|e| Error::io("setting the socket non-blocking", e))?;
     log!(
         "listening on {} (backend {backend}, state in {}, pid {})",
@@ -245,7 +262,9 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         "stopping (the VPSes keep running{})",
         if backend == "ptrace" { "; under ptrace they are killed when the tracer exits" } else { "" }
     );
-    let _ = std::fs::remove_file(&cfg.socket);
+    if let Err(e) = socket.remove() {
+        log!("cannot remove the socket {}: {e}", cfg.socket.display());
+    }
     if let Err(e) = daemon.compact() {
         log!("cannot write the final snapshot: {e}");
     }

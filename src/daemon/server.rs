@@ -198,7 +198,7 @@ pub(super) fn accept_until_stopped(daemon: &Arc<Daemon>, listener: &UnixListener
             }
         }
         refusals.flush_if_due();
-        let due = daemon.store.lock().map(|s| s.lines >= COMPACT_AFTER).unwrap_or(false);
+        let due = daemon.store.lines() >= COMPACT_AFTER;
         if due {
             if let Err(e) = daemon.compact() {
                 log!("cannot write a snapshot: {e}");
