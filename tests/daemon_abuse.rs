@@ -17,7 +17,9 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vpstag");
+mod common;
+
+use common::*;
 const ATTACKER: u32 = 65534;
 const BYSTANDER: u32 = 65533;
 /// Attackers give up on their own after this long, in case nobody kills them.
@@ -36,32 +38,6 @@ fn can_run() -> bool {
             false
         }
     }
-}
-
-fn kill(pid: i32, sig: i32) {
-    if pid > 1 {
-        // SAFETY: kill by a pid this test recorded itself.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < end, "timed out after {timeout:?} waiting for {what}");
-        std::thread::sleep(Duration::from_millis(50));
-    }
-}
-
-fn start_time(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().nth(19)).and_then(|x| x.parse().ok()))
-        .unwrap_or(0)
 }
 
 /// `VmRSS` and `VmHWM` of a process, in KiB.

@@ -15,48 +15,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vpstag");
+mod common;
+
+use common::*;
 const NOBODY: u32 = 65534;
-
-fn cnproc_available() -> bool {
-    match vpstag::open_backend(vpstag::BackendChoice::Cnproc) {
-        Ok(_) => true,
-        Err(e) => {
-            eprintln!("skipping: the cnproc backend cannot be opened here: {e}");
-            false
-        }
-    }
-}
-
-fn is_root() -> bool {
-    // SAFETY: geteuid has no preconditions.
-    unsafe { libc::geteuid() == 0 }
-}
-
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => {
-            !matches!(s.rsplit(')').next().map(str::trim_start).and_then(|r| r.chars().next()), Some('Z') | Some('X'))
-        }
-        Err(_) => false,
-    }
-}
-
-fn kill(pid: i32, sig: i32) {
-    // A positive pid, or a negative process group id, never 0, 1 or -1 (everything).
-    if !(-1..=1).contains(&pid) {
-        // SAFETY: kill by a pid this test recorded itself.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
 
 /// A daemon on a temporary socket and state directory; everything it and its VPSes started is
 /// killed (by pid) when dropped.
@@ -206,13 +168,6 @@ impl Daemon {
     }
 }
 
-fn start_time(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().nth(19)).and_then(|x| x.parse().ok()))
-        .unwrap_or(0)
-}
-
 impl Drop for Daemon {
     fn drop(&mut self) {
         // Members the daemon still knows of, then every pid seen (if it is still the same process).
@@ -244,10 +199,6 @@ impl Drop for Daemon {
         }
         let _ = std::fs::remove_dir_all(&self.dir);
     }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 #[test]

@@ -16,58 +16,18 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-const BIN: &str = env!("CARGO_BIN_EXE_vpstag");
+mod common;
+
+use common::*;
 const NOBODY: u32 = 65534;
 /// How long a daemon may take to answer or to give up, on a busy machine.
 const START: Duration = Duration::from_secs(60);
-
-fn is_root() -> bool {
-    if rustix::process::geteuid().is_root() {
-        return true;
-    }
-    eprintln!("skipping: needs root");
-    false
-}
 
 fn backend() -> &'static str {
     match vpstag::open_backend(vpstag::BackendChoice::Cnproc) {
         Ok(_) => "cnproc",
         Err(_) => "ptrace",
     }
-}
-
-/// Signals a process, or a process group when `pid` is negative (never 0, 1 or -1).
-fn kill(pid: i32, sig: i32) {
-    if !(-1..=1).contains(&pid) {
-        // SAFETY: kill with a pid (or group) this test recorded itself.
-        unsafe { libc::kill(pid, sig) };
-    }
-}
-
-fn alive(pid: i32) -> bool {
-    match std::fs::read_to_string(format!("/proc/{pid}/stat")) {
-        Ok(s) => !matches!(s.rsplit(')').next().map(str::trim_start).and_then(|r| r.chars().next()), Some('Z' | 'X')),
-        Err(_) => false,
-    }
-}
-
-fn start_time(pid: i32) -> u64 {
-    std::fs::read_to_string(format!("/proc/{pid}/stat"))
-        .ok()
-        .and_then(|s| s.rsplit(')').next().and_then(|r| r.split_whitespace().nth(19)).and_then(|x| x.parse().ok()))
-        .unwrap_or(0)
-}
-
-fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
-    let end = Instant::now() + timeout;
-    while !f() {
-        assert!(Instant::now() < end, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
-}
-
-fn text(b: &[u8]) -> String {
-    String::from_utf8_lossy(b).into_owned()
 }
 
 fn mode(p: &Path) -> u32 {
