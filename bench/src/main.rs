@@ -142,7 +142,13 @@ enum Cmd {
 fn print_json<T: serde::Serialize>(v: &T, out: Option<&str>) {
     let s = serde_json::to_string(v).expect("serializable");
     match out {
-        Some(path) => std::fs::write(path, s).unwrap_or_else(|e| die(&format!("writing {path}: {e}"))),
+        // Written whole or not at all: a reader polling for the file never sees half of it.
+        Some(path) => {
+            let tmp = format!("{path}.tmp");
+            std::fs::write(&tmp, s)
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .unwrap_or_else(|e| die(&format!("writing {path}: {e}")))
+        }
         None => println!("{s}"),
     }
 }
