@@ -2,12 +2,14 @@
 //!
 //! `vpstag-bench run` measures, per tracker, accuracy under load, the overhead on a forking
 //! workload (next to `strace -f` and `forkstat`), the listener's CPU cost, the tag latency, event
-//! loss and the table's scale; prints a table and writes `BENCHMARKS.md` and an SVG chart. The
-//! other subcommands are its parts, run as separate processes (a tracking process must be alone
+//! loss and the table's scale; prints a table and writes `BENCHMARKS.md` and an SVG chart.
+//! `vpstag-bench daemon` (also a part of `run`) measures the daemon as users deploy it: `vpstag
+//! daemon` per backend on a real disk, workloads started with `vpstag start`. The other subcommands are its parts, run as separate processes (a tracking process must be alone
 //! in its process: ptrace reaps every child of its process, and its CPU time is measured).
 //! Table look-ups are also measured with criterion: `cargo bench --bench table` at the root.
 
 mod accuracy;
+mod daemon;
 mod latency;
 mod orchestrate;
 mod report;
@@ -33,6 +35,9 @@ struct Cli {
 enum Cmd {
     /// Run the benchmarks, print the tables, write BENCHMARKS.md and the chart.
     Run(Box<orchestrate::RunArgs>),
+    /// The daemon as deployed: `vpstag daemon` per backend, workloads started with `vpstag start`,
+    /// next to untracked runs, strace -f and a minimal C PTRACE_SEIZE tracer.
+    Daemon(Box<daemon::DaemonArgs>),
     /// Write the report again from the JSON that `run --json` saved.
     Report {
         json: String,
@@ -162,6 +167,7 @@ fn main() {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(a) => orchestrate::run(*a),
+        Cmd::Daemon(a) => daemon::main(*a),
         Cmd::Report { json, out, svg } => {
             let text = std::fs::read_to_string(&json).unwrap_or_else(|e| die(&format!("reading {json}: {e}")));
             let r: orchestrate::Results = serde_json::from_str(&text).unwrap_or_else(|e| die(&format!("{json}: {e}")));

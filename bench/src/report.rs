@@ -1,5 +1,6 @@
 //! The report: a terminal table, BENCHMARKS.md and the SVG chart of the overhead ratios.
 
+use crate::daemon::{DaemonResults, DaemonRow};
 use crate::orchestrate::{OverheadRow, Results};
 use crate::stats::{fmt_count, fmt_secs, fmt_summary, markdown_table, text_table, xml_escape, Summary};
 
@@ -324,6 +325,9 @@ fn goals(r: &Results) -> Vec<Goal> {
             ),
         });
     }
+    if let Some(d) = &r.daemon {
+        g.extend(daemon_goals(d));
+    }
     g
 }
 
@@ -613,6 +617,18 @@ pub fn text(r: &Results) -> String {
         s.push('\n');
         s.push_str(&resync_table(r, false));
     }
+    if let Some(d) = &r.daemon {
+        s.push_str(&format!("\nThe daemon as deployed ({}):\n", d.command));
+        s.push_str(&daemon_ratio_table(d, false));
+        s.push('\n');
+        s.push_str(&daemon_cost_table(d, false));
+        for (n, why) in &d.unavailable {
+            s.push_str(&format!("not measured: {n}: {why}\n"));
+        }
+        for f in &d.failures {
+            s.push_str(&format!("failed: {f}\n"));
+        }
+    }
     for (n, why) in &r.unavailable {
         s.push_str(&format!("not measured: {n}: {why}\n"));
     }
@@ -789,6 +805,9 @@ pub fn markdown(r: &Results, svg: &str) -> String {
         s.push_str(&resync_table(r, true));
         s.push('\n');
     }
+    if let Some(d) = &r.daemon {
+        s.push_str(&daemon_markdown(d));
+    }
     s.push_str(
         "## Notes\n\n\
          - The machine is a shared 2-vCPU VM: rates move by ±25% between rounds, which is why each tracked run is compared \
@@ -804,8 +823,9 @@ pub fn markdown(r: &Results, svg: &str) -> String {
          cargo build --release -p vpstag-bench       # add --features ebpf for the eBPF backend\n\
          target/release/vpstag-bench run             # CI-sized: 10^4 processes, 3 rounds\n\
          target/release/vpstag-bench run --full      # 10^5 processes, 5 rounds, longer workloads\n\
+         target/release/vpstag-bench daemon          # the daemon as deployed (needs target/release/vpstag)\n\
          cargo bench --bench table                   # criterion: table look-ups\n```\n\n\
-         `--parts accuracy,overhead,latency,loss,scale` picks parts, `--backends` picks backends, `--out -` and \
+         `--parts accuracy,overhead,latency,loss,scale,daemon` picks parts, `--backends` picks backends, `--out -` and \
          `--svg -` skip writing files, `--json FILE` keeps every figure. Run as root (the proc connector's 8 MiB \
          buffer needs `CAP_NET_ADMIN`).\n",
     );
@@ -975,4 +995,314 @@ pub fn criterion_results(dir: Option<&str>) -> Vec<(String, f64)> {
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// Workload names as the daemon report shows them.
+fn mode_label(m: &str) -> &str {
+    if m == "seq" {
+        "fork"
+    } else {
+        m
+    }
+}
+
+fn drow<'a>(d: &'a DaemonResults, variant: &str, mode: &str) -> Option<&'a DaemonRow> {
+    d.rows.iter().find(|x| x.variant == variant && x.mode == mode)
+}
+
+fn dvariants(d: &DaemonResults) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for x in &d.rows {
+        if !v.contains(&x.variant) {
+            v.push(x.variant.clone());
+        }
+    }
+    v
+}
+
+fn dbackends(d: &DaemonResults) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for b in d.rows.iter().filter_map(|x| x.backend.clone()) {
+        if !v.contains(&b) {
+            v.push(b);
+        }
+    }
+    v
+}
+
+/// The daemon's goals: the ratios per backend, its CPU per event, the journal per VPS.
+fn daemon_goals(d: &DaemonResults) -> Vec<Goal> {
+    let mut g = Vec::new();
+    for b in ["cnproc", "ebpf", "ptrace"] {
+        let variant = format!("daemon {b}");
+        let goal_text = MODES
+            .iter()
+            .filter_map(|m| crate::daemon::ratio_goal(b, m).map(|x| format!("≥ {x:.2} {}", mode_label(m))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let goal = format!("daemon {b}: tracked/untracked ratio {goal_text}");
+        if let Some((_, why)) = d.unavailable.iter().find(|x| x.0 == variant) {
+            g.push(Goal { goal, result: format!("unavailable: {why}"), met: None, why: String::new() });
+            continue;
+        }
+        let mut parts = Vec::new();
+        let mut short = Vec::new();
+        let mut ok = true;
+        let mut measured = 0;
+        for m in MODES {
+            let Some(target) = crate::daemon::ratio_goal(b, m) else { continue };
+            match drow(d, &variant, m).filter(|x| x.ratio.n > 0) {
+                Some(x) => {
+                    measured += 1;
+                    parts.push(format!("{} {:.3}", mode_label(m), x.ratio.median));
+                    if x.ratio.median < target {
+                        ok = false;
+                        short.push(format!(
+                            "{} by {:.1} points ({:.3} vs {target:.2}; spread {:.3}–{:.3})",
+                            mode_label(m),
+                            (target - x.ratio.median) * 100.0,
+                            x.ratio.median,
+                            x.ratio.min,
+                            x.ratio.max
+                        ));
+                    }
+                }
+                None => parts.push(format!("{} not measured", mode_label(m))),
+            }
+        }
+        if measured == 0 {
+            continue;
+        }
+        g.push(Goal {
+            goal,
+            result: parts.join(", "),
+            met: if measured < MODES.len() && ok { None } else { Some(ok) },
+            why: format!("short in {}", short.join("; ")),
+        });
+    }
+    for b in ["cnproc", "ebpf"] {
+        let variant = format!("daemon {b}");
+        let xs: Vec<(String, f64)> = MODES
+            .iter()
+            .filter_map(|m| {
+                drow(d, &variant, m)?
+                    .cpu_us_per_event
+                    .filter(|s| s.n > 0)
+                    .map(|s| (mode_label(m).to_string(), s.median))
+            })
+            .collect();
+        if xs.is_empty() {
+            continue;
+        }
+        let worst = xs.iter().map(|x| x.1).fold(0.0, f64::max);
+        g.push(Goal {
+            goal: format!("daemon {b}: CPU ≤ {:.0} µs per event", crate::daemon::CPU_GOAL_US),
+            result: xs.iter().map(|(m, x)| format!("{m} {x:.2} µs")).collect::<Vec<_>>().join(", "),
+            met: Some(worst <= crate::daemon::CPU_GOAL_US),
+            why: format!(
+                "{:.1}× the goal at worst ({worst:.2} µs per event; the daemon's CPU from `vpstag start` to the VPS \
+                 listed empty, over the workload's fork, exec and exit events)",
+                worst / crate::daemon::CPU_GOAL_US
+            ),
+        });
+    }
+    // The journal: a VPS that forks many times should leave a handful of records.
+    let mut parts = Vec::new();
+    let mut worst: f64 = 0.0;
+    for b in dbackends(d) {
+        if let Some(x) = drow(d, &format!("daemon {b}"), "seq").and_then(|x| x.journal_records) {
+            worst = worst.max(x.median);
+            parts.push(format!("{b} {}", fmt_count(x.median)));
+        }
+    }
+    if !parts.is_empty() {
+        let forks = d.counts.iter().find(|x| x.0 == "seq").map_or(0, |x| x.1);
+        g.push(Goal {
+            goal: format!(
+                "journal: a handful of records (≤ {:.0}) for a VPS that forks {} times",
+                crate::daemon::JOURNAL_GOAL_RECORDS,
+                fmt_count(forks as f64)
+            ),
+            result: parts.join(", "),
+            met: Some(worst <= crate::daemon::JOURNAL_GOAL_RECORDS),
+            why: format!(
+                "{} records at worst: the journal grows with the forks (a record, fdatasync'd, per process added and \
+                 per process removed), not with the VPSes",
+                fmt_count(worst)
+            ),
+        });
+    }
+    g
+}
+
+fn daemon_ratio_table(d: &DaemonResults, md: bool) -> String {
+    let mut rows = Vec::new();
+    let mut u = vec!["untracked, no daemon (ops/s)".to_string()];
+    for m in MODES {
+        u.push(d.untracked.iter().find(|x| x.0 == m).map(|x| rate_summary(&x.1)).unwrap_or_default());
+    }
+    rows.push(u);
+    for v in dvariants(d) {
+        let mut line = vec![v.clone()];
+        for m in MODES {
+            line.push(drow(d, &v, m).map(|o| fmt_summary(&o.ratio, 3)).unwrap_or_else(|| "–".into()));
+        }
+        rows.push(line);
+        if v.starts_with("daemon ") {
+            let mut line = vec![format!("{v}: bystander (not in a VPS)")];
+            for m in MODES {
+                line.push(
+                    drow(d, &v, m).and_then(|o| o.bystander_ratio).map(|s| fmt_summary(&s, 3)).unwrap_or("–".into()),
+                );
+            }
+            rows.push(line);
+        }
+    }
+    let h = [
+        "ratio tracked/untracked",
+        "fork (fork+exit+wait)",
+        "burst (fork 50, wait all)",
+        "spawn (posix_spawn /bin/true)",
+    ];
+    if md {
+        markdown_table(&h, &rows)
+    } else {
+        text_table(&h, &rows)
+    }
+}
+
+fn daemon_cost_table(d: &DaemonResults, md: bool) -> String {
+    let per_mode = |v: &str, f: &dyn Fn(&DaemonRow) -> Option<Summary>, digits: usize| -> String {
+        MODES
+            .iter()
+            .map(|m| drow(d, v, m).and_then(f).map(|s| fmt_summary(&s, digits)).unwrap_or_else(|| "–".into()))
+            .collect::<Vec<_>>()
+            .join(" / ")
+    };
+    let mut rows = Vec::new();
+    for b in dbackends(d) {
+        let v = format!("daemon {b}");
+        let loss: u64 = MODES.iter().filter_map(|m| drow(d, &v, m)).map(|x| x.loss_reports).sum();
+        let div: usize = MODES.iter().filter_map(|m| drow(d, &v, m)).map(|x| x.divergences).sum();
+        let compacted: usize = MODES.iter().filter_map(|m| drow(d, &v, m)).map(|x| x.compacted_runs).sum();
+        rows.push(vec![
+            v.clone(),
+            per_mode(&v, &|x| x.cpu_us_per_event, 2),
+            per_mode(&v, &|x| x.wakeups_per_event, 2),
+            per_mode(&v, &|x| x.events_applied_per_event, 2),
+            per_mode(&v, &|x| x.journal_bytes, 0),
+            format!(
+                "{}{}",
+                per_mode(&v, &|x| x.journal_records, 0),
+                if compacted > 0 { format!(" ({compacted} runs compacted: undercounts)") } else { String::new() }
+            ),
+            format!("{loss} / {div}"),
+            per_mode(
+                &v,
+                &|x| {
+                    x.catch_up_secs.map(|s| Summary {
+                        median: s.median * 1e3,
+                        min: s.min * 1e3,
+                        max: s.max * 1e3,
+                        n: s.n,
+                    })
+                },
+                0,
+            ),
+        ]);
+    }
+    let h = [
+        "daemon (fork / burst / spawn)",
+        "CPU µs per event",
+        "wake-ups per event",
+        "events applied per event",
+        "journal bytes per VPS",
+        "journal records per VPS",
+        "loss reports / divergences",
+        "catch-up ms",
+    ];
+    if md {
+        markdown_table(&h, &rows)
+    } else {
+        text_table(&h, &rows)
+    }
+}
+
+fn daemon_preamble(d: &DaemonResults) -> String {
+    let counts: Vec<String> =
+        d.counts.iter().map(|(m, c)| format!("{} {}", mode_label(m), fmt_count(*c as f64))).collect();
+    format!(
+        "Each tracked run starts a fresh daemon, `{}` (state on {}), waits for it to answer `hello`, starts the workload \
+         with `vpstag start NAME -- vpstag-bench work ...`, reads the workload's own timing once the VPS's first process \
+         has ended and the daemon lists the VPS empty, runs the same workload once more outside any VPS (the *bystander* \
+         row: what a host-wide listener costs everyone else), then stops the daemon (SIGTERM) and removes its directory. \
+         The untracked runs the ratios compare with run with no daemon at all, alternating with the tracked runs (ABAB…): \
+         ratio = tracked rate / mean of the untracked rates just before and after. Processes per run: {}. {} rounds. \
+         Workloads pinned to CPU {}; the daemon, strace and the C tracer {}. Daemon CPU: `clock_getcpuclockid` of the \
+         daemon (all threads) from just before `vpstag start` to the VPS listed empty, per workload event (fork and exit \
+         per process, exec too for spawn); wake-ups: voluntary + involuntary context switches of its threads \
+         (/proc/PID/task/*/status) over the same span; journal: bytes and lines the run added to the state directory. \
+         Events applied per event above 1: the backend also saw the host's other processes. Load average before/after: \
+         {} / {}.\n",
+        d.daemon_command,
+        d.state_fs,
+        counts.join(", "),
+        d.rounds,
+        d.pin_cpu,
+        if d.daemon_cpu == "none" { "not pinned (as deployed)".to_string() } else { format!("pinned to CPU {}", d.daemon_cpu) },
+        d.load_before,
+        d.load_after
+    )
+}
+
+/// The daemon's report for the terminal (`vpstag-bench daemon`).
+pub fn daemon_text(d: &DaemonResults) -> String {
+    let mut s = String::new();
+    s.push_str(&format!("command: {}\n", d.command));
+    s.push_str(&format!(
+        "vpstag-bench daemon: the daemon as deployed, {} ({:.0} s); {} ({}), built with `{}`\n\n",
+        d.date, d.elapsed, d.vpstag, d.vpstag_version, d.build
+    ));
+    s.push_str(&daemon_preamble(d));
+    s.push('\n');
+    let g = daemon_goals(d);
+    if !g.is_empty() {
+        let rows: Vec<Vec<String>> =
+            g.iter().map(|x| vec![x.goal.clone(), x.result.clone(), met(x.met).replace("**", "")]).collect();
+        s.push_str(&text_table(&["goal", "result (medians)", ""], &rows));
+        s.push('\n');
+    }
+    s.push_str(&daemon_ratio_table(d, false));
+    s.push('\n');
+    s.push_str(&daemon_cost_table(d, false));
+    s.push('\n');
+    for (n, why) in &d.unavailable {
+        s.push_str(&format!("not measured: {n}: {why}\n"));
+    }
+    for f in &d.failures {
+        s.push_str(&format!("failed: {f}\n"));
+    }
+    s
+}
+
+/// The daemon's section of BENCHMARKS.md.
+fn daemon_markdown(d: &DaemonResults) -> String {
+    let mut s = String::from("## 7. The daemon as deployed\n\n");
+    s.push_str(&format!("Measured by `{}` ({:.0} s).\n\n", d.command, d.elapsed));
+    s.push_str(&daemon_preamble(d));
+    s.push('\n');
+    s.push_str(&daemon_ratio_table(d, true));
+    s.push('\n');
+    s.push_str(&daemon_cost_table(d, true));
+    s.push('\n');
+    for (n, why) in &d.unavailable {
+        s.push_str(&format!("- Not measured: **{n}**: {why}.\n"));
+    }
+    for f in &d.failures {
+        s.push_str(&format!("- Failed: {f}\n"));
+    }
+    if !d.unavailable.is_empty() || !d.failures.is_empty() {
+        s.push('\n');
+    }
+    s
 }
