@@ -8,22 +8,35 @@
 //! in its process: ptrace reaps every child of its process, and its CPU time is measured).
 //! Table look-ups are also measured with criterion: `cargo bench --bench table` at the root.
 
+#[cfg(target_os = "linux")]
 mod accuracy;
+#[cfg(target_os = "linux")]
 mod daemon;
+#[cfg(target_os = "linux")]
 mod latency;
+#[cfg(target_os = "linux")]
 mod orchestrate;
+#[cfg(target_os = "linux")]
 mod report;
+#[cfg(target_os = "linux")]
 mod scale;
+#[cfg(target_os = "linux")]
 mod stats;
+#[cfg(target_os = "linux")]
 mod sys;
+#[cfg(target_os = "linux")]
 mod track;
+#[cfg(target_os = "linux")]
 mod work;
 
+#[cfg(target_os = "linux")]
 use clap::{Parser, Subcommand};
 
+#[cfg(target_os = "linux")]
 #[global_allocator]
 static ALLOC: scale::Counting = scale::Counting;
 
+#[cfg(target_os = "linux")]
 #[derive(Parser)]
 #[command(name = "vpstag-bench", about = "vpstag's benchmarks: accuracy, overhead, latency, loss and scale")]
 struct Cli {
@@ -31,6 +44,7 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[cfg(target_os = "linux")]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the benchmarks, print the tables, write BENCHMARKS.md and the chart.
@@ -144,6 +158,7 @@ enum Cmd {
     },
 }
 
+#[cfg(target_os = "linux")]
 fn print_json<T: serde::Serialize>(v: &T, out: Option<&str>) {
     let s = serde_json::to_string(v).expect("serializable");
     match out {
@@ -158,11 +173,13 @@ fn print_json<T: serde::Serialize>(v: &T, out: Option<&str>) {
     }
 }
 
+#[cfg(target_os = "linux")]
 fn die(msg: &str) -> ! {
     eprintln!("vpstag-bench: {msg}");
     std::process::exit(1)
 }
 
+#[cfg(target_os = "linux")]
 fn main() {
     let cli = Cli::parse();
     match cli.cmd {
@@ -225,4 +242,16 @@ fn main() {
             Err(e) => die(&format!("scale: {e}")),
         },
     }
+}
+
+/// Elsewhere the benchmarks have nothing to measure with (proc connector, eBPF, ptrace as Linux has
+/// it, /proc, sched_setaffinity): the binary builds, and says so.
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    eprintln!(
+        "vpstag-bench: the benchmarks are Linux-only (proc connector, eBPF, /proc, sched_setaffinity); \
+         nothing to run on {}",
+        std::env::consts::OS
+    );
+    std::process::exit(1);
 }
