@@ -97,6 +97,10 @@ pub struct DaemonRun {
     pub voluntary: u64,
     /// Involuntary context switches of its threads in that span.
     pub involuntary: u64,
+    /// The same two figures (CPU seconds, switches) for a VPS running /bin/true just before: what
+    /// starting a VPS and the bench's questions cost, whatever the VPS does. Included above.
+    pub vps_cpu_secs: f64,
+    pub vps_switches: u64,
     /// Events the daemon's manager applied in that span (host-wide backends see others' too).
     pub events_applied: u64,
     pub loss_reports: u64,
@@ -153,6 +157,11 @@ pub struct DaemonRow {
     /// Untracked while the daemon ran / untracked with no daemon.
     pub bystander_ratio: Option<Summary>,
     pub cpu_us_per_event: Option<Summary>,
+    /// The same without the fixed cost of a VPS (a /bin/true VPS's, measured in the same daemon).
+    pub net_cpu_us_per_event: Option<Summary>,
+    /// That fixed cost: the daemon's CPU ms and wake-ups for a VPS running /bin/true.
+    pub vps_cpu_ms: Option<Summary>,
+    pub vps_wakeups: Option<Summary>,
     /// Voluntary + involuntary context switches of the daemon per workload event.
     pub wakeups_per_event: Option<Summary>,
     pub events_applied_per_event: Option<Summary>,
@@ -290,12 +299,32 @@ fn wait_or_kill(pid: i32, what: &str, limit: Duration) -> Result<i32, String> {
             sys::kill(-pid, libc::SIGKILL);
             sys::kill(pid, libc::SIGKILL);
             let reaped = rx.recv_timeout(Duration::from_secs(10)).is_ok();
+            reap_group(pid);
             Err(format!(
                 "{what} (pid {pid}) still running after {} s: killed{}",
                 limit.as_secs(),
                 if reaped { "" } else { " (and not reaped within 10 s)" }
             ))
         }
+    }
+}
+
+/// Reaps what is left of process group `pgid` after a SIGKILL to it: the children of a killed
+/// workload are re-parented to us (the subreaper). Gives up after 5 s.
+fn reap_group(pgid: i32) {
+    let deadline = Instant::now() + Duration::from_secs(5);
+    loop {
+        let mut st = 0;
+        // SAFETY: waitpid with a valid out pointer.
+        let r = unsafe { libc::waitpid(-pgid, &mut st, libc::WNOHANG) };
+        if r > 0 {
+            continue;
+        }
+        // r < 0: ECHILD, none of ours is left in the group.
+        if r < 0 || Instant::now() > deadline {
+            return;
+        }
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -489,6 +518,7 @@ impl Drop for FirstProc {
             sys::kill(-self.pid, libc::SIGKILL);
             sys::kill(self.pid, libc::SIGKILL);
             let _ = wait_or_kill(self.pid, "the VPS's first process", Duration::from_secs(5));
+            reap_group(self.pid);
         }
     }
 }
@@ -517,32 +547,41 @@ fn stat(stats: &BTreeMap<String, u64>, key: &str) -> u64 {
     stats.get(key).copied().unwrap_or(0)
 }
 
-/// One tracked run under a fresh daemon, then the bystander run; the tracked rate and the costs.
-fn run_daemon(ctx: &mut Ctx, backend: &str, mode: Mode, count: u64) -> Result<(f64, DaemonRun), String> {
-    let (mut d, startup) = DaemonProc::start(ctx, backend)?;
-    let cerr = |e: vpstag::client::ClientError| format!("asking the daemon: {e}");
-    // One connection for every question: no thread started in the daemon per question.
-    let mut client = Client::connect_to(&d.socket).map_err(cerr)?;
-    let stats0 = client.check().map_err(cerr)?.stats;
-    let j0 = dir_usage(&d.state)?;
-    let sw0 = sys::thread_switches(d.pid).map_err(|e| format!("reading the daemon's threads: {e}"))?;
-    let cpu0 = sys::process_cpu_secs(d.pid).map_err(|e| format!("the daemon's CPU clock: {e}"))?;
+/// What the daemon spent while one VPS ran.
+struct Span {
+    cpu_secs: f64,
+    voluntary: u64,
+    involuntary: u64,
+    /// Seconds from the first process's end to the daemon listing the VPS empty.
+    catch_up_secs: f64,
+}
 
-    let name = format!("bench-{}", mode.name());
-    let out = ctx.fresh("work", ".json");
-    let vps_out = d.dir.join("vps.out");
-    let start_out = d.dir.join("start.out");
+/// Starts VPS `name` running `cmd` with `vpstag start`, waits for its first process to end (it
+/// is re-parented to us) and for the daemon to list it empty; what the daemon spent meanwhile,
+/// from just before `vpstag start`. `vps_out` receives the VPS's output.
+fn run_in_vps(
+    ctx: &Ctx,
+    d: &DaemonProc,
+    client: &mut Client,
+    name: &str,
+    cmd: &[String],
+    vps_out: &Path,
+) -> Result<Span, String> {
+    let cerr = |e: vpstag::client::ClientError| format!("asking the daemon: {e}");
+    let start_out = d.dir.join(format!("{name}.start.out"));
     let so = std::fs::File::create(&start_out).map_err(|e| format!("creating {}: {e}", start_out.display()))?;
     let se = so.try_clone().map_err(|e| e.to_string())?;
+    let sw0 = sys::thread_switches(d.pid).map_err(|e| format!("reading the daemon's threads: {e}"))?;
+    let cpu0 = sys::process_cpu_secs(d.pid).map_err(|e| format!("the daemon's CPU clock: {e}"))?;
     let child = Command::new(&ctx.vpstag)
         .arg("--socket")
         .arg(&d.socket)
         .arg("start")
         .arg("--output")
-        .arg(&vps_out)
-        .arg(&name)
+        .arg(vps_out)
+        .arg(name)
         .arg("--")
-        .args(ctx.work_args(mode, count, &out))
+        .args(cmd)
         .stdin(Stdio::null())
         .stdout(so)
         .stderr(se)
@@ -562,14 +601,12 @@ fn run_daemon(ctx: &mut Ctx, backend: &str, mode: Mode, count: u64) -> Result<(f
     fp.reaped = true;
     if let Some(st) = st.filter(|&s| !succeeded(s)) {
         return Err(format!(
-            "the workload (first process {first}) ended with {}; its output: {}",
+            "VPS {name}'s first process {first} ended with {}; its output: {}",
             describe(st),
-            tail(&vps_out)
+            tail(vps_out)
         ));
     }
     let t_end = sys::now_secs();
-    let w = read_work(&out).map_err(|e| format!("{e}; the VPS's output: {}", tail(&vps_out)))?;
-
     // The daemon has seen everything once it lists the VPS empty with its first process gone.
     let deadline = Instant::now() + Duration::from_secs(30);
     loop {
@@ -580,22 +617,42 @@ fn run_daemon(ctx: &mut Ctx, backend: &str, mode: Mode, count: u64) -> Result<(f
             None => "no such VPS".into(),
         };
         if Instant::now() > deadline {
-            return Err(format!("30 s after the workload ended the daemon still lists VPS {name} with {seen}"));
+            return Err(format!("30 s after its first process ended the daemon still lists VPS {name} with {seen}"));
         }
         std::thread::sleep(Duration::from_millis(5));
     }
-    let catch_up = sys::now_secs() - t_end;
+    let catch_up_secs = sys::now_secs() - t_end;
     let cpu1 = sys::process_cpu_secs(d.pid).map_err(|e| format!("the daemon's CPU clock: {e}"))?;
     let sw1 = sys::thread_switches(d.pid).map_err(|e| format!("reading the daemon's threads: {e}"))?;
+    let (voluntary, involuntary) = sys::switches_between(&sw0, &sw1);
+    Ok(Span { cpu_secs: cpu1 - cpu0, voluntary, involuntary, catch_up_secs })
+}
+
+/// One tracked run under a fresh daemon (after a VPS running /bin/true: the fixed cost of a VPS),
+/// then the bystander run; the tracked rate and the costs.
+fn run_daemon(ctx: &mut Ctx, backend: &str, mode: Mode, count: u64) -> Result<(f64, DaemonRun), String> {
+    let (mut d, startup) = DaemonProc::start(ctx, backend)?;
+    let cerr = |e: vpstag::client::ClientError| format!("asking the daemon: {e}");
+    // One connection for every question: no thread started in the daemon per question.
+    let mut client = Client::connect_to(&d.socket).map_err(cerr)?;
+    let idle = run_in_vps(ctx, &d, &mut client, "bench-idle", &["/bin/true".to_string()], &d.dir.join("idle.out"))?;
+    let stats0 = client.check().map_err(cerr)?.stats;
+    let j0 = dir_usage(&d.state)?;
+    let name = format!("bench-{}", mode.name());
+    let out = ctx.fresh("work", ".json");
+    let vps_out = d.dir.join("vps.out");
+    let span = run_in_vps(ctx, &d, &mut client, &name, &ctx.work_args(mode, count, &out), &vps_out)?;
+    let w = read_work(&out).map_err(|e| format!("{e}; the VPS's output: {}", tail(&vps_out)))?;
     let j1 = dir_usage(&d.state)?;
     let check = client.check().map_err(cerr)?;
     drop(client);
-    let (voluntary, involuntary) = sys::switches_between(&sw0, &sw1);
     let s1 = &check.stats;
     let mut r = DaemonRun {
-        cpu_secs: cpu1 - cpu0,
-        voluntary,
-        involuntary,
+        cpu_secs: span.cpu_secs,
+        voluntary: span.voluntary,
+        involuntary: span.involuntary,
+        vps_cpu_secs: idle.cpu_secs,
+        vps_switches: idle.voluntary + idle.involuntary,
         events_applied: stat(s1, "events").saturating_sub(stat(&stats0, "events")),
         loss_reports: stat(s1, "loss_reports").saturating_sub(stat(&stats0, "loss_reports")),
         lost_events: stat(s1, "lost_events").saturating_sub(stat(&stats0, "lost_events")),
@@ -604,7 +661,7 @@ fn run_daemon(ctx: &mut Ctx, backend: &str, mode: Mode, count: u64) -> Result<(f
         journal_records: j1.journal_lines as i64 - j0.journal_lines as i64,
         compacted: j1.snapshot != j0.snapshot,
         startup_secs: startup,
-        catch_up_secs: catch_up,
+        catch_up_secs: span.catch_up_secs,
         divergences: check.divergences.len(),
         bystander_rate: None,
         exit: String::new(),
@@ -791,8 +848,11 @@ pub fn measure(a: &DaemonArgs) -> Result<DaemonResults, String> {
                         let ratio = bracketed_ratio(before, rate, after);
                         let cost = d.as_ref().map_or(String::new(), |d| {
                             format!(
-                                "  daemon {:.2} µs/event, {:.2} wake-ups/event, journal {} B / {} records{}",
+                                "  daemon {:.2} µs/event ({:.2} net of a VPS's {:.2} ms), {:.2} wake-ups/event, \
+                                 journal {} B / {} records{}",
                                 d.cpu_secs / nominal * 1e6,
+                                (d.cpu_secs - d.vps_cpu_secs) / nominal * 1e6,
+                                d.vps_cpu_secs * 1e3,
                                 (d.voluntary + d.involuntary) as f64 / nominal,
                                 d.journal_bytes,
                                 d.journal_records,
@@ -848,6 +908,9 @@ pub fn measure(a: &DaemonArgs) -> Result<DaemonResults, String> {
                     d.bystander_rate.map_or(f64::NAN, |b| bracketed_ratio(x.before, b, x.after))
                 }),
                 cpu_us_per_event: col(&|_, d| d.cpu_secs / nominal * 1e6),
+                net_cpu_us_per_event: col(&|_, d| (d.cpu_secs - d.vps_cpu_secs) / nominal * 1e6),
+                vps_cpu_ms: col(&|_, d| d.vps_cpu_secs * 1e3),
+                vps_wakeups: col(&|_, d| d.vps_switches as f64),
                 wakeups_per_event: col(&|_, d| (d.voluntary + d.involuntary) as f64 / nominal),
                 events_applied_per_event: col(&|_, d| d.events_applied as f64 / nominal),
                 journal_bytes: col(&|_, d| d.journal_bytes as f64),

@@ -1188,7 +1188,18 @@ fn daemon_cost_table(d: &DaemonResults, md: bool) -> String {
         rows.push(vec![
             v.clone(),
             per_mode(&v, &|x| x.cpu_us_per_event, 2),
+            per_mode(&v, &|x| x.net_cpu_us_per_event, 2),
             per_mode(&v, &|x| x.wakeups_per_event, 2),
+            {
+                let all: Vec<&DaemonRow> = MODES.iter().filter_map(|m| drow(d, &v, m)).collect();
+                let ms: Vec<f64> = all.iter().filter_map(|x| x.vps_cpu_ms.map(|s| s.median)).collect();
+                let wk: Vec<f64> = all.iter().filter_map(|x| x.vps_wakeups.map(|s| s.median)).collect();
+                if ms.is_empty() {
+                    "–".into()
+                } else {
+                    format!("{:.2} ms, {:.0}", crate::stats::median(&ms), crate::stats::median(&wk))
+                }
+            },
             per_mode(&v, &|x| x.events_applied_per_event, 2),
             per_mode(&v, &|x| x.journal_bytes, 0),
             format!(
@@ -1214,7 +1225,9 @@ fn daemon_cost_table(d: &DaemonResults, md: bool) -> String {
     let h = [
         "daemon (fork / burst / spawn)",
         "CPU µs per event",
+        "net of a VPS's fixed cost",
         "wake-ups per event",
+        "a /bin/true VPS: CPU, wake-ups",
         "events applied per event",
         "journal bytes per VPS",
         "journal records per VPS",
@@ -1241,7 +1254,9 @@ fn daemon_preamble(d: &DaemonResults) -> String {
          Workloads pinned to CPU {}; the daemon, strace and the C tracer {}. Daemon CPU: `clock_getcpuclockid` of the \
          daemon (all threads) from just before `vpstag start` to the VPS listed empty, per workload event (fork and exit \
          per process, exec too for spawn); wake-ups: voluntary + involuntary context switches of its threads \
-         (/proc/PID/task/*/status) over the same span; journal: bytes and lines the run added to the state directory. \
+         (/proc/PID/task/*/status) over the same span. Both include the fixed cost of a VPS (`vpstag start`'s \
+         requests, registering, the bench's questions), measured in the same daemon with a VPS running /bin/true just \
+         before and shown apart (*net*: without it). Journal: bytes and lines the run added to the state directory. \
          Events applied per event above 1: the backend also saw the host's other processes. Load average before/after: \
          {} / {}.\n",
         d.daemon_command,
