@@ -93,6 +93,8 @@ pub struct DaemonRun {
     /// CPU seconds (user + system, all threads) the daemon used from just before `vpstag start`
     /// to the moment it listed the VPS empty.
     pub cpu_secs: f64,
+    /// The same by /proc/PID/stat's utime + stime (10 ms ticks), as a cross-check.
+    pub stat_cpu_secs: f64,
     /// Voluntary context switches of its threads in that span.
     pub voluntary: u64,
     /// Involuntary context switches of its threads in that span.
@@ -363,6 +365,8 @@ fn run_plain(ctx: &mut Ctx, prefix: Option<Command>, mode: Mode, count: u64, wha
             c
         }
     };
+    // SAFETY: the hook only calls prctl (async-signal-safe): the run dies with the bench.
+    unsafe { cmd.pre_exec(|| sys::die_with_parent(libc::SIGKILL)) };
     let child = cmd.stdin(Stdio::null()).process_group(0).spawn().map_err(|e| format!("{what}: {e}"))?;
     let st = wait_or_kill(child.id() as i32, what, ctx.limit)?;
     if !succeeded(st) {
@@ -415,6 +419,7 @@ impl DaemonProc {
     /// Starts `vpstag daemon --backend B --socket S --state-dir D` in a fresh directory and waits
     /// for it to answer `hello`; also returns how long that took.
     fn start(ctx: &mut Ctx, backend: &str) -> Result<(DaemonProc, f64), String> {
+        use std::os::unix::process::CommandExt;
         let dir = ctx.fresh(backend, "");
         std::fs::create_dir_all(&dir).map_err(|e| format!("creating {}: {e}", dir.display()))?;
         let socket = dir.join("vpstag.sock");
@@ -430,8 +435,11 @@ impl DaemonProc {
         let logf = std::fs::File::create(&log).map_err(|e| format!("creating {}: {e}", log.display()))?;
         let logf2 = logf.try_clone().map_err(|e| e.to_string())?;
         let t0 = sys::now_secs();
-        let child = ctx
-            .listener(&ctx.vpstag)
+        let mut cmd = ctx.listener(&ctx.vpstag);
+        // SAFETY: the hook only calls prctl (async-signal-safe). If the bench dies without
+        // stopping the daemon, the kernel does it.
+        unsafe { cmd.pre_exec(|| sys::die_with_parent(libc::SIGTERM)) };
+        let child = cmd
             .arg("daemon")
             .args(["--backend", backend])
             .arg("--socket")
@@ -550,6 +558,7 @@ fn stat(stats: &BTreeMap<String, u64>, key: &str) -> u64 {
 /// What the daemon spent while one VPS ran.
 struct Span {
     cpu_secs: f64,
+    stat_cpu_secs: f64,
     voluntary: u64,
     involuntary: u64,
     /// Seconds from the first process's end to the daemon listing the VPS empty.
@@ -573,6 +582,7 @@ fn run_in_vps(
     let se = so.try_clone().map_err(|e| e.to_string())?;
     let sw0 = sys::thread_switches(d.pid).map_err(|e| format!("reading the daemon's threads: {e}"))?;
     let cpu0 = sys::process_cpu_secs(d.pid).map_err(|e| format!("the daemon's CPU clock: {e}"))?;
+    let stat0 = sys::stat_cpu_secs(d.pid).map_err(|e| format!("the daemon's CPU time: {e}"))?;
     let child = Command::new(&ctx.vpstag)
         .arg("--socket")
         .arg(&d.socket)
@@ -623,9 +633,10 @@ fn run_in_vps(
     }
     let catch_up_secs = sys::now_secs() - t_end;
     let cpu1 = sys::process_cpu_secs(d.pid).map_err(|e| format!("the daemon's CPU clock: {e}"))?;
+    let stat1 = sys::stat_cpu_secs(d.pid).map_err(|e| format!("the daemon's CPU time: {e}"))?;
     let sw1 = sys::thread_switches(d.pid).map_err(|e| format!("reading the daemon's threads: {e}"))?;
     let (voluntary, involuntary) = sys::switches_between(&sw0, &sw1);
-    Ok(Span { cpu_secs: cpu1 - cpu0, voluntary, involuntary, catch_up_secs })
+    Ok(Span { cpu_secs: cpu1 - cpu0, stat_cpu_secs: stat1 - stat0, voluntary, involuntary, catch_up_secs })
 }
 
 /// One tracked run under a fresh daemon (after a VPS running /bin/true: the fixed cost of a VPS),
@@ -649,6 +660,7 @@ fn run_daemon(ctx: &mut Ctx, backend: &str, mode: Mode, count: u64) -> Result<(f
     let s1 = &check.stats;
     let mut r = DaemonRun {
         cpu_secs: span.cpu_secs,
+        stat_cpu_secs: span.stat_cpu_secs,
         voluntary: span.voluntary,
         involuntary: span.involuntary,
         vps_cpu_secs: idle.cpu_secs,
@@ -794,7 +806,11 @@ pub fn measure(a: &DaemonArgs) -> Result<DaemonResults, String> {
         match probe {
             Ok(_) => variants.push(Variant::Daemon(b.clone())),
             Err(e) => {
-                let why = if e.contains("built without") { format!("not built in: {e}") } else { e };
+                let why = if e.contains("built without") {
+                    format!("this vpstag was built without it (cargo feature `{b}` of vpstag): {vpstag}")
+                } else {
+                    e
+                };
                 progress(t0, &format!("daemon {b}: unavailable: {why}"));
                 r.unavailable.push((format!("daemon {b}"), why));
             }

@@ -1172,65 +1172,52 @@ fn daemon_ratio_table(d: &DaemonResults, md: bool) -> String {
 }
 
 fn daemon_cost_table(d: &DaemonResults, md: bool) -> String {
-    let per_mode = |v: &str, f: &dyn Fn(&DaemonRow) -> Option<Summary>, digits: usize| -> String {
-        MODES
-            .iter()
-            .map(|m| drow(d, v, m).and_then(f).map(|s| fmt_summary(&s, digits)).unwrap_or_else(|| "–".into()))
-            .collect::<Vec<_>>()
-            .join(" / ")
-    };
+    let f = |s: Option<Summary>, digits: usize| s.map(|s| fmt_summary(&s, digits)).unwrap_or_else(|| "–".into());
     let mut rows = Vec::new();
     for b in dbackends(d) {
         let v = format!("daemon {b}");
-        let loss: u64 = MODES.iter().filter_map(|m| drow(d, &v, m)).map(|x| x.loss_reports).sum();
-        let div: usize = MODES.iter().filter_map(|m| drow(d, &v, m)).map(|x| x.divergences).sum();
-        let compacted: usize = MODES.iter().filter_map(|m| drow(d, &v, m)).map(|x| x.compacted_runs).sum();
-        rows.push(vec![
-            v.clone(),
-            per_mode(&v, &|x| x.cpu_us_per_event, 2),
-            per_mode(&v, &|x| x.net_cpu_us_per_event, 2),
-            per_mode(&v, &|x| x.wakeups_per_event, 2),
-            {
-                let all: Vec<&DaemonRow> = MODES.iter().filter_map(|m| drow(d, &v, m)).collect();
-                let ms: Vec<f64> = all.iter().filter_map(|x| x.vps_cpu_ms.map(|s| s.median)).collect();
-                let wk: Vec<f64> = all.iter().filter_map(|x| x.vps_wakeups.map(|s| s.median)).collect();
-                if ms.is_empty() {
-                    "–".into()
-                } else {
-                    format!("{:.2} ms, {:.0}", crate::stats::median(&ms), crate::stats::median(&wk))
-                }
-            },
-            per_mode(&v, &|x| x.events_applied_per_event, 2),
-            per_mode(&v, &|x| x.journal_bytes, 0),
-            format!(
-                "{}{}",
-                per_mode(&v, &|x| x.journal_records, 0),
-                if compacted > 0 { format!(" ({compacted} runs compacted: undercounts)") } else { String::new() }
-            ),
-            format!("{loss} / {div}"),
-            per_mode(
-                &v,
-                &|x| {
-                    x.catch_up_secs.map(|s| Summary {
-                        median: s.median * 1e3,
-                        min: s.min * 1e3,
-                        max: s.max * 1e3,
-                        n: s.n,
-                    })
-                },
-                0,
-            ),
-        ]);
+        for m in MODES {
+            let Some(x) = drow(d, &v, m) else { continue };
+            let ms = |s: Option<Summary>| {
+                s.map(|s| Summary { median: s.median * 1e3, min: s.min * 1e3, max: s.max * 1e3, n: s.n })
+            };
+            rows.push(vec![
+                v.clone(),
+                mode_label(m).to_string(),
+                f(x.cpu_us_per_event, 2),
+                f(x.net_cpu_us_per_event, 2),
+                f(x.wakeups_per_event, 2),
+                f(x.events_applied_per_event, 2),
+                f(x.journal_bytes, 0),
+                format!(
+                    "{}{}",
+                    f(x.journal_records, 0),
+                    if x.compacted_runs > 0 {
+                        format!(" ({} runs compacted: undercounts)", x.compacted_runs)
+                    } else {
+                        String::new()
+                    }
+                ),
+                format!(
+                    "{} ms, {}",
+                    x.vps_cpu_ms.map(|s| format!("{:.2}", s.median)).unwrap_or_else(|| "–".into()),
+                    x.vps_wakeups.map(|s| format!("{:.0}", s.median)).unwrap_or_else(|| "–".into())
+                ),
+                format!("{} / {}", x.loss_reports, x.divergences),
+                f(ms(x.catch_up_secs), 0),
+            ]);
+        }
     }
     let h = [
-        "daemon (fork / burst / spawn)",
+        "daemon",
+        "workload",
         "CPU µs per event",
         "net of a VPS's fixed cost",
         "wake-ups per event",
-        "a /bin/true VPS: CPU, wake-ups",
         "events applied per event",
         "journal bytes per VPS",
         "journal records per VPS",
+        "a /bin/true VPS: CPU, wake-ups",
         "loss reports / divergences",
         "catch-up ms",
     ];
@@ -1250,11 +1237,11 @@ fn daemon_preamble(d: &DaemonResults) -> String {
          has ended and the daemon lists the VPS empty, runs the same workload once more outside any VPS (the *bystander* \
          row: what a host-wide listener costs everyone else), then stops the daemon (SIGTERM) and removes its directory. \
          The untracked runs the ratios compare with run with no daemon at all, alternating with the tracked runs (ABAB…): \
-         ratio = tracked rate / mean of the untracked rates just before and after. Processes per run: {}. {} rounds. \
+         ratio = tracked rate / mean of the untracked rates just before and after. Processes per run: {}; rounds: {}. \
          Workloads pinned to CPU {}; the daemon, strace and the C tracer {}. Daemon CPU: `clock_getcpuclockid` of the \
          daemon (all threads) from just before `vpstag start` to the VPS listed empty, per workload event (fork and exit \
          per process, exec too for spawn); wake-ups: voluntary + involuntary context switches of its threads \
-         (/proc/PID/task/*/status) over the same span. Both include the fixed cost of a VPS (`vpstag start`'s \
+         (/proc/PID/task/*/status; a thread that ended within the span is not counted) over the same span. Both include the fixed cost of a VPS (`vpstag start`'s \
          requests, registering, the bench's questions), measured in the same daemon with a VPS running /bin/true just \
          before and shown apart (*net*: without it). Journal: bytes and lines the run added to the state directory. \
          Events applied per event above 1: the backend also saw the host's other processes. Load average before/after: \

@@ -277,6 +277,32 @@ pub fn process_cpu_secs(pid: i32) -> io::Result<f64> {
     Ok(ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
 }
 
+/// User + system CPU seconds of process `pid` by /proc/PID/stat (utime + stime, in clock ticks:
+/// 10 ms here), a cross-check of [`process_cpu_secs`].
+pub fn stat_cpu_secs(pid: i32) -> io::Result<f64> {
+    let s = std::fs::read(format!("/proc/{pid}/stat"))?;
+    let bad = || io::Error::other(format!("/proc/{pid}/stat: unexpected format"));
+    let close = s.iter().rposition(|&b| b == b')').ok_or_else(bad)?;
+    let rest = std::str::from_utf8(&s[close + 1..]).map_err(|_| bad())?;
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // rest starts at field 3: utime is field 14, stime 15.
+    let ticks = |i: usize| f.get(i - 3).and_then(|x| x.parse::<u64>().ok()).ok_or_else(bad);
+    let (u, st) = (ticks(14)?, ticks(15)?);
+    // SAFETY: sysconf with a valid name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((u + st) as f64 / hz)
+}
+
+/// Asks the kernel to send `sig` to the calling process when its parent thread ends (for use
+/// between fork and exec: async-signal-safe).
+pub fn die_with_parent(sig: i32) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
 /// Context switches of every live thread of `pid`: tid -> (voluntary, involuntary), from
 /// /proc/PID/task/*/status. A thread that has ended is not in it.
 pub fn thread_switches(pid: i32) -> io::Result<std::collections::HashMap<i32, (u64, u64)>> {
