@@ -966,3 +966,41 @@ pub fn main(a: DaemonArgs) {
         println!("{}", crate::report::daemon_text(&r));
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn goals_per_backend_and_workload() {
+        assert_eq!(ratio_goal("cnproc", "spawn"), Some(0.97));
+        assert_eq!(ratio_goal("ebpf", "seq"), Some(0.97));
+        assert_eq!(ratio_goal("ptrace", "seq"), Some(0.30));
+        assert_eq!(ratio_goal("ptrace", "burst"), Some(0.40));
+        assert_eq!(ratio_goal("ptrace", "spawn"), Some(0.80));
+        assert_eq!(ratio_goal("kqueue", "seq"), None);
+    }
+
+    #[test]
+    fn wait_statuses_in_words() {
+        assert!(succeeded(0));
+        assert!(!succeeded(1 << 8));
+        assert_eq!(describe(3 << 8), "exit status 3");
+        assert_eq!(describe(9), "killed by signal 9");
+    }
+
+    #[test]
+    fn state_dir_usage_counts_journal_lines_and_sees_the_snapshot() {
+        let dir = std::env::temp_dir().join(format!("vpstag-bench-usage-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        std::fs::write(dir.join("journal.jsonl"), "{}\n{}\n").unwrap();
+        std::fs::write(dir.join("journal.prev.jsonl"), "{}\n").unwrap();
+        std::fs::write(dir.join("snapshot.json"), "{\"v\":1}").unwrap();
+        std::fs::write(dir.join("lock"), "").unwrap();
+        let u = dir_usage(&dir).unwrap();
+        std::fs::remove_dir_all(&dir).unwrap();
+        assert_eq!(u.journal_lines, 3);
+        assert_eq!(u.bytes, 6 + 3 + 7);
+        assert_eq!(u.snapshot.map(|s| s.0), Some(7));
+    }
+}

@@ -1308,3 +1308,71 @@ fn daemon_markdown(d: &DaemonResults) -> String {
     }
     s
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::summarize;
+
+    fn row(backend: &str, mode: &str, ratio: f64, cpu_us: f64) -> DaemonRow {
+        DaemonRow {
+            variant: format!("daemon {backend}"),
+            backend: Some(backend.into()),
+            mode: mode.into(),
+            ratio: summarize(&[ratio]),
+            cpu_us_per_event: Some(summarize(&[cpu_us])),
+            journal_records: Some(summarize(&[6.0])),
+            ..Default::default()
+        }
+    }
+
+    fn results() -> DaemonResults {
+        let mut d = DaemonResults { counts: vec![("seq".into(), 10_000)], ..Default::default() };
+        for m in MODES {
+            d.rows.push(row("cnproc", m, 0.98, 1.5));
+        }
+        d.rows.push(row("ptrace", "seq", 0.29, 40.0));
+        d.rows.push(row("ptrace", "burst", 0.45, 40.0));
+        d.rows.push(row("ptrace", "spawn", 0.85, 40.0));
+        d.unavailable.push(("daemon ebpf".into(), "not built in".into()));
+        d
+    }
+
+    fn goal<'a>(g: &'a [Goal], starts: &str) -> &'a Goal {
+        g.iter().find(|x| x.goal.starts_with(starts)).unwrap()
+    }
+
+    #[test]
+    fn daemon_goals_are_met_missed_or_not_measured() {
+        let g = daemon_goals(&results());
+        assert_eq!(goal(&g, "daemon cnproc: tracked").met, Some(true));
+        let p = goal(&g, "daemon ptrace: tracked");
+        assert_eq!(p.met, Some(false));
+        assert!(p.why.contains("fork by 1.0 points"), "{}", p.why);
+        assert!(!p.why.contains("burst"), "{}", p.why);
+        assert_eq!(goal(&g, "daemon ebpf: tracked").met, None);
+        assert!(goal(&g, "daemon ebpf: tracked").result.starts_with("unavailable"));
+        assert_eq!(goal(&g, "daemon cnproc: CPU").met, Some(true));
+        assert!(!g.iter().any(|x| x.goal.starts_with("daemon ebpf: CPU")));
+        assert_eq!(goal(&g, "journal").met, Some(true));
+    }
+
+    #[test]
+    fn a_goal_just_below_its_threshold_is_missed() {
+        let mut d = results();
+        d.rows[2].ratio = summarize(&[0.969]);
+        d.rows[0].cpu_us_per_event = Some(summarize(&[2.01]));
+        let g = daemon_goals(&d);
+        assert_eq!(goal(&g, "daemon cnproc: tracked").met, Some(false));
+        assert_eq!(goal(&g, "daemon cnproc: CPU").met, Some(false));
+    }
+
+    #[test]
+    fn daemon_report_names_the_command_first() {
+        let mut d = results();
+        d.command = "vpstag-bench daemon --count 100".into();
+        let t = daemon_text(&d);
+        assert!(t.starts_with("command: vpstag-bench daemon --count 100\n"), "{t}");
+        assert!(t.contains("not measured: daemon ebpf: not built in"));
+    }
+}
