@@ -586,6 +586,9 @@ fn resync_table(r: &Results, md: bool) -> String {
 /// The terminal report.
 pub fn text(r: &Results) -> String {
     let mut s = String::new();
+    if !r.command.is_empty() {
+        s.push_str(&format!("command: {}\n", r.command));
+    }
     s.push_str(&format!("vpstag benchmarks, {} ({:.0} s)\n\n", r.date, r.elapsed));
     let g = goals(r);
     if !g.is_empty() {
