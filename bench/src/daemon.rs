@@ -486,6 +486,20 @@ impl DaemonProc {
         Ok((d, sys::now_secs() - t0))
     }
 
+    /// If the daemon has ended (it is then reaped): how, with the end of its log.
+    fn ended(&mut self) -> Option<String> {
+        if self.reaped {
+            return None;
+        }
+        let mut st = 0;
+        // SAFETY: waitpid on our own child with a valid out pointer.
+        if unsafe { libc::waitpid(self.pid, &mut st, libc::WNOHANG) } != self.pid {
+            return None;
+        }
+        self.reaped = true;
+        Some(format!("the daemon (pid {}) had ended ({}); its log: {}", self.pid, describe(st), tail(&self.log)))
+    }
+
     /// SIGTERM, and waits for it to end (SIGKILL after 10 s); how it ended.
     fn stop(&mut self) -> Result<String, String> {
         sys::kill(self.pid, libc::SIGTERM);
@@ -643,16 +657,29 @@ fn run_in_vps(
 /// then the bystander run; the tracked rate and the costs.
 fn run_daemon(ctx: &mut Ctx, backend: &str, mode: Mode, count: u64) -> Result<(f64, DaemonRun), String> {
     let (mut d, startup) = DaemonProc::start(ctx, backend)?;
+    measure_in(ctx, &mut d, mode, count, startup).map_err(|e| match d.ended() {
+        Some(how) => format!("{e}; {how}"),
+        None => e,
+    })
+}
+
+fn measure_in(
+    ctx: &mut Ctx,
+    d: &mut DaemonProc,
+    mode: Mode,
+    count: u64,
+    startup: f64,
+) -> Result<(f64, DaemonRun), String> {
     let cerr = |e: vpstag::client::ClientError| format!("asking the daemon: {e}");
     // One connection for every question: no thread started in the daemon per question.
     let mut client = Client::connect_to(&d.socket).map_err(cerr)?;
-    let idle = run_in_vps(ctx, &d, &mut client, "bench-idle", &["/bin/true".to_string()], &d.dir.join("idle.out"))?;
+    let idle = run_in_vps(ctx, d, &mut client, "bench-idle", &["/bin/true".to_string()], &d.dir.join("idle.out"))?;
     let stats0 = client.check().map_err(cerr)?.stats;
     let j0 = dir_usage(&d.state)?;
     let name = format!("bench-{}", mode.name());
     let out = ctx.fresh("work", ".json");
     let vps_out = d.dir.join("vps.out");
-    let span = run_in_vps(ctx, &d, &mut client, &name, &ctx.work_args(mode, count, &out), &vps_out)?;
+    let span = run_in_vps(ctx, d, &mut client, &name, &ctx.work_args(mode, count, &out), &vps_out)?;
     let w = read_work(&out).map_err(|e| format!("{e}; the VPS's output: {}", tail(&vps_out)))?;
     let j1 = dir_usage(&d.state)?;
     let check = client.check().map_err(cerr)?;
