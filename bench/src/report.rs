@@ -1129,9 +1129,11 @@ fn daemon_goals(d: &DaemonResults) -> Vec<Goal> {
             result: parts.join(", "),
             met: Some(worst <= crate::daemon::JOURNAL_GOAL_RECORDS),
             why: format!(
-                "{} records at worst: the journal grows with the forks (a record, fdatasync'd, per process added and \
-                 per process removed), not with the VPSes",
-                fmt_count(worst)
+                "{} records at worst for {} forks ({:.2} per fork): the journal grows with the VPS's processes, not \
+                 with its VPSes",
+                fmt_count(worst),
+                fmt_count(forks as f64),
+                if forks > 0 { worst / forks as f64 } else { f64::NAN }
             ),
         });
     }
@@ -1247,7 +1249,10 @@ fn daemon_preamble(d: &DaemonResults) -> String {
          (/proc/PID/task/*/status; a thread that ended within the span is not counted) over the same span. Both include the fixed cost of a VPS (`vpstag start`'s \
          requests, registering, the bench's questions), measured in the same daemon with a VPS running /bin/true just \
          before and shown apart (*net*: without it). Journal: bytes and lines the run added to the state directory. \
-         Events applied per event above 1: the backend also saw the host's other processes. Load average before/after: \
+         Events applied per event above 1: the backend also saw the host's other processes. For scale, the same \
+         workload under `strace -f -o /dev/null` and under a minimal C tracer (`bench/c/seize_tracer.c`: PTRACE_SEIZE \
+         with fork, vfork, clone, exec and exit events like vpstag's ptrace backend, resuming every stop and nothing \
+         else; built with `cc -O2` at run time). Load average before/after: \
          {} / {}.\n",
         d.daemon_command,
         d.state_fs,
