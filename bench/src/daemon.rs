@@ -19,6 +19,7 @@
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
@@ -439,6 +440,8 @@ impl DaemonProc {
         // SAFETY: the hook only calls prctl (async-signal-safe). If the bench dies without
         // stopping the daemon, the kernel does it.
         unsafe { cmd.pre_exec(|| sys::die_with_parent(libc::SIGTERM)) };
+        // Its own process group: a Ctrl-C at the terminal reaches the bench, which stops it.
+        cmd.process_group(0);
         let child = cmd
             .arg("daemon")
             .args(["--backend", backend])
@@ -762,6 +765,34 @@ impl Drop for RootGuard {
     }
 }
 
+static STOP: AtomicBool = AtomicBool::new(false);
+
+extern "C" fn on_stop(sig: libc::c_int) {
+    STOP.store(true, Ordering::SeqCst);
+    // A second one ends the bench at once (the daemons then get SIGTERM from the kernel).
+    // SAFETY: signal(2) is async-signal-safe.
+    unsafe { libc::signal(sig, libc::SIG_DFL) };
+}
+
+/// SIGINT and SIGTERM end the measurement after the run under way (its daemon stopped and its
+/// directory removed as usual), and the figures so far are reported.
+fn catch_stop_signals() {
+    for sig in [libc::SIGINT, libc::SIGTERM] {
+        // SAFETY: the handler only stores to an atomic and calls signal(2).
+        unsafe { libc::signal(sig, on_stop as extern "C" fn(libc::c_int) as libc::sighandler_t) };
+    }
+}
+
+/// Whether a stop was asked for; notes it once in the results.
+fn stopping(r: &mut DaemonResults) -> bool {
+    let stop = STOP.load(Ordering::SeqCst);
+    let note = "interrupted (SIGINT or SIGTERM): the figures stop there";
+    if stop && !r.failures.iter().any(|f| f == note) {
+        r.failures.push(note.into());
+    }
+    stop
+}
+
 /// Measures; `Err` only when nothing can be measured (no vpstag binary, no disk directory...).
 pub fn measure(a: &DaemonArgs) -> Result<DaemonResults, String> {
     let t0 = sys::now_secs();
@@ -855,7 +886,11 @@ pub fn measure(a: &DaemonArgs) -> Result<DaemonResults, String> {
         }
     }
 
+    catch_stop_signals();
     for mode in [Mode::Seq, Mode::Burst, Mode::Spawn] {
+        if stopping(&mut r) {
+            break;
+        }
         let c = if mode == Mode::Spawn { (count / 5).max(100) } else { count };
         r.counts.push((mode.name().into(), c));
         let nominal = c as f64 * mode.events_per_op();
@@ -863,6 +898,9 @@ pub fn measure(a: &DaemonArgs) -> Result<DaemonResults, String> {
         let mut per: Vec<Vec<RunRecord>> = vec![Vec::new(); variants.len()];
         let mut failed = vec![0usize; variants.len()];
         for round in 0..rounds {
+            if stopping(&mut r) {
+                break;
+            }
             progress(t0, &format!("daemon: {} round {}/{rounds}", mode.name(), round + 1));
             let mut before = match run_plain(&mut ctx, None, mode, c, "the untracked workload") {
                 Ok(x) => x,
@@ -874,6 +912,9 @@ pub fn measure(a: &DaemonArgs) -> Result<DaemonResults, String> {
             };
             unt.push(before);
             for (i, v) in variants.iter().enumerate() {
+                if stopping(&mut r) {
+                    break;
+                }
                 let got = run_variant(&mut ctx, v, mode, c);
                 let after = match run_plain(&mut ctx, None, mode, c, "the untracked workload") {
                     Ok(x) => {

@@ -210,8 +210,13 @@ fn run_child(args: &[String], limit: Duration) -> Result<(), String> {
             Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
             Ok(None) => {
                 let pid = child.id() as i32;
+                // SIGTERM first (the daemon part stops its daemon and cleans up after the run under
+                // way); SIGKILL after 5 s (its daemons then get SIGTERM from the kernel).
                 sys::kill(-pid, libc::SIGTERM);
-                std::thread::sleep(Duration::from_secs(5));
+                let grace = std::time::Instant::now() + Duration::from_secs(5);
+                while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < grace {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
                 sys::kill(-pid, libc::SIGKILL);
                 let _ = child.wait();
                 return Err(format!("{} did not finish within {} s: killed", args.join(" "), limit.as_secs()));
