@@ -631,6 +631,9 @@ pub fn text(r: &Results) -> String {
         for f in &d.failures {
             s.push_str(&format!("failed: {f}\n"));
         }
+        for w in daemon_noise(d) {
+            s.push_str(&format!("warning: {w}\n"));
+        }
     }
     for (n, why) in &r.unavailable {
         s.push_str(&format!("not measured: {n}: {why}\n"));
@@ -1265,6 +1268,26 @@ fn daemon_preamble(d: &DaemonResults) -> String {
     )
 }
 
+/// A warning per workload whose untracked rates spread over more than 20% of their median: the
+/// machine was busy, and ratios are not to be trusted to better than that.
+fn daemon_noise(d: &DaemonResults) -> Vec<String> {
+    d.untracked
+        .iter()
+        .filter(|(_, s)| s.n > 1 && s.median > 0.0 && (s.max - s.min) / s.median > 0.2)
+        .map(|(m, s)| {
+            format!(
+                "untracked {} rates ranged {}–{}/s, {:.0}% of their median ({}/s): the machine was busy; ratios here \
+                 are not better than that",
+                mode_label(m),
+                fmt_count(s.min),
+                fmt_count(s.max),
+                (s.max - s.min) / s.median * 100.0,
+                fmt_count(s.median)
+            )
+        })
+        .collect()
+}
+
 /// The daemon's report for the terminal (`vpstag-bench daemon`).
 pub fn daemon_text(d: &DaemonResults) -> String {
     let mut s = String::new();
@@ -1292,6 +1315,9 @@ pub fn daemon_text(d: &DaemonResults) -> String {
     for f in &d.failures {
         s.push_str(&format!("failed: {f}\n"));
     }
+    for w in daemon_noise(d) {
+        s.push_str(&format!("warning: {w}\n"));
+    }
     s
 }
 
@@ -1311,7 +1337,11 @@ fn daemon_markdown(d: &DaemonResults) -> String {
     for f in &d.failures {
         s.push_str(&format!("- Failed: {f}\n"));
     }
-    if !d.unavailable.is_empty() || !d.failures.is_empty() {
+    let noise = daemon_noise(d);
+    for w in &noise {
+        s.push_str(&format!("- Warning: {w}.\n"));
+    }
+    if !d.unavailable.is_empty() || !d.failures.is_empty() || !noise.is_empty() {
         s.push('\n');
     }
     s
@@ -1382,5 +1412,11 @@ mod tests {
         let t = daemon_text(&d);
         assert!(t.starts_with("command: vpstag-bench daemon --count 100\n"), "{t}");
         assert!(t.contains("not measured: daemon ebpf: not built in"));
+        assert!(!t.contains("warning:"));
+        d.untracked.push(("seq".into(), summarize(&[5000.0, 8000.0, 8100.0])));
+        d.untracked.push(("burst".into(), summarize(&[8000.0, 8100.0, 8200.0])));
+        let t = daemon_text(&d);
+        assert!(t.contains("warning: untracked fork rates ranged 5\u{202f}000–8\u{202f}100/s"), "{t}");
+        assert!(!t.contains("untracked burst rates"), "{t}");
     }
 }
