@@ -2,26 +2,41 @@
 //!
 //! `vpstag-bench run` measures, per tracker, accuracy under load, the overhead on a forking
 //! workload (next to `strace -f` and `forkstat`), the listener's CPU cost, the tag latency, event
-//! loss and the table's scale; prints a table and writes `BENCHMARKS.md` and an SVG chart. The
-//! other subcommands are its parts, run as separate processes (a tracking process must be alone
+//! loss and the table's scale; prints a table and writes `BENCHMARKS.md` and an SVG chart.
+//! `vpstag-bench daemon` (also a part of `run`) measures the daemon as users deploy it: `vpstag
+//! daemon` per backend on a real disk, workloads started with `vpstag start`. The other subcommands are its parts, run as separate processes (a tracking process must be alone
 //! in its process: ptrace reaps every child of its process, and its CPU time is measured).
 //! Table look-ups are also measured with criterion: `cargo bench --bench table` at the root.
 
+#[cfg(target_os = "linux")]
 mod accuracy;
+#[cfg(target_os = "linux")]
+mod daemon;
+#[cfg(target_os = "linux")]
 mod latency;
+#[cfg(target_os = "linux")]
 mod orchestrate;
+#[cfg(target_os = "linux")]
 mod report;
+#[cfg(target_os = "linux")]
 mod scale;
+#[cfg(target_os = "linux")]
 mod stats;
+#[cfg(target_os = "linux")]
 mod sys;
+#[cfg(target_os = "linux")]
 mod track;
+#[cfg(target_os = "linux")]
 mod work;
 
+#[cfg(target_os = "linux")]
 use clap::{Parser, Subcommand};
 
+#[cfg(target_os = "linux")]
 #[global_allocator]
 static ALLOC: scale::Counting = scale::Counting;
 
+#[cfg(target_os = "linux")]
 #[derive(Parser)]
 #[command(name = "vpstag-bench", about = "vpstag's benchmarks: accuracy, overhead, latency, loss and scale")]
 struct Cli {
@@ -29,10 +44,14 @@ struct Cli {
     cmd: Cmd,
 }
 
+#[cfg(target_os = "linux")]
 #[derive(Subcommand)]
 enum Cmd {
     /// Run the benchmarks, print the tables, write BENCHMARKS.md and the chart.
     Run(Box<orchestrate::RunArgs>),
+    /// The daemon as deployed: `vpstag daemon` per backend, workloads started with `vpstag start`,
+    /// next to untracked runs, strace -f and a minimal C PTRACE_SEIZE tracer.
+    Daemon(Box<daemon::DaemonArgs>),
     /// Write the report again from the JSON that `run --json` saved.
     Report {
         json: String,
@@ -139,23 +158,33 @@ enum Cmd {
     },
 }
 
+#[cfg(target_os = "linux")]
 fn print_json<T: serde::Serialize>(v: &T, out: Option<&str>) {
     let s = serde_json::to_string(v).expect("serializable");
     match out {
-        Some(path) => std::fs::write(path, s).unwrap_or_else(|e| die(&format!("writing {path}: {e}"))),
+        // Written whole or not at all: a reader polling for the file never sees half of it.
+        Some(path) => {
+            let tmp = format!("{path}.tmp");
+            std::fs::write(&tmp, s)
+                .and_then(|()| std::fs::rename(&tmp, path))
+                .unwrap_or_else(|e| die(&format!("writing {path}: {e}")))
+        }
         None => println!("{s}"),
     }
 }
 
+#[cfg(target_os = "linux")]
 fn die(msg: &str) -> ! {
     eprintln!("vpstag-bench: {msg}");
     std::process::exit(1)
 }
 
+#[cfg(target_os = "linux")]
 fn main() {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(a) => orchestrate::run(*a),
+        Cmd::Daemon(a) => daemon::main(*a),
         Cmd::Report { json, out, svg } => {
             let text = std::fs::read_to_string(&json).unwrap_or_else(|e| die(&format!("reading {json}: {e}")));
             let r: orchestrate::Results = serde_json::from_str(&text).unwrap_or_else(|e| die(&format!("{json}: {e}")));
@@ -213,4 +242,16 @@ fn main() {
             Err(e) => die(&format!("scale: {e}")),
         },
     }
+}
+
+/// Elsewhere the benchmarks have nothing to measure with (proc connector, eBPF, ptrace as Linux has
+/// it, /proc, sched_setaffinity): the binary builds, and says so.
+#[cfg(not(target_os = "linux"))]
+fn main() {
+    eprintln!(
+        "vpstag-bench: the benchmarks are Linux-only (proc connector, eBPF, /proc, sched_setaffinity); \
+         nothing to run on {}",
+        std::env::consts::OS
+    );
+    std::process::exit(1);
 }

@@ -1,6 +1,7 @@
 //! `vpstag-bench run`: runs every part as child processes, alternating tracked and untracked
 //! rounds, and hands the figures to the report.
 
+use std::os::fd::AsFd;
 use std::process::{Command, Stdio};
 use std::time::Duration;
 
@@ -38,8 +39,8 @@ pub struct RunArgs {
     /// Latency samples per run.
     #[arg(long)]
     pub latency_samples: Option<usize>,
-    /// Parts to run (comma-separated): accuracy, overhead, latency, loss, scale.
-    #[arg(long, default_value = "accuracy,overhead,latency,loss,scale", value_delimiter = ',')]
+    /// Parts to run (comma-separated): accuracy, overhead, latency, loss, scale, daemon.
+    #[arg(long, default_value = "accuracy,overhead,latency,loss,scale,daemon", value_delimiter = ',')]
     pub parts: Vec<String>,
     /// Backends to measure (comma-separated); unavailable ones are reported as such.
     #[arg(long, default_value = "cnproc,ptrace,ebpf", value_delimiter = ',')]
@@ -139,6 +140,8 @@ pub struct Results {
     pub load_before: String,
     pub load_after: String,
     pub elapsed: f64,
+    /// The daemon as deployed (`vpstag-bench daemon`), when measured.
+    pub daemon: Option<crate::daemon::DaemonResults>,
 }
 
 /// A child's time limit: a part that hangs is killed (with its process group) and reported.
@@ -182,6 +185,45 @@ fn child_json<T: DeserializeOwned>(args: &[String]) -> Result<T, String> {
         return Err(format!("{} failed ({status})", args.join(" ")));
     }
     serde_json::from_str(line).map_err(|e| format!("{}: bad output {line:?}: {e}", args.join(" ")))
+}
+
+/// Runs this executable with `args` in its own process group, its output on our standard error,
+/// killed (with its group) after `limit`.
+fn run_child(args: &[String], limit: Duration) -> Result<(), String> {
+    use std::os::unix::process::CommandExt;
+    let stdout: Stdio = match std::io::stderr().as_fd().try_clone_to_owned() {
+        Ok(fd) => fd.into(),
+        Err(_) => Stdio::null(),
+    };
+    let mut child = Command::new(sys::self_exe())
+        .args(args)
+        .stdin(Stdio::null())
+        .stdout(stdout)
+        .process_group(0)
+        .spawn()
+        .map_err(|e| format!("running {args:?}: {e}"))?;
+    let deadline = std::time::Instant::now() + limit;
+    loop {
+        match child.try_wait() {
+            Ok(Some(st)) if st.success() => return Ok(()),
+            Ok(Some(st)) => return Err(format!("{} failed ({st})", args.join(" "))),
+            Ok(None) if std::time::Instant::now() < deadline => std::thread::sleep(Duration::from_millis(200)),
+            Ok(None) => {
+                let pid = child.id() as i32;
+                // SIGTERM first (the daemon part stops its daemon and cleans up after the run under
+                // way); SIGKILL after 5 s (its daemons then get SIGTERM from the kernel).
+                sys::kill(-pid, libc::SIGTERM);
+                let grace = std::time::Instant::now() + Duration::from_secs(5);
+                while matches!(child.try_wait(), Ok(None)) && std::time::Instant::now() < grace {
+                    std::thread::sleep(Duration::from_millis(50));
+                }
+                sys::kill(-pid, libc::SIGKILL);
+                let _ = child.wait();
+                return Err(format!("{} did not finish within {} s: killed", args.join(" "), limit.as_secs()));
+            }
+            Err(e) => return Err(format!("waiting for {args:?}: {e}")),
+        }
+    }
 }
 
 fn read_work(path: &str) -> Result<WorkResult, String> {
@@ -398,13 +440,13 @@ fn machine() -> Vec<(String, String)> {
     m
 }
 
-fn loadavg() -> String {
+pub(crate) fn loadavg() -> String {
     std::fs::read_to_string("/proc/loadavg")
         .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
         .unwrap_or_default()
 }
 
-fn date() -> String {
+pub(crate) fn date() -> String {
     Command::new("date")
         .args(["-u", "+%Y-%m-%d %H:%M UTC"])
         .output()
@@ -771,6 +813,41 @@ pub fn run(a: RunArgs) {
         }
         r.scale.sort_by(|x, y| x.entries.cmp(&y.entries).then(x.kind.cmp(&y.kind)));
         r.criterion = crate::report::criterion_results(a.criterion_dir.as_deref());
+    }
+
+    // 7. The daemon as deployed: its own process (it becomes the child subreaper).
+    if has("daemon") {
+        progress(t0, "daemon as deployed");
+        let out = format!("{}/daemon.json", ctx.tmp);
+        let mut args = vec![
+            "daemon".to_string(),
+            "--rounds".into(),
+            rounds.to_string(),
+            "--count".into(),
+            count.to_string(),
+            "--pin-cpu".into(),
+            a.pin_cpu.clone(),
+            "--daemon-cpu".into(),
+            a.tracker_cpu.clone(),
+            "--backends".into(),
+            a.backends.join(","),
+            "--json".into(),
+            out.clone(),
+            "--no-text".into(),
+        ];
+        if a.full {
+            args.push("--full".into());
+        }
+        match run_child(&args, Duration::from_secs(3 * 3600)) {
+            Ok(()) => match std::fs::read_to_string(&out)
+                .map_err(|e| e.to_string())
+                .and_then(|t| serde_json::from_str::<crate::daemon::DaemonResults>(&t).map_err(|e| e.to_string()))
+            {
+                Ok(d) => r.daemon = Some(d),
+                Err(e) => progress(t0, &format!("daemon: reading {out}: {e}")),
+            },
+            Err(e) => progress(t0, &format!("daemon: {e}")),
+        }
     }
 
     r.load_after = loadavg();

@@ -1,5 +1,6 @@
 //! The report: a terminal table, BENCHMARKS.md and the SVG chart of the overhead ratios.
 
+use crate::daemon::{DaemonResults, DaemonRow};
 use crate::orchestrate::{OverheadRow, Results};
 use crate::stats::{fmt_count, fmt_secs, fmt_summary, markdown_table, text_table, xml_escape, Summary};
 
@@ -324,6 +325,9 @@ fn goals(r: &Results) -> Vec<Goal> {
             ),
         });
     }
+    if let Some(d) = &r.daemon {
+        g.extend(daemon_goals(d));
+    }
     g
 }
 
@@ -582,6 +586,9 @@ fn resync_table(r: &Results, md: bool) -> String {
 /// The terminal report.
 pub fn text(r: &Results) -> String {
     let mut s = String::new();
+    if !r.command.is_empty() {
+        s.push_str(&format!("command: {}\n", r.command));
+    }
     s.push_str(&format!("vpstag benchmarks, {} ({:.0} s)\n\n", r.date, r.elapsed));
     let g = goals(r);
     if !g.is_empty() {
@@ -612,6 +619,21 @@ pub fn text(r: &Results) -> String {
         s.push_str(&scale_table(r, false));
         s.push('\n');
         s.push_str(&resync_table(r, false));
+    }
+    if let Some(d) = &r.daemon {
+        s.push_str(&format!("\nThe daemon as deployed ({}):\n", d.command));
+        s.push_str(&daemon_ratio_table(d, false));
+        s.push('\n');
+        s.push_str(&daemon_cost_table(d, false));
+        for (n, why) in &d.unavailable {
+            s.push_str(&format!("not measured: {n}: {why}\n"));
+        }
+        for f in &d.failures {
+            s.push_str(&format!("failed: {f}\n"));
+        }
+        for w in daemon_noise(d) {
+            s.push_str(&format!("warning: {w}\n"));
+        }
     }
     for (n, why) in &r.unavailable {
         s.push_str(&format!("not measured: {n}: {why}\n"));
@@ -789,6 +811,9 @@ pub fn markdown(r: &Results, svg: &str) -> String {
         s.push_str(&resync_table(r, true));
         s.push('\n');
     }
+    if let Some(d) = &r.daemon {
+        s.push_str(&daemon_markdown(d));
+    }
     s.push_str(
         "## Notes\n\n\
          - The machine is a shared 2-vCPU VM: rates move by ±25% between rounds, which is why each tracked run is compared \
@@ -804,8 +829,9 @@ pub fn markdown(r: &Results, svg: &str) -> String {
          cargo build --release -p vpstag-bench       # add --features ebpf for the eBPF backend\n\
          target/release/vpstag-bench run             # CI-sized: 10^4 processes, 3 rounds\n\
          target/release/vpstag-bench run --full      # 10^5 processes, 5 rounds, longer workloads\n\
+         target/release/vpstag-bench daemon          # the daemon as deployed (needs target/release/vpstag)\n\
          cargo bench --bench table                   # criterion: table look-ups\n```\n\n\
-         `--parts accuracy,overhead,latency,loss,scale` picks parts, `--backends` picks backends, `--out -` and \
+         `--parts accuracy,overhead,latency,loss,scale,daemon` picks parts, `--backends` picks backends, `--out -` and \
          `--svg -` skip writing files, `--json FILE` keeps every figure. Run as root (the proc connector's 8 MiB \
          buffer needs `CAP_NET_ADMIN`).\n",
     );
@@ -975,4 +1001,422 @@ pub fn criterion_results(dir: Option<&str>) -> Vec<(String, f64)> {
     }
     out.sort_by(|a, b| a.0.cmp(&b.0));
     out
+}
+
+/// Workload names as the daemon report shows them.
+fn mode_label(m: &str) -> &str {
+    if m == "seq" {
+        "fork"
+    } else {
+        m
+    }
+}
+
+fn drow<'a>(d: &'a DaemonResults, variant: &str, mode: &str) -> Option<&'a DaemonRow> {
+    d.rows.iter().find(|x| x.variant == variant && x.mode == mode)
+}
+
+fn dvariants(d: &DaemonResults) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for x in &d.rows {
+        if !v.contains(&x.variant) {
+            v.push(x.variant.clone());
+        }
+    }
+    v
+}
+
+fn dbackends(d: &DaemonResults) -> Vec<String> {
+    let mut v: Vec<String> = Vec::new();
+    for b in d.rows.iter().filter_map(|x| x.backend.clone()) {
+        if !v.contains(&b) {
+            v.push(b);
+        }
+    }
+    v
+}
+
+/// The daemon's goals: the ratios per backend, its CPU per event, the journal per VPS.
+fn daemon_goals(d: &DaemonResults) -> Vec<Goal> {
+    let mut g = Vec::new();
+    for b in ["cnproc", "ebpf", "ptrace"] {
+        let variant = format!("daemon {b}");
+        let goal_text = MODES
+            .iter()
+            .filter_map(|m| crate::daemon::ratio_goal(b, m).map(|x| format!("≥ {x:.2} {}", mode_label(m))))
+            .collect::<Vec<_>>()
+            .join(", ");
+        let goal = format!("daemon {b}: tracked/untracked ratio {goal_text}");
+        if let Some((_, why)) = d.unavailable.iter().find(|x| x.0 == variant) {
+            g.push(Goal { goal, result: format!("unavailable: {why}"), met: None, why: String::new() });
+            continue;
+        }
+        let mut parts = Vec::new();
+        let mut short = Vec::new();
+        let mut ok = true;
+        let mut measured = 0;
+        for m in MODES {
+            let Some(target) = crate::daemon::ratio_goal(b, m) else { continue };
+            match drow(d, &variant, m).filter(|x| x.ratio.n > 0) {
+                Some(x) => {
+                    measured += 1;
+                    parts.push(format!("{} {:.3}", mode_label(m), x.ratio.median));
+                    if x.ratio.median < target {
+                        ok = false;
+                        short.push(format!(
+                            "{} by {:.1} points ({:.3} vs {target:.2}; spread {:.3}–{:.3})",
+                            mode_label(m),
+                            (target - x.ratio.median) * 100.0,
+                            x.ratio.median,
+                            x.ratio.min,
+                            x.ratio.max
+                        ));
+                    }
+                }
+                None => parts.push(format!("{} not measured", mode_label(m))),
+            }
+        }
+        if measured == 0 {
+            continue;
+        }
+        g.push(Goal {
+            goal,
+            result: parts.join(", "),
+            met: if measured < MODES.len() && ok { None } else { Some(ok) },
+            why: format!("short in {}", short.join("; ")),
+        });
+    }
+    for b in ["cnproc", "ebpf"] {
+        let variant = format!("daemon {b}");
+        let xs: Vec<(String, f64)> = MODES
+            .iter()
+            .filter_map(|m| {
+                drow(d, &variant, m)?
+                    .cpu_us_per_event
+                    .filter(|s| s.n > 0)
+                    .map(|s| (mode_label(m).to_string(), s.median))
+            })
+            .collect();
+        if xs.is_empty() {
+            continue;
+        }
+        let worst = xs.iter().map(|x| x.1).fold(0.0, f64::max);
+        g.push(Goal {
+            goal: format!("daemon {b}: CPU ≤ {:.0} µs per event", crate::daemon::CPU_GOAL_US),
+            result: xs.iter().map(|(m, x)| format!("{m} {x:.2} µs")).collect::<Vec<_>>().join(", "),
+            met: Some(worst <= crate::daemon::CPU_GOAL_US),
+            why: format!(
+                "{:.1}× the goal at worst ({worst:.2} µs per event; the daemon's CPU from `vpstag start` to the VPS \
+                 listed empty, over the workload's fork, exec and exit events)",
+                worst / crate::daemon::CPU_GOAL_US
+            ),
+        });
+    }
+    // The journal: a VPS that forks many times should leave a handful of records.
+    let mut parts = Vec::new();
+    let mut worst: f64 = 0.0;
+    for b in dbackends(d) {
+        if let Some(x) = drow(d, &format!("daemon {b}"), "seq").and_then(|x| x.journal_records) {
+            worst = worst.max(x.median);
+            parts.push(format!("{b} {}", fmt_count(x.median)));
+        }
+    }
+    if !parts.is_empty() {
+        let forks = d.counts.iter().find(|x| x.0 == "seq").map_or(0, |x| x.1);
+        g.push(Goal {
+            goal: format!(
+                "journal: a handful of records (≤ {:.0}) for a VPS that forks {} times",
+                crate::daemon::JOURNAL_GOAL_RECORDS,
+                fmt_count(forks as f64)
+            ),
+            result: parts.join(", "),
+            met: Some(worst <= crate::daemon::JOURNAL_GOAL_RECORDS),
+            why: format!(
+                "{} records at worst for {} forks ({:.2} per fork): the journal grows with the VPS's processes, not \
+                 with its VPSes",
+                fmt_count(worst),
+                fmt_count(forks as f64),
+                if forks > 0 { worst / forks as f64 } else { f64::NAN }
+            ),
+        });
+    }
+    g
+}
+
+fn daemon_ratio_table(d: &DaemonResults, md: bool) -> String {
+    let mut rows = Vec::new();
+    let mut u = vec!["untracked, no daemon (ops/s)".to_string()];
+    for m in MODES {
+        u.push(d.untracked.iter().find(|x| x.0 == m).map(|x| rate_summary(&x.1)).unwrap_or_default());
+    }
+    rows.push(u);
+    for v in dvariants(d) {
+        let mut line = vec![v.clone()];
+        for m in MODES {
+            line.push(drow(d, &v, m).map(|o| fmt_summary(&o.ratio, 3)).unwrap_or_else(|| "–".into()));
+        }
+        rows.push(line);
+        if v.starts_with("daemon ") {
+            let mut line = vec![format!("{v}: bystander (not in a VPS)")];
+            for m in MODES {
+                line.push(
+                    drow(d, &v, m).and_then(|o| o.bystander_ratio).map(|s| fmt_summary(&s, 3)).unwrap_or("–".into()),
+                );
+            }
+            rows.push(line);
+        }
+    }
+    let h = [
+        "ratio tracked/untracked",
+        "fork (fork+exit+wait)",
+        "burst (fork 50, wait all)",
+        "spawn (posix_spawn /bin/true)",
+    ];
+    if md {
+        markdown_table(&h, &rows)
+    } else {
+        text_table(&h, &rows)
+    }
+}
+
+fn daemon_cost_table(d: &DaemonResults, md: bool) -> String {
+    let f = |s: Option<Summary>, digits: usize| s.map(|s| fmt_summary(&s, digits)).unwrap_or_else(|| "–".into());
+    let mut rows = Vec::new();
+    for b in dbackends(d) {
+        let v = format!("daemon {b}");
+        for m in MODES {
+            let Some(x) = drow(d, &v, m) else { continue };
+            let ms = |s: Option<Summary>| {
+                s.map(|s| Summary { median: s.median * 1e3, min: s.min * 1e3, max: s.max * 1e3, n: s.n })
+            };
+            rows.push(vec![
+                v.clone(),
+                mode_label(m).to_string(),
+                f(x.cpu_us_per_event, 2),
+                f(x.net_cpu_us_per_event, 2),
+                f(x.wakeups_per_event, 2),
+                f(x.events_applied_per_event, 2),
+                f(x.journal_bytes, 0),
+                format!(
+                    "{}{}",
+                    f(x.journal_records, 0),
+                    if x.compacted_runs > 0 {
+                        format!(" ({} runs compacted: undercounts)", x.compacted_runs)
+                    } else {
+                        String::new()
+                    }
+                ),
+                format!(
+                    "{} ms, {}",
+                    x.vps_cpu_ms.map(|s| format!("{:.2}", s.median)).unwrap_or_else(|| "–".into()),
+                    x.vps_wakeups.map(|s| format!("{:.0}", s.median)).unwrap_or_else(|| "–".into())
+                ),
+                format!("{} / {}", x.loss_reports, x.divergences),
+                f(ms(x.catch_up_secs), 0),
+            ]);
+        }
+    }
+    let h = [
+        "daemon",
+        "workload",
+        "CPU µs per event",
+        "net of a VPS's fixed cost",
+        "wake-ups per event",
+        "events applied per event",
+        "journal bytes per VPS",
+        "journal records per VPS",
+        "a /bin/true VPS: CPU, wake-ups",
+        "loss reports / divergences",
+        "catch-up ms",
+    ];
+    if md {
+        markdown_table(&h, &rows)
+    } else {
+        text_table(&h, &rows)
+    }
+}
+
+fn daemon_preamble(d: &DaemonResults) -> String {
+    let counts: Vec<String> =
+        d.counts.iter().map(|(m, c)| format!("{} {}", mode_label(m), fmt_count(*c as f64))).collect();
+    format!(
+        "Each tracked run starts a fresh daemon, `{}` (state on {}), waits for it to answer `hello`, starts the workload \
+         with `vpstag start NAME -- vpstag-bench work ...`, reads the workload's own timing once the VPS's first process \
+         has ended and the daemon lists the VPS empty, runs the same workload once more outside any VPS (the *bystander* \
+         row: what a host-wide listener costs everyone else), then stops the daemon (SIGTERM) and removes its directory. \
+         The untracked runs the ratios compare with run with no daemon at all, alternating with the tracked runs (ABAB…): \
+         ratio = tracked rate / mean of the untracked rates just before and after. Processes per run: {}; rounds: {}. \
+         Workloads pinned to CPU {}; the daemon, strace and the C tracer {}. Daemon CPU: `clock_getcpuclockid` of the \
+         daemon (all threads) from just before `vpstag start` to the VPS listed empty, per workload event (fork and exit \
+         per process, exec too for spawn); wake-ups: voluntary + involuntary context switches of its threads \
+         (/proc/PID/task/*/status; a thread that ended within the span is not counted) over the same span. Both include the fixed cost of a VPS (`vpstag start`'s \
+         requests, registering, the bench's questions), measured in the same daemon with a VPS running /bin/true just \
+         before and shown apart (*net*: without it). Journal: bytes and lines the run added to the state directory. \
+         Events applied per event above 1: the backend also saw the host's other processes. For scale, the same \
+         workload under `strace -f -o /dev/null` and under a minimal C tracer (`bench/c/seize_tracer.c`: PTRACE_SEIZE \
+         with fork, vfork, clone, exec and exit events like vpstag's ptrace backend, resuming every stop and nothing \
+         else; built with `cc -O2` at run time). Load average before/after: \
+         {} / {}.\n",
+        d.daemon_command,
+        d.state_fs,
+        counts.join(", "),
+        d.rounds,
+        d.pin_cpu,
+        if d.daemon_cpu == "none" { "not pinned (as deployed)".to_string() } else { format!("pinned to CPU {}", d.daemon_cpu) },
+        d.load_before,
+        d.load_after
+    )
+}
+
+/// A warning per workload whose untracked rates spread over more than 20% of their median: the
+/// machine was busy, and ratios are not to be trusted to better than that.
+fn daemon_noise(d: &DaemonResults) -> Vec<String> {
+    d.untracked
+        .iter()
+        .filter(|(_, s)| s.n > 1 && s.median > 0.0 && (s.max - s.min) / s.median > 0.2)
+        .map(|(m, s)| {
+            format!(
+                "untracked {} rates ranged {}–{}/s, {:.0}% of their median ({}/s): the machine was busy; ratios here \
+                 are not better than that",
+                mode_label(m),
+                fmt_count(s.min),
+                fmt_count(s.max),
+                (s.max - s.min) / s.median * 100.0,
+                fmt_count(s.median)
+            )
+        })
+        .collect()
+}
+
+/// The daemon's report for the terminal (`vpstag-bench daemon`).
+pub fn daemon_text(d: &DaemonResults) -> String {
+    let mut s = String::new();
+    s.push_str(&format!("command: {}\n", d.command));
+    s.push_str(&format!(
+        "vpstag-bench daemon: the daemon as deployed, {} ({:.0} s); {} ({}), built with `{}`\n\n",
+        d.date, d.elapsed, d.vpstag, d.vpstag_version, d.build
+    ));
+    s.push_str(&daemon_preamble(d));
+    s.push('\n');
+    let g = daemon_goals(d);
+    if !g.is_empty() {
+        let rows: Vec<Vec<String>> =
+            g.iter().map(|x| vec![x.goal.clone(), x.result.clone(), met(x.met).replace("**", "")]).collect();
+        s.push_str(&text_table(&["goal", "result (medians)", ""], &rows));
+        s.push('\n');
+    }
+    s.push_str(&daemon_ratio_table(d, false));
+    s.push('\n');
+    s.push_str(&daemon_cost_table(d, false));
+    s.push('\n');
+    for (n, why) in &d.unavailable {
+        s.push_str(&format!("not measured: {n}: {why}\n"));
+    }
+    for f in &d.failures {
+        s.push_str(&format!("failed: {f}\n"));
+    }
+    for w in daemon_noise(d) {
+        s.push_str(&format!("warning: {w}\n"));
+    }
+    s
+}
+
+/// The daemon's section of BENCHMARKS.md.
+fn daemon_markdown(d: &DaemonResults) -> String {
+    let mut s = String::from("## 7. The daemon as deployed\n\n");
+    s.push_str(&format!("Measured by `{}` ({:.0} s).\n\n", d.command, d.elapsed));
+    s.push_str(&daemon_preamble(d));
+    s.push('\n');
+    s.push_str(&daemon_ratio_table(d, true));
+    s.push('\n');
+    s.push_str(&daemon_cost_table(d, true));
+    s.push('\n');
+    for (n, why) in &d.unavailable {
+        s.push_str(&format!("- Not measured: **{n}**: {why}.\n"));
+    }
+    for f in &d.failures {
+        s.push_str(&format!("- Failed: {f}\n"));
+    }
+    let noise = daemon_noise(d);
+    for w in &noise {
+        s.push_str(&format!("- Warning: {w}.\n"));
+    }
+    if !d.unavailable.is_empty() || !d.failures.is_empty() || !noise.is_empty() {
+        s.push('\n');
+    }
+    s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::stats::summarize;
+
+    fn row(backend: &str, mode: &str, ratio: f64, cpu_us: f64) -> DaemonRow {
+        DaemonRow {
+            variant: format!("daemon {backend}"),
+            backend: Some(backend.into()),
+            mode: mode.into(),
+            ratio: summarize(&[ratio]),
+            cpu_us_per_event: Some(summarize(&[cpu_us])),
+            journal_records: Some(summarize(&[6.0])),
+            ..Default::default()
+        }
+    }
+
+    fn results() -> DaemonResults {
+        let mut d = DaemonResults { counts: vec![("seq".into(), 10_000)], ..Default::default() };
+        for m in MODES {
+            d.rows.push(row("cnproc", m, 0.98, 1.5));
+        }
+        d.rows.push(row("ptrace", "seq", 0.29, 40.0));
+        d.rows.push(row("ptrace", "burst", 0.45, 40.0));
+        d.rows.push(row("ptrace", "spawn", 0.85, 40.0));
+        d.unavailable.push(("daemon ebpf".into(), "not built in".into()));
+        d
+    }
+
+    fn goal<'a>(g: &'a [Goal], starts: &str) -> &'a Goal {
+        g.iter().find(|x| x.goal.starts_with(starts)).unwrap()
+    }
+
+    #[test]
+    fn daemon_goals_are_met_missed_or_not_measured() {
+        let g = daemon_goals(&results());
+        assert_eq!(goal(&g, "daemon cnproc: tracked").met, Some(true));
+        let p = goal(&g, "daemon ptrace: tracked");
+        assert_eq!(p.met, Some(false));
+        assert!(p.why.contains("fork by 1.0 points"), "{}", p.why);
+        assert!(!p.why.contains("burst"), "{}", p.why);
+        assert_eq!(goal(&g, "daemon ebpf: tracked").met, None);
+        assert!(goal(&g, "daemon ebpf: tracked").result.starts_with("unavailable"));
+        assert_eq!(goal(&g, "daemon cnproc: CPU").met, Some(true));
+        assert!(!g.iter().any(|x| x.goal.starts_with("daemon ebpf: CPU")));
+        assert_eq!(goal(&g, "journal").met, Some(true));
+    }
+
+    #[test]
+    fn a_goal_just_below_its_threshold_is_missed() {
+        let mut d = results();
+        d.rows[2].ratio = summarize(&[0.969]);
+        d.rows[0].cpu_us_per_event = Some(summarize(&[2.01]));
+        let g = daemon_goals(&d);
+        assert_eq!(goal(&g, "daemon cnproc: tracked").met, Some(false));
+        assert_eq!(goal(&g, "daemon cnproc: CPU").met, Some(false));
+    }
+
+    #[test]
+    fn daemon_report_names_the_command_first() {
+        let mut d = results();
+        d.command = "vpstag-bench daemon --count 100".into();
+        let t = daemon_text(&d);
+        assert!(t.starts_with("command: vpstag-bench daemon --count 100\n"), "{t}");
+        assert!(t.contains("not measured: daemon ebpf: not built in"));
+        assert!(!t.contains("warning:"));
+        d.untracked.push(("seq".into(), summarize(&[5000.0, 8000.0, 8100.0])));
+        d.untracked.push(("burst".into(), summarize(&[8000.0, 8100.0, 8200.0])));
+        let t = daemon_text(&d);
+        assert!(t.contains("warning: untracked fork rates ranged 5\u{202f}000–8\u{202f}100/s"), "{t}");
+        assert!(!t.contains("untracked burst rates"), "{t}");
+    }
 }

@@ -249,6 +249,121 @@ pub fn kill(pid: i32, sig: i32) {
     unsafe { libc::kill(pid, sig) };
 }
 
+/// Makes this process the reaper of its orphaned descendants (`PR_SET_CHILD_SUBREAPER`): a
+/// process whose parent exits is re-parented here instead of to init, so its exit status can be
+/// collected here.
+pub fn set_child_subreaper() -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// CPU seconds (user + system, all its threads, the ended ones included) that process `pid` has
+/// used so far, to the nanosecond (`clock_getcpuclockid`).
+pub fn process_cpu_secs(pid: i32) -> io::Result<f64> {
+    let mut clk: libc::clockid_t = 0;
+    // SAFETY: valid out pointer.
+    let r = unsafe { libc::clock_getcpuclockid(pid, &mut clk) };
+    if r != 0 {
+        return Err(io::Error::from_raw_os_error(r));
+    }
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: valid out pointer.
+    if unsafe { libc::clock_gettime(clk, &mut ts) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(ts.tv_sec as f64 + ts.tv_nsec as f64 / 1e9)
+}
+
+/// User + system CPU seconds of process `pid` by /proc/PID/stat (utime + stime, in clock ticks:
+/// 10 ms here), a cross-check of [`process_cpu_secs`].
+pub fn stat_cpu_secs(pid: i32) -> io::Result<f64> {
+    let s = std::fs::read(format!("/proc/{pid}/stat"))?;
+    let bad = || io::Error::other(format!("/proc/{pid}/stat: unexpected format"));
+    let close = s.iter().rposition(|&b| b == b')').ok_or_else(bad)?;
+    let rest = std::str::from_utf8(&s[close + 1..]).map_err(|_| bad())?;
+    let f: Vec<&str> = rest.split_ascii_whitespace().collect();
+    // rest starts at field 3: utime is field 14, stime 15.
+    let ticks = |i: usize| f.get(i - 3).and_then(|x| x.parse::<u64>().ok()).ok_or_else(bad);
+    let (u, st) = (ticks(14)?, ticks(15)?);
+    // SAFETY: sysconf with a valid name.
+    let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) }.max(1) as f64;
+    Ok((u + st) as f64 / hz)
+}
+
+/// Asks the kernel to send `sig` to the calling process when its parent thread ends (for use
+/// between fork and exec: async-signal-safe).
+pub fn die_with_parent(sig: i32) -> io::Result<()> {
+    // SAFETY: prctl with integer arguments.
+    if unsafe { libc::prctl(libc::PR_SET_PDEATHSIG, sig as libc::c_ulong, 0, 0, 0) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(())
+}
+
+/// Context switches of every live thread of `pid`: tid -> (voluntary, involuntary), from
+/// /proc/PID/task/*/status. A thread that has ended is not in it.
+pub fn thread_switches(pid: i32) -> io::Result<std::collections::HashMap<i32, (u64, u64)>> {
+    let mut out = std::collections::HashMap::new();
+    for e in std::fs::read_dir(format!("/proc/{pid}/task"))? {
+        let e = e?;
+        let Some(tid) = e.file_name().to_str().and_then(|s| s.parse::<i32>().ok()) else { continue };
+        // A thread may end between the listing and the read.
+        let Ok(text) = std::fs::read_to_string(e.path().join("status")) else { continue };
+        if let Some(v) = parse_switches(&text) {
+            out.insert(tid, v);
+        }
+    }
+    Ok(out)
+}
+
+/// (voluntary_ctxt_switches, nonvoluntary_ctxt_switches) of a /proc/PID/status text.
+pub fn parse_switches(status: &str) -> Option<(u64, u64)> {
+    let field = |key: &str| {
+        status.lines().find_map(|l| l.strip_prefix(key).and_then(|v| v.trim_start_matches(':').trim().parse().ok()))
+    };
+    Some((field("voluntary_ctxt_switches")?, field("nonvoluntary_ctxt_switches")?))
+}
+
+/// The switches between two [`thread_switches`] readings: per thread, the growth of the ones in
+/// both, and all of the ones born in between (the ones that ended in between are lost).
+pub fn switches_between(
+    before: &std::collections::HashMap<i32, (u64, u64)>,
+    after: &std::collections::HashMap<i32, (u64, u64)>,
+) -> (u64, u64) {
+    let (mut v, mut n) = (0, 0);
+    for (tid, &(va, na)) in after {
+        let (vb, nb) = before.get(tid).copied().unwrap_or((0, 0));
+        v += va.saturating_sub(vb);
+        n += na.saturating_sub(nb);
+    }
+    (v, n)
+}
+
+/// The type of the file system holding `path`, by name when it is a common one (`statfs`).
+pub fn fs_type(path: &std::path::Path) -> io::Result<String> {
+    use std::os::unix::ffi::OsStrExt;
+    let c = CString::new(path.as_os_str().as_bytes()).map_err(|e| io::Error::other(e.to_string()))?;
+    // SAFETY: a zeroed statfs is a valid out buffer; c is NUL-terminated.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    if unsafe { libc::statfs(c.as_ptr(), &mut st) } != 0 {
+        return Err(io::Error::last_os_error());
+    }
+    Ok(match st.f_type as u64 {
+        0xEF53 => "ext2/ext3/ext4".into(),
+        0x0102_1994 => "tmpfs".into(),
+        0x8584_58f6 => "ramfs".into(),
+        0x5846_5342 => "xfs".into(),
+        0x9123_683E => "btrfs".into(),
+        0x794c_7630 => "overlayfs".into(),
+        0x6969 => "nfs".into(),
+        0x2FC1_2FC1 => "zfs".into(),
+        other => format!("0x{other:x}"),
+    })
+}
+
 /// The path of this executable.
 pub fn self_exe() -> String {
     std::env::current_exe().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| "/proc/self/exe".into())
@@ -265,5 +380,16 @@ mod tests {
         let s = parse_stat(line).unwrap();
         assert_eq!((s.pid, s.ppid, s.state, s.start), (1234, 1, b'S', 98765));
         assert!(parse_stat(b"garbage").is_none());
+    }
+
+    #[test]
+    fn context_switches() {
+        let status = "Name:\tvpstag\nvoluntary_ctxt_switches:\t120\nnonvoluntary_ctxt_switches:\t7\n";
+        assert_eq!(super::parse_switches(status), Some((120, 7)));
+        assert_eq!(super::parse_switches("Name:\tx\n"), None);
+        let before = [(10, (5, 1)), (11, (3, 0)), (12, (9, 9))].into_iter().collect();
+        // 10 grew, 11 unchanged, 12 ended (lost), 13 born.
+        let after = [(10, (8, 2)), (11, (3, 0)), (13, (4, 1))].into_iter().collect();
+        assert_eq!(super::switches_between(&before, &after), (7, 2));
     }
 }
