@@ -85,14 +85,8 @@ impl Daemon {
         let mut d = Daemon { dir, socket, child: Some(child), seen: Default::default(), helpers: Default::default() };
         let end = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(mut s) = UnixStream::connect(&d.socket) {
-                s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-                if s.write_all(b"{\"v\":1,\"op\":\"hello\"}\n").is_ok() {
-                    let mut l = String::new();
-                    if BufReader::new(&s).read_line(&mut l).is_ok() && l.starts_with("{\"ok\":true") {
-                        break;
-                    }
-                }
+            if daemon_answers(&d.socket) {
+                break;
             }
             if let Some(st) = d.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("the daemon exited ({st}) at start:\n{}", d.log());
@@ -112,9 +106,7 @@ impl Daemon {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg("--socket").arg(&self.socket).args(args).stdin(Stdio::null()).current_dir("/");
-        c
+        vpstag(&self.socket, args)
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -122,16 +114,7 @@ impl Daemon {
     }
 
     fn run_as(&self, uid: u32, args: &[&str]) -> Output {
-        Command::new("setpriv")
-            .args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
-            .arg(BIN)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .current_dir("/")
-            .output()
-            .expect("running setpriv")
+        vpstag_as(uid, &self.socket, args)
     }
 
     /// `vpstag start NAME -- CMD...`.

@@ -70,13 +70,8 @@ impl Daemon {
         let sock = self.socket.clone();
         let end = Instant::now() + Duration::from_secs(60);
         loop {
-            if let Ok(mut s) = UnixStream::connect(&sock) {
-                if s.write_all(b"{\"v\":1,\"op\":\"hello\"}\n").is_ok() {
-                    let mut l = String::new();
-                    if BufReader::new(&s).read_line(&mut l).is_ok() && l.starts_with("{\"ok\":true") {
-                        break;
-                    }
-                }
+            if daemon_answers(&sock) {
+                break;
             }
             if let Some(st) = self.child.as_mut().unwrap().try_wait().unwrap() {
                 panic!("the daemon exited ({st}) at start:\n{}", self.log());
@@ -102,9 +97,7 @@ impl Daemon {
     }
 
     fn cmd(&self, args: &[&str]) -> Command {
-        let mut c = Command::new(BIN);
-        c.arg("--socket").arg(&self.socket).args(args).stdin(Stdio::null()).current_dir("/");
-        c
+        vpstag(&self.socket, args)
     }
 
     fn run(&self, args: &[&str]) -> Output {
@@ -112,14 +105,7 @@ impl Daemon {
     }
 
     fn run_as_nobody(&self, args: &[&str]) -> Output {
-        Command::new("setpriv")
-            .args(["--reuid=65534", "--regid=65534", "--clear-groups", BIN, "--socket"])
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .current_dir("/")
-            .output()
-            .expect("running setpriv")
+        vpstag_as(NOBODY, &self.socket, args)
     }
 
     /// `vpstag start NAME -- CMD...`: the first process's pid.

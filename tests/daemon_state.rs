@@ -6,9 +6,8 @@
 //! attacker's loop) is killed by pid, on failure paths too. Needs root; the tests that run VPSes
 //! use the cnproc backend where it opens, ptrace otherwise.
 
-use std::io::{BufRead, BufReader, Write};
+use std::io::Write;
 use std::os::unix::fs::{FileTypeExt, MetadataExt, PermissionsExt};
-use std::os::unix::net::UnixStream;
 use std::os::unix::process::CommandExt;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, ExitStatus, Output, Stdio};
@@ -120,12 +119,7 @@ impl Daemon {
     }
 
     fn answers(&self) -> bool {
-        let Ok(mut s) = UnixStream::connect(&self.socket) else { return false };
-        if s.write_all(b"{\"v\":1,\"op\":\"hello\"}\n").is_err() {
-            return false;
-        }
-        let mut l = String::new();
-        BufReader::new(&s).read_line(&mut l).is_ok() && l.starts_with("{\"ok\":true")
+        daemon_answers(&self.socket)
     }
 
     /// Waits until the daemon answers, or has exited (`Err` with its status and log).
@@ -188,14 +182,7 @@ impl Daemon {
     }
 
     fn run(&self, args: &[&str]) -> Output {
-        Command::new(BIN)
-            .arg("--socket")
-            .arg(&self.socket)
-            .args(args)
-            .stdin(Stdio::null())
-            .current_dir("/")
-            .output()
-            .expect("running vpstag")
+        vpstag(&self.socket, args).output().expect("running vpstag")
     }
 
     /// `vpstag start NAME -- CMD...`: the first process's pid.

@@ -65,3 +65,36 @@ pub fn wait_until(what: &str, timeout: Duration, mut f: impl FnMut() -> bool) {
 pub fn text(b: &[u8]) -> String {
     String::from_utf8_lossy(b).into_owned()
 }
+
+/// Whether a daemon answers `hello` on `socket` (one short exchange, 10 s at most).
+pub fn daemon_answers(socket: &std::path::Path) -> bool {
+    use std::io::{BufRead, BufReader, Write};
+    let Ok(mut s) = std::os::unix::net::UnixStream::connect(socket) else { return false };
+    let _ = s.set_read_timeout(Some(Duration::from_secs(10)));
+    if s.write_all(b"{\"v\":1,\"op\":\"hello\"}\n").is_err() {
+        return false;
+    }
+    let mut l = String::new();
+    BufReader::new(&s).read_line(&mut l).is_ok() && l.starts_with("{\"ok\":true")
+}
+
+/// `vpstag --socket SOCKET ARGS...`, with no standard input, run from `/`.
+pub fn vpstag(socket: &std::path::Path, args: &[&str]) -> std::process::Command {
+    let mut c = std::process::Command::new(BIN);
+    c.arg("--socket").arg(socket).args(args).stdin(std::process::Stdio::null()).current_dir("/");
+    c
+}
+
+/// `vpstag --socket SOCKET ARGS...` as user `uid` (through `setpriv`).
+pub fn vpstag_as(uid: u32, socket: &std::path::Path, args: &[&str]) -> std::process::Output {
+    std::process::Command::new("setpriv")
+        .args([format!("--reuid={uid}"), format!("--regid={uid}"), "--clear-groups".into()])
+        .arg(BIN)
+        .arg("--socket")
+        .arg(socket)
+        .args(args)
+        .stdin(std::process::Stdio::null())
+        .current_dir("/")
+        .output()
+        .expect("running setpriv")
+}
