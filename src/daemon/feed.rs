@@ -18,6 +18,12 @@ const RECENT_BYTES: usize = 1 << 20;
 /// [`FOLLOWER_QUEUE`] events behind).
 const FOLLOWER_BYTES: usize = 1 << 20;
 
+/// The command line of `pid`, read only as far as an event keeps (see [`truncate_cmd`]).
+fn event_cmd(pid: Pid) -> Option<String> {
+    let (cmd, cut) = crate::sys::cmdline_prefix(pid, MAX_EVENT_CMD + 1)?;
+    Some(if cut || cmd.len() > MAX_EVENT_CMD { truncate_cmd(cmd + TRUNCATED_MARK) } else { cmd })
+}
+
 /// `cmd`, cut to at most [`MAX_EVENT_CMD`] bytes (mark included) when longer.
 pub(super) fn truncate_cmd(mut cmd: String) -> String {
     if cmd.len() <= MAX_EVENT_CMD {
@@ -91,9 +97,7 @@ pub(super) fn event_info(ev: &crate::TaggedEvent, name: &str) -> Option<EventInf
         EventKind::Fork { parent, child, .. } => {
             Some(EventInfo { parent: Some(parent.as_raw()), ..base("fork", child) })
         }
-        EventKind::Exec { pid, .. } => {
-            Some(EventInfo { cmd: crate::sys::cmdline(pid).map(truncate_cmd), ..base("exec", pid) })
-        }
+        EventKind::Exec { pid, .. } => Some(EventInfo { cmd: event_cmd(pid), ..base("exec", pid) }),
         EventKind::Exit { pid, thread, .. } if pid != thread => None,
         EventKind::Exit { pid, status, .. } => Some(EventInfo {
             code: status.and_then(|s| match s {

@@ -76,6 +76,30 @@ pub fn cmdline(pid: Pid) -> Option<String> {
     }
 }
 
+/// The command line of a process, for display, reading at most `max` bytes of it (a command line
+/// may be megabytes long): the arguments joined by spaces, `[comm]` when it has none (a kernel
+/// thread, a zombie). One `open` and `read` of `/proc/PID/cmdline`.
+pub(crate) fn cmdline_prefix(pid: Pid, max: usize) -> Option<(String, bool)> {
+    use std::io::Read;
+    let f = std::fs::File::open(format!("/proc/{pid}/cmdline")).ok()?;
+    let mut buf = Vec::with_capacity(max.min(4096) + 1);
+    f.take(max as u64 + 1).read_to_end(&mut buf).ok()?;
+    let cut = buf.len() > max;
+    buf.truncate(max);
+    while buf.last() == Some(&0) {
+        buf.pop();
+    }
+    if buf.is_empty() {
+        return cmdline(pid).map(|c| (c, false));
+    }
+    for b in &mut buf {
+        if *b == 0 {
+            *b = b' ';
+        }
+    }
+    Some((String::from_utf8_lossy(&buf).into_owned(), cut))
+}
+
 /// Start times are exact clock ticks on Linux.
 pub(crate) fn start_tolerance() -> u64 {
     0

@@ -35,3 +35,14 @@ pub(crate) fn signal_exact(id: ProcessId, sig: i32) -> io::Result<bool> {
     }
     Err(e)
 }
+
+/// The command line of a process, for display, cut to `max` bytes (`true` when cut).
+pub(crate) fn cmdline_prefix(pid: vpstag_tracker::Pid, max: usize) -> Option<(String, bool)> {
+    let c = super::cmdline(pid)?;
+    let cut = c.len() > max;
+    let mut end = max.min(c.len());
+    while !c.is_char_boundary(end) {
+        end -= 1;
+    }
+    Some((c[..end].to_string(), cut))
+}
