@@ -16,6 +16,37 @@ pub fn parse_stat_start(stat: &str) -> Option<u64> {
     rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
 }
 
+/// What the backend needs of `/proc/PID/stat`: enough to tell a process from a later one with
+/// the same pid, and a live process from one that has finished exiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// Field 3, the state letter (`R`, `S`, `Z`, ...).
+    pub state: char,
+    /// Field 20, the threads the process still counts (a zombie leader counts itself).
+    pub threads: u64,
+    /// Field 22, the start time in clock ticks since boot.
+    pub start: u64,
+}
+
+impl Stat {
+    /// Whether the whole process has exited: dead, or a zombie with no other thread left. (A
+    /// zombie leader whose other threads still run is a live process.)
+    pub fn exited(&self) -> bool {
+        matches!(self.state, 'X' | 'x') || (self.state == 'Z' && self.threads <= 1)
+    }
+}
+
+/// Fields 3, 20 and 22 of `/proc/PID/stat`.
+pub fn parse_stat(stat: &str) -> Option<Stat> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_ascii_whitespace();
+    let state = f.next()?.chars().next()?;
+    // Fields 4..=19 lie between the state and the thread count.
+    let threads = f.nth(20 - 4)?.parse().ok()?;
+    let start = f.nth(22 - 21)?.parse().ok()?;
+    Some(Stat { state, threads, start })
+}
+
 /// The `Tgid:` line of `/proc/PID/status`.
 pub fn parse_status_tgid(status: &str) -> Option<i32> {
     status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
@@ -75,6 +106,13 @@ mod linux {
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unparsable /proc/{pid}/stat")))
     }
 
+    /// `/proc/PID/stat` of `pid`: state, threads and start time.
+    pub fn stat(pid: Pid) -> io::Result<super::Stat> {
+        let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw()))?;
+        super::parse_stat(&stat)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unparsable /proc/{pid}/stat")))
+    }
+
     /// The process (thread-group id) that the task `pid` belongs to.
     pub fn tgid_of(pid: Pid) -> io::Result<Pid> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", pid.as_raw()))?;
@@ -127,6 +165,14 @@ mod tests {
         assert_eq!(parse_stat_start(stat), Some(123456));
         assert_eq!(parse_stat_start("1 (x) S 0"), None);
         assert_eq!(parse_stat_start("garbage"), None);
+        assert_eq!(parse_stat(stat), Some(Stat { state: 'S', threads: 1, start: 123456 }));
+        assert!(!parse_stat(stat).unwrap().exited());
+        assert_eq!(parse_stat("1 (x) S 0"), None);
+        let zombie = stat.replace(") S ", ") Z ");
+        assert!(parse_stat(&zombie).unwrap().exited(), "a zombie alone is gone");
+        let leader = zombie.replace(" 20 0 1 0 ", " 20 0 3 0 ");
+        assert_eq!(parse_stat(&leader), Some(Stat { state: 'Z', threads: 3, start: 123456 }));
+        assert!(!parse_stat(&leader).unwrap().exited(), "a zombie leader with threads lives");
     }
 
     #[test]
