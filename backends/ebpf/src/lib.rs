@@ -372,20 +372,25 @@ mod linux {
         }
 
         /// Every tagged process (a snapshot): the tag map read in batches
-        /// (`BPF_MAP_LOOKUP_BATCH`), each entry checked against `/proc` like
-        /// [`tag_of`](Ebpf::tag_of) does.
+        /// (`BPF_MAP_LOOKUP_BATCH`, 1,024 entries a system call), without reading `/proc`.
+        ///
+        /// Exact: the fork program adds a child before it runs, the exit program deletes a
+        /// process when its last thread exits (before its pid can be reused), and
+        /// [`tag`](Ebpf::tag) refuses a process whose exit already passed that point, so no
+        /// entry outlives its process. A zombie is not listed; a zombie leader whose other
+        /// threads run is. An entry added or deleted while the map is read may or may not be.
         pub fn entries(&self) -> Result<Vec<Member>, TrackerError> {
-            Ok(self.inner.entries()?.into_iter().filter_map(|(pid, t)| self.current(pid, t)).collect())
+            Ok(self.inner.entries()?.into_iter().map(|(pid, t)| self.member(pid, t)).collect())
         }
 
-        /// The processes of one VPS (a snapshot), checked like [`entries`](Ebpf::entries).
+        /// The processes of one VPS (a snapshot), read like [`entries`](Ebpf::entries).
         pub fn members(&self, vps: VpsId) -> Result<Vec<Member>, TrackerError> {
             Ok(self
                 .inner
                 .entries()?
                 .into_iter()
                 .filter(|(_, t)| t.vps == vps)
-                .filter_map(|(pid, t)| self.current(pid, t))
+                .map(|(pid, t)| self.member(pid, t))
                 .collect())
         }
 
@@ -394,8 +399,8 @@ mod linux {
         }
 
         /// The entry as a member if `pid` is still the process it was written for and has not
-        /// exited. An entry can outlive its process only if it was written by user space after
-        /// the process's exit ran (see [`tag`](Ebpf::tag)).
+        /// exited: a check that costs a read of `/proc/PID/stat`, against an entry that outlived
+        /// its process (which [`tag`](Ebpf::tag) prevents) and a pid reused in between.
         fn current(&self, pid: Pid, t: Tag) -> Option<Member> {
             let m = self.member(pid, t);
             let now = procfs::stat(pid).ok()?;
@@ -404,6 +409,10 @@ mod linux {
 
         /// Tags `pid` (a process, or any of its threads) as a member of `vps`, replacing any tag
         /// it had. Its descendants from now on inherit the tag in the kernel.
+        ///
+        /// [`TrackerError::NoSuchProcess`] if the process is gone, a zombie, or exiting (every
+        /// thread has begun to exit): its exit may have passed the exit program already, so it
+        /// is not tagged.
         pub fn tag(&self, pid: Pid, vps: VpsId) -> Result<(), TrackerError> {
             self.tag_as(pid, vps, false)
         }
@@ -425,10 +434,21 @@ mod linux {
             };
             let tgid = procfs::tgid_of(pid).map_err(gone)?;
             let start = procfs::start_time(tgid).map_err(gone)?;
-            self.inner.set(tgid, Tag { vps, start_ns: self.clock.from_ticks(start), root })?;
-            // If the process died and its pid was reused meanwhile, undo.
-            if procfs::start_time(tgid).ok() != Some(start) {
-                self.inner.remove(tgid)?;
+            let tag = Tag { vps, start_ns: self.clock.from_ticks(start), root };
+            self.inner.set(tgid, tag)?;
+            // The exit program deletes an entry when the process's last thread exits. If that
+            // already ran (every thread has begun to exit, or the process is gone or its pid
+            // reused), nothing would delete this one: undo, so that no entry outlives its
+            // process. A thread not yet exiting now runs the exit program after the write.
+            let keep = match procfs::stat(tgid) {
+                Ok(now) => now.start == start.0 && !now.exited() && !procfs::all_threads_exiting(tgid, &now),
+                Err(_) => false,
+            };
+            if !keep {
+                // Only our own entry: a reused pid may have been tagged by its parent's fork.
+                if self.inner.get(tgid)? == Some(tag) {
+                    self.inner.remove(tgid)?;
+                }
                 return Err(TrackerError::NoSuchProcess(pid));
             }
             Ok(())
@@ -532,13 +552,12 @@ mod linux {
         /// entries behind; the scan repeats (a few times) until it finds none.
         fn forget(&mut self, vps: VpsId) -> Result<(), TrackerError> {
             for _ in 0..4 {
-                let mine: Vec<Pid> =
-                    self.inner.entries()?.into_iter().filter(|(_, t)| t.vps == vps).map(|(p, _)| p).collect();
+                let mine = self.members(vps)?;
                 if mine.is_empty() {
                     break;
                 }
-                for p in mine {
-                    self.inner.remove(p)?;
+                for m in mine {
+                    self.inner.remove(m.pid)?;
                 }
             }
             Ok(())
