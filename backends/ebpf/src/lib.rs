@@ -185,6 +185,7 @@ impl Config {
     pub const MAX_WAKEUP_INTERVAL: Duration = Duration::from_secs(3600);
 
     /// The kernel side's `control` value for this configuration.
+    #[cfg_attr(not(target_os = "linux"), allow(dead_code))]
     fn control(&self) -> decode::Control {
         let interval = self.wakeup_interval.min(Config::MAX_WAKEUP_INTERVAL);
         decode::Control {
