@@ -1,7 +1,9 @@
 //! What tracking costs a fork-heavy workload: a process forks N children that exit at once,
 //! reaping each (`loop`) or 50 at a time (`burst`), tagged vs untracked, in ABAB rounds, under
-//! several kernel-side settings and readers. Prints medians, the tagged/untracked rate ratio, and
-//! the reader thread's CPU time per event.
+//! several kernel-side settings and readers. Prints the median time per fork untracked and
+//! tagged, the tagged/untracked rate ratio of those medians (`ratio`) and the median of each
+//! round's ratio (`pairs`: a round's two runs are neighbours in time, so they share the machine's
+//! noise), the events read, the reader thread's CPU time per event, and how often it drained.
 //!
 //! ```text
 //! cargo run --release -p vpstag-ebpf --example overhead -- [--forks N] [--rounds R] [--only NAME]
@@ -245,9 +247,10 @@ mod linux {
             "{} forks a run, {} ABAB rounds, worker on CPU {WORKER_CPU}, reader on CPU {READER_CPU}",
             a.forks, a.rounds
         );
+        println!("load average: {}", loadavg());
         println!(
-            "{:<13} {:<5} {:>12} {:>12} {:>7} {:>9} {:>11} {:>10}",
-            "setting", "load", "untracked", "tagged", "ratio", "events", "reader/ev", "drains"
+            "{:<13} {:<5} {:>12} {:>12} {:>7} {:>7} {:>9} {:>11} {:>7}",
+            "setting", "load", "untracked", "tagged", "ratio", "pairs", "events", "reader/ev", "drains"
         );
         for s in SETTINGS.iter().filter(|s| a.only.as_deref().map_or(true, |o| o == s.name)) {
             let config = Config { wakeup_interval: s.wakeup, reporting: s.reporting, ..Config::default() };
@@ -281,6 +284,11 @@ mod linux {
                 let drains = *shared.drains.lock().unwrap_or_else(|e| e.into_inner());
                 let after = shared.t.lock().unwrap_or_else(|e| e.into_inner()).counters().expect("counters");
                 let lost = (after.insert_failed - before.insert_failed) + (after.ringbuf_full - before.ringbuf_full);
+                // Each round's untracked/tagged ratio: neighbours in time share the machine's noise.
+                let mut pairs: Vec<f64> =
+                    plain.iter().zip(&tagged).map(|(p, q)| p.as_nanos() as f64 / q.as_nanos() as f64).collect();
+                pairs.sort_by(f64::total_cmp);
+                let pair_median = pairs[pairs.len() / 2];
                 let (p, q) = (median(&mut plain), median(&mut tagged));
                 let per = |d: Duration| format!("{:.2} us", d.as_nanos() as f64 / a.forks as f64 / 1000.0);
                 let per_event = if events > 0 {
@@ -289,12 +297,13 @@ mod linux {
                     format!("{} us all", reader_cpu.as_micros())
                 };
                 println!(
-                    "{:<13} {:<5} {:>12} {:>12} {:>7.3} {:>9} {:>11} {:>10}{}",
+                    "{:<13} {:<5} {:>12} {:>12} {:>7.3} {:>7.3} {:>9} {:>11} {:>7}{}",
                     s.name,
                     kind,
                     per(p),
                     per(q),
                     p.as_nanos() as f64 / q.as_nanos() as f64,
+                    pair_median,
                     events,
                     per_event,
                     drains,
@@ -305,6 +314,16 @@ mod linux {
                 lookups(&shared.t.lock().unwrap_or_else(|e| e.into_inner()));
             }
         }
+        println!("load average: {}", loadavg());
+    }
+
+    fn loadavg() -> String {
+        std::fs::read_to_string("/proc/loadavg")
+            .unwrap_or_default()
+            .split_whitespace()
+            .take(3)
+            .collect::<Vec<_>>()
+            .join(" ")
     }
 
     /// How fast the map answers in RootsOnly mode: a tagged tree of sleeping processes.

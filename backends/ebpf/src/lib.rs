@@ -23,11 +23,38 @@
 //!   `Manager`), or that wants the event stream itself. It costs a ring-buffer record per event.
 //! - [`Reporting::RootsOnly`]: no per-event records. The map *is* the table: ask it with
 //!   [`Ebpf::tag_of`] (one map look-up and one read of `/proc/PID/stat`), [`Ebpf::members`] and
-//!   [`Ebpf::entries`] (batched map reads). Only two things are still sent: the exit of a *root*
-//!   (a process tagged with [`Ebpf::tag_root`] or [`ForkTracker::watch`], e.g. a VPS's first
-//!   process, so the consumer learns that a VPS ended), and losses (a child that could not be
-//!   tagged because the map was full, a full ring buffer) as `Lost` events. The fork path then
-//!   costs what the tag map costs, no more.
+//!   [`Ebpf::entries`] (batched map reads, no `/proc`). Only two things are still sent: the exit
+//!   of a *root* (a process tagged with [`Ebpf::tag_root`] or [`ForkTracker::watch`], e.g. a
+//!   VPS's first process, so the consumer learns that a VPS ended), and losses: a fork whose
+//!   child could not be tagged because the map was full (its `Fork` event, then
+//!   `Lost { reason: TrackingError }`) and records dropped on a full ring buffer
+//!   (`Lost { reason: Overflow }`). The fork path then costs what the tag map costs, no more.
+//!
+//! ```no_run
+//! # fn main() -> Result<(), vpstag_tracker::TrackerError> {
+//! use vpstag_ebpf::{Config, Ebpf, Reporting};
+//! use vpstag_tracker::{EventKind, ForkTracker, Pid, VpsId};
+//!
+//! let mut t = Ebpf::with_config(Config { reporting: Reporting::RootsOnly, ..Config::default() })?;
+//! let first = Pid::new(4242).unwrap(); // held at its start gate until tagged
+//! t.watch(first, VpsId(1))?; // a root: its exit will be reported
+//! // Queries go to the map.
+//! let vps = t.tag_of(Pid::new(4243).unwrap())?.map(|(vps, _start)| vps);
+//! let members = t.members(VpsId(1))?;
+//! // The ring buffer carries only roots' exits and losses: poll t.as_fd(), then read.
+//! let mut events = Vec::new();
+//! t.read_events(&mut events, Some(std::time::Duration::from_secs(1)))?;
+//! for e in &events {
+//!     match e.kind {
+//!         EventKind::Exit { pid, .. } => println!("VPS {:?} lost its first process {pid}", e.tag),
+//!         EventKind::Lost { .. } => println!("some child is untagged: raise Config::map_entries"),
+//!         _ => {}
+//!     }
+//! }
+//! # let _ = (vps, members);
+//! # Ok(())
+//! # }
+//! ```
 //!
 //! A consumer that switches from `RootsOnly` to `All` and keeps a table of its own rebuilds it:
 //! switch first, then take [`Ebpf::entries`], then apply the events read from then on (a fork

@@ -1078,3 +1078,40 @@ read x <&3"#;
     t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
     assert!(exits(&events).contains_key(&root), "the root's exit: {events:?}");
 }
+
+#[test]
+fn roots_only_still_reports_a_full_map() {
+    if skip_unless_root("roots_only_still_reports_a_full_map") {
+        return;
+    }
+    let config = Config { map_entries: 4, reporting: Reporting::RootsOnly, ..Config::default() };
+    let mut t = Ebpf::with_config(config).expect("load");
+    let vps = VpsId(45);
+    let dir = TempDir::new("roots-full");
+    let d = dir.0.to_str().unwrap().to_owned();
+    let script = r#"for i in 1 2 3 4 5 6 7 8 9 10; do sleep 1000 & done; : > "$D/ready"; wait"#;
+    let mut held = Held::spawn(&["/bin/sh", "-c", script], &[("PATH", "/usr/bin:/bin"), ("D", &d)]);
+    t.watch(held.pid(), vps).expect("watch");
+    held.open_gate();
+    wait_for("the script", || dir.0.join("ready").exists());
+
+    // The untagged children's records wake the reader and come with a Lost event.
+    let mut events = Vec::new();
+    assert!(poll_readable(t.as_fd().as_raw_fd(), TIMEOUT), "a loss woke no reader within {TIMEOUT:?}");
+    t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
+    let lost: u64 = events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Lost { count, reason: LossReason::TrackingError } => count,
+            _ => None,
+        })
+        .sum();
+    let c = t.counters().unwrap();
+    assert!(c.insert_failed >= 6, "10 children, at most 3 free entries: {c:?}");
+    assert_eq!(lost, c.insert_failed, "every failed insertion is reported: {events:?}");
+    let untagged = forks_of(&events, held.pid).len() as u64;
+    assert_eq!(untagged, c.insert_failed, "RootsOnly reports exactly the forks that were lost: {events:?}");
+    assert!(!events.iter().any(|e| matches!(e.kind, EventKind::Exec { .. } | EventKind::Exit { .. })), "{events:?}");
+    held.kill_all();
+    wait_for("the VPS's entries to go", || t.members(vps).unwrap().is_empty());
+}
