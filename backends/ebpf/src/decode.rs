@@ -8,9 +8,13 @@ use vpstag_tracker::{Event, EventKind, ExitStatus, LossReason, Pid, StartTime, V
 /// Size of one ring-buffer record, `struct vpstag_event`.
 pub const RECORD_SIZE: usize = 56;
 /// Size of a value of the `tags` map, `struct vpstag_tag`; its key is the tgid, a `u32`.
-pub const TAG_SIZE: usize = 16;
+pub const TAG_SIZE: usize = 24;
 /// Size of the value of the `counters` map, `struct vpstag_counters`.
 pub const COUNTERS_SIZE: usize = 16;
+/// Size of the value of the `control` map, `struct vpstag_control`.
+pub const CONTROL_SIZE: usize = 24;
+/// Size a record takes in the ring buffer: the record and the ring's 8-byte header.
+pub const RING_RECORD_BYTES: usize = RECORD_SIZE + 8;
 
 /// `enum vpstag_kind`.
 pub const KIND_FORK: u32 = 1;
@@ -20,6 +24,14 @@ pub const KIND_EXEC: u32 = 2;
 pub const KIND_EXIT: u32 = 3;
 /// `VPSTAG_F_UNTRACKED`: a forked child could not be added to the map.
 pub const FLAG_UNTRACKED: u32 = 0x1;
+/// `VPSTAG_F_ROOT`: an exit of a root (a process tagged with [`TAG_ROOT`]).
+pub const FLAG_ROOT: u32 = 0x2;
+/// `VPSTAG_TAG_ROOT`: the tag map's flag for a root, whose exit is always reported.
+pub const TAG_ROOT: u32 = 0x1;
+/// `VPSTAG_REPORT_ALL`: a record for every fork, exec and exit of a tagged process.
+pub const REPORT_ALL: u32 = 0;
+/// `VPSTAG_REPORT_ROOTS`: records only for roots' exits and for losses.
+pub const REPORT_ROOTS: u32 = 1;
 
 // Offsets inside `struct vpstag_event`.
 const OFF_TIME: usize = 0;
@@ -188,6 +200,8 @@ pub struct Tag {
     pub vps: VpsId,
     /// The process's start, kernel boot-clock nanoseconds (see [`Clock`]).
     pub start_ns: u64,
+    /// Whether it is a root ([`TAG_ROOT`]): its exit is always reported.
+    pub root: bool,
 }
 
 impl Tag {
@@ -195,13 +209,52 @@ impl Tag {
     pub fn to_bytes(self) -> [u8; TAG_SIZE] {
         let mut b = [0u8; TAG_SIZE];
         b[..8].copy_from_slice(&self.vps.0.to_ne_bytes());
-        b[8..].copy_from_slice(&self.start_ns.to_ne_bytes());
+        b[8..16].copy_from_slice(&self.start_ns.to_ne_bytes());
+        let flags = if self.root { TAG_ROOT } else { 0 };
+        b[16..20].copy_from_slice(&flags.to_ne_bytes());
         b
     }
 
     /// Reads a map value; `None` if it has the wrong size.
     pub fn from_bytes(b: &[u8]) -> Option<Tag> {
-        (b.len() == TAG_SIZE).then(|| Tag { vps: VpsId(u64_at(b, 0)), start_ns: u64_at(b, 8) })
+        (b.len() == TAG_SIZE).then(|| Tag {
+            vps: VpsId(u64_at(b, 0)),
+            start_ns: u64_at(b, 8),
+            root: u32_at(b, 16) & TAG_ROOT != 0,
+        })
+    }
+}
+
+/// The value of the `control` map, `struct vpstag_control`: what the programs report and how they
+/// wake the reader.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+pub struct Control {
+    /// [`REPORT_ALL`] or [`REPORT_ROOTS`].
+    pub reporting: u32,
+    /// 0: the kernel's default wake-up for every record that finds the reader idle; otherwise at
+    /// most one forced wake-up per this many nanoseconds for ordinary records.
+    pub wakeup_ns: u64,
+    /// With `wakeup_ns`: force a wake-up when this many bytes wait unread in the ring.
+    pub wake_bytes: u64,
+}
+
+impl Control {
+    /// The map value's bytes.
+    pub fn to_bytes(self) -> [u8; CONTROL_SIZE] {
+        let mut b = [0u8; CONTROL_SIZE];
+        b[..4].copy_from_slice(&self.reporting.to_ne_bytes());
+        b[8..16].copy_from_slice(&self.wakeup_ns.to_ne_bytes());
+        b[16..].copy_from_slice(&self.wake_bytes.to_ne_bytes());
+        b
+    }
+
+    /// Reads the map value; `None` if it has the wrong size.
+    pub fn from_bytes(b: &[u8]) -> Option<Control> {
+        (b.len() == CONTROL_SIZE).then(|| Control {
+            reporting: u32_at(b, 0),
+            wakeup_ns: u64_at(b, 8),
+            wake_bytes: u64_at(b, 16),
+        })
     }
 }
 
@@ -269,8 +322,25 @@ mod tests {
         assert!(header.contains("One ring-buffer record, 56 bytes."));
         assert_eq!(RECORD_SIZE, 56);
         assert_eq!(OFF_FLAGS + 4 + 4, RECORD_SIZE);
-        assert_eq!(TAG_SIZE, 16);
+        assert_eq!(TAG_SIZE, 16 + 4 + 4);
         assert_eq!(COUNTERS_SIZE, 16);
+        assert_eq!(CONTROL_SIZE, 4 + 4 + 8 + 8);
+        for (text, value) in [
+            ("#define VPSTAG_TAG_ROOT 0x1", TAG_ROOT),
+            ("#define VPSTAG_F_UNTRACKED 0x1", FLAG_UNTRACKED),
+            ("#define VPSTAG_F_ROOT 0x2", FLAG_ROOT),
+        ] {
+            assert!(header.contains(text) && text.ends_with(&format!("{value:#x}")), "{text} in vpstag.h");
+        }
+        assert!(header.contains(&format!("VPSTAG_REPORT_ALL = {REPORT_ALL},")));
+        assert!(header.contains(&format!("VPSTAG_REPORT_ROOTS = {REPORT_ROOTS},")));
+        let tag = &header[header.find("struct vpstag_tag {").unwrap()..];
+        let tag = &tag[..tag.find("};").unwrap()];
+        assert!(tag.find("start_ns;") < tag.find("flags;") && tag.find("flags;") < tag.find("pad;"));
+        let control = &header[header.find("struct vpstag_control {").unwrap()..];
+        let control = &control[..control.find("};").unwrap()];
+        let order = ["reporting;", "pad;", "wakeup_ns;", "wake_bytes;"];
+        assert!(order.windows(2).all(|w| control.find(w[0]) < control.find(w[1])), "{control}");
         let order = ["time_ns", "vps", "start_ns", "kind", "cpu", "pid", "tid", "child", "status", "flags", "pad"];
         let body = &header[header.find("struct vpstag_event {").unwrap()..];
         let mut last = 0;
@@ -388,9 +458,17 @@ mod tests {
 
     #[test]
     fn tag_values_round_trip() {
-        let t = Tag { vps: VpsId(0xdead_beef_0042), start_ns: 123_456_789_012 };
+        let t = Tag { vps: VpsId(0xdead_beef_0042), start_ns: 123_456_789_012, root: false };
         assert_eq!(Tag::from_bytes(&t.to_bytes()), Some(t));
+        let root = Tag { root: true, ..t };
+        assert_eq!(Tag::from_bytes(&root.to_bytes()), Some(root));
+        assert_eq!(u32::from_ne_bytes(root.to_bytes()[16..20].try_into().unwrap()), TAG_ROOT);
         assert_eq!(Tag::from_bytes(&[0; 8]), None);
+        assert_eq!(Tag::from_bytes(&[0; 16]), None);
+        let c = Control { reporting: REPORT_ROOTS, wakeup_ns: 4_000_000, wake_bytes: 1 << 18 };
+        assert_eq!(Control::from_bytes(&c.to_bytes()), Some(c));
+        assert_eq!(Control::default().to_bytes(), [0; CONTROL_SIZE], "all zero: the old behaviour");
+        assert_eq!(Control::from_bytes(&[0; 16]), None);
         assert_eq!(pid_from_key(&tag_key(pid(4242))), Some(pid(4242)));
         assert_eq!(pid_from_key(&[0; 4]), None);
         assert_eq!(pid_from_key(&[1; 8]), None);

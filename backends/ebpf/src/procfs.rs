@@ -16,6 +16,48 @@ pub fn parse_stat_start(stat: &str) -> Option<u64> {
     rest.split_ascii_whitespace().nth(22 - 3)?.parse().ok()
 }
 
+/// What the backend needs of `/proc/PID/stat`: enough to tell a process from a later one with
+/// the same pid, and a live process from one that has finished exiting.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Stat {
+    /// Field 3, the state letter (`R`, `S`, `Z`, ...).
+    pub state: char,
+    /// Field 9, the task's `PF_*` flags.
+    pub flags: u64,
+    /// Field 20, the threads the process still counts (a zombie leader counts itself).
+    pub threads: u64,
+    /// Field 22, the start time in clock ticks since boot.
+    pub start: u64,
+}
+
+impl Stat {
+    /// Whether the whole process has exited: dead, or a zombie with no other thread left. (A
+    /// zombie leader whose other threads still run is a live process.)
+    pub fn exited(&self) -> bool {
+        matches!(self.state, 'X' | 'x') || (self.state == 'Z' && self.threads <= 1)
+    }
+
+    /// Whether this task has begun to exit (`PF_EXITING`, set at the start of `do_exit`, before
+    /// the exit tracepoint).
+    pub fn exiting(&self) -> bool {
+        self.flags & PF_EXITING != 0
+    }
+}
+
+/// `PF_EXITING` (include/linux/sched.h), stable since Linux 2.6.
+pub const PF_EXITING: u64 = 0x4;
+
+/// Fields 3, 9, 20 and 22 of `/proc/PID/stat`.
+pub fn parse_stat(stat: &str) -> Option<Stat> {
+    let rest = &stat[stat.rfind(')')? + 1..];
+    let mut f = rest.split_ascii_whitespace();
+    let state = f.next()?.chars().next()?;
+    let flags = f.nth(9 - 4)?.parse().ok()?;
+    let threads = f.nth(20 - 10)?.parse().ok()?;
+    let start = f.nth(22 - 21)?.parse().ok()?;
+    Some(Stat { state, flags, threads, start })
+}
+
 /// The `Tgid:` line of `/proc/PID/status`.
 pub fn parse_status_tgid(status: &str) -> Option<i32> {
     status.lines().find_map(|l| l.strip_prefix("Tgid:")).and_then(|v| v.trim().parse().ok())
@@ -75,6 +117,48 @@ mod linux {
             .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unparsable /proc/{pid}/stat")))
     }
 
+    /// `/proc/PID/stat` of `pid`: state, flags, threads and start time.
+    pub fn stat(pid: Pid) -> io::Result<super::Stat> {
+        stat_at(&format!("/proc/{}/stat", pid.as_raw()))
+    }
+
+    /// Reads a `stat` file into a buffer on the stack (one open, reads, one close: no `statx`,
+    /// no allocation but the path's), as `tag_of` does for every look-up.
+    fn stat_at(path: &str) -> io::Result<super::Stat> {
+        use std::io::Read;
+        let mut f = std::fs::File::open(path)?;
+        let mut buf = [0u8; 2048];
+        let mut len = 0;
+        while len < buf.len() {
+            match f.read(&mut buf[len..]) {
+                Ok(0) => break,
+                Ok(n) => len += n,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+                Err(e) => return Err(e),
+            }
+        }
+        std::str::from_utf8(&buf[..len])
+            .ok()
+            .and_then(super::parse_stat)
+            .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unparsable {path}")))
+    }
+
+    /// Whether every thread of the process `pid` (whose `stat` is `leader`) has begun to exit,
+    /// or none is left: its exit may then have passed the exit tracepoint already.
+    pub fn all_threads_exiting(pid: Pid, leader: &super::Stat) -> bool {
+        if leader.threads <= 1 {
+            return leader.exiting() || leader.exited();
+        }
+        let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", pid.as_raw())) else {
+            return true;
+        };
+        let live = dir.flatten().any(|t| {
+            let path = t.path().join("stat");
+            path.to_str().and_then(|p| stat_at(p).ok()).is_some_and(|s| !s.exiting())
+        });
+        !live
+    }
+
     /// The process (thread-group id) that the task `pid` belongs to.
     pub fn tgid_of(pid: Pid) -> io::Result<Pid> {
         let status = std::fs::read_to_string(format!("/proc/{}/status", pid.as_raw()))?;
@@ -127,6 +211,17 @@ mod tests {
         assert_eq!(parse_stat_start(stat), Some(123456));
         assert_eq!(parse_stat_start("1 (x) S 0"), None);
         assert_eq!(parse_stat_start("garbage"), None);
+        assert_eq!(parse_stat(stat), Some(Stat { state: 'S', flags: 4194560, threads: 1, start: 123456 }));
+        assert!(!parse_stat(stat).unwrap().exited());
+        assert!(!parse_stat(stat).unwrap().exiting());
+        let exiting = stat.replace(" 4194560 ", " 4194564 ");
+        assert!(parse_stat(&exiting).unwrap().exiting(), "PF_EXITING");
+        assert_eq!(parse_stat("1 (x) S 0"), None);
+        let zombie = stat.replace(") S ", ") Z ");
+        assert!(parse_stat(&zombie).unwrap().exited(), "a zombie alone is gone");
+        let leader = zombie.replace(" 20 0 1 0 ", " 20 0 3 0 ");
+        assert_eq!(parse_stat(&leader), Some(Stat { state: 'Z', flags: 4194560, threads: 3, start: 123456 }));
+        assert!(!parse_stat(&leader).unwrap().exited(), "a zombie leader with threads lives");
     }
 
     #[test]

@@ -3,7 +3,7 @@
 
 use std::ffi::OsStr;
 use std::io;
-use std::os::fd::{AsFd, BorrowedFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd};
 use std::path::Path;
 use std::sync::{Arc, Mutex, MutexGuard, PoisonError};
 use std::time::Duration;
@@ -13,7 +13,7 @@ use libbpf_rs::{
 };
 use vpstag_tracker::{Event, Pid, TrackerError};
 
-use crate::decode::{self, Clock, Counters, Tag};
+use crate::decode::{self, Clock, Control, Counters, Tag};
 use crate::procfs;
 
 /// The BPF object that build.rs compiled, 8-byte aligned for libelf.
@@ -159,18 +159,25 @@ pub(crate) struct Loaded {
     _links: Vec<Link>,
     tags: MapHandle,
     counters: MapHandle,
+    control: MapHandle,
     events: MapHandle,
     _object: Object,
 }
 
 impl Loaded {
-    /// Loads the object with the given map sizes, attaches every program and sets up the reader.
-    pub(crate) fn load(map_entries: u32, ring_bytes: u32, clock: Clock) -> Result<Loaded, TrackerError> {
+    /// Loads the object with the given map sizes, sets `control`, attaches every program and sets
+    /// up the reader.
+    pub(crate) fn load(
+        map_entries: u32,
+        ring_bytes: u32,
+        control: Control,
+        clock: Clock,
+    ) -> Result<Loaded, TrackerError> {
         preflight()?;
         let _one_at_a_time = lock(&LOAD_LOCK);
         lock(&LOAD_LOG).clear();
         let previous = libbpf_rs::set_print(Some((PrintLevel::Warn, capture_log)));
-        let result = Self::load_quietly(map_entries, ring_bytes, clock);
+        let result = Self::load_quietly(map_entries, ring_bytes, control, clock);
         libbpf_rs::set_print(previous);
         let log = std::mem::take(&mut *lock(&LOAD_LOG));
         result.map_err(|(what, e)| load_error(what, e, &log))
@@ -179,6 +186,7 @@ impl Loaded {
     fn load_quietly(
         map_entries: u32,
         ring_bytes: u32,
+        control: Control,
         clock: Clock,
     ) -> Result<Loaded, (&'static str, libbpf_rs::Error)> {
         let mut builder = ObjectBuilder::default();
@@ -203,7 +211,19 @@ impl Loaded {
         };
         let tags = handle("tags")?;
         let counters = handle("counters")?;
+        let control_map = handle("control")?;
         let events = handle("events")?;
+        // entries() reads the tag map's raw bytes: the layout must be vpstag.h's.
+        if tags.key_size() != 4 || tags.value_size() as usize != decode::TAG_SIZE {
+            return Err((
+                "checking the tag map's layout",
+                libbpf_rs::Error::from(io::Error::from(io::ErrorKind::InvalidData)),
+            ));
+        }
+        // Before the programs run, so that their first record follows it.
+        control_map
+            .update(&0u32.to_ne_bytes(), &control.to_bytes(), MapFlags::ANY)
+            .map_err(|e| ("setting the control map", e))?;
 
         // Attach each program once and keep its link for as long as the tracker lives.
         let mut links = Vec::with_capacity(PROGRAMS.len());
@@ -224,7 +244,7 @@ impl Loaded {
         .map_err(|e| ("setting up the ring-buffer reader", e))?;
         let ring = rb.build().map_err(|e| ("setting up the ring-buffer reader", e))?;
 
-        Ok(Loaded { ring, staged, _links: links, tags, counters, events, _object: object })
+        Ok(Loaded { ring, staged, _links: links, tags, counters, control: control_map, events, _object: object })
     }
 
     /// The ring buffer's descriptor: it polls readable when records wait.
@@ -273,6 +293,13 @@ impl Loaded {
         Ok(value.as_deref().and_then(Counters::from_bytes).unwrap_or_default())
     }
 
+    /// Replaces the `control` map's value; the programs follow it from their next run on.
+    pub(crate) fn set_control(&self, control: Control) -> Result<(), TrackerError> {
+        self.control
+            .update(&0u32.to_ne_bytes(), &control.to_bytes(), MapFlags::ANY)
+            .map_err(|e| map_error("setting the eBPF control map", e))
+    }
+
     /// The map's entry for `pid`.
     pub(crate) fn get(&self, pid: Pid) -> Result<Option<Tag>, TrackerError> {
         let value = self
@@ -305,13 +332,68 @@ impl Loaded {
         }
     }
 
-    /// Every entry of the tag map (a snapshot, bucket by bucket).
+    /// Every entry of the tag map (a snapshot, bucket by bucket), read with `BPF_MAP_LOOKUP_BATCH`:
+    /// one system call per `BATCH` entries. An entry present during the whole call is returned
+    /// once; one added or deleted meanwhile may or may not be.
     pub(crate) fn entries(&self) -> Result<Vec<(Pid, Tag)>, TrackerError> {
-        let batch = self
-            .tags
-            .lookup_batch(1024, MapFlags::ANY, MapFlags::ANY)
-            .map_err(|e| map_error("listing the eBPF tag map", e))?;
-        Ok(batch.filter_map(|(k, v)| Some((decode::pid_from_key(&k)?, Tag::from_bytes(&v)?))).collect())
+        const KEY: usize = 4;
+        let mut batch: usize = 1024;
+        let mut keys = vec![0u8; KEY * batch];
+        let mut values = vec![0u8; decode::TAG_SIZE * batch];
+        let mut out = Vec::new();
+        // The kernel's cursor: where the previous batch stopped (none before the first).
+        let mut cursor: Option<[u8; KEY]> = None;
+        let mut next = [0u8; KEY];
+        let opts = libbpf_sys::bpf_map_batch_opts {
+            sz: std::mem::size_of::<libbpf_sys::bpf_map_batch_opts>() as libbpf_sys::size_t,
+            elem_flags: 0,
+            flags: 0,
+        };
+        loop {
+            let mut count = batch as u32;
+            let in_batch = cursor.as_mut().map_or(std::ptr::null_mut(), |c| c.as_mut_ptr().cast());
+            #[allow(unsafe_code)]
+            // SAFETY: the map's keys are KEY bytes and its values TAG_SIZE bytes (checked below);
+            // `keys` and `values` hold `count` of each, `in_batch` and `next` one key, and `opts`
+            // is a bpf_map_batch_opts with its size set. The kernel writes at most `count`
+            // entries and sets `count` to how many it wrote.
+            let ret = unsafe {
+                libbpf_sys::bpf_map_lookup_batch(
+                    self.tags.as_fd().as_raw_fd(),
+                    in_batch,
+                    next.as_mut_ptr().cast(),
+                    keys.as_mut_ptr().cast(),
+                    values.as_mut_ptr().cast(),
+                    &mut count,
+                    &opts,
+                )
+            };
+            // libbpf returns -errno.
+            let last = match -ret {
+                0 => false,
+                libc::ENOENT => true,
+                libc::ENOSPC if count == 0 && batch < 1 << 20 => {
+                    // One hash bucket holds more than a batch: retry from the same cursor.
+                    batch *= 4;
+                    keys.resize(KEY * batch, 0);
+                    values.resize(decode::TAG_SIZE * batch, 0);
+                    continue;
+                }
+                libc::EINTR => continue,
+                errno => return Err(TrackerError::io("listing the eBPF tag map", io::Error::from_raw_os_error(errno))),
+            };
+            let n = (count as usize).min(batch);
+            out.extend(
+                keys[..KEY * n]
+                    .chunks_exact(KEY)
+                    .zip(values[..decode::TAG_SIZE * n].chunks_exact(decode::TAG_SIZE))
+                    .filter_map(|(k, v)| Some((decode::pid_from_key(k)?, Tag::from_bytes(v)?))),
+            );
+            if last {
+                return Ok(out);
+            }
+            cursor = Some(next);
+        }
     }
 
     /// The tag map's capacity.

@@ -5,11 +5,13 @@
 
 use std::collections::{HashMap, HashSet};
 use std::ffi::CString;
+use std::io::Write;
+use std::os::fd::AsRawFd;
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::time::{Duration, Instant};
 
-use vpstag_ebpf::{Config, Ebpf};
+use vpstag_ebpf::{Config, Ebpf, Reporting};
 use vpstag_tracker::{Event, EventKind, ExitStatus, ForkTracker, LossReason, Pid, StartTime, TrackerError, VpsId};
 
 const TIMEOUT: Duration = Duration::from_secs(90);
@@ -647,4 +649,469 @@ fn cap_bpf_and_cap_perfmon_suffice() {
         held.kill_all();
         wait_for("the entries to go", || t.members(VpsId(31)).unwrap().is_empty());
     });
+}
+
+/// Waits until the ring buffer's descriptor polls readable, up to `timeout`; whether it did.
+fn poll_readable(fd: i32, timeout: Duration) -> bool {
+    let mut pfd = libc::pollfd { fd, events: libc::POLLIN, revents: 0 };
+    let ms = timeout.as_millis().min(i32::MAX as u128) as i32;
+    // SAFETY: one valid pollfd.
+    let n = unsafe { libc::poll(&mut pfd, 1, ms) };
+    n == 1 && pfd.revents & libc::POLLIN != 0
+}
+
+/// A named pipe in `dir`, for a script to read its steps from.
+fn fifo(dir: &Path) -> PathBuf {
+    let path = dir.join("fifo");
+    let c = CString::new(path.to_str().unwrap()).unwrap();
+    // SAFETY: a valid NUL-terminated path.
+    assert_eq!(unsafe { libc::mkfifo(c.as_ptr(), 0o600) }, 0, "mkfifo {}", path.display());
+    path
+}
+
+fn forks_of(events: &[Event], parent: i32) -> Vec<i32> {
+    events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Fork { parent: p, child, .. } if p.as_raw() == parent => Some(child.as_raw()),
+            _ => None,
+        })
+        .collect()
+}
+
+fn exits(events: &[Event]) -> HashMap<i32, Option<ExitStatus>> {
+    events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Exit { pid, status, .. } => Some((pid.as_raw(), status)),
+            _ => None,
+        })
+        .collect()
+}
+
+fn per_event_records(events: &[Event]) -> Vec<&Event> {
+    events
+        .iter()
+        .filter(|e| matches!(e.kind, EventKind::Fork { .. } | EventKind::Exec { .. } | EventKind::Exit { .. }))
+        .collect()
+}
+
+#[test]
+fn a_burst_is_all_delivered_with_batched_wakeups_when_drained_synchronously() {
+    if skip_unless_root("a_burst_is_all_delivered_with_batched_wakeups_when_drained_synchronously") {
+        return;
+    }
+    let mut t = Ebpf::new().expect("load");
+    assert_eq!(t.config().wakeup_interval, Config::DEFAULT_WAKEUP_INTERVAL, "batched wake-ups by default");
+    assert_eq!(t.reporting(), Reporting::All);
+    let vps = VpsId(41);
+    let dir = TempDir::new("burst");
+    let d = dir.0.to_str().unwrap().to_owned();
+    // 500 children at once, then reaped together.
+    let script = r#"i=0; while [ $i -lt 500 ]; do /bin/true & i=$((i+1)); done; wait; : > "$D/done"; sleep 1000"#;
+    let mut held = Held::spawn(&["/bin/sh", "-c", script], &[("PATH", "/usr/bin:/bin"), ("D", &d)]);
+    t.watch(held.pid(), vps).expect("watch");
+    held.open_gate();
+    wait_for("the burst", || dir.0.join("done").exists());
+
+    // One synchronous drain sees every record, woken for or not.
+    let mut events = Vec::new();
+    t.read_events(&mut events, Some(Duration::ZERO)).expect("read_events");
+    let lost: Vec<_> = events.iter().filter(|e| matches!(e.kind, EventKind::Lost { .. })).collect();
+    assert!(lost.is_empty(), "no loss in a 1 MiB ring: {lost:?}");
+    let children = forks_of(&events, held.pid);
+    let exits = exits(&events);
+    let done: Vec<i32> = children.iter().copied().filter(|c| exits.contains_key(c)).collect();
+    assert_eq!(
+        done.len(),
+        500,
+        "500 forked children with their exits ({} forks, {} exits)",
+        children.len(),
+        exits.len()
+    );
+    for c in &done {
+        assert_eq!(exits[c], Some(ExitStatus::Exited(0)), "/bin/true {c} exited 0");
+        assert!(
+            events.iter().any(|e| matches!(e.kind, EventKind::Exec { pid, .. } if pid.as_raw() == *c)),
+            "the exec of {c} was reported"
+        );
+    }
+    assert_eq!(t.counters().unwrap(), Default::default());
+    held.kill_all();
+    wait_for("the VPS's entries to go", || t.members(vps).unwrap().is_empty());
+}
+
+#[test]
+fn an_isolated_event_wakes_a_waiting_reader_and_a_burst_tail_is_not_stranded() {
+    if skip_unless_root("an_isolated_event_wakes_a_waiting_reader_and_a_burst_tail_is_not_stranded") {
+        return;
+    }
+    let mut t = Ebpf::new().expect("load");
+    let interval = t.config().wakeup_interval;
+    assert!(!interval.is_zero());
+    let vps = VpsId(42);
+    let dir = TempDir::new("isolated");
+    let d = dir.0.to_str().unwrap().to_owned();
+    let steps = fifo(&dir.0);
+    let script = r#"exec 3<"$D/fifo"
+read x <&3; /bin/true
+read x <&3; i=0; while [ $i -lt 300 ]; do /bin/true & i=$((i+1)); done; wait; : > "$D/burst"
+read x <&3; ( i=0; while [ $i -lt 400 ]; do i=$((i+1)); done; exit 7 )
+read x <&3"#;
+    let mut held = Held::spawn(&["/bin/sh", "-c", script], &[("PATH", "/usr/bin:/bin"), ("D", &d)]);
+    t.watch(held.pid(), vps).expect("watch");
+    held.open_gate();
+    let mut go = std::fs::OpenOptions::new().write(true).open(&steps).expect("open the fifo");
+
+    // Quiet: the shell waits on the fifo. Drain, and let the interval pass since the last record.
+    let mut events = Vec::new();
+    wait_for("the shell's exec", || {
+        t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
+        events.iter().any(|e| matches!(e.kind, EventKind::Exec { .. }))
+    });
+    let quiet_since = Instant::now();
+    wait_for("one wake-up interval of quiet", || quiet_since.elapsed() > interval * 2);
+    t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
+    events.clear();
+
+    // A reader asleep in poll(2) is woken by the first record.
+    let fd = t.as_fd().as_raw_fd();
+    let (tid_tx, tid_rx) = std::sync::mpsc::channel();
+    let poller = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        tid_tx.send(unsafe { libc::gettid() }).unwrap();
+        let ok = poll_readable(fd, TIMEOUT);
+        (ok, Instant::now())
+    });
+    let tid = tid_rx.recv().unwrap();
+    wait_for("the poller to sleep", || {
+        std::fs::read_to_string(format!("/proc/self/task/{tid}/stat"))
+            .map(|s| s.rsplit_once(')').is_some_and(|(_, r)| r.trim_start().starts_with('S')))
+            .unwrap_or(false)
+    });
+    let sent = Instant::now();
+    go.write_all(b"1\n").expect("step 1");
+    let (woken, at) = poller.join().unwrap();
+    assert!(woken, "poll(2) on the ring timed out after {TIMEOUT:?}: the isolated fork woke nobody");
+    let latency = at.saturating_duration_since(sent);
+    eprintln!("isolated event: the sleeping reader woke {latency:?} after the step was sent");
+    t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
+    assert_eq!(forks_of(&events, held.pid).len(), 1, "the one fork: {events:?}");
+
+    // A burst, then a lone short-lived child, read only by blocking reads (no zero-timeout
+    // drain). The child's fork wakes the reader; its exit, a fraction of a millisecond later,
+    // comes without a wake-up: the reader must look again by itself.
+    go.write_all(b"2\n").expect("step 2");
+    let want = 300;
+    let root = held.pid;
+    let reader = std::thread::spawn(move || {
+        // Kept up to date as events come, so that the reader is back in its wait at once.
+        let (mut all, mut children, mut exited, mut lone) = (Vec::new(), HashSet::new(), HashSet::new(), None);
+        let start = Instant::now();
+        loop {
+            let from = all.len();
+            t.read_events(&mut all, Some(TIMEOUT)).unwrap();
+            for e in &all[from..] {
+                match e.kind {
+                    EventKind::Fork { parent, child, .. } if parent.as_raw() == root => {
+                        children.insert(child.as_raw());
+                    }
+                    EventKind::Exit { pid, status: Some(ExitStatus::Exited(0)), .. } => {
+                        exited.insert(pid.as_raw());
+                    }
+                    EventKind::Exit { status: Some(ExitStatus::Exited(7)), .. } => lone = Some(Instant::now()),
+                    _ => {}
+                }
+            }
+            let burst = exited.iter().filter(|p| children.contains(p)).count();
+            if (burst >= want && lone.is_some()) || start.elapsed() > TIMEOUT {
+                return (t, all, burst, lone);
+            }
+        }
+    });
+    wait_for("the burst", || dir.0.join("burst").exists());
+    let sent = Instant::now();
+    go.write_all(b"3\n").expect("step 3");
+    let (mut t, burst, exited, lone) = reader.join().unwrap();
+    assert_eq!(exited, want, "300 burst children, each forked and exited, seen through blocking reads only");
+    let lone = lone.expect("the lone child's exit (status 7) reached the blocking reader");
+    let late = lone.saturating_duration_since(sent);
+    eprintln!("lone child: its exit reached the blocking reader {late:?} after the step was sent");
+    assert!(late < TIMEOUT / 4, "the exit without a wake-up waited {late:?}: the reader did not look again");
+    assert!(burst.iter().all(|e| !matches!(e.kind, EventKind::Lost { .. })), "no loss");
+    drop(go);
+    held.kill_all();
+    wait_for("the VPS's entries to go", || t.members(vps).unwrap().is_empty());
+    t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
+}
+
+/// Now, in the clock ticks of /proc/PID/stat's start time.
+fn boot_ticks() -> u64 {
+    let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+    // SAFETY: a valid timespec; sysconf has no preconditions.
+    let hz = unsafe {
+        libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts);
+        libc::sysconf(libc::_SC_CLK_TCK).max(1) as u64
+    };
+    ts.tv_sec as u64 * hz + ts.tv_nsec as u64 * hz / 1_000_000_000
+}
+
+/// Starts an untracked child of the test process with the pid `want` (clone3 with set_tid,
+/// Linux 5.5, root in the initial PID namespace); it blocks reading a pipe until a byte is
+/// written to the returned write end (closing it is not enough: the child holds a copy). Errors
+/// when the kernel refuses (e.g. the pid is taken).
+fn spawn_with_pid(want: i32) -> std::io::Result<(i32, i32)> {
+    #[repr(C)]
+    #[derive(Default)]
+    struct CloneArgs {
+        flags: u64,
+        pidfd: u64,
+        child_tid: u64,
+        parent_tid: u64,
+        exit_signal: u64,
+        stack: u64,
+        stack_size: u64,
+        tls: u64,
+        set_tid: u64,
+        set_tid_size: u64,
+        cgroup: u64,
+    }
+    let mut fds = [0; 2];
+    let tids = [want];
+    let args = CloneArgs {
+        exit_signal: libc::SIGCHLD as u64,
+        set_tid: tids.as_ptr() as u64,
+        set_tid_size: 1,
+        ..CloneArgs::default()
+    };
+    // SAFETY: a pipe, then clone3 without CLONE_VM (a fork); the child only makes
+    // async-signal-safe calls (read, _exit).
+    unsafe {
+        assert_eq!(libc::pipe2(fds.as_mut_ptr(), libc::O_CLOEXEC), 0, "pipe2");
+        let pid = libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>());
+        if pid == 0 {
+            let mut b = 0u8;
+            libc::read(fds[0], (&mut b as *mut u8).cast(), 1);
+            libc::_exit(0);
+        }
+        let err = std::io::Error::last_os_error();
+        libc::close(fds[0]);
+        if pid < 0 {
+            libc::close(fds[1]);
+            return Err(err);
+        }
+        Ok((pid as i32, fds[1]))
+    }
+}
+
+#[test]
+fn roots_only_sends_no_per_event_records_but_the_map_is_exact() {
+    if skip_unless_root("roots_only_sends_no_per_event_records_but_the_map_is_exact") {
+        return;
+    }
+    let mut t = Ebpf::with_config(Config { reporting: Reporting::RootsOnly, ..Config::default() }).expect("load");
+    assert_eq!(t.reporting(), Reporting::RootsOnly);
+    let vps = VpsId(43);
+    let dir = TempDir::new("roots");
+    let d = dir.0.to_str().unwrap().to_owned();
+    let script = r#"sleep 1000 & echo $! > "$D/a"
+sh -c 'sleep 1000 & echo $! > "$D/b"; wait' & echo $! > "$D/sh_b"
+i=0; while [ $i -lt 2000 ]; do /bin/true; i=$((i+1)); done
+: > "$D/done"
+wait"#;
+    let mut held = Held::spawn(&["/bin/sh", "-c", script], &[("PATH", "/usr/bin:/bin"), ("D", &d)]);
+    let root = held.pid;
+    let mut stranger = std::process::Command::new("/bin/sleep").arg("1000").spawn().expect("spawn sleep");
+    let stranger_pid = stranger.id() as i32;
+    t.watch(held.pid(), vps).expect("watch");
+    assert!(t.raw_entry(held.pid()).unwrap().is_some_and(|m| m.root && m.vps == vps), "watch marks a root");
+    held.open_gate();
+
+    // During the 2,000 forks: every live descendant is tagged, strangers are not.
+    let mut rounds = 0;
+    while !dir.0.join("done").exists() {
+        let mut all = descendants(root);
+        all.push(root);
+        check_tagged(&t, all, vps, "during 2,000 forks in RootsOnly");
+        for p in [stranger_pid, std::process::id() as i32, 1] {
+            assert_eq!(t.tag_of(pid(p)).unwrap(), None, "untracked {p} ({})", comm(p));
+        }
+        rounds += 1;
+        assert!(rounds < 100_000, "the script never finished");
+    }
+    let (a, b, sh_b) =
+        (read_pid(&dir.0, "a").expect("a"), read_pid(&dir.0, "b").expect("b"), read_pid(&dir.0, "sh_b").expect("sh_b"));
+    held.extra.extend([a, b, sh_b]);
+
+    // No per-event record for any of it.
+    let mut events = Vec::new();
+    t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
+    assert!(events.is_empty(), "RootsOnly sends nothing for forks, execs and exits of non-roots: {events:?}");
+
+    // The map is the table: exactly the live processes of the tree, with their /proc start times.
+    let mut want: HashSet<i32> = descendants(root).into_iter().collect();
+    want.insert(root);
+    assert_eq!(want, HashSet::from([root, a, b, sh_b]), "the tree after the loop");
+    let members: HashMap<i32, vpstag_ebpf::Member> =
+        t.members(vps).unwrap().into_iter().map(|m| (m.pid.as_raw(), m)).collect();
+    assert_eq!(members.keys().copied().collect::<HashSet<_>>(), want, "members() after 2,000 forks");
+    for p in &want {
+        let start = StartTime(stat(*p).unwrap().2);
+        assert_eq!(t.tag_of(pid(*p)).unwrap(), Some((vps, start)), "tag_of({p})");
+        assert_eq!(members[p].start, start);
+        assert_eq!(members[p].root, *p == root, "only the watched process is a root");
+    }
+    let everyone: HashSet<i32> = t.entries().unwrap().iter().filter(|m| m.vps == vps).map(|m| m.pid.as_raw()).collect();
+    assert_eq!(everyone, want, "entries() agrees");
+
+    // A zombie cannot be tagged: its exit already ran, nothing would delete the entry.
+    // SAFETY: fork; the child only calls _exit.
+    let zombie = unsafe {
+        let c = libc::fork();
+        if c == 0 {
+            libc::_exit(0);
+        }
+        c
+    };
+    assert!(zombie > 0, "fork");
+    wait_for("the child to be a zombie", || stat(zombie).is_some_and(|s| s.0 == 'Z'));
+    let tagged = t.tag(pid(zombie), vps);
+    assert!(matches!(tagged, Err(TrackerError::NoSuchProcess(_))), "tagging a zombie: {tagged:?}");
+    assert_eq!(t.raw_entry(pid(zombie)).unwrap(), None, "no entry left for the zombie");
+    // SAFETY: reap our own child.
+    unsafe { libc::waitpid(zombie, std::ptr::null_mut(), 0) };
+
+    // PID reuse: `a` exits, its pid goes to an untracked process; tag_of and members say no.
+    let a_start = stat(a).unwrap().2;
+    // SAFETY: kill by pid a process of the test's tree.
+    unsafe { libc::kill(a, libc::SIGKILL) };
+    wait_for("a to be reaped by the shell", || stat(a).is_none());
+    assert_eq!(t.tag_of(pid(a)).unwrap(), None, "an exited member");
+    assert_eq!(t.raw_entry(pid(a)).unwrap(), None, "the exit program deleted it");
+    wait_for("the boot clock to move two ticks past a's start", || boot_ticks() > a_start + 2);
+    match spawn_with_pid(a) {
+        Ok((reused, gate)) => {
+            assert_eq!(reused, a);
+            assert_ne!(stat(reused).map(|s| s.2), Some(a_start), "a new process, a new start time");
+            assert_eq!(t.tag_of(pid(reused)).unwrap(), None, "the reused pid {reused} is not the tagged process");
+            assert!(!t.members(vps).unwrap().iter().any(|m| m.pid.as_raw() == reused));
+            // SAFETY: release our child through its pipe, then kill it by pid anyway and reap it.
+            unsafe {
+                libc::write(gate, b"g".as_ptr().cast(), 1);
+                libc::close(gate);
+                libc::kill(reused, libc::SIGKILL);
+                libc::waitpid(reused, std::ptr::null_mut(), 0);
+            }
+        }
+        Err(e) => eprintln!("roots-only: clone3 with set_tid={a} refused ({e}); the pid-reuse step is skipped"),
+    }
+    t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
+    assert!(events.is_empty(), "still nothing for non-roots: {events:?}");
+
+    // The root's exit is reported, and wakes a sleeping reader.
+    // SAFETY: kill our own child by pid.
+    unsafe { libc::kill(root, libc::SIGKILL) };
+    assert!(poll_readable(t.as_fd().as_raw_fd(), TIMEOUT), "the root's exit woke no reader within {TIMEOUT:?}");
+    wait_for("the root's exit", || {
+        t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
+        exits(&events).contains_key(&root)
+    });
+    assert_eq!(exits(&events)[&root], Some(ExitStatus::Signaled { signal: 9, core_dumped: false }));
+    held.kill_all();
+    wait_for("the VPS's entries to go", || t.members(vps).unwrap().is_empty());
+    t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
+    let records = per_event_records(&events);
+    assert_eq!(records.len(), 1, "only the root's exit, not its orphans': {records:?}");
+    let _ = stranger.kill();
+    let _ = stranger.wait();
+}
+
+#[test]
+fn reporting_switches_at_run_time() {
+    if skip_unless_root("reporting_switches_at_run_time") {
+        return;
+    }
+    let mut t = Ebpf::new().expect("load");
+    let vps = VpsId(44);
+    let dir = TempDir::new("switch");
+    let d = dir.0.to_str().unwrap().to_owned();
+    let steps = fifo(&dir.0);
+    let script = r#"exec 3<"$D/fifo"
+read x <&3; /bin/true; : > "$D/s1"
+read x <&3; /bin/true; : > "$D/s2"
+read x <&3; /bin/true; : > "$D/s3"
+read x <&3"#;
+    let mut held = Held::spawn(&["/bin/sh", "-c", script], &[("PATH", "/usr/bin:/bin"), ("D", &d)]);
+    let root = held.pid;
+    t.watch(held.pid(), vps).expect("watch");
+    held.open_gate();
+    let mut go = std::fs::OpenOptions::new().write(true).open(&steps).expect("open the fifo");
+    let mut step = |t: &mut Ebpf, n: u32| -> Vec<Event> {
+        go.write_all(format!("{n}\n").as_bytes()).expect("step");
+        wait_for(&format!("step {n}"), || dir.0.join(format!("s{n}")).exists());
+        let mut events = Vec::new();
+        t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
+        events
+    };
+
+    let all = step(&mut t, 1);
+    assert_eq!(forks_of(&all, held.pid).len(), 1, "All: the fork is reported: {all:?}");
+    assert!(exits(&all).values().any(|s| *s == Some(ExitStatus::Exited(0))), "All: its exit too: {all:?}");
+
+    t.set_reporting(Reporting::RootsOnly).unwrap();
+    assert_eq!(t.reporting(), Reporting::RootsOnly);
+    assert_eq!(t.config().reporting, Reporting::RootsOnly);
+    let quiet = step(&mut t, 2);
+    assert!(per_event_records(&quiet).is_empty(), "RootsOnly: nothing for the fork: {quiet:?}");
+    assert_eq!(t.tag_of(held.pid()).unwrap().map(|(v, _)| v), Some(vps), "the map still has the root");
+
+    t.set_reporting(Reporting::All).unwrap();
+    t.set_wakeup_interval(Duration::ZERO).unwrap();
+    assert_eq!(t.config().wakeup_interval, Duration::ZERO);
+    let again = step(&mut t, 3);
+    assert_eq!(forks_of(&again, held.pid).len(), 1, "All again: the fork is reported: {again:?}");
+
+    drop(go);
+    held.kill_all();
+    wait_for("the VPS's entries to go", || t.members(vps).unwrap().is_empty());
+    let mut events = Vec::new();
+    t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
+    assert!(exits(&events).contains_key(&root), "the root's exit: {events:?}");
+}
+
+#[test]
+fn roots_only_still_reports_a_full_map() {
+    if skip_unless_root("roots_only_still_reports_a_full_map") {
+        return;
+    }
+    let config = Config { map_entries: 4, reporting: Reporting::RootsOnly, ..Config::default() };
+    let mut t = Ebpf::with_config(config).expect("load");
+    let vps = VpsId(45);
+    let dir = TempDir::new("roots-full");
+    let d = dir.0.to_str().unwrap().to_owned();
+    let script = r#"for i in 1 2 3 4 5 6 7 8 9 10; do sleep 1000 & done; : > "$D/ready"; wait"#;
+    let mut held = Held::spawn(&["/bin/sh", "-c", script], &[("PATH", "/usr/bin:/bin"), ("D", &d)]);
+    t.watch(held.pid(), vps).expect("watch");
+    held.open_gate();
+    wait_for("the script", || dir.0.join("ready").exists());
+
+    // The untagged children's records wake the reader and come with a Lost event.
+    let mut events = Vec::new();
+    assert!(poll_readable(t.as_fd().as_raw_fd(), TIMEOUT), "a loss woke no reader within {TIMEOUT:?}");
+    t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
+    let lost: u64 = events
+        .iter()
+        .filter_map(|e| match e.kind {
+            EventKind::Lost { count, reason: LossReason::TrackingError } => count,
+            _ => None,
+        })
+        .sum();
+    let c = t.counters().unwrap();
+    assert!(c.insert_failed >= 6, "10 children, at most 3 free entries: {c:?}");
+    assert_eq!(lost, c.insert_failed, "every failed insertion is reported: {events:?}");
+    let untagged = forks_of(&events, held.pid).len() as u64;
+    assert_eq!(untagged, c.insert_failed, "RootsOnly reports exactly the forks that were lost: {events:?}");
+    assert!(!events.iter().any(|e| matches!(e.kind, EventKind::Exec { .. } | EventKind::Exit { .. })), "{events:?}");
+    held.kill_all();
+    wait_for("the VPS's entries to go", || t.members(vps).unwrap().is_empty());
 }

@@ -37,6 +37,19 @@ enum {
 	BPF_EXIST = 2,
 };
 
+/* Flags of bpf_ringbuf_submit() and queries of bpf_ringbuf_query(). */
+enum {
+	BPF_RB_NO_WAKEUP = 1,
+	BPF_RB_FORCE_WAKEUP = 2,
+};
+
+enum {
+	BPF_RB_AVAIL_DATA = 0,
+	BPF_RB_RING_SIZE = 1,
+	BPF_RB_CONS_POS = 2,
+	BPF_RB_PROD_POS = 3,
+};
+
 /* include/linux/sched/signal.h: the whole thread group is exiting (exit_group, fatal signal). */
 #define SIGNAL_GROUP_EXIT 0x00000004
 

@@ -8,7 +8,16 @@
  *             process; sched_process_exit deletes it once the whole thread group is dead.
  * - counters: one struct vpstag_counters: insertions that failed (map full) and notifications
  *             that found the ring buffer full. Never silent: user space reports growth as Lost.
+ * - control:  one struct vpstag_control, written by user space: what to report (every event of
+ *             a tagged process, or only roots' exits and losses) and how to wake the reader.
  * - events:   ring buffer of struct vpstag_event, only for tagged processes.
+ *
+ * Wake-ups: waking the reader costs an irq_work (a self-IPI) and a thread wake-up, per record
+ * when the reader keeps up. With control.wakeup_ns set, a record is submitted with
+ * BPF_RB_NO_WAKEUP unless the last forced wake-up is older than wakeup_ns (so an isolated event
+ * still wakes the reader at once, and a burst at most once per wakeup_ns), the ring holds more
+ * than control.wake_bytes unread, or the record is urgent (a loss, a root's exit). A reader that
+ * consumes without waiting sees every record either way.
  *
  * Kernel memory is read only with direct (CO-RE relocated) loads from the tp_btf arguments, never
  * with bpf_probe_read_kernel, which kernel lockdown may refuse.
@@ -35,6 +44,17 @@ struct {
 } counters SEC(".maps");
 
 struct {
+	__uint(type, BPF_MAP_TYPE_ARRAY);
+	__uint(max_entries, 1);
+	__type(key, __u32);
+	__type(value, struct vpstag_control);
+} control SEC(".maps");
+
+/* bpf_ktime_get_boot_ns() of the last forced wake-up. CPUs race on it without harm: the worst
+ * case is one extra wake-up. */
+__u64 last_wakeup_ns = 0;
+
+struct {
 	__uint(type, BPF_MAP_TYPE_RINGBUF);
 	__uint(max_entries, 1 << 20); /* user space sets Config::ring_bytes before loading */
 } events SEC(".maps");
@@ -44,6 +64,34 @@ static __always_inline struct vpstag_counters *the_counters(void)
 	__u32 zero = 0;
 
 	return bpf_map_lookup_elem(&counters, &zero);
+}
+
+static __always_inline struct vpstag_control *the_control(void)
+{
+	__u32 zero = 0;
+
+	return bpf_map_lookup_elem(&control, &zero);
+}
+
+static __always_inline bool roots_only(const struct vpstag_control *ctl)
+{
+	return ctl && ctl->reporting == VPSTAG_REPORT_ROOTS;
+}
+
+/* The flags to submit a record with, made at `now`; `urgent` records always wake the reader. */
+static __always_inline __u64 wake_flags(const struct vpstag_control *ctl, __u64 now, bool urgent)
+{
+	__u64 last;
+
+	if (!ctl || !ctl->wakeup_ns)
+		return 0;
+	if (!urgent) {
+		last = *(volatile __u64 *)&last_wakeup_ns;
+		if (now < last + ctl->wakeup_ns && bpf_ringbuf_query(&events, BPF_RB_AVAIL_DATA) < ctl->wake_bytes)
+			return BPF_RB_NO_WAKEUP;
+	}
+	*(volatile __u64 *)&last_wakeup_ns = now;
+	return BPF_RB_FORCE_WAKEUP;
 }
 
 /* Reserves a record and fills the common fields; counts a full ring buffer. */
@@ -84,6 +132,7 @@ int vpstag_fork(__u64 *ctx)
 	struct vpstag_tag *pt, t;
 	struct vpstag_event *e;
 	struct vpstag_counters *c;
+	struct vpstag_control *ctl;
 	__u32 flags = 0;
 
 	/* A new thread shares its process's tgid, and so its entry: nothing to do. */
@@ -94,6 +143,8 @@ int vpstag_fork(__u64 *ctx)
 		return 0;
 	t.vps = pt->vps;
 	t.start_ns = child->start_boottime;
+	t.flags = 0; /* a root's child is no root */
+	t.pad = 0;
 	if (bpf_map_update_elem(&tags, &ctgid, &t, BPF_ANY)) {
 		c = the_counters();
 		if (c)
@@ -101,6 +152,10 @@ int vpstag_fork(__u64 *ctx)
 		flags = VPSTAG_F_UNTRACKED;
 	}
 
+	ctl = the_control();
+	/* Only a loss is reported in roots-only mode. */
+	if (!flags && roots_only(ctl))
+		return 0;
 	e = reserve(VPSTAG_FORK, t.vps);
 	if (!e)
 		return 0;
@@ -109,7 +164,7 @@ int vpstag_fork(__u64 *ctx)
 	e->tid = child->pid;
 	e->child = ctgid;
 	e->flags = flags;
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, wake_flags(ctl, e->time_ns, flags != 0));
 	return 0;
 }
 
@@ -123,7 +178,10 @@ int vpstag_exec(__u64 *ctx)
 	__u32 tgid = p->tgid;
 	struct vpstag_tag *t;
 	struct vpstag_event *e;
+	struct vpstag_control *ctl = the_control();
 
+	if (roots_only(ctl))
+		return 0;
 	t = bpf_map_lookup_elem(&tags, &tgid);
 	if (!t)
 		return 0;
@@ -132,7 +190,7 @@ int vpstag_exec(__u64 *ctx)
 		return 0;
 	e->pid = tgid;
 	e->tid = old_pid;
-	bpf_ringbuf_submit(e, 0);
+	bpf_ringbuf_submit(e, wake_flags(ctl, e->time_ns, 0));
 	return 0;
 }
 
@@ -148,7 +206,9 @@ int vpstag_exit(__u64 *ctx)
 	__u32 tgid;
 	struct vpstag_tag *t;
 	struct vpstag_event *e;
+	struct vpstag_control *ctl;
 	__u64 vps;
+	bool root;
 	int status;
 
 	if (*(volatile int *)&sig->live.counter != 0)
@@ -158,7 +218,11 @@ int vpstag_exit(__u64 *ctx)
 	if (!t)
 		return 0;
 	vps = t->vps;
+	root = t->flags & VPSTAG_TAG_ROOT;
 	if (bpf_map_delete_elem(&tags, &tgid))
+		return 0;
+	ctl = the_control();
+	if (!root && roots_only(ctl))
 		return 0;
 
 	/* What wait(2) will report: the group exit code, else the leader's own. */
@@ -173,6 +237,8 @@ int vpstag_exit(__u64 *ctx)
 	e->pid = tgid;
 	e->tid = p->pid;
 	e->status = status;
-	bpf_ringbuf_submit(e, 0);
+	e->flags = root ? VPSTAG_F_ROOT : 0;
+	/* A root's exit is urgent: user space may be waiting for it alone. */
+	bpf_ringbuf_submit(e, wake_flags(ctl, e->time_ns, root));
 	return 0;
 }

@@ -11,6 +11,29 @@
 struct vpstag_tag {
 	__u64 vps;		/* VpsId */
 	__u64 start_ns;		/* the process's start_boottime, ns of CLOCK_BOOTTIME */
+	__u32 flags;		/* VPSTAG_TAG_* */
+	__u32 pad;
+};
+
+/* A root: a process user space watches as such (a VPS's first process). Its exit is always
+ * reported, at once; a child of a root does not inherit the bit. */
+#define VPSTAG_TAG_ROOT 0x1
+
+/* enum of struct vpstag_control.reporting */
+enum vpstag_reporting {
+	VPSTAG_REPORT_ALL = 0,		/* a record for every fork, exec and exit of a tagged process */
+	VPSTAG_REPORT_ROOTS = 1,	/* records only for roots' exits and for losses */
+};
+
+/* The single value of the `control` array map, written by user space (all zero: report all,
+ * wake the reader for every record, as the kernel's default does). */
+struct vpstag_control {
+	__u32 reporting;	/* enum vpstag_reporting */
+	__u32 pad;
+	__u64 wakeup_ns;	/* 0: default wake-ups (every record that finds the reader idle);
+				   else at most one forced wake-up per this many ns, the other
+				   records submitted with BPF_RB_NO_WAKEUP */
+	__u64 wake_bytes;	/* with wakeup_ns: force a wake-up when this many bytes wait unread */
 };
 
 /* The single value of the `counters` array map: events the kernel side could not deliver. */
@@ -27,6 +50,8 @@ enum vpstag_kind {
 
 /* Fork: the child is not in the map (insertion failed); its tag is the parent's. */
 #define VPSTAG_F_UNTRACKED 0x1
+/* Exit: the process was a root (VPSTAG_TAG_ROOT). */
+#define VPSTAG_F_ROOT 0x2
 
 /* One ring-buffer record, 56 bytes. */
 struct vpstag_event {
