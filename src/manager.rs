@@ -1023,12 +1023,22 @@ const PUMP_INTERVAL: Duration = Duration::from_millis(5);
 fn pump_loop(shared: &Shared, fd: &OwnedFd) {
     use nix::poll::{poll, PollFd, PollFlags, PollTimeout};
     let mut last_drain = Instant::now();
+    // Whether the last drain found events: then more are likely, and a backend that wakes its
+    // reader at most once per interval (eBPF) may hold the tail of a burst without a wake-up, so
+    // look again after one interval instead of waiting for the next wake-up.
+    let mut flowing = false;
     while !shared.stop.load(Ordering::SeqCst) {
         let busy = {
             let st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
             st.tracking.has_suspects() || !st.to_reap.is_empty()
         };
-        let ms: u16 = if busy { 20 } else { 100 };
+        let ms: u16 = if flowing {
+            PUMP_INTERVAL.as_millis() as u16
+        } else if busy {
+            20
+        } else {
+            100
+        };
         let mut fds = [PollFd::new(fd.as_fd(), PollFlags::POLLIN)];
         let _ = poll(&mut fds, PollTimeout::from(ms));
         let since = last_drain.elapsed();
@@ -1038,7 +1048,10 @@ fn pump_loop(shared: &Shared, fd: &OwnedFd) {
         last_drain = Instant::now();
         let failed = {
             let mut st = shared.state.lock().unwrap_or_else(|e| e.into_inner());
-            st.failed.is_some() || st.pump().is_err()
+            let before = st.tracking.stats.events;
+            let failed = st.failed.is_some() || st.pump().is_err();
+            flowing = st.tracking.stats.events != before;
+            failed
         };
         if failed {
             // Queries report the failure; don't spin on a descriptor nobody drains.
