@@ -9,12 +9,13 @@
 //! # How it works
 //!
 //! - The root is attached with `PTRACE_SEIZE` and the options `PTRACE_O_TRACEFORK`,
-//!   `TRACEVFORK`, `TRACECLONE`, `TRACEEXEC`, `TRACEEXIT` (see [`Ptrace::with_exit_stops`]) and
-//!   `EXITKILL`. The kernel then attaches every new task automatically, before it runs. No
-//!   syscall stops are asked for.
+//!   `TRACEVFORK`, `TRACECLONE`, `TRACEEXEC`, and `TRACEEXIT` unless [`Config::exit_stops`] is
+//!   off; `EXITKILL` only if [`Config::kill_on_exit`] asks for it. The kernel then attaches every
+//!   new task automatically, before it runs. No syscall stops are asked for.
 //! - **One tracer thread** (`vpstag-ptrace`) makes every ptrace request, as the kernel requires
 //!   (a tracee belongs to the thread that attached it). It sits in
-//!   `waitpid(-1, &status, __WALL)`, decodes the raw status itself (nix's `waitpid` rejects stops
+//!   `waitpid(-1, &status, __WALL | __WNOTHREAD)` (its own tracees only, never the children of
+//!   the program's other threads), decodes the raw status itself (nix's `waitpid` rejects stops
 //!   by real-time signals, nix issues 495 and 1143), asks the pure state machine in [`decode`]
 //!   what to report and how to restart the tracee, queues the events, and only then restarts the
 //!   tracee. So a new child's `Fork` is queued, and [`as_fd`](ForkTracker::as_fd) readable,
@@ -92,16 +93,22 @@
 //!
 //! # Caveats
 //!
-//! - **It reaps every child of the process that uses it.** The tracer thread waits with
-//!   `waitpid(-1, .., __WALL)`, which collects tracees *and* plain children of any thread of this
-//!   process (a root is collected twice: as a tracee, then as a child). Use it from a process
-//!   dedicated to tracking, as the `vpstag` CLI and daemon are, and do not `waitpid` in it
-//!   yourself. Only one `Ptrace` should be alive in a process at a time, for the same reason.
+//! - **It reaps the processes it follows, and only those.** The tracer thread waits with
+//!   `waitpid(-1, .., __WALL | __WNOTHREAD)`: a thread then collects only its own tracees (and
+//!   children it forked itself, which it has none), so the program's other children, started with
+//!   `std::process::Command` or `fork` from any other thread, are left to their own `waitpid`. A
+//!   root the program forked itself is collected by the tracer thread (its exit status comes in
+//!   the `Exit` event), so do not wait for it yourself, and never call `waitpid(-1, ..)` without
+//!   `__WNOTHREAD` in another thread: the kernel lets any thread of the process collect the
+//!   tracer thread's tracees that way. Only one `Ptrace` should follow a given process.
 //!   `SIGCHLD` must not be ignored (`SIG_IGN` or `SA_NOCLDWAIT` would let the kernel reap tracees
 //!   and lose their status); [`Ptrace::new`] checks it.
-//! - **`PTRACE_O_EXITKILL`:** when the tracer thread ends — the process crashes or is killed, or
-//!   the [`Ptrace`] is dropped — the kernel SIGKILLs every followed process. A crashed tracker
-//!   therefore leaves no untracked VPS process behind; dropping it ends the VPSes it follows.
+//! - **The followed processes outlive the tracker.** When the tracer thread ends — the [`Ptrace`]
+//!   is dropped, the process crashes or is killed — the kernel detaches every tracee: it runs on,
+//!   untraced (one in a job-control stop stays stopped, as untraced, until `SIGCONT`). A restarted
+//!   tracker can [`watch`](ForkTracker::watch) each of them again (every thread is seized); what
+//!   they forked meanwhile is not reported. [`Config::kill_on_exit`] (`PTRACE_O_EXITKILL`) makes
+//!   the kernel SIGKILL them instead, so that no VPS process ever runs untracked.
 //! - A process can have only one tracer: a VPS process cannot be debugged with gdb/strace while
 //!   followed, and a program that checks `TracerPid` in `/proc/self/status` sees it.
 //! - A root that already has threads when watched (a loader member, a process a scan found) has
@@ -158,6 +165,52 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 /// [`BackendKind::Ptrace`].
 pub const KIND: BackendKind = BackendKind::Ptrace;
 
+/// How a [`Ptrace`] follows processes: the ptrace options its tracees are seized with.
+///
+/// The default is what [`Ptrace::new`] uses: exit stops on, and the followed processes left alive
+/// (detached) when the tracker goes away.
+///
+/// ```
+/// use vpstag_ptrace::Config;
+///
+/// let config = Config::default().exit_stops(false);
+/// assert!(!config.exit_stops && !config.kill_on_exit);
+/// // let tracker = vpstag_ptrace::Ptrace::with_config(config)?;
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// `PTRACE_O_TRACEEXIT` (default `true`): every exiting thread stops once more, while it can
+    /// still be seen in `/proc`. `false` saves that stop; exits are reported either way (from the
+    /// reaped status).
+    pub exit_stops: bool,
+    /// `PTRACE_O_EXITKILL` (default `false`): when the tracer thread ends — the [`Ptrace`] is
+    /// dropped, or the process crashes or is killed — the kernel SIGKILLs every followed process,
+    /// so none is left running untracked. With `false` they are detached and run on, untraced: a
+    /// restarted tracker can [`watch`](ForkTracker::watch) them again.
+    pub kill_on_exit: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config { exit_stops: true, kill_on_exit: false }
+    }
+}
+
+impl Config {
+    /// Sets [`exit_stops`](Config::exit_stops).
+    pub fn exit_stops(mut self, on: bool) -> Config {
+        self.exit_stops = on;
+        self
+    }
+
+    /// Sets [`kill_on_exit`](Config::kill_on_exit).
+    pub fn kill_on_exit(mut self, on: bool) -> Config {
+        self.kill_on_exit = on;
+        self
+    }
+}
+
 #[cfg(target_os = "linux")]
 mod linux {
     use std::collections::VecDeque;
@@ -172,6 +225,7 @@ mod linux {
 
     use crate::decode::{needs_event_msg, Action, Counters, Resume, Tracer};
     use crate::source::{self, ProcProbe};
+    use crate::Config;
 
     /// How often `watch` re-sends the wake-up signal until the tracer thread answers.
     const WAKE_RETRY: Duration = Duration::from_millis(5);
@@ -258,18 +312,22 @@ mod linux {
     }
 
     impl Ptrace {
-        /// Starts the tracer thread. Follows nothing until [`watch`](ForkTracker::watch).
+        /// Starts the tracer thread with the default [`Config`]. Follows nothing until
+        /// [`watch`](ForkTracker::watch).
         ///
         /// Fails when `SIGCHLD` is ignored in this process, or when the wake-up signal
         /// (`SIGRTMAX-3`) already has a handler.
         pub fn new() -> Result<Ptrace, TrackerError> {
-            Ptrace::with_exit_stops(true)
+            Ptrace::with_config(Config::default())
         }
 
-        /// Like [`new`](Ptrace::new); `exit_stops: false` leaves out `PTRACE_O_TRACEEXIT`, saving
-        /// one stop per exiting thread. Exits are reported either way (from the reaped status);
-        /// the exit stop only lets the thread be seen before it is torn down.
+        /// Like [`new`](Ptrace::new) with [`Config::exit_stops`] set to `exit_stops`.
         pub fn with_exit_stops(exit_stops: bool) -> Result<Ptrace, TrackerError> {
+            Ptrace::with_config(Config::default().exit_stops(exit_stops))
+        }
+
+        /// Like [`new`](Ptrace::new), with the options of `config`.
+        pub fn with_config(config: Config) -> Result<Ptrace, TrackerError> {
             if let Some(why) = source::sigchld_problem() {
                 return Err(TrackerError::Unsupported(why));
             }
@@ -285,7 +343,14 @@ mod linux {
                 inner: Mutex::new(Inner { queue: VecDeque::new(), failed: None, counters: Counters::default() }),
                 efd,
             });
-            let options = source::BASE_OPTIONS | if exit_stops { source::EXIT_OPTION } else { 0 };
+            let options = source::BASE_OPTIONS
+                | if config.exit_stops { source::EXIT_OPTION } else { 0 }
+                | if config.kill_on_exit { source::KILL_OPTION } else { 0 };
+            let on_panic = if config.kill_on_exit {
+                "the tracer thread panicked; every followed process was killed (kill_on_exit)"
+            } else {
+                "the tracer thread panicked; every followed process was detached and runs on untracked"
+            };
             let (tx, rx) = mpsc::channel();
             let (tid_tx, tid_rx) = mpsc::channel();
             let sh = Arc::clone(&shared);
@@ -296,7 +361,7 @@ mod linux {
                     let _ = tid_tx.send(source::gettid());
                     let run = std::panic::AssertUnwindSafe(|| tracer_main(&sh, rx, options));
                     if std::panic::catch_unwind(run).is_err() {
-                        sh.fail("the tracer thread panicked; every followed process was killed (EXITKILL)".into());
+                        sh.fail(on_panic.into());
                     }
                 })
                 .map_err(|e| TrackerError::io("spawning the ptrace tracer thread", e))?;
@@ -318,6 +383,10 @@ mod linux {
         }
     }
 
+    /// Ends the tracer thread. The kernel then detaches every followed process (or kills them all,
+    /// with [`Config::kill_on_exit`]): one in a ptrace stop is restarted, one in a job-control stop
+    /// stays stopped as it would untraced (`T`) until `SIGCONT`. Returns once the thread is gone,
+    /// and so every tracee released (at most about a second is spent waiting for that).
     impl Drop for Ptrace {
         fn drop(&mut self) {
             let _ = self.requests.send(Request::Stop);
@@ -327,6 +396,13 @@ mod linux {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 let _ = t.join();
+                // `join` returns when the thread has released its memory, a little before the
+                // kernel detaches its tracees (in exit_notify); its /proc entry goes after that.
+                let task = format!("/proc/self/task/{}", self.tracer_tid);
+                let deadline = Instant::now() + Duration::from_secs(1);
+                while std::path::Path::new(&task).exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
             }
         }
     }

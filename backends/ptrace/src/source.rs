@@ -13,17 +13,23 @@ use crate::decode::{Probe, TaskStat};
 
 /// The options the root is seized with; its descendants inherit them.
 ///
-/// `EXITKILL`: if the tracer thread ends (the process crashed, was killed, or dropped the
-/// [`Ptrace`](crate::Ptrace)), the kernel SIGKILLs every tracee, so no VPS process is left running
-/// untracked.
-pub const BASE_OPTIONS: libc::c_int = libc::PTRACE_O_TRACEFORK
-    | libc::PTRACE_O_TRACEVFORK
-    | libc::PTRACE_O_TRACECLONE
-    | libc::PTRACE_O_TRACEEXEC
-    | libc::PTRACE_O_EXITKILL;
+/// No `EXITKILL` here: when the tracer thread ends (the [`Ptrace`](crate::Ptrace) is dropped, the
+/// process crashes or is killed) the kernel detaches every tracee and it runs on. See
+/// [`KILL_OPTION`].
+pub const BASE_OPTIONS: libc::c_int =
+    libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXEC;
 
-/// `PTRACE_O_TRACEEXIT`: one more stop per exiting thread (see [`crate::Ptrace::with_exit_stops`]).
+/// `PTRACE_O_TRACEEXIT`: one more stop per exiting thread (see [`crate::Config::exit_stops`]).
 pub const EXIT_OPTION: libc::c_int = libc::PTRACE_O_TRACEEXIT;
+
+/// `PTRACE_O_EXITKILL`: the kernel SIGKILLs every tracee when the tracer thread ends (see
+/// [`crate::Config::kill_on_exit`]).
+pub const KILL_OPTION: libc::c_int = libc::PTRACE_O_EXITKILL;
+
+/// The `waitpid` flags of the tracer thread: every kind of child (`__WALL`), but only its own
+/// (`__WNOTHREAD`): the tasks it traces and the children it forked itself (none), never the
+/// children of the program's other threads.
+const WAIT_FLAGS: libc::c_int = libc::__WALL | libc::__WNOTHREAD;
 
 fn ret(r: libc::c_long) -> io::Result<libc::c_long> {
     if r == -1 {
@@ -47,12 +53,13 @@ pub fn seize(pid: Pid, options: libc::c_int) -> io::Result<()> {
     .map(drop)
 }
 
-/// `waitpid(-1, &status, __WALL)`: the next tracee (or child of this process) that changed state.
-/// Returns `EINTR` when the wake-up signal arrived, `ECHILD` when there is nothing to wait for.
+/// `waitpid(-1, &status, __WALL | __WNOTHREAD)`: the next tracee of the calling thread that
+/// changed state. Returns `EINTR` when the wake-up signal arrived, `ECHILD` when there is nothing
+/// to wait for.
 pub fn wait_any() -> io::Result<(Pid, i32)> {
     let mut status: libc::c_int = 0;
     // SAFETY: plain system call with a valid out pointer.
-    let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL) };
+    let r = unsafe { libc::waitpid(-1, &mut status, WAIT_FLAGS) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
@@ -60,12 +67,11 @@ pub fn wait_any() -> io::Result<(Pid, i32)> {
     Ok((pid, status))
 }
 
-/// `waitpid(-1, &status, __WALL | WNOHANG)`: `None` when no child has changed state (or there is
-/// no child at all).
+/// As [`wait_any`] with `WNOHANG`: `None` when no tracee has changed state (or there is none).
 pub fn wait_nohang() -> io::Result<Option<(Pid, i32)>> {
     let mut status: libc::c_int = 0;
     // SAFETY: plain system call with a valid out pointer.
-    let r = unsafe { libc::waitpid(-1, &mut status, libc::__WALL | libc::WNOHANG) };
+    let r = unsafe { libc::waitpid(-1, &mut status, WAIT_FLAGS | libc::WNOHANG) };
     if r < 0 {
         let e = io::Error::last_os_error();
         return if e.raw_os_error() == Some(libc::ECHILD) { Ok(None) } else { Err(e) };
