@@ -137,6 +137,15 @@ pub trait Probe {
     fn stat(&mut self, tid: Pid) -> Option<TaskStat>;
     /// The thread-group id of `tid` (`Tgid:` in `/proc/TID/status`).
     fn tgid(&mut self, tid: Pid) -> Option<Pid>;
+    /// What `/proc/CHILD/stat` says of `child`, just created by thread `creator` (of process
+    /// `creator_tgid`), which is stopped at its fork/vfork/clone event, and not reaped: the caller
+    /// knows of no exit of `child`. An implementation may answer without `/proc`, from the
+    /// creator's registers and clocks, as long as the answer is the same: state not dead, `ppid`
+    /// the real parent, `num_threads` above 1 exactly for a thread, the exact start time.
+    fn new_task(&mut self, creator: Pid, creator_tgid: Pid, child: Pid) -> Option<TaskStat> {
+        let _ = (creator, creator_tgid);
+        self.stat(child)
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -186,6 +195,11 @@ pub struct Counters {
     pub held: u64,
     /// New tasks resolved from `/proc` because their creator died without reporting them.
     pub orphans: u64,
+    /// New tasks described without reading `/proc` (from the creator's registers and the clock;
+    /// counted by the live backend, see `source::ProcProbe`).
+    pub new_without_proc: u64,
+    /// New tasks described from `/proc/CHILD/stat` (counted by the live backend).
+    pub new_from_proc: u64,
 }
 
 fn first_stop_resume(status: Status) -> Resume {
@@ -282,7 +296,7 @@ impl Tracer {
             Status::Event(EVENT_FORK | EVENT_VFORK | EVENT_CLONE) => {
                 if let Some(child) = event_msg.and_then(|m| Pid::new(m as i32)) {
                     let clone = st == Status::Event(EVENT_CLONE);
-                    self.on_new_task(task.tgid, child, clone, probe, events, actions);
+                    self.on_new_task(tid, task.tgid, child, clone, probe, events, actions);
                 }
                 Resume::Cont(0)
             }
@@ -330,10 +344,13 @@ impl Tracer {
         }
     }
 
-    /// A creator (in process `creator_tgid`) reported a new task `child`; `clone`: by a
-    /// `PTRACE_EVENT_CLONE` stop (a thread, or a process with a non-SIGCHLD exit signal).
+    /// A creator (thread `creator` of process `creator_tgid`) reported a new task `child`;
+    /// `clone`: by a `PTRACE_EVENT_CLONE` stop (a thread, or a process with a non-SIGCHLD exit
+    /// signal).
+    #[allow(clippy::too_many_arguments)]
     fn on_new_task(
         &mut self,
+        creator: Pid,
         creator_tgid: Pid,
         child: Pid,
         clone: bool,
@@ -356,12 +373,18 @@ impl Tracer {
             return;
         }
         if let Some(resume) = self.early.remove(&child) {
-            let stat = probe.stat(child);
+            // Stopped, so alive.
+            let stat = probe.new_task(creator, creator_tgid, child);
             self.report_fork(creator_tgid, child, stat, events);
             actions.push(Action { tid: child, resume });
             return;
         }
-        let stat = probe.stat(child);
+        // An exit of this tid was seen: ask /proc whether that was this child.
+        let stat = if self.early_exit.iter().any(|(t, _)| *t == child) {
+            probe.stat(child)
+        } else {
+            probe.new_task(creator, creator_tgid, child)
+        };
         // Gone, or a zombie left for its real parent after we reaped it.
         let dead = stat.map_or(true, |s| s.is_dead());
         if let Some(i) = self.early_exit.iter().rposition(|(t, _)| *t == child) {

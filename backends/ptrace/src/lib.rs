@@ -216,12 +216,13 @@ mod linux {
     use std::collections::VecDeque;
     use std::io;
     use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
     use std::sync::{Arc, Mutex, MutexGuard};
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
 
-    use vpstag_tracker::{BackendKind, Capabilities, Event, ForkTracker, Pid, TrackerError, VpsId};
+    use vpstag_tracker::{BackendKind, Capabilities, Event, EventKind, ForkTracker, Pid, TrackerError, VpsId};
 
     use crate::decode::{needs_event_msg, Action, Counters, Resume, Tracer};
     use crate::source::{self, ProcProbe};
@@ -238,12 +239,14 @@ mod linux {
     struct Inner {
         queue: VecDeque<Event>,
         failed: Option<String>,
-        counters: Counters,
     }
 
     struct Shared {
         inner: Mutex<Inner>,
         efd: OwnedFd,
+        /// [`Counters`] in field order, stored by the tracer thread whenever it queues events or
+        /// goes to sleep.
+        counters: [AtomicU64; 5],
     }
 
     impl Shared {
@@ -257,19 +260,33 @@ mod linux {
             unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
 
+        fn set_counters(&self, c: Counters) {
+            let values = [c.statuses, c.held, c.orphans, c.new_without_proc, c.new_from_proc];
+            for (a, v) in self.counters.iter().zip(values) {
+                a.store(v, Ordering::Relaxed);
+            }
+        }
+
+        fn counters(&self) -> Counters {
+            let v = |i: usize| self.counters[i].load(Ordering::Relaxed);
+            Counters { statuses: v(0), held: v(1), orphans: v(2), new_without_proc: v(3), new_from_proc: v(4) }
+        }
+
+        /// Queues `events` (emptying it). The eventfd is written only when the queue was empty:
+        /// it is readable exactly while the queue is not, so one write per batch the reader has
+        /// not taken yet, and one wake-up of a sleeping reader.
         fn push(&self, events: &mut Vec<Event>, counters: Counters) {
-            let now = if events.is_empty() { None } else { source::boottime_ns() };
-            let mut inner = self.lock();
-            inner.counters = counters;
+            self.set_counters(counters);
             if events.is_empty() {
                 return;
             }
-            for mut ev in events.drain(..) {
-                ev.time_ns = now;
-                inner.queue.push_back(ev);
+            let mut inner = self.lock();
+            let was_empty = inner.queue.is_empty();
+            inner.queue.extend(events.drain(..));
+            if was_empty {
+                // Under the lock, so the reader cannot clear the counter between push and signal.
+                self.signal();
             }
-            // Under the lock, so the reader cannot clear the counter between push and signal.
-            self.signal();
         }
 
         fn fail(&self, msg: String) {
@@ -282,10 +299,13 @@ mod linux {
         fn drain(&self, out: &mut Vec<Event>) -> Result<usize, TrackerError> {
             let mut inner = self.lock();
             let n = inner.queue.len();
-            out.extend(inner.queue.drain(..));
-            let mut buf: u64 = 0;
-            // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
-            unsafe { libc::read(self.efd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+            if n > 0 {
+                out.extend(inner.queue.drain(..));
+                // An empty queue has a clear eventfd already (but for a failure, below).
+                let mut buf: u64 = 0;
+                // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
+                unsafe { libc::read(self.efd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+            }
             if n == 0 {
                 if let Some(msg) = &inner.failed {
                     // Keep the fd readable so a poll loop comes back to see the error.
@@ -340,8 +360,9 @@ mod linux {
             // SAFETY: fd is a fresh descriptor nobody else owns.
             let efd = unsafe { OwnedFd::from_raw_fd(fd) };
             let shared = Arc::new(Shared {
-                inner: Mutex::new(Inner { queue: VecDeque::new(), failed: None, counters: Counters::default() }),
+                inner: Mutex::new(Inner { queue: VecDeque::new(), failed: None }),
                 efd,
+                counters: Default::default(),
             });
             let options = source::BASE_OPTIONS
                 | if config.exit_stops { source::EXIT_OPTION } else { 0 }
@@ -372,9 +393,10 @@ mod linux {
         }
 
         /// What the tracer thread has handled so far: wait statuses (each one a tracee stop or
-        /// exit), children held until their creator's event, orphans resolved from `/proc`.
+        /// exit), children held until their creator's event, orphans resolved from `/proc`, new
+        /// tasks described with and without reading `/proc`.
         pub fn counters(&self) -> Counters {
-            self.shared.lock().counters
+            self.shared.counters()
         }
 
         /// The thread id of the tracer thread (the tracer a tracee's `TracerPid` names).
@@ -535,7 +557,14 @@ mod linux {
         }
     }
 
-    fn apply(action: Action) {
+    /// The counters of the decoder and of the probe.
+    fn counts(st: &Tracer, probe: &ProcProbe) -> Counters {
+        Counters { new_without_proc: probe.fast, new_from_proc: probe.slow, ..st.counters() }
+    }
+
+    fn apply(probe: &mut ProcProbe, action: Action) {
+        let listen = action.resume == Resume::Listen;
+        probe.resuming(action.tid, source::boottime_ns().unwrap_or(0), listen);
         let r = match action.resume {
             Resume::Cont(sig) => source::cont(action.tid, sig),
             Resume::Listen => source::listen(action.tid),
@@ -545,21 +574,28 @@ mod linux {
         let _ = r;
     }
 
+    /// At most this many decoded events wait in the tracer thread before they are queued.
+    const MAX_BATCH: usize = 64;
+
     /// The tracer thread: requests, then `waitpid`, forever.
+    ///
+    /// Decoded events wait in `pending` and are queued in batches: before a new task is resumed
+    /// (its `Fork` must be readable before it runs), before the thread sleeps in `waitpid`, and
+    /// every [`MAX_BATCH`] events. So a busy tracee is resumed without waiting for the queue, and
+    /// the reader is woken once per batch, not once per event.
     fn tracer_main(shared: &Shared, rx: Receiver<Request>, options: libc::c_int) {
         let mut st = Tracer::new();
-        let mut probe = ProcProbe;
-        let mut events = Vec::new();
+        let mut probe = ProcProbe::default();
+        let mut pending = Vec::new();
         let mut actions = Vec::new();
         loop {
             loop {
                 let req = if st.is_idle() {
                     // Nothing to wait for: reap what children are left, then sleep on the channel.
                     while let Ok(Some((tid, status))) = source::wait_nohang() {
-                        st.step(tid, status, None, &mut probe, &mut events, &mut actions);
-                        shared.push(&mut events, st.counters());
-                        actions.drain(..).for_each(apply);
+                        handle(shared, &mut st, &mut probe, tid, status, &mut pending, &mut actions);
                     }
+                    shared.push(&mut pending, counts(&st, &probe));
                     if !st.is_idle() {
                         break;
                     }
@@ -581,22 +617,67 @@ mod linux {
                     }
                 }
             }
-            match source::wait_any() {
-                Ok((tid, status)) => {
-                    let msg = if needs_event_msg(status) { source::geteventmsg(tid).ok() } else { None };
-                    st.step(tid, status, msg, &mut probe, &mut events, &mut actions);
-                    // Events first: a new child is queued before it is resumed.
-                    shared.push(&mut events, st.counters());
-                    actions.drain(..).for_each(apply);
+            let next = if pending.is_empty() {
+                source::wait_any()
+            } else {
+                match source::wait_nohang() {
+                    Ok(Some(next)) => Ok(next),
+                    // About to sleep: queue what was decoded first.
+                    Ok(None) => {
+                        shared.push(&mut pending, counts(&st, &probe));
+                        source::wait_any()
+                    }
+                    Err(e) => Err(e),
                 }
+            };
+            match next {
+                Ok((tid, status)) => handle(shared, &mut st, &mut probe, tid, status, &mut pending, &mut actions),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 // Nothing left to wait for: whatever we still thought followed is gone.
-                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => st.clear(),
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                    shared.push(&mut pending, counts(&st, &probe));
+                    st.clear();
+                }
                 Err(e) => {
+                    shared.push(&mut pending, counts(&st, &probe));
                     shared.fail(format!("waitpid: {e}"));
                     return;
                 }
             }
+        }
+    }
+
+    /// One wait status: decode it, stamp the new events, make the ptrace requests. A task whose
+    /// `Fork` is still pending is resumed only after the pending events are queued.
+    fn handle(
+        shared: &Shared,
+        st: &mut Tracer,
+        probe: &mut ProcProbe,
+        tid: Pid,
+        status: i32,
+        pending: &mut Vec<Event>,
+        actions: &mut Vec<Action>,
+    ) {
+        let now = source::boottime_ns();
+        probe.collected(now.unwrap_or(0));
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            probe.forget(tid);
+        }
+        let msg = if needs_event_msg(status) { source::geteventmsg(tid).ok() } else { None };
+        let before = pending.len();
+        st.step(tid, status, msg, probe, pending, actions);
+        for ev in &mut pending[before..] {
+            ev.time_ns = now;
+        }
+        for a in actions.drain(..) {
+            let born = |e: &Event| matches!(e.kind, EventKind::Fork { child_thread, .. } if child_thread == a.tid);
+            if pending.iter().any(born) {
+                shared.push(pending, counts(st, probe));
+            }
+            apply(probe, a);
+        }
+        if pending.len() >= MAX_BATCH {
+            shared.push(pending, counts(st, probe));
         }
     }
 }

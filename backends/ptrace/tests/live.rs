@@ -1021,3 +1021,54 @@ fn kill_on_exit_kills_the_tree_with_the_tracker() {
     let dead = || proc_stat(sleep).as_deref().and_then(parse_state).map_or(true, |c| c == 'Z' || c == 'X');
     assert!(wait_for(10, dead), "sleep {sleep} still alive: {:?}", proc_stat(sleep));
 }
+
+/// Every reported start time (most of them worked out from the clock and the creator's
+/// registers, without /proc) is the one /proc shows, for processes and threads.
+#[test]
+fn start_times_match_proc_for_many_children() {
+    let _g = lock();
+    let ready = scratch("many-ready");
+    let release = scratch("many-release");
+    let code = "import os,sys,threading,time\n\
+                r,w=os.pipe()\n\
+                kids=[]\n\
+                for i in range(150):\n    \
+                    p=os.fork()\n    \
+                    if p==0:\n        os.close(w); os.read(r,1); os._exit(0)\n    \
+                    kids.append(p)\n\
+                ev=threading.Event()\n\
+                ts=[threading.Thread(target=ev.wait) for _ in range(20)]\n\
+                [t.start() for t in ts]\n\
+                open(sys.argv[1],'w').close()\n\
+                end=time.time()+30\n\
+                while not os.path.exists(sys.argv[2]) and time.time()<end: time.sleep(0.01)\n\
+                os.close(w); ev.set(); [t.join() for t in ts]\n\
+                for p in kids: os.waitpid(p,0)\n";
+    let mut s = Session::start(&[PY, "-c", code, ready.to_str().unwrap(), release.to_str().unwrap()]);
+    let root = s.root;
+    assert!(s.until(30, |s| ready.exists() && s.forks().len() >= 170), "{} forks", s.forks().len());
+    let mut compared = 0;
+    let mut wrong = Vec::new();
+    for ev in &s.events {
+        let EventKind::Fork { child, child_thread, thread, child_start, .. } = ev.kind else { continue };
+        let path =
+            if thread { format!("/proc/{root}/task/{child_thread}/stat") } else { format!("/proc/{child}/stat") };
+        let now = std::fs::read_to_string(&path).ok().and_then(|t| vpstag_ptrace::source::parse_stat(&t));
+        match now {
+            Some(st) if !st.is_dead() => {
+                compared += 1;
+                if Some(st.start) != child_start {
+                    wrong.push((child_thread, child_start, st.start));
+                }
+            }
+            _ => {}
+        }
+    }
+    let c = s.pt().counters();
+    eprintln!("{compared} start times compared; {c:?}");
+    std::fs::write(&release, "").unwrap();
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+    clean_scratch();
+    assert!(wrong.is_empty(), "(tid, reported, /proc): {wrong:?}");
+    assert!(compared >= 170, "only {compared} compared");
+}
