@@ -14,7 +14,9 @@
 //! cargo run --release -p vpstag-ptrace --example overhead -- [fork|burst|spawn|all] [ITERS] [ROUNDS] [CPU]
 //! ```
 //!
-//! `CPU` pins the workload (and its children) to that CPU, as `taskset -c CPU` would. Linux only.
+//! `CPU` pins the workload (and its children) to that CPU, as `taskset -c CPU` would.
+//! `OVERHEAD_MODES=1,4` runs only those modes (indexes in the table order) besides the untracked
+//! one. Linux only.
 
 #[cfg(target_os = "linux")]
 fn main() {
@@ -335,7 +337,12 @@ mod linux {
             let mut runs: Vec<Vec<Run>> = vec![Vec::new(); MODES.len()];
             let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
             for r in 0..rounds {
-                let mut order: Vec<usize> = (0..MODES.len()).collect();
+                // OVERHEAD_MODES=2,4 (indexes into MODES): only those, after the untracked run.
+                let only: Option<Vec<usize>> = std::env::var("OVERHEAD_MODES")
+                    .ok()
+                    .map(|v| v.split(',').filter_map(|i| i.parse().ok()).filter(|i| *i < MODES.len()).collect());
+                let mut order: Vec<usize> =
+                    (0..MODES.len()).filter(|i| *i == 0 || only.as_ref().map_or(true, |o| o.contains(i))).collect();
                 if r % 2 == 1 {
                     order.reverse();
                 }
@@ -344,8 +351,10 @@ mod linux {
                     this[i] = run(MODES[i], work, n, cpu);
                 }
                 for i in 0..MODES.len() {
-                    ratios[i].push(this[i].rate / this[0].rate);
-                    runs[i].push(this[i]);
+                    if this[i].ops > 0 {
+                        ratios[i].push(this[i].rate / this[0].rate);
+                        runs[i].push(this[i]);
+                    }
                 }
             }
             println!("\n{work:?}: median of {rounds} rounds");
@@ -355,6 +364,9 @@ mod linux {
             );
             for (i, mode) in MODES.iter().enumerate() {
                 let rs = &runs[i];
+                if rs.is_empty() {
+                    continue;
+                }
                 let per =
                     |f: fn(&Run) -> u64| median(rs.iter().map(|r| f(r) as f64 / r.statuses.max(1) as f64).collect());
                 let us_per_op =

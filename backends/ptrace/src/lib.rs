@@ -17,9 +17,10 @@
 //!   `waitpid(-1, &status, __WALL | __WNOTHREAD)` (its own tracees only, never the children of
 //!   the program's other threads), decodes the raw status itself (nix's `waitpid` rejects stops
 //!   by real-time signals, nix issues 495 and 1143), asks the pure state machine in [`decode`]
-//!   what to report and how to restart the tracee, queues the events, and only then restarts the
-//!   tracee. So a new child's `Fork` is queued, and [`as_fd`](ForkTracker::as_fd) readable,
-//!   before the child is resumed.
+//!   what to report and how to restart the tracee, and restarts it. Events are queued in
+//!   batches: always before a new task is resumed, so a new child's `Fork` is queued, and
+//!   [`as_fd`](ForkTracker::as_fd) readable, before the child runs; otherwise when the thread is
+//!   about to sleep in `waitpid`, or has 64 events waiting.
 //! - Waking the tracer thread for [`watch`](ForkTracker::watch): `watch` sends a request on a
 //!   channel and signals the tracer thread with `tgkill(SIGRTMAX-3)`, whose handler does nothing
 //!   and is installed without `SA_RESTART`, so `waitpid` returns `EINTR` and the thread reads the
@@ -29,8 +30,11 @@
 //!   race. When nothing is followed the thread blocks on the channel instead, with no signal
 //!   needed. The handler is installed once per process; [`Ptrace::new`] fails if the program has
 //!   its own handler on that signal.
-//! - Events go into a queue; an `eventfd` is readable exactly while the queue is not empty (both
-//!   are changed under one lock).
+//! - Events go into a queue; an `eventfd` is readable whenever the queue is not empty. It is
+//!   written only when a batch lands in an empty queue, so a waiting reader is woken once per
+//!   batch, and after the queue's lock is released, so the woken reader does not block on it:
+//!   the fd can then be readable for a moment with nothing to read (a read returns no event and
+//!   clears it).
 //!
 //! What a tracee can do, and what this backend does about it:
 //! - A new child's first stop can be reported before its creator's fork event: the child is kept
@@ -53,16 +57,20 @@
 //!   records it), `clone(CLONE_THREAD)` (`thread: true`, the parent is the process).
 //! - `ESRCH` from a ptrace request on a tracee killed meanwhile is normal: its exit follows.
 //!
-//! Events: `Fork` (with `child_start` read from `/proc/CHILD/stat` field 22 before the child is
-//! resumed — it is stopped, or about to stop at its first trap, and unreaped, so the pid cannot
-//! have been reused: the start time is the child's identity), `Exec { pid, thread }` and
+//! Events: `Fork` (with `child_start`, the start time of `/proc/CHILD/stat` field 22, known before
+//! the child is resumed — it is stopped, or about to stop at its first trap, and unreaped, so the
+//! pid cannot have been reused: the start time is the child's identity), `Exec { pid, thread }` and
 //! `Exit { pid, thread, status, group_dead }` for every thread, the root included. Events also
 //! carry the VPS in [`Event::tag`] as a hint (this backend knows it for free); the core keeps the
 //! table, so [`Capabilities::holds_tags`] stays false.
 //!
-//! Cost per fork: the creator's event stop and the child's first stop, one `PTRACE_GETEVENTMSG`
-//! and one read of `/proc/CHILD/stat`. Per exit: the `PTRACE_EVENT_EXIT` stop (unless
-//! disabled) and the parent's SIGCHLD signal-delivery stop, which no ptrace option can avoid.
+//! Cost per fork: the creator's event stop and the child's first stop, one `PTRACE_GETEVENTMSG`,
+//! and on x86-64 one `PTRACE_GETREGS` (the clone flags: thread or process, `CLONE_PARENT`); the
+//! start time comes from `CLOCK_BOOTTIME` when the creator's run since its last restart lies
+//! within one clock tick, else (and on other architectures, and for `CLONE_PARENT`) from one read
+//! of `/proc/CHILD/stat` (see [`source::ProcProbe`]). Per exit: the `PTRACE_EVENT_EXIT` stop
+//! (unless disabled) and the parent's SIGCHLD signal-delivery stop, which no ptrace option can
+//! avoid. Measurements: `PERFORMANCE.md` and `examples/overhead.rs`.
 //!
 //! # Example
 //!
@@ -272,19 +280,23 @@ mod linux {
             Counters { statuses: v(0), held: v(1), orphans: v(2), new_without_proc: v(3), new_from_proc: v(4) }
         }
 
-        /// Queues `events` (emptying it). The eventfd is written only when the queue was empty:
-        /// it is readable exactly while the queue is not, so one write per batch the reader has
-        /// not taken yet, and one wake-up of a sleeping reader.
+        /// Queues `events` (emptying it). The eventfd is written only when the queue was empty
+        /// (one write per batch the reader has not taken yet, one wake-up of a sleeping reader),
+        /// and after the lock is released, so that the woken reader does not block on it. The
+        /// reader may have taken the batch in between: the eventfd is then readable with an empty
+        /// queue, and its next read finds nothing, clears it, and waits again.
         fn push(&self, events: &mut Vec<Event>, counters: Counters) {
             self.set_counters(counters);
             if events.is_empty() {
                 return;
             }
-            let mut inner = self.lock();
-            let was_empty = inner.queue.is_empty();
-            inner.queue.extend(events.drain(..));
+            let was_empty = {
+                let mut inner = self.lock();
+                let was_empty = inner.queue.is_empty();
+                inner.queue.extend(events.drain(..));
+                was_empty
+            };
             if was_empty {
-                // Under the lock, so the reader cannot clear the counter between push and signal.
                 self.signal();
             }
         }
@@ -299,13 +311,10 @@ mod linux {
         fn drain(&self, out: &mut Vec<Event>) -> Result<usize, TrackerError> {
             let mut inner = self.lock();
             let n = inner.queue.len();
-            if n > 0 {
-                out.extend(inner.queue.drain(..));
-                // An empty queue has a clear eventfd already (but for a failure, below).
-                let mut buf: u64 = 0;
-                // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
-                unsafe { libc::read(self.efd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
-            }
+            out.extend(inner.queue.drain(..));
+            let mut buf: u64 = 0;
+            // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
+            unsafe { libc::read(self.efd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
             if n == 0 {
                 if let Some(msg) = &inner.failed {
                     // Keep the fd readable so a poll loop comes back to see the error.
