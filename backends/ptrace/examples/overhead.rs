@@ -5,7 +5,8 @@
 //! with a consumer thread that drains events in batches as the daemon does.
 //!
 //! The modes run in alternating order (ABBA) for several rounds; each round's rates are divided by
-//! the untracked rate of the same round, and the medians are printed. Also printed: wait statuses
+//! the untracked rate of the same round (`ratio`), and `Ptrace`'s also by the rate of the minimal
+//! tracer with the same stops in the same round (`vs min`); the medians are printed. Also printed: wait statuses
 //! (stops and reaps) per operation, the workload's CPU time per operation (its children's
 //! included), the tracer thread's and the consumer's CPU time per status (ns), and all of that
 //! CPU time per operation: on a busy machine the CPU times are steadier than the rates.
@@ -56,6 +57,15 @@ mod linux {
     const MODES: [Mode; 5] = [Mode::None, Mode::Minimal, Mode::PtraceNoExit, Mode::MinimalExit, Mode::Ptrace];
 
     impl Mode {
+        /// The minimal tracer with the same stops, for the `vs minimal` column.
+        fn floor(self) -> Option<Mode> {
+            match self {
+                Mode::PtraceNoExit => Some(Mode::Minimal),
+                Mode::Ptrace => Some(Mode::MinimalExit),
+                _ => None,
+            }
+        }
+
         fn name(self) -> &'static str {
             match self {
                 Mode::None => "untracked",
@@ -336,6 +346,7 @@ mod linux {
             let n = if work == Work::Spawn { iters / 4 } else { iters };
             let mut runs: Vec<Vec<Run>> = vec![Vec::new(); MODES.len()];
             let mut ratios: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
+            let mut vs_floor: Vec<Vec<f64>> = vec![Vec::new(); MODES.len()];
             for r in 0..rounds {
                 // OVERHEAD_MODES=2,4 (indexes into MODES): only those, after the untracked run.
                 let only: Option<Vec<usize>> = std::env::var("OVERHEAD_MODES")
@@ -355,12 +366,16 @@ mod linux {
                         ratios[i].push(this[i].rate / this[0].rate);
                         runs[i].push(this[i]);
                     }
+                    let floor = MODES[i].floor().and_then(|f| MODES.iter().position(|m| *m == f));
+                    if let Some(f) = floor.filter(|f| this[*f].ops > 0 && this[i].ops > 0) {
+                        vs_floor[i].push(this[i].rate / this[f].rate);
+                    }
                 }
             }
             println!("\n{work:?}: median of {rounds} rounds");
             println!(
-                "{:<26} {:>8} {:>6} {:>8} {:>10} {:>10} {:>11} {:>10}",
-                "mode", "ops/s", "ratio", "stat/op", "work us/op", "tracer/st", "consumer/st", "all us/op"
+                "{:<26} {:>8} {:>6} {:>7} {:>8} {:>10} {:>10} {:>11} {:>10}",
+                "mode", "ops/s", "ratio", "vs min", "stat/op", "work us/op", "tracer/st", "consumer/st", "all us/op"
             );
             for (i, mode) in MODES.iter().enumerate() {
                 let rs = &runs[i];
@@ -372,10 +387,11 @@ mod linux {
                 let us_per_op =
                     |f: fn(&Run) -> u64| median(rs.iter().map(|r| f(r) as f64 / 1e3 / r.ops as f64).collect());
                 println!(
-                    "{:<26} {:>8.0} {:>6.3} {:>8.2} {:>10.1} {:>10.0} {:>11.0} {:>10.1}",
+                    "{:<26} {:>8.0} {:>6.3} {:>7} {:>8.2} {:>10.1} {:>10.0} {:>11.0} {:>10.1}",
                     mode.name(),
                     median(rs.iter().map(|r| r.rate).collect()),
                     median(ratios[i].clone()),
+                    if vs_floor[i].is_empty() { "-".to_owned() } else { format!("{:.3}", median(vs_floor[i].clone())) },
                     median(rs.iter().map(|r| r.statuses as f64 / r.ops as f64).collect()),
                     us_per_op(|r| r.work_ns),
                     per(|r| r.tracer_ns),
