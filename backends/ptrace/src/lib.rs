@@ -103,7 +103,7 @@
 //!
 //! - **It reaps the processes it follows, and only those.** The tracer thread waits with
 //!   `waitpid(-1, .., __WALL | __WNOTHREAD)`: a thread then collects only its own tracees (and
-//!   children it forked itself, which it has none), so the program's other children, started with
+//!   the children it forked itself: none), so the program's other children, started with
 //!   `std::process::Command` or `fork` from any other thread, are left to their own `waitpid`. A
 //!   root the program forked itself is collected by the tracer thread (its exit status comes in
 //!   the `Exit` event), so do not wait for it yourself, and never call `waitpid(-1, ..)` without
