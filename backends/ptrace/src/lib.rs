@@ -308,13 +308,20 @@ mod linux {
         }
 
         /// Moves every queued event to `out` and clears the eventfd, atomically.
-        fn drain(&self, out: &mut Vec<Event>) -> Result<usize, TrackerError> {
+        ///
+        /// With nothing queued the eventfd is cleared only if `clear_when_empty` (it may be
+        /// readable for a moment with an empty queue, see [`Shared::push`]); a caller that polls
+        /// next passes `false` and saves the `read`: poll then returns at once and the next drain
+        /// clears it.
+        fn drain(&self, out: &mut Vec<Event>, clear_when_empty: bool) -> Result<usize, TrackerError> {
             let mut inner = self.lock();
             let n = inner.queue.len();
             out.extend(inner.queue.drain(..));
-            let mut buf: u64 = 0;
-            // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
-            unsafe { libc::read(self.efd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+            if n > 0 || clear_when_empty {
+                let mut buf: u64 = 0;
+                // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
+                unsafe { libc::read(self.efd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+            }
             if n == 0 {
                 if let Some(msg) = &inner.failed {
                     // Keep the fd readable so a poll loop comes back to see the error.
@@ -458,7 +465,8 @@ mod linux {
         }
 
         fn read_events(&mut self, out: &mut Vec<Event>, timeout: Option<Duration>) -> Result<usize, TrackerError> {
-            let n = self.shared.drain(out)?;
+            // Without a wait, leave the fd clear for the caller's own poll loop.
+            let n = self.shared.drain(out, timeout == Some(Duration::ZERO))?;
             if n > 0 || timeout == Some(Duration::ZERO) {
                 return Ok(n);
             }
@@ -483,7 +491,7 @@ mod linux {
                         return Err(TrackerError::io("poll on the ptrace event queue", e));
                     }
                 }
-                let n = self.shared.drain(out)?;
+                let n = self.shared.drain(out, true)?;
                 if n > 0 {
                     return Ok(n);
                 }
