@@ -596,6 +596,10 @@ mod tests {
         /// tid -> (ppid, num_threads, start, tgid)
         tasks: HashMap<i32, (i32, i64, u64, i32)>,
         zombies: HashSet<i32>,
+        /// What `new_task` answers without /proc, by child.
+        described: HashMap<i32, TaskStat>,
+        /// `new_task` calls: (creator, creator_tgid, child).
+        new_task_calls: Vec<(i32, i32, i32)>,
     }
 
     impl FakeProc {
@@ -616,6 +620,13 @@ mod tests {
         }
         fn tgid(&mut self, tid: Pid) -> Option<Pid> {
             self.tasks.get(&tid.as_raw()).and_then(|t| Pid::new(t.3))
+        }
+        fn new_task(&mut self, creator: Pid, creator_tgid: Pid, child: Pid) -> Option<TaskStat> {
+            self.new_task_calls.push((creator.as_raw(), creator_tgid.as_raw(), child.as_raw()));
+            match self.described.get(&child.as_raw()) {
+                Some(s) => Some(*s),
+                None => self.stat(child),
+            }
         }
     }
 
@@ -896,6 +907,39 @@ mod tests {
         assert_eq!(fork_of(&ev[0]), (ROOT, 101, 101, false, Some(1101)));
         assert_eq!(exit_of(&ev[1]).2, Some(ExitStatus::Signaled { signal: 9, core_dumped: false }));
         assert!(!h.t.knows(pid(101)));
+    }
+
+    #[test]
+    fn new_child_is_described_by_the_probe_from_its_creator() {
+        let mut h = Harness::new();
+        // A second thread of ROOT forks: no /proc read needed.
+        h.t.add_thread(pid(ROOT), pid(150));
+        let described = TaskStat { state: 't', ppid: ROOT, num_threads: 1, start: StartTime(55) };
+        h.p.described.insert(101, described);
+        let (ev, ac) = h.step(150, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        assert_eq!(h.p.new_task_calls, vec![(150, ROOT, 101)]);
+        assert_eq!(fork_of(&ev[0]), (ROOT, 101, 101, false, Some(55)));
+        assert_eq!(ac, vec![cont(150, 0)]);
+        // A thread, described the same way; its first stop came first (held).
+        h.p.described.insert(102, TaskStat { num_threads: 2, start: StartTime(56), ..described });
+        h.step(102, stopped(SIGTRAP, EVENT_STOP), None);
+        let (ev, ac) = h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(102));
+        assert_eq!(fork_of(&ev[0]), (ROOT, ROOT, 102, true, Some(56)));
+        assert_eq!(ac, vec![cont(102, 0), cont(ROOT, 0)]);
+    }
+
+    #[test]
+    fn a_seen_exit_of_the_tid_sends_the_decoder_to_proc() {
+        let mut h = Harness::new();
+        // 101 killed before its first stop and reaped; the probe would call it alive.
+        h.step(101, 9, None);
+        h.p.described.insert(101, TaskStat { state: 't', ppid: ROOT, num_threads: 1, start: StartTime(55) });
+        h.p.add(101, ROOT, 1, 101);
+        h.p.zombies.insert(101);
+        let (ev, _) = h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        assert!(h.p.new_task_calls.is_empty());
+        assert_eq!(fork_of(&ev[0]), (ROOT, 101, 101, false, Some(1101)));
+        assert_eq!(exit_of(&ev[1]).2, Some(ExitStatus::Signaled { signal: 9, core_dumped: false }));
     }
 
     #[test]
