@@ -137,6 +137,15 @@ pub trait Probe {
     fn stat(&mut self, tid: Pid) -> Option<TaskStat>;
     /// The thread-group id of `tid` (`Tgid:` in `/proc/TID/status`).
     fn tgid(&mut self, tid: Pid) -> Option<Pid>;
+    /// What `/proc/CHILD/stat` says of `child`, just created by thread `creator` (of process
+    /// `creator_tgid`), which is stopped at its fork/vfork/clone event, and not reaped: the caller
+    /// knows of no exit of `child`. An implementation may answer without `/proc`, from the
+    /// creator's registers and clocks, as long as the answer is the same: state not dead, `ppid`
+    /// the real parent, `num_threads` above 1 exactly for a thread, the exact start time.
+    fn new_task(&mut self, creator: Pid, creator_tgid: Pid, child: Pid) -> Option<TaskStat> {
+        let _ = (creator, creator_tgid);
+        self.stat(child)
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -186,6 +195,11 @@ pub struct Counters {
     pub held: u64,
     /// New tasks resolved from `/proc` because their creator died without reporting them.
     pub orphans: u64,
+    /// New tasks described without reading `/proc` (from the creator's registers and the clock;
+    /// counted by the live backend, see `source::ProcProbe`).
+    pub new_without_proc: u64,
+    /// New tasks described from `/proc/CHILD/stat` (counted by the live backend).
+    pub new_from_proc: u64,
 }
 
 fn first_stop_resume(status: Status) -> Resume {
@@ -282,7 +296,7 @@ impl Tracer {
             Status::Event(EVENT_FORK | EVENT_VFORK | EVENT_CLONE) => {
                 if let Some(child) = event_msg.and_then(|m| Pid::new(m as i32)) {
                     let clone = st == Status::Event(EVENT_CLONE);
-                    self.on_new_task(task.tgid, child, clone, probe, events, actions);
+                    self.on_new_task(tid, task.tgid, child, clone, probe, events, actions);
                 }
                 Resume::Cont(0)
             }
@@ -330,10 +344,13 @@ impl Tracer {
         }
     }
 
-    /// A creator (in process `creator_tgid`) reported a new task `child`; `clone`: by a
-    /// `PTRACE_EVENT_CLONE` stop (a thread, or a process with a non-SIGCHLD exit signal).
+    /// A creator (thread `creator` of process `creator_tgid`) reported a new task `child`;
+    /// `clone`: by a `PTRACE_EVENT_CLONE` stop (a thread, or a process with a non-SIGCHLD exit
+    /// signal).
+    #[allow(clippy::too_many_arguments)]
     fn on_new_task(
         &mut self,
+        creator: Pid,
         creator_tgid: Pid,
         child: Pid,
         clone: bool,
@@ -356,12 +373,18 @@ impl Tracer {
             return;
         }
         if let Some(resume) = self.early.remove(&child) {
-            let stat = probe.stat(child);
+            // Stopped, so alive.
+            let stat = probe.new_task(creator, creator_tgid, child);
             self.report_fork(creator_tgid, child, stat, events);
             actions.push(Action { tid: child, resume });
             return;
         }
-        let stat = probe.stat(child);
+        // An exit of this tid was seen: ask /proc whether that was this child.
+        let stat = if self.early_exit.iter().any(|(t, _)| *t == child) {
+            probe.stat(child)
+        } else {
+            probe.new_task(creator, creator_tgid, child)
+        };
         // Gone, or a zombie left for its real parent after we reaped it.
         let dead = stat.map_or(true, |s| s.is_dead());
         if let Some(i) = self.early_exit.iter().rposition(|(t, _)| *t == child) {
@@ -573,6 +596,10 @@ mod tests {
         /// tid -> (ppid, num_threads, start, tgid)
         tasks: HashMap<i32, (i32, i64, u64, i32)>,
         zombies: HashSet<i32>,
+        /// What `new_task` answers without /proc, by child.
+        described: HashMap<i32, TaskStat>,
+        /// `new_task` calls: (creator, creator_tgid, child).
+        new_task_calls: Vec<(i32, i32, i32)>,
     }
 
     impl FakeProc {
@@ -593,6 +620,13 @@ mod tests {
         }
         fn tgid(&mut self, tid: Pid) -> Option<Pid> {
             self.tasks.get(&tid.as_raw()).and_then(|t| Pid::new(t.3))
+        }
+        fn new_task(&mut self, creator: Pid, creator_tgid: Pid, child: Pid) -> Option<TaskStat> {
+            self.new_task_calls.push((creator.as_raw(), creator_tgid.as_raw(), child.as_raw()));
+            match self.described.get(&child.as_raw()) {
+                Some(s) => Some(*s),
+                None => self.stat(child),
+            }
         }
     }
 
@@ -873,6 +907,39 @@ mod tests {
         assert_eq!(fork_of(&ev[0]), (ROOT, 101, 101, false, Some(1101)));
         assert_eq!(exit_of(&ev[1]).2, Some(ExitStatus::Signaled { signal: 9, core_dumped: false }));
         assert!(!h.t.knows(pid(101)));
+    }
+
+    #[test]
+    fn new_child_is_described_by_the_probe_from_its_creator() {
+        let mut h = Harness::new();
+        // A second thread of ROOT forks: no /proc read needed.
+        h.t.add_thread(pid(ROOT), pid(150));
+        let described = TaskStat { state: 't', ppid: ROOT, num_threads: 1, start: StartTime(55) };
+        h.p.described.insert(101, described);
+        let (ev, ac) = h.step(150, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        assert_eq!(h.p.new_task_calls, vec![(150, ROOT, 101)]);
+        assert_eq!(fork_of(&ev[0]), (ROOT, 101, 101, false, Some(55)));
+        assert_eq!(ac, vec![cont(150, 0)]);
+        // A thread, described the same way; its first stop came first (held).
+        h.p.described.insert(102, TaskStat { num_threads: 2, start: StartTime(56), ..described });
+        h.step(102, stopped(SIGTRAP, EVENT_STOP), None);
+        let (ev, ac) = h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(102));
+        assert_eq!(fork_of(&ev[0]), (ROOT, ROOT, 102, true, Some(56)));
+        assert_eq!(ac, vec![cont(102, 0), cont(ROOT, 0)]);
+    }
+
+    #[test]
+    fn a_seen_exit_of_the_tid_sends_the_decoder_to_proc() {
+        let mut h = Harness::new();
+        // 101 killed before its first stop and reaped; the probe would call it alive.
+        h.step(101, 9, None);
+        h.p.described.insert(101, TaskStat { state: 't', ppid: ROOT, num_threads: 1, start: StartTime(55) });
+        h.p.add(101, ROOT, 1, 101);
+        h.p.zombies.insert(101);
+        let (ev, _) = h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        assert!(h.p.new_task_calls.is_empty());
+        assert_eq!(fork_of(&ev[0]), (ROOT, 101, 101, false, Some(1101)));
+        assert_eq!(exit_of(&ev[1]).2, Some(ExitStatus::Signaled { signal: 9, core_dumped: false }));
     }
 
     #[test]

@@ -29,6 +29,11 @@ impl Ptrace {
     pub fn with_exit_stops(_exit_stops: bool) -> Result<Ptrace, TrackerError> {
         Ptrace::new()
     }
+
+    /// As [`new`](Ptrace::new).
+    pub fn with_config(_config: crate::Config) -> Result<Ptrace, TrackerError> {
+        Ptrace::new()
+    }
 }
 
 impl ForkTracker for Ptrace {

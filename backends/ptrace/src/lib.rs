@@ -9,16 +9,18 @@
 //! # How it works
 //!
 //! - The root is attached with `PTRACE_SEIZE` and the options `PTRACE_O_TRACEFORK`,
-//!   `TRACEVFORK`, `TRACECLONE`, `TRACEEXEC`, `TRACEEXIT` (see [`Ptrace::with_exit_stops`]) and
-//!   `EXITKILL`. The kernel then attaches every new task automatically, before it runs. No
-//!   syscall stops are asked for.
+//!   `TRACEVFORK`, `TRACECLONE`, `TRACEEXEC`, and `TRACEEXIT` unless [`Config::exit_stops`] is
+//!   off; `EXITKILL` only if [`Config::kill_on_exit`] asks for it. The kernel then attaches every
+//!   new task automatically, before it runs. No syscall stops are asked for.
 //! - **One tracer thread** (`vpstag-ptrace`) makes every ptrace request, as the kernel requires
 //!   (a tracee belongs to the thread that attached it). It sits in
-//!   `waitpid(-1, &status, __WALL)`, decodes the raw status itself (nix's `waitpid` rejects stops
+//!   `waitpid(-1, &status, __WALL | __WNOTHREAD)` (its own tracees only, never the children of
+//!   the program's other threads), decodes the raw status itself (nix's `waitpid` rejects stops
 //!   by real-time signals, nix issues 495 and 1143), asks the pure state machine in [`decode`]
-//!   what to report and how to restart the tracee, queues the events, and only then restarts the
-//!   tracee. So a new child's `Fork` is queued, and [`as_fd`](ForkTracker::as_fd) readable,
-//!   before the child is resumed.
+//!   what to report and how to restart the tracee, and restarts it. Events are queued in
+//!   batches: always before a new task is resumed, so a new child's `Fork` is queued, and
+//!   [`as_fd`](ForkTracker::as_fd) readable, before the child runs; otherwise when the thread is
+//!   about to sleep in `waitpid`, or has 64 events waiting.
 //! - Waking the tracer thread for [`watch`](ForkTracker::watch): `watch` sends a request on a
 //!   channel and signals the tracer thread with `tgkill(SIGRTMAX-3)`, whose handler does nothing
 //!   and is installed without `SA_RESTART`, so `waitpid` returns `EINTR` and the thread reads the
@@ -28,8 +30,11 @@
 //!   race. When nothing is followed the thread blocks on the channel instead, with no signal
 //!   needed. The handler is installed once per process; [`Ptrace::new`] fails if the program has
 //!   its own handler on that signal.
-//! - Events go into a queue; an `eventfd` is readable exactly while the queue is not empty (both
-//!   are changed under one lock).
+//! - Events go into a queue; an `eventfd` is readable whenever the queue is not empty. It is
+//!   written only when a batch lands in an empty queue, so a waiting reader is woken once per
+//!   batch, and after the queue's lock is released, so the woken reader does not block on it:
+//!   the fd can then be readable for a moment with nothing to read (a read returns no event and
+//!   clears it).
 //!
 //! What a tracee can do, and what this backend does about it:
 //! - A new child's first stop can be reported before its creator's fork event: the child is kept
@@ -52,16 +57,20 @@
 //!   records it), `clone(CLONE_THREAD)` (`thread: true`, the parent is the process).
 //! - `ESRCH` from a ptrace request on a tracee killed meanwhile is normal: its exit follows.
 //!
-//! Events: `Fork` (with `child_start` read from `/proc/CHILD/stat` field 22 before the child is
-//! resumed — it is stopped, or about to stop at its first trap, and unreaped, so the pid cannot
-//! have been reused: the start time is the child's identity), `Exec { pid, thread }` and
+//! Events: `Fork` (with `child_start`, the start time of `/proc/CHILD/stat` field 22, known before
+//! the child is resumed — it is stopped, or about to stop at its first trap, and unreaped, so the
+//! pid cannot have been reused: the start time is the child's identity), `Exec { pid, thread }` and
 //! `Exit { pid, thread, status, group_dead }` for every thread, the root included. Events also
 //! carry the VPS in [`Event::tag`] as a hint (this backend knows it for free); the core keeps the
 //! table, so [`Capabilities::holds_tags`] stays false.
 //!
-//! Cost per fork: the creator's event stop and the child's first stop, one `PTRACE_GETEVENTMSG`
-//! and one read of `/proc/CHILD/stat`. Per exit: the `PTRACE_EVENT_EXIT` stop (unless
-//! disabled) and the parent's SIGCHLD signal-delivery stop, which no ptrace option can avoid.
+//! Cost per fork: the creator's event stop and the child's first stop, one `PTRACE_GETEVENTMSG`,
+//! and on x86-64 one `PTRACE_GETREGS` (the clone flags: thread or process, `CLONE_PARENT`); the
+//! start time comes from `CLOCK_BOOTTIME` when the creator's run since its last restart lies
+//! within one clock tick, else (and on other architectures, and for `CLONE_PARENT`) from one read
+//! of `/proc/CHILD/stat` (see [`source::ProcProbe`]). Per exit: the `PTRACE_EVENT_EXIT` stop
+//! (unless disabled) and the parent's SIGCHLD signal-delivery stop, which no ptrace option can
+//! avoid. Measurements: `PERFORMANCE.md` and `examples/overhead.rs`.
 //!
 //! # Example
 //!
@@ -92,16 +101,22 @@
 //!
 //! # Caveats
 //!
-//! - **It reaps every child of the process that uses it.** The tracer thread waits with
-//!   `waitpid(-1, .., __WALL)`, which collects tracees *and* plain children of any thread of this
-//!   process (a root is collected twice: as a tracee, then as a child). Use it from a process
-//!   dedicated to tracking, as the `vpstag` CLI and daemon are, and do not `waitpid` in it
-//!   yourself. Only one `Ptrace` should be alive in a process at a time, for the same reason.
+//! - **It reaps the processes it follows, and only those.** The tracer thread waits with
+//!   `waitpid(-1, .., __WALL | __WNOTHREAD)`: a thread then collects only its own tracees (and
+//!   the children it forked itself: none), so the program's other children, started with
+//!   `std::process::Command` or `fork` from any other thread, are left to their own `waitpid`. A
+//!   root the program forked itself is collected by the tracer thread (its exit status comes in
+//!   the `Exit` event), so do not wait for it yourself, and never call `waitpid(-1, ..)` without
+//!   `__WNOTHREAD` in another thread: the kernel lets any thread of the process collect the
+//!   tracer thread's tracees that way. Only one `Ptrace` should follow a given process.
 //!   `SIGCHLD` must not be ignored (`SIG_IGN` or `SA_NOCLDWAIT` would let the kernel reap tracees
 //!   and lose their status); [`Ptrace::new`] checks it.
-//! - **`PTRACE_O_EXITKILL`:** when the tracer thread ends — the process crashes or is killed, or
-//!   the [`Ptrace`] is dropped — the kernel SIGKILLs every followed process. A crashed tracker
-//!   therefore leaves no untracked VPS process behind; dropping it ends the VPSes it follows.
+//! - **The followed processes outlive the tracker.** When the tracer thread ends — the [`Ptrace`]
+//!   is dropped, the process crashes or is killed — the kernel detaches every tracee: it runs on,
+//!   untraced (one in a job-control stop stays stopped, as untraced, until `SIGCONT`). A restarted
+//!   tracker can [`watch`](ForkTracker::watch) each of them again (every thread is seized); what
+//!   they forked meanwhile is not reported. [`Config::kill_on_exit`] (`PTRACE_O_EXITKILL`) makes
+//!   the kernel SIGKILL them instead, so that no VPS process ever runs untracked.
 //! - A process can have only one tracer: a VPS process cannot be debugged with gdb/strace while
 //!   followed, and a program that checks `TracerPid` in `/proc/self/status` sees it.
 //! - A root that already has threads when watched (a loader member, a process a scan found) has
@@ -158,20 +173,68 @@ pub const CAPABILITIES: Capabilities = Capabilities {
 /// [`BackendKind::Ptrace`].
 pub const KIND: BackendKind = BackendKind::Ptrace;
 
+/// How a [`Ptrace`] follows processes: the ptrace options its tracees are seized with.
+///
+/// The default is what [`Ptrace::new`] uses: exit stops on, and the followed processes left alive
+/// (detached) when the tracker goes away.
+///
+/// ```
+/// use vpstag_ptrace::Config;
+///
+/// let config = Config::default().exit_stops(false);
+/// assert!(!config.exit_stops && !config.kill_on_exit);
+/// // let tracker = vpstag_ptrace::Ptrace::with_config(config)?;
+/// ```
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Config {
+    /// `PTRACE_O_TRACEEXIT` (default `true`): every exiting thread stops once more, while it can
+    /// still be seen in `/proc`. `false` saves that stop; exits are reported either way (from the
+    /// reaped status).
+    pub exit_stops: bool,
+    /// `PTRACE_O_EXITKILL` (default `false`): when the tracer thread ends — the [`Ptrace`] is
+    /// dropped, or the process crashes or is killed — the kernel SIGKILLs every followed process,
+    /// so none is left running untracked. With `false` they are detached and run on, untraced: a
+    /// restarted tracker can [`watch`](ForkTracker::watch) them again.
+    pub kill_on_exit: bool,
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config { exit_stops: true, kill_on_exit: false }
+    }
+}
+
+impl Config {
+    /// Sets [`exit_stops`](Config::exit_stops).
+    pub fn exit_stops(mut self, on: bool) -> Config {
+        self.exit_stops = on;
+        self
+    }
+
+    /// Sets [`kill_on_exit`](Config::kill_on_exit).
+    pub fn kill_on_exit(mut self, on: bool) -> Config {
+        self.kill_on_exit = on;
+        self
+    }
+}
+
 #[cfg(target_os = "linux")]
 mod linux {
     use std::collections::VecDeque;
     use std::io;
     use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
+    use std::sync::atomic::{AtomicU64, Ordering};
     use std::sync::mpsc::{self, Receiver, RecvTimeoutError, Sender, TryRecvError};
     use std::sync::{Arc, Mutex, MutexGuard};
     use std::thread::JoinHandle;
     use std::time::{Duration, Instant};
 
-    use vpstag_tracker::{BackendKind, Capabilities, Event, ForkTracker, Pid, TrackerError, VpsId};
+    use vpstag_tracker::{BackendKind, Capabilities, Event, EventKind, ForkTracker, Pid, TrackerError, VpsId};
 
     use crate::decode::{needs_event_msg, Action, Counters, Resume, Tracer};
     use crate::source::{self, ProcProbe};
+    use crate::Config;
 
     /// How often `watch` re-sends the wake-up signal until the tracer thread answers.
     const WAKE_RETRY: Duration = Duration::from_millis(5);
@@ -184,12 +247,14 @@ mod linux {
     struct Inner {
         queue: VecDeque<Event>,
         failed: Option<String>,
-        counters: Counters,
     }
 
     struct Shared {
         inner: Mutex<Inner>,
         efd: OwnedFd,
+        /// [`Counters`] in field order, stored by the tracer thread whenever it queues events or
+        /// goes to sleep.
+        counters: [AtomicU64; 5],
     }
 
     impl Shared {
@@ -203,19 +268,37 @@ mod linux {
             unsafe { libc::write(self.efd.as_raw_fd(), (&one as *const u64).cast(), 8) };
         }
 
+        fn set_counters(&self, c: Counters) {
+            let values = [c.statuses, c.held, c.orphans, c.new_without_proc, c.new_from_proc];
+            for (a, v) in self.counters.iter().zip(values) {
+                a.store(v, Ordering::Relaxed);
+            }
+        }
+
+        fn counters(&self) -> Counters {
+            let v = |i: usize| self.counters[i].load(Ordering::Relaxed);
+            Counters { statuses: v(0), held: v(1), orphans: v(2), new_without_proc: v(3), new_from_proc: v(4) }
+        }
+
+        /// Queues `events` (emptying it). The eventfd is written only when the queue was empty
+        /// (one write per batch the reader has not taken yet, one wake-up of a sleeping reader),
+        /// and after the lock is released, so that the woken reader does not block on it. The
+        /// reader may have taken the batch in between: the eventfd is then readable with an empty
+        /// queue, and its next read finds nothing, clears it, and waits again.
         fn push(&self, events: &mut Vec<Event>, counters: Counters) {
-            let now = if events.is_empty() { None } else { source::boottime_ns() };
-            let mut inner = self.lock();
-            inner.counters = counters;
+            self.set_counters(counters);
             if events.is_empty() {
                 return;
             }
-            for mut ev in events.drain(..) {
-                ev.time_ns = now;
-                inner.queue.push_back(ev);
+            let was_empty = {
+                let mut inner = self.lock();
+                let was_empty = inner.queue.is_empty();
+                inner.queue.extend(events.drain(..));
+                was_empty
+            };
+            if was_empty {
+                self.signal();
             }
-            // Under the lock, so the reader cannot clear the counter between push and signal.
-            self.signal();
         }
 
         fn fail(&self, msg: String) {
@@ -225,13 +308,20 @@ mod linux {
         }
 
         /// Moves every queued event to `out` and clears the eventfd, atomically.
-        fn drain(&self, out: &mut Vec<Event>) -> Result<usize, TrackerError> {
+        ///
+        /// With nothing queued the eventfd is cleared only if `clear_when_empty` (it may be
+        /// readable for a moment with an empty queue, see [`Shared::push`]); a caller that polls
+        /// next passes `false` and saves the `read`: poll then returns at once and the next drain
+        /// clears it.
+        fn drain(&self, out: &mut Vec<Event>, clear_when_empty: bool) -> Result<usize, TrackerError> {
             let mut inner = self.lock();
             let n = inner.queue.len();
             out.extend(inner.queue.drain(..));
-            let mut buf: u64 = 0;
-            // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
-            unsafe { libc::read(self.efd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+            if n > 0 || clear_when_empty {
+                let mut buf: u64 = 0;
+                // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
+                unsafe { libc::read(self.efd.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+            }
             if n == 0 {
                 if let Some(msg) = &inner.failed {
                     // Keep the fd readable so a poll loop comes back to see the error.
@@ -258,18 +348,22 @@ mod linux {
     }
 
     impl Ptrace {
-        /// Starts the tracer thread. Follows nothing until [`watch`](ForkTracker::watch).
+        /// Starts the tracer thread with the default [`Config`]. Follows nothing until
+        /// [`watch`](ForkTracker::watch).
         ///
         /// Fails when `SIGCHLD` is ignored in this process, or when the wake-up signal
         /// (`SIGRTMAX-3`) already has a handler.
         pub fn new() -> Result<Ptrace, TrackerError> {
-            Ptrace::with_exit_stops(true)
+            Ptrace::with_config(Config::default())
         }
 
-        /// Like [`new`](Ptrace::new); `exit_stops: false` leaves out `PTRACE_O_TRACEEXIT`, saving
-        /// one stop per exiting thread. Exits are reported either way (from the reaped status);
-        /// the exit stop only lets the thread be seen before it is torn down.
+        /// Like [`new`](Ptrace::new) with [`Config::exit_stops`] set to `exit_stops`.
         pub fn with_exit_stops(exit_stops: bool) -> Result<Ptrace, TrackerError> {
+            Ptrace::with_config(Config::default().exit_stops(exit_stops))
+        }
+
+        /// Like [`new`](Ptrace::new), with the options of `config`.
+        pub fn with_config(config: Config) -> Result<Ptrace, TrackerError> {
             if let Some(why) = source::sigchld_problem() {
                 return Err(TrackerError::Unsupported(why));
             }
@@ -282,10 +376,18 @@ mod linux {
             // SAFETY: fd is a fresh descriptor nobody else owns.
             let efd = unsafe { OwnedFd::from_raw_fd(fd) };
             let shared = Arc::new(Shared {
-                inner: Mutex::new(Inner { queue: VecDeque::new(), failed: None, counters: Counters::default() }),
+                inner: Mutex::new(Inner { queue: VecDeque::new(), failed: None }),
                 efd,
+                counters: Default::default(),
             });
-            let options = source::BASE_OPTIONS | if exit_stops { source::EXIT_OPTION } else { 0 };
+            let options = source::BASE_OPTIONS
+                | if config.exit_stops { source::EXIT_OPTION } else { 0 }
+                | if config.kill_on_exit { source::KILL_OPTION } else { 0 };
+            let on_panic = if config.kill_on_exit {
+                "the tracer thread panicked; every followed process was killed (kill_on_exit)"
+            } else {
+                "the tracer thread panicked; every followed process was detached and runs on untracked"
+            };
             let (tx, rx) = mpsc::channel();
             let (tid_tx, tid_rx) = mpsc::channel();
             let sh = Arc::clone(&shared);
@@ -296,7 +398,7 @@ mod linux {
                     let _ = tid_tx.send(source::gettid());
                     let run = std::panic::AssertUnwindSafe(|| tracer_main(&sh, rx, options));
                     if std::panic::catch_unwind(run).is_err() {
-                        sh.fail("the tracer thread panicked; every followed process was killed (EXITKILL)".into());
+                        sh.fail(on_panic.into());
                     }
                 })
                 .map_err(|e| TrackerError::io("spawning the ptrace tracer thread", e))?;
@@ -307,9 +409,10 @@ mod linux {
         }
 
         /// What the tracer thread has handled so far: wait statuses (each one a tracee stop or
-        /// exit), children held until their creator's event, orphans resolved from `/proc`.
+        /// exit), children held until their creator's event, orphans resolved from `/proc`, new
+        /// tasks described with and without reading `/proc`.
         pub fn counters(&self) -> Counters {
-            self.shared.lock().counters
+            self.shared.counters()
         }
 
         /// The thread id of the tracer thread (the tracer a tracee's `TracerPid` names).
@@ -318,6 +421,10 @@ mod linux {
         }
     }
 
+    /// Ends the tracer thread. The kernel then detaches every followed process (or kills them all,
+    /// with [`Config::kill_on_exit`]): one in a ptrace stop is restarted, one in a job-control stop
+    /// stays stopped as it would untraced (`T`) until `SIGCONT`. Returns once the thread is gone,
+    /// and so every tracee released (at most about a second is spent waiting for that).
     impl Drop for Ptrace {
         fn drop(&mut self) {
             let _ = self.requests.send(Request::Stop);
@@ -327,6 +434,13 @@ mod linux {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 let _ = t.join();
+                // `join` returns when the thread has released its memory, a little before the
+                // kernel detaches its tracees (in exit_notify); its /proc entry goes after that.
+                let task = format!("/proc/self/task/{}", self.tracer_tid);
+                let deadline = Instant::now() + Duration::from_secs(1);
+                while std::path::Path::new(&task).exists() && Instant::now() < deadline {
+                    std::thread::sleep(Duration::from_micros(200));
+                }
             }
         }
     }
@@ -351,7 +465,8 @@ mod linux {
         }
 
         fn read_events(&mut self, out: &mut Vec<Event>, timeout: Option<Duration>) -> Result<usize, TrackerError> {
-            let n = self.shared.drain(out)?;
+            // Without a wait, leave the fd clear for the caller's own poll loop.
+            let n = self.shared.drain(out, timeout == Some(Duration::ZERO))?;
             if n > 0 || timeout == Some(Duration::ZERO) {
                 return Ok(n);
             }
@@ -376,7 +491,7 @@ mod linux {
                         return Err(TrackerError::io("poll on the ptrace event queue", e));
                     }
                 }
-                let n = self.shared.drain(out)?;
+                let n = self.shared.drain(out, true)?;
                 if n > 0 {
                     return Ok(n);
                 }
@@ -459,7 +574,14 @@ mod linux {
         }
     }
 
-    fn apply(action: Action) {
+    /// The counters of the decoder and of the probe.
+    fn counts(st: &Tracer, probe: &ProcProbe) -> Counters {
+        Counters { new_without_proc: probe.fast, new_from_proc: probe.slow, ..st.counters() }
+    }
+
+    fn apply(probe: &mut ProcProbe, action: Action) {
+        let listen = action.resume == Resume::Listen;
+        probe.resuming(action.tid, source::boottime_ns().unwrap_or(0), listen);
         let r = match action.resume {
             Resume::Cont(sig) => source::cont(action.tid, sig),
             Resume::Listen => source::listen(action.tid),
@@ -469,21 +591,28 @@ mod linux {
         let _ = r;
     }
 
+    /// At most this many decoded events wait in the tracer thread before they are queued.
+    const MAX_BATCH: usize = 64;
+
     /// The tracer thread: requests, then `waitpid`, forever.
+    ///
+    /// Decoded events wait in `pending` and are queued in batches: before a new task is resumed
+    /// (its `Fork` must be readable before it runs), before the thread sleeps in `waitpid`, and
+    /// every [`MAX_BATCH`] events. So a busy tracee is resumed without waiting for the queue, and
+    /// the reader is woken once per batch, not once per event.
     fn tracer_main(shared: &Shared, rx: Receiver<Request>, options: libc::c_int) {
         let mut st = Tracer::new();
-        let mut probe = ProcProbe;
-        let mut events = Vec::new();
+        let mut probe = ProcProbe::default();
+        let mut pending = Vec::new();
         let mut actions = Vec::new();
         loop {
             loop {
                 let req = if st.is_idle() {
                     // Nothing to wait for: reap what children are left, then sleep on the channel.
                     while let Ok(Some((tid, status))) = source::wait_nohang() {
-                        st.step(tid, status, None, &mut probe, &mut events, &mut actions);
-                        shared.push(&mut events, st.counters());
-                        actions.drain(..).for_each(apply);
+                        handle(shared, &mut st, &mut probe, tid, status, &mut pending, &mut actions);
                     }
+                    shared.push(&mut pending, counts(&st, &probe));
                     if !st.is_idle() {
                         break;
                     }
@@ -505,22 +634,67 @@ mod linux {
                     }
                 }
             }
-            match source::wait_any() {
-                Ok((tid, status)) => {
-                    let msg = if needs_event_msg(status) { source::geteventmsg(tid).ok() } else { None };
-                    st.step(tid, status, msg, &mut probe, &mut events, &mut actions);
-                    // Events first: a new child is queued before it is resumed.
-                    shared.push(&mut events, st.counters());
-                    actions.drain(..).for_each(apply);
+            let next = if pending.is_empty() {
+                source::wait_any()
+            } else {
+                match source::wait_nohang() {
+                    Ok(Some(next)) => Ok(next),
+                    // About to sleep: queue what was decoded first.
+                    Ok(None) => {
+                        shared.push(&mut pending, counts(&st, &probe));
+                        source::wait_any()
+                    }
+                    Err(e) => Err(e),
                 }
+            };
+            match next {
+                Ok((tid, status)) => handle(shared, &mut st, &mut probe, tid, status, &mut pending, &mut actions),
                 Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
                 // Nothing left to wait for: whatever we still thought followed is gone.
-                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => st.clear(),
+                Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
+                    shared.push(&mut pending, counts(&st, &probe));
+                    st.clear();
+                }
                 Err(e) => {
+                    shared.push(&mut pending, counts(&st, &probe));
                     shared.fail(format!("waitpid: {e}"));
                     return;
                 }
             }
+        }
+    }
+
+    /// One wait status: decode it, stamp the new events, make the ptrace requests. A task whose
+    /// `Fork` is still pending is resumed only after the pending events are queued.
+    fn handle(
+        shared: &Shared,
+        st: &mut Tracer,
+        probe: &mut ProcProbe,
+        tid: Pid,
+        status: i32,
+        pending: &mut Vec<Event>,
+        actions: &mut Vec<Action>,
+    ) {
+        let now = source::boottime_ns();
+        probe.collected(now.unwrap_or(0));
+        if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
+            probe.forget(tid);
+        }
+        let msg = if needs_event_msg(status) { source::geteventmsg(tid).ok() } else { None };
+        let before = pending.len();
+        st.step(tid, status, msg, probe, pending, actions);
+        for ev in &mut pending[before..] {
+            ev.time_ns = now;
+        }
+        for a in actions.drain(..) {
+            let born = |e: &Event| matches!(e.kind, EventKind::Fork { child_thread, .. } if child_thread == a.tid);
+            if pending.iter().any(born) {
+                shared.push(pending, counts(st, probe));
+            }
+            apply(probe, a);
+        }
+        if pending.len() >= MAX_BATCH {
+            shared.push(pending, counts(st, probe));
         }
     }
 }

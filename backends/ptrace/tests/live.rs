@@ -1,8 +1,9 @@
 //! Live tests: real processes followed by a real `Ptrace`.
 //!
-//! The backend reaps every child of this process (waitpid(-1)), so the tests run one at a time
-//! (a global lock) and start no other children while a `Ptrace` is alive. Every test cleans up
-//! the processes it started: by pid, and through PTRACE_O_EXITKILL when its `Ptrace` is dropped.
+//! The tests run one at a time (a global lock): some count the tracer's stops, and a `Ptrace`
+//! collects the roots these tests fork. Every test cleans up the processes it started, by pid:
+//! a dropped `Ptrace` leaves its tracees running (no PTRACE_O_EXITKILL by default), so `Session`
+//! kills whatever is still followed before dropping it.
 #![cfg(target_os = "linux")]
 
 use std::collections::{HashMap, HashSet};
@@ -173,11 +174,32 @@ impl Session {
 
 impl Drop for Session {
     fn drop(&mut self) {
-        if !self.root_done {
-            // SAFETY: the root is our unreaped child (its exit was not seen): no pid reuse.
+        if let Some(pt) = self.pt.as_mut() {
+            // Kill every process still followed, until each exit is reported (no assertion here:
+            // this may run while a test panics). A followed task stays unreaped until the tracer
+            // reports its exit, so its pid cannot have been reused.
+            let deadline = Instant::now() + Duration::from_secs(10);
+            let mut out = Vec::new();
+            loop {
+                let _ = pt.read_events(&mut out, Some(Duration::ZERO));
+                self.events.append(&mut out);
+                let alive = alive_tasks(&self.roots, &self.events);
+                if alive.is_empty() || Instant::now() >= deadline {
+                    break;
+                }
+                for t in alive {
+                    // SAFETY: plain system call on an unreaped tracee (see above).
+                    unsafe { libc::kill(tgid_of(&self.events, t).as_raw(), libc::SIGKILL) };
+                }
+                let _ = pt.read_events(&mut out, Some(Duration::from_millis(50)));
+                self.events.append(&mut out);
+            }
+        } else if !self.root_done {
+            // The test dropped the tracker itself and cleans up the rest; the root is our child,
+            // unreaped (see below): no pid reuse.
+            // SAFETY: plain system call.
             unsafe { libc::kill(self.root.as_raw(), libc::SIGKILL) };
         }
-        // Stops the tracer thread: PTRACE_O_EXITKILL kills whatever is still followed.
         drop(self.pt.take());
         let mut st = 0;
         // Reap the root as its real parent if the tracer did not (ECHILD otherwise).
@@ -222,6 +244,28 @@ fn lineage(roots: &[Pid], events: &[Event]) -> HashSet<Pid> {
                 }
             }
             EventKind::Lost { .. } => panic!("ptrace never loses events: {ev:?}"),
+        }
+    }
+    alive
+}
+
+/// The tasks started and not ended according to `events`, without checking their order (for
+/// cleaning up).
+fn alive_tasks(roots: &[Pid], events: &[Event]) -> HashSet<Pid> {
+    let mut alive: HashSet<Pid> = roots.iter().copied().collect();
+    for ev in events {
+        match ev.kind {
+            EventKind::Fork { child_thread, .. } => {
+                alive.insert(child_thread);
+            }
+            EventKind::Exec { pid, thread } => {
+                alive.remove(&thread);
+                alive.insert(pid);
+            }
+            EventKind::Exit { thread, .. } => {
+                alive.remove(&thread);
+            }
+            EventKind::Lost { .. } => {}
         }
     }
     alive
@@ -711,4 +755,320 @@ fn dump(events: &[Event]) -> HashMap<i32, Vec<String>> {
         m.entry(0).or_default().push(format!("{:?}", e.kind));
     }
     m
+}
+
+/// A tree that keeps forking: the root (3 threads) forks a child (2 threads); each of the two
+/// processes forks and waits for a short-lived child every 10 ms, and appends a byte to its
+/// progress file (`DIR/prog-r`, `DIR/prog-c`) each time. Gives up after `SECS` seconds.
+const TREE_PY: &str = "import os,sys,threading,time\n\
+    secs,d=float(sys.argv[1]),sys.argv[2]\n\
+    end=time.time()+secs\n\
+    def spin():\n    while time.time()<end: time.sleep(0.05)\n\
+    def loop(name):\n    \
+        f=open(os.path.join(d,'prog-'+name),'a')\n    \
+        while time.time()<end:\n        \
+            p=os.fork()\n        \
+            if p==0: os._exit(0)\n        \
+            os.waitpid(p,0)\n        \
+            f.write('x'); f.flush()\n        \
+            time.sleep(0.01)\n\
+    for _ in range(2): threading.Thread(target=spin,daemon=True).start()\n\
+    c=os.fork()\n\
+    if c==0:\n    \
+        threading.Thread(target=spin,daemon=True).start()\n    \
+        loop('c'); os._exit(0)\n\
+    loop('r')\n\
+    os.waitpid(c,0)\n";
+
+/// Starts [`TREE_PY`] in `dir` under `pt`; returns once the tree is complete (every thread and
+/// the child reported, both processes forking): the session and the child's pid.
+fn start_tree(pt: Ptrace, dir: &std::path::Path) -> (Session, Pid) {
+    std::fs::create_dir_all(dir).unwrap();
+    let py = dir.join("tree.py");
+    std::fs::write(&py, TREE_PY).unwrap();
+    let mut s = Session::start_with(pt, &[PY, py.to_str().unwrap(), "120", dir.to_str().unwrap()]);
+    let root = s.root;
+    let child = |s: &Session| s.forks().iter().find(|f| f.0 == root && !f.3).map(|f| f.1);
+    let complete = |s: &Session| {
+        let Some(c) = child(s) else { return false };
+        let forks = s.forks();
+        let threads = |p: Pid| forks.iter().filter(|f| f.3 && f.0 == p).count();
+        threads(root) >= 2 && threads(c) >= 1 && forks.iter().any(|f| f.0 == c && !f.3) && forks.len() >= 6
+    };
+    assert!(s.until(30, complete), "the tree did not form: {:#?}", s.events);
+    let c = child(&s).unwrap();
+    (s, c)
+}
+
+/// `(tid, state, TracerPid)` of every thread of `pid`.
+fn task_states(pid: Pid) -> Vec<(i32, Option<char>, Option<i32>)> {
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else { return Vec::new() };
+    dir.flatten()
+        .map(|e| {
+            let tid: i32 = e.file_name().to_str().unwrap().parse().unwrap();
+            let state = std::fs::read_to_string(e.path().join("stat")).ok().as_deref().and_then(parse_state);
+            let tracer = std::fs::read_to_string(e.path().join("status"))
+                .ok()
+                .and_then(|t| t.lines().find_map(|l| l.strip_prefix("TracerPid:")).and_then(|v| v.trim().parse().ok()));
+            (tid, state, tracer)
+        })
+        .collect()
+}
+
+/// Whether every thread of `pid` is alive, untraced and in `state_ok`.
+fn released(pid: Pid, threads: usize, state_ok: impl Fn(char) -> bool) -> bool {
+    let t = task_states(pid);
+    t.len() == threads && t.iter().all(|(_, st, tracer)| st.is_some_and(&state_ok) && *tracer == Some(0))
+}
+
+fn size(p: &std::path::Path) -> u64 {
+    std::fs::metadata(p).map(|m| m.len()).unwrap_or(0)
+}
+
+/// Waits (reading no events) until `cond` holds, for at most `secs`.
+fn wait_for(secs: u64, cond: impl Fn() -> bool) -> bool {
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    while Instant::now() < deadline {
+        if cond() {
+            return true;
+        }
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    cond()
+}
+
+/// Dropping the tracker releases its tracees alive: the busy ones (some in a ptrace stop at that
+/// moment) run on, a job-control-stopped one stays stopped as untraced (`T`) and `SIGCONT` wakes it.
+#[test]
+fn dropped_tracker_leaves_the_tree_running() {
+    let _g = lock();
+    let dir = scratch("drop-tree");
+    let (mut s, c) = start_tree(Ptrace::new().unwrap(), &dir);
+    let root = s.root;
+    // SAFETY: a followed process whose exit was not reported: unreaped.
+    unsafe { libc::kill(c.as_raw(), libc::SIGSTOP) };
+    let stopped = || {
+        let t = task_states(c);
+        t.len() == 2 && t.iter().all(|(_, st, _)| matches!(st, Some('t' | 'T')))
+    };
+    assert!(s.until(10, |_| stopped()), "the child did not stop: {:?}", task_states(c));
+    drop(s.pt.take());
+    // Both processes and every thread alive and untraced; the stopped one still stopped.
+    let ok = wait_for(10, || released(root, 3, |st| !matches!(st, 't' | 'T')) && released(c, 2, |st| st == 'T'));
+    assert!(ok, "after drop: root {:?}, child {:?}", task_states(root), task_states(c));
+    let (r0, c0) = (size(&dir.join("prog-r")), size(&dir.join("prog-c")));
+    assert!(wait_for(10, || size(&dir.join("prog-r")) > r0 + 5), "the root does not run after drop");
+    assert_eq!(size(&dir.join("prog-c")), c0, "the stopped child ran");
+    // SAFETY: the child is alive (checked above) and untraced; its parent, the root, is alive
+    // and has not waited for it: no pid reuse.
+    unsafe { libc::kill(c.as_raw(), libc::SIGCONT) };
+    let ok = wait_for(10, || size(&dir.join("prog-c")) > c0 + 5);
+    assert!(ok, "the child does not run after SIGCONT: {:?}", task_states(c));
+    // Clean up: the child first (the root, alive, does not reap it meanwhile), then the root.
+    // SAFETY: as above.
+    unsafe { libc::kill(c.as_raw(), libc::SIGKILL) };
+    drop(s); // kills and reaps the root
+    clean_scratch();
+}
+
+/// Run by `tree_outlives_a_killed_tracker_and_is_followed_again` in a child process: follows a
+/// tree, prints `TREE root child`, then keeps reading events until it is killed.
+#[test]
+fn tracker_process_mode() {
+    let Some(dir) = std::env::var_os("VPSTAG_PTRACE_TRACKER_DIR") else { return };
+    let _g = lock();
+    let (mut s, c) = start_tree(Ptrace::new().unwrap(), std::path::Path::new(&dir));
+    println!("TREE {} {}", s.root, c);
+    // Killed by the test meanwhile; the deadline only bounds a lost helper.
+    s.until(60, |_| false);
+}
+
+/// A daemon restart: the tracker's process is SIGKILLed while it follows a busy tree. The tree
+/// runs on, untraced, and a fresh tracker can follow every process (every thread) of it again.
+#[test]
+fn tree_outlives_a_killed_tracker_and_is_followed_again() {
+    let _g = lock();
+    use std::io::BufRead;
+    let dir = scratch("restart-tree");
+    let mut helper = std::process::Command::new(std::env::current_exe().unwrap())
+        .args(["--exact", "tracker_process_mode", "--nocapture", "--test-threads=1"])
+        .env("VPSTAG_PTRACE_TRACKER_DIR", &dir)
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let out = helper.stdout.take().unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(out).lines().map_while(Result::ok) {
+            let _ = tx.send(line);
+        }
+    });
+    let mut seen = Vec::new();
+    let deadline = Instant::now() + Duration::from_secs(60);
+    let tree = loop {
+        match rx.recv_timeout(deadline.saturating_duration_since(Instant::now())) {
+            Ok(l) => match l.split_once("TREE ") {
+                Some((_, rest)) => {
+                    break rest.split(' ').map(|p| Pid::new(p.parse().unwrap()).unwrap()).collect::<Vec<_>>()
+                }
+                None => seen.push(l),
+            },
+            Err(_) => {
+                let _ = helper.kill();
+                let _ = helper.wait();
+                panic!("the tracker process printed no tree: {seen:#?}");
+            }
+        }
+    };
+    let (root, c) = (tree[0], tree[1]);
+    assert!(task_states(root).iter().all(|t| t.2.is_some_and(|p| p > 0)), "{:?}", task_states(root));
+    // A crash of the tracker's process (SIGKILL by pid: our unreaped child).
+    helper.kill().unwrap();
+    helper.wait().unwrap();
+    let ok = wait_for(10, || {
+        released(root, 3, |st| !matches!(st, 't' | 'T')) && released(c, 2, |st| !matches!(st, 't' | 'T'))
+    });
+    assert!(ok, "after the tracker died: root {:?}, child {:?}", task_states(root), task_states(c));
+    let (r0, c0) = (size(&dir.join("prog-r")), size(&dir.join("prog-c")));
+    let ok = wait_for(10, || size(&dir.join("prog-r")) > r0 + 5 && size(&dir.join("prog-c")) > c0 + 5);
+    assert!(ok, "the tree does not run on: {r0} {c0} -> {:?}", (size(&dir.join("prog-r")), size(&dir.join("prog-c"))));
+
+    // The restarted tracker: both processes again, every thread of each seized.
+    let mut pt = Ptrace::new().unwrap();
+    let watched = pt.watch(root, VpsId(3)).and_then(|()| pt.watch(c, VpsId(3)));
+    let tracer = pt.tracer_tid();
+    let traced = |p: Pid| task_states(p).iter().all(|t| t.2 == Some(tracer));
+    let mut events = Vec::new();
+    let mut out = Vec::new();
+    // Their new children are reported, born and ended.
+    let fork_and_exit = |events: &[Event], parent: Pid| {
+        events.iter().any(|e| match e.kind {
+            EventKind::Fork { parent: p, child, thread: false, child_start: Some(_), .. } if p == parent => events
+                .iter()
+                .any(|x| matches!(x.kind, EventKind::Exit { pid, group_dead: Some(true), status: Some(_), .. } if pid == child)),
+            _ => false,
+        })
+    };
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while watched.is_ok() && Instant::now() < deadline && !(fork_and_exit(&events, root) && fork_and_exit(&events, c)) {
+        pt.read_events(&mut out, Some(Duration::from_millis(50))).unwrap();
+        events.append(&mut out);
+    }
+    let all_traced = traced(root) && traced(c);
+    let states = (task_states(root), task_states(c));
+    // Clean up before judging: kill both (followed, so unreaped) and read until they are gone.
+    for p in [c, root] {
+        // SAFETY: a process that is alive (seen above) and followed or our orphaned tree's.
+        unsafe { libc::kill(p.as_raw(), libc::SIGKILL) };
+    }
+    let gone = |events: &[Event], p: Pid| {
+        events.iter().any(|e| matches!(e.kind, EventKind::Exit { pid, thread, group_dead: Some(true), .. } if pid == p && thread == p))
+    };
+    let deadline = Instant::now() + Duration::from_secs(10);
+    while watched.is_ok() && Instant::now() < deadline && !(gone(&events, root) && gone(&events, c)) {
+        pt.read_events(&mut out, Some(Duration::from_millis(50))).unwrap();
+        events.append(&mut out);
+    }
+    drop(pt);
+    clean_scratch();
+    eprintln!("after the restart: {} events, root {root} child {c}, states {states:?}", events.len());
+    watched.expect("watch after the restart");
+    assert!(all_traced, "not every thread re-seized (tracer {tracer}): {states:?}");
+    assert!(fork_and_exit(&events, root) && fork_and_exit(&events, c), "no new child reported: {events:#?}");
+    assert!(gone(&events, root) && gone(&events, c), "exits not reported: {events:#?}");
+    assert!(events.iter().all(|e| e.tag == Some(VpsId(3))));
+}
+
+/// The tracer thread collects its own tracees only: the program's other children, started from
+/// another thread while the followed tree forks, are left to their own `waitpid`.
+#[test]
+fn other_children_of_the_program_are_left_alone() {
+    let _g = lock();
+    let mut s = Session::start(&["/bin/sh", "-c", "for i in $(seq 20000); do /bin/true; done"]);
+    let root = s.root;
+    assert!(s.until(10, |s| s.forks().iter().filter(|f| f.0 == root).count() >= 3));
+    let before = s.forks().len();
+    let mut failed = Vec::new();
+    for i in 0..40 {
+        match std::process::Command::new("/bin/true").status() {
+            Ok(st) if st.success() => {}
+            other => failed.push((i, format!("{other:?}"))),
+        }
+    }
+    s.pump(100);
+    let during = s.forks().len() - before;
+    assert!(failed.is_empty(), "{} of 40 commands failed: {failed:?}", failed.len());
+    assert!(during >= 1, "the followed tree did not fork meanwhile");
+    eprintln!("40 commands ok while the tree forked {during} times");
+}
+
+/// `kill_on_exit` (PTRACE_O_EXITKILL), the opt-in: dropping the tracker kills what it follows.
+#[test]
+fn kill_on_exit_kills_the_tree_with_the_tracker() {
+    let _g = lock();
+    let pt = Ptrace::with_config(vpstag_ptrace::Config::default().kill_on_exit(true)).unwrap();
+    let mut s = Session::start_with(pt, &["/bin/sh", "-c", "sleep 30 & wait"]);
+    let root = s.root;
+    assert!(s.until(10, |s| s.forks().iter().any(|f| f.0 == root && !f.3)));
+    let sleep = s.forks().iter().find(|f| f.0 == root && !f.3).unwrap().1;
+    drop(s.pt.take());
+    let mut st = 0;
+    // SAFETY: the root is our child; its exit was not collected (the tracker is gone).
+    let r = unsafe { libc::waitpid(root.as_raw(), &mut st, 0) };
+    assert_eq!((r, libc::WIFSIGNALED(st), libc::WTERMSIG(st)), (root.as_raw(), true, libc::SIGKILL), "{st:#x}");
+    s.root_done = true;
+    // The sleep, reparented, is killed too (a zombie until its new parent reaps it, or gone).
+    let dead = || proc_stat(sleep).as_deref().and_then(parse_state).map_or(true, |c| c == 'Z' || c == 'X');
+    assert!(wait_for(10, dead), "sleep {sleep} still alive: {:?}", proc_stat(sleep));
+}
+
+/// Every reported start time (most of them worked out from the clock and the creator's
+/// registers, without /proc) is the one /proc shows, for processes and threads.
+#[test]
+fn start_times_match_proc_for_many_children() {
+    let _g = lock();
+    let ready = scratch("many-ready");
+    let release = scratch("many-release");
+    let code = "import os,sys,threading,time\n\
+                r,w=os.pipe()\n\
+                kids=[]\n\
+                for i in range(150):\n    \
+                    p=os.fork()\n    \
+                    if p==0:\n        os.close(w); os.read(r,1); os._exit(0)\n    \
+                    kids.append(p)\n\
+                ev=threading.Event()\n\
+                ts=[threading.Thread(target=ev.wait) for _ in range(20)]\n\
+                [t.start() for t in ts]\n\
+                open(sys.argv[1],'w').close()\n\
+                end=time.time()+30\n\
+                while not os.path.exists(sys.argv[2]) and time.time()<end: time.sleep(0.01)\n\
+                os.close(w); ev.set(); [t.join() for t in ts]\n\
+                for p in kids: os.waitpid(p,0)\n";
+    let mut s = Session::start(&[PY, "-c", code, ready.to_str().unwrap(), release.to_str().unwrap()]);
+    let root = s.root;
+    assert!(s.until(30, |s| ready.exists() && s.forks().len() >= 170), "{} forks", s.forks().len());
+    let mut compared = 0;
+    let mut wrong = Vec::new();
+    for ev in &s.events {
+        let EventKind::Fork { child, child_thread, thread, child_start, .. } = ev.kind else { continue };
+        let path =
+            if thread { format!("/proc/{root}/task/{child_thread}/stat") } else { format!("/proc/{child}/stat") };
+        let now = std::fs::read_to_string(&path).ok().and_then(|t| vpstag_ptrace::source::parse_stat(&t));
+        match now {
+            Some(st) if !st.is_dead() => {
+                compared += 1;
+                if Some(st.start) != child_start {
+                    wrong.push((child_thread, child_start, st.start));
+                }
+            }
+            _ => {}
+        }
+    }
+    let c = s.pt().counters();
+    eprintln!("{compared} start times compared; {c:?}");
+    std::fs::write(&release, "").unwrap();
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+    clean_scratch();
+    assert!(wrong.is_empty(), "(tid, reported, /proc): {wrong:?}");
+    assert!(compared >= 170, "only {compared} compared");
 }
