@@ -260,7 +260,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     server::accept_until_stopped(&daemon, &listener, &stop);
     log!(
         "stopping (the VPSes keep running{})",
-        if backend == "ptrace" { "; under ptrace they are killed when the tracer exits" } else { "" }
+        if backend == "ptrace" { "; under ptrace they run on untraced until the daemon is back" } else { "" }
     );
     if let Err(e) = socket.remove() {
         log!("cannot remove the socket {}: {e}", cfg.socket.display());
