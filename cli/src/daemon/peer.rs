@@ -24,7 +24,7 @@ pub(super) fn may_signal(uid: u32, pid: Pid) -> bool {
     }
     #[cfg(not(target_os = "linux"))]
     {
-        matches!(crate::sys::process(pid), Ok(Some(i)) if i.uid == uid)
+        matches!(vpstag::process::process(pid), Ok(Some(i)) if i.uid == uid)
     }
 }
 

@@ -547,7 +547,7 @@ fn the_library_client_answers_and_follows_events() {
     assert!(c.members("lib").unwrap().contains(&pid));
     assert_eq!(c.hello().unwrap().daemon_pid, d.pid());
     let err = c.members("nope").unwrap_err();
-    assert_eq!(err.kind(), Some("unknown_vps"), "{err}");
+    assert_eq!(err.kind(), Some(vpstag::protocol::ErrorKind::UnknownVps), "{err}");
 
     let events = vpstag::client::Client::connect_to(&d.socket).unwrap().events(Some("lib"), true).unwrap();
     let (tx, rx) = std::sync::mpsc::channel();
