@@ -401,7 +401,7 @@ impl Daemon {
                     .items
                     .iter()
                     .map(|(item, _)| &**item)
-                    .filter(|(id, _)| only.map_or(true, |o| o == *id) && self.visible(peer, *id))
+                    .filter(|(id, _)| only.is_none_or(|o| o == *id) && self.visible(peer, *id))
                     .map(|(_, e)| e.clone())
                     .collect();
                 Ok(ok_line(json!({ "events": recent })))
