@@ -81,6 +81,35 @@ pub fn become_subreaper() -> io::Result<()> {
     }
 }
 
+/// Whether a user with uid `uid` could signal `pid` itself, as [`kill(2)`] decides: root may
+/// signal anyone, another user a process whose real or saved uid is its own (where the system
+/// shows only the real uid, that one).
+///
+/// [`kill(2)`]: https://man7.org/linux/man-pages/man2/kill.2.html
+pub fn may_signal(uid: u32, pid: Pid) -> bool {
+    sys::may_signal(uid, pid)
+}
+
+/// What a process has used so far.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[non_exhaustive]
+pub struct Usage {
+    /// User + system CPU time, in milliseconds.
+    pub cpu_ms: u64,
+    /// Resident memory, in bytes.
+    pub rss_bytes: u64,
+}
+
+/// The CPU time and resident memory of `pid`; `None` when it is gone or the system does not say
+/// (Linux only in this version).
+///
+/// # References
+/// - [`proc_pid_stat(5)`](https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html): `utime`,
+///   `stime`, `rss`
+pub fn usage(pid: Pid) -> Option<Usage> {
+    sys::usage(pid).map(|(cpu_ms, rss_bytes)| Usage { cpu_ms, rss_bytes })
+}
+
 /// The process at the other end of a Unix stream socket, pinned when [`Peer::of`] was called, so
 /// that a later holder of its pid is never taken for it (see [`Peer::state`]).
 #[derive(Debug)]

@@ -311,3 +311,22 @@ pub(crate) fn allow_ptracer(pid: i32) {
         libc::prctl(libc::PR_SET_PTRACER, pid as libc::c_ulong, 0, 0, 0);
     }
 }
+
+/// Whether a user with uid `uid` could signal `pid` itself (kill(2): the sender's uid is the
+/// target's real or saved uid; root may signal anyone). `/proc/PID/status`, `Uid:` line.
+pub(crate) fn may_signal(uid: u32, pid: Pid) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return false };
+    let Some(line) = s.lines().find(|l| l.starts_with("Uid:")) else { return false };
+    let ids: Vec<u32> = line[4..].split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    ids.first() == Some(&uid) || ids.get(2) == Some(&uid)
+}
+
+/// User + system CPU time (ms) and resident memory (bytes) of a process.
+pub(crate) fn usage(pid: Pid) -> Option<(u64, u64)> {
+    let st = procfs::process::Process::new(pid.as_raw()).ok()?.stat().ok()?;
+    let tps = procfs::ticks_per_second().max(1);
+    Some(((st.utime + st.stime) * 1000 / tps, st.rss * procfs::page_size()))
+}

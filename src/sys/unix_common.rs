@@ -64,3 +64,15 @@ pub(crate) fn peer_pid(fd: std::os::fd::RawFd) -> Option<i32> {
 pub(crate) fn allow_ptracer(pid: i32) {
     let _ = pid;
 }
+
+/// Whether a user with uid `uid` could signal `pid` itself: root, or the process's real uid (the
+/// saved uid is not read here).
+pub(crate) fn may_signal(uid: u32, pid: vpstag_tracker::Pid) -> bool {
+    uid == 0 || matches!(super::process(pid), Ok(Some(i)) if i.uid == uid)
+}
+
+/// CPU time and memory of a process: not read on this system yet.
+pub(crate) fn usage(pid: vpstag_tracker::Pid) -> Option<(u64, u64)> {
+    let _ = pid;
+    None
+}
