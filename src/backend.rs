@@ -9,6 +9,7 @@ use crate::Error;
 
 /// Which backend to use.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
 pub enum BackendChoice {
     /// The best one this system allows: on Linux eBPF (when built in), then the proc connector,
     /// then ptrace; on FreeBSD kqueue.

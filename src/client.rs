@@ -14,33 +14,24 @@
 //! # Ok::<(), vpstag::client::ClientError>(())
 //! ```
 //!
-//! The protocol (documented in `docs/protocol.md`) is newline-delimited JSON over a Unix stream
-//! socket: one request object a line (`{"v":1,"op":"which","pid":1234}`), one reply object a line
-//! (`{"ok":true,...}` or `{"ok":false,"error":{"kind":"...","message":"..."}}`). A successful reply
-//! always begins with the exact bytes `{"ok":true`, so that a first process can test the daemon's
-//! acknowledgement after `fork()` without parsing JSON.
+//! The protocol's requests, replies and error kinds are in [`crate::protocol`] (documented in
+//! `docs/protocol.md`).
 
-use std::collections::BTreeMap;
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
 use std::time::Duration;
 
-use serde::{Deserialize, Serialize};
-
+use crate::protocol::{
+    CheckInfo, ErrorBody, ErrorKind, EventInfo, Hello, Op, ProcessInfo, Request, VpsInfo, VpsRef, PROTOCOL_VERSION,
+};
 use crate::{Pid, Signal};
-
-/// The protocol version this library speaks.
-pub const PROTOCOL_VERSION: u32 = 1;
 
 /// Where the daemon listens unless `--socket` or `VPSTAG_SOCKET` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/vpstag/vpstag.sock";
-
-/// The longest request line the daemon accepts (bytes, newline included).
-pub const MAX_REQUEST: usize = 64 * 1024;
 
 /// The socket to use: `VPSTAG_SOCKET` when set, else [`DEFAULT_SOCKET`].
 pub fn default_socket() -> PathBuf {
@@ -52,6 +43,7 @@ pub fn default_socket() -> PathBuf {
 
 /// What went wrong talking to the daemon. Each message names the fix where there is one.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum ClientError {
     /// Nobody listens on the socket.
     #[error("no vpstag daemon is listening on {}: start it with `vpstag daemon` (or point --socket / VPSTAG_SOCKET at the right socket)", socket.display())]
@@ -81,8 +73,9 @@ pub enum ClientError {
     /// Any other refusal by the daemon.
     #[error("the daemon refused ({kind}): {message}")]
     Daemon {
-        /// The error kind, as in `docs/protocol.md`.
-        kind: String,
+        /// The error kind ([`ErrorKind::Other`] for one this library does not know; the message
+        /// still says what went wrong).
+        kind: ErrorKind,
         /// What it said.
         message: String,
     },
@@ -114,13 +107,13 @@ impl ClientError {
     }
 
     /// The error kind the daemon named, if it was a refusal by the daemon.
-    pub fn kind(&self) -> Option<&str> {
+    pub fn kind(&self) -> Option<ErrorKind> {
         match self {
-            ClientError::PermissionDenied(_) => Some("permission_denied"),
-            ClientError::UnknownVps(_) => Some("unknown_vps"),
-            ClientError::AlreadyRunning(_) => Some("already_running"),
-            ClientError::Busy(_) => Some("busy"),
-            ClientError::Daemon { kind, .. } => Some(kind),
+            ClientError::PermissionDenied(_) => Some(ErrorKind::PermissionDenied),
+            ClientError::UnknownVps(_) => Some(ErrorKind::UnknownVps),
+            ClientError::AlreadyRunning(_) => Some(ErrorKind::AlreadyRunning),
+            ClientError::Busy(_) => Some(ErrorKind::Busy),
+            ClientError::Daemon { kind, .. } => Some(*kind),
             _ => None,
         }
     }
@@ -128,205 +121,6 @@ impl ClientError {
 
 /// `Result` with [`ClientError`].
 pub type Result<T, E = ClientError> = std::result::Result<T, E>;
-
-/// One request: the protocol version and the operation.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Request {
-    /// The protocol version ([`PROTOCOL_VERSION`]).
-    pub v: u32,
-    /// What to do.
-    #[serde(flatten)]
-    pub op: Op,
-}
-
-/// The operations (`"op"` in a request).
-#[derive(Clone, Debug, Serialize, Deserialize)]
-#[serde(tag = "op", rename_all = "snake_case")]
-pub enum Op {
-    /// Who is there: the daemon's version, pid and backend, and the caller's uid as seen.
-    Hello,
-    /// Registers the connecting process (SO_PEERCRED) as the first process of a new VPS.
-    RegisterFirst {
-        /// The VPS name.
-        name: String,
-    },
-    /// Registers the connecting process (SO_PEERCRED) as a member of a running VPS.
-    Join {
-        /// The VPS name.
-        name: String,
-    },
-    /// The VPS of a process.
-    Which {
-        /// The process id.
-        pid: i32,
-    },
-    /// Live tagged processes, of one VPS or of all the caller may see.
-    Ps {
-        /// Only this VPS.
-        #[serde(default)]
-        name: Option<String>,
-    },
-    /// The pids of a VPS's members.
-    Members {
-        /// The VPS name.
-        name: String,
-    },
-    /// Every VPS the caller may see, with accounting.
-    List,
-    /// Signals every member of a VPS.
-    Kill {
-        /// The VPS name.
-        name: String,
-        /// A signal name or number (default TERM).
-        #[serde(default)]
-        signal: Option<String>,
-    },
-    /// SIGTERM, then SIGKILL after the grace period, then forgets the VPS.
-    Stop {
-        /// The VPS name.
-        name: String,
-        /// Milliseconds between SIGTERM and SIGKILL (default 5000).
-        #[serde(default)]
-        grace_ms: Option<u64>,
-    },
-    /// Recent events, and with `follow` every event from then on.
-    Events {
-        /// Only this VPS.
-        #[serde(default)]
-        name: Option<String>,
-        /// Keep the connection open and stream events.
-        #[serde(default)]
-        follow: bool,
-    },
-    /// Compares the table with a fresh scan of the system.
-    Check,
-}
-
-/// The reply to `hello`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct Hello {
-    /// The protocol version the daemon speaks.
-    pub version: u32,
-    /// The daemon's process id.
-    pub daemon_pid: i32,
-    /// Its backend (`cnproc`, `ptrace`, ...).
-    pub backend: String,
-    /// The caller's uid, as the daemon sees it.
-    pub uid: u32,
-}
-
-/// A VPS as the daemon names it in replies.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VpsRef {
-    /// Its id.
-    pub id: u64,
-    /// Its name.
-    pub name: String,
-    /// Its first process.
-    pub first: i32,
-}
-
-/// One live tagged process (`ps`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct ProcessInfo {
-    /// Process id.
-    pub pid: i32,
-    /// Parent process id (0 when unknown).
-    pub ppid: i32,
-    /// Its VPS.
-    pub vps: String,
-    /// Its command line (`[comm]` for a kernel-style name without arguments).
-    pub cmd: String,
-    /// Its real uid.
-    pub uid: u32,
-    /// How the table learned it: first, event, scan or loader.
-    pub source: String,
-    /// Its start time (clock ticks since boot on Linux).
-    pub start: u64,
-}
-
-/// One VPS (`list`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct VpsInfo {
-    /// Its id.
-    pub id: u64,
-    /// Its name.
-    pub name: String,
-    /// The uid that started it.
-    pub owner: u32,
-    /// Its first process.
-    pub first: i32,
-    /// Whether the first process is alive.
-    pub first_alive: bool,
-    /// Live members.
-    pub members: usize,
-    /// When it started, in seconds since the epoch.
-    pub started: u64,
-    /// User + system CPU time of its live members, in milliseconds.
-    pub cpu_ms: u64,
-    /// Resident memory of its live members, in bytes.
-    pub rss_bytes: u64,
-}
-
-/// One fork, exec or exit of a tagged process (`events`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct EventInfo {
-    /// `fork`, `exec` or `exit`.
-    pub event: String,
-    /// The VPS.
-    pub vps: String,
-    /// The process (for a fork: the child).
-    pub pid: i32,
-    /// For a fork: the parent.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent: Option<i32>,
-    /// For an exec: the new command line, when it could be read.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub cmd: Option<String>,
-    /// For an exit: the exit code, when known.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub code: Option<i32>,
-    /// For an exit: the signal that ended it.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub signal: Option<i32>,
-    /// When (nanoseconds of the boot clock), if the backend knows.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub time_ns: Option<u64>,
-}
-
-/// One divergence `check` found.
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
-pub struct DivergenceInfo {
-    /// `missing`, `extra` or `wrong_tag`.
-    pub kind: String,
-    /// The process.
-    pub pid: i32,
-    /// The VPS the table has (extra, wrong_tag).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub vps: Option<String>,
-    /// The VPS the system says (missing, wrong_tag).
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub expected: Option<String>,
-}
-
-/// The reply to `check`.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct CheckInfo {
-    /// Every divergence (expected: none).
-    pub divergences: Vec<DivergenceInfo>,
-    /// Table entries compared.
-    pub entries: usize,
-    /// Processes on the system.
-    pub processes: usize,
-    /// The loss and resync counters (`events`, `loss_reports`, `lost_events`, `resyncs`, ...).
-    pub stats: BTreeMap<String, u64>,
-}
-
-#[derive(Deserialize)]
-struct ErrorBody {
-    kind: String,
-    message: String,
-}
 
 /// A connection to the daemon.
 pub struct Client {
@@ -346,12 +140,15 @@ fn connect_error(socket: &Path, e: io::Error) -> ClientError {
 
 fn reply_error(v: &serde_json::Value) -> ClientError {
     match v.get("error").cloned().map(serde_json::from_value::<ErrorBody>) {
-        Some(Ok(e)) => match e.kind.as_str() {
-            "permission_denied" => ClientError::PermissionDenied(e.message),
-            "unknown_vps" => ClientError::UnknownVps(e.message),
-            "already_running" => ClientError::AlreadyRunning(e.message),
-            "busy" => ClientError::Busy(e.message),
-            _ => ClientError::Daemon { kind: e.kind, message: e.message },
+        Some(Ok(e)) => match ErrorKind::parse(&e.kind) {
+            ErrorKind::PermissionDenied => ClientError::PermissionDenied(e.message),
+            ErrorKind::UnknownVps => ClientError::UnknownVps(e.message),
+            ErrorKind::AlreadyRunning => ClientError::AlreadyRunning(e.message),
+            ErrorKind::Busy => ClientError::Busy(e.message),
+            ErrorKind::Other => {
+                ClientError::Daemon { kind: ErrorKind::Other, message: format!("{}: {}", e.kind, e.message) }
+            }
+            kind => ClientError::Daemon { kind, message: e.message },
         },
         _ => ClientError::Protocol(format!("a refusal without an error object: {v}")),
     }
@@ -371,42 +168,6 @@ pub fn parse_reply(line: &str) -> Result<serde_json::Value> {
 fn field<T: serde::de::DeserializeOwned>(v: &serde_json::Value, name: &str) -> Result<T> {
     let f = v.get(name).cloned().unwrap_or(serde_json::Value::Null);
     serde_json::from_value(f).map_err(|e| ClientError::Protocol(format!("field {name:?} of the reply: {e}")))
-}
-
-/// The pid and uid of the process at the other end of a Unix socket (`SO_PEERCRED`).
-#[cfg(any(target_os = "linux", target_os = "android"))]
-pub fn peer_credentials(fd: RawFd) -> io::Result<(i32, u32)> {
-    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a valid ucred.
-    let r = unsafe {
-        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len)
-    };
-    if r != 0 {
-        return Err(io::Error::last_os_error());
-    }
-    Ok((cred.pid, cred.uid))
-}
-
-/// The pid and uid of the process at the other end of a Unix socket (`SO_PEERCRED`).
-#[cfg(not(any(target_os = "linux", target_os = "android")))]
-pub fn peer_credentials(_fd: RawFd) -> io::Result<(i32, u32)> {
-    Err(io::Error::new(
-        io::ErrorKind::Unsupported,
-        "peer credentials with a pid (SO_PEERCRED) are Linux-only in this version",
-    ))
-}
-
-/// Lets `pid` ptrace the calling process under Yama `ptrace_scope=1` (`PR_SET_PTRACER`).
-/// Async-signal-safe; errors are ignored (without Yama the call fails and is not needed).
-pub(crate) fn allow_ptracer(pid: i32) {
-    #[cfg(target_os = "linux")]
-    // SAFETY: prctl with integer arguments only.
-    unsafe {
-        libc::prctl(libc::PR_SET_PTRACER, pid as libc::c_ulong, 0, 0, 0);
-    }
-    #[cfg(not(target_os = "linux"))]
-    let _ = pid;
 }
 
 impl Client {
@@ -429,7 +190,7 @@ impl Client {
 
     /// The daemon's pid, from the socket's peer credentials.
     pub fn daemon_pid(&self) -> Option<i32> {
-        peer_credentials(self.reader.get_ref().as_raw_fd()).ok().map(|(pid, _)| pid)
+        crate::sys::peer_pid(self.reader.get_ref().as_raw_fd())
     }
 
     /// Sends one request and reads one reply (its body, or the refusal).
@@ -538,7 +299,7 @@ impl Client {
     /// The process should have no children and no other threads that fork.
     pub fn join(&mut self, name: &str) -> Result<VpsRef> {
         if let Some(pid) = self.daemon_pid() {
-            allow_ptracer(pid);
+            crate::sys::allow_ptracer(pid);
         }
         let v = self.call(Op::Join { name: name.into() })?;
         field(&v, "vps")
@@ -644,22 +405,13 @@ pub fn start_first_process(socket: &Path, name: &str, cmd: &Command, output: Opt
         .map_err(|e| ClientError::io(format!("socket path {}", socket.display()), e))?;
     let (reply_read, reply_write) = pipe().map_err(|e| ClientError::io("creating a pipe", e))?;
     let (err_read, err_write) = pipe().map_err(|e| ClientError::io("creating a pipe", e))?;
-    // SAFETY: the child runs only async-signal-safe code on data prepared above.
-    let pid = unsafe { libc::fork() };
-    if pid < 0 {
-        return Err(ClientError::io("fork", io::Error::last_os_error()));
-    }
-    if pid == 0 {
-        // SAFETY: a freshly forked child; everything it uses was prepared before the fork.
-        unsafe { crate::init::run_first_process_socket(&plan, &gate, reply_write.as_raw_fd(), err_write.as_raw_fd()) }
-    }
+    let pid = crate::init::fork_first_process_socket(&plan, &gate, reply_write.as_raw_fd(), err_write.as_raw_fd())
+        .map_err(|e| ClientError::io("fork", e))?;
     drop(reply_write);
     drop(err_write);
     drop(gate);
     let reap = || {
-        let mut st = 0;
-        // SAFETY: waitpid on our own child with a valid out pointer.
-        unsafe { libc::waitpid(pid, &mut st, 0) };
+        let _ = crate::sys::reap(pid);
     };
     let reply = read_all(reply_read).map_err(|e| ClientError::io("reading the first process's reply", e))?;
     let failure = read_all(err_read).map_err(|e| ClientError::io("waiting for the command to start", e))?;
@@ -709,7 +461,7 @@ pub fn start_first_process(socket: &Path, name: &str, cmd: &Command, output: Opt
             return Err(e);
         }
     }
-    Pid::new(pid).ok_or_else(|| ClientError::Protocol("fork returned a bad pid".into()))
+    Ok(pid)
 }
 
 /// The loader (`vpstag exec`): makes the calling process a child subreaper, joins VPS `name`
@@ -731,9 +483,8 @@ pub fn exec_in(socket: &Path, name: &str, program: &OsString, args: &[OsString])
         Ok(p) => p,
         Err(e) => return spawn_err(e.to_string()),
     };
-    let rc = crate::sys::become_subreaper();
-    if rc != 0 {
-        return ClientError::io("becoming the reaper of the command's orphans", io::Error::from_raw_os_error(rc));
+    if let Err(e) = crate::process::become_subreaper() {
+        return ClientError::io("becoming the reaper of the command's orphans", e);
     }
     let mut c = match Client::connect_to(socket) {
         Ok(c) => c,
@@ -756,7 +507,7 @@ mod tests {
         let e = parse_reply(r#"{"ok":false,"error":{"kind":"busy","message":"uid 7 has 16 connections open"}}"#)
             .unwrap_err();
         assert!(matches!(e, ClientError::Busy(_)), "{e:?}");
-        assert_eq!(e.kind(), Some("busy"));
+        assert_eq!(e.kind(), Some(ErrorKind::Busy));
         let text = e.to_string();
         assert!(text.contains("busy") && text.contains("uid 7") && text.contains("try again"), "{text}");
     }
@@ -768,6 +519,6 @@ mod tests {
         drop(b);
         let mut c = Client { reader: BufReader::new(a), socket: PathBuf::from("/nonexistent") };
         let e = c.list().unwrap_err();
-        assert_eq!(e.kind(), Some("busy"), "{e}");
+        assert_eq!(e.kind(), Some(ErrorKind::Busy), "{e}");
     }
 }

@@ -6,6 +6,7 @@ use vpstag_tracker::{Pid, TrackerError};
 
 /// What went wrong. Each variant says what to do about it where there is something to do.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum Error {
     /// The backend failed or refused (its message names the fix, e.g. a missing privilege).
     #[error(transparent)]

@@ -217,7 +217,7 @@ unsafe fn close_inherited(plan: &Plan, keep: &[RawFd]) {
 /// # Safety
 /// Must be called only in a freshly forked child, with `plan` and `pipes` prepared before the
 /// fork. Uses only async-signal-safe calls.
-pub(crate) unsafe fn run_first_process(plan: &Plan, pipes: &Pipes) -> ! {
+unsafe fn run_first_process(plan: &Plan, pipes: &Pipes) -> ! {
     let gate = pipes.gate_read.as_raw_fd();
     let err = pipes.err_write.as_raw_fd();
     // SAFETY (whole block): raw system calls on integers, stack buffers and the Plan's
@@ -295,7 +295,7 @@ impl SocketGate {
 /// # Safety
 /// Must be called only in a freshly forked child, with everything prepared before the fork.
 /// Uses only async-signal-safe calls.
-pub(crate) unsafe fn run_first_process_socket(plan: &Plan, gate: &SocketGate, reply_fd: RawFd, err_fd: RawFd) -> ! {
+unsafe fn run_first_process_socket(plan: &Plan, gate: &SocketGate, reply_fd: RawFd, err_fd: RawFd) -> ! {
     let rep = Reporter::Staged(err_fd);
     // SAFETY (whole block): raw system calls on integers, stack buffers and data prepared before
     // the fork; nothing allocates or takes a lock.
@@ -315,10 +315,7 @@ pub(crate) unsafe fn run_first_process_socket(plan: &Plan, gate: &SocketGate, re
             rep.fail(stage::SUBREAPER, rc);
             libc::_exit(127);
         }
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0);
-        #[cfg(not(any(target_os = "linux", target_os = "android")))]
-        let fd = libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0);
+        let fd = crate::sys::unix_stream_socket();
         if fd < 0 {
             rep.fail(stage::SOCKET, errno());
             libc::_exit(127);
@@ -334,20 +331,8 @@ pub(crate) unsafe fn run_first_process_socket(plan: &Plan, gate: &SocketGate, re
             rep.fail(stage::CONNECT, errno());
             libc::_exit(127);
         }
-        #[cfg(any(target_os = "linux", target_os = "android"))]
-        {
-            let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
-            let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
-            if libc::getsockopt(
-                fd,
-                libc::SOL_SOCKET,
-                libc::SO_PEERCRED,
-                (&mut cred as *mut libc::ucred).cast(),
-                &mut len,
-            ) == 0
-            {
-                crate::client::allow_ptracer(cred.pid);
-            }
+        if let Some(daemon) = crate::sys::peer_pid(fd) {
+            crate::sys::allow_ptracer(daemon);
         }
         let mut off = 0;
         while off < gate.request.len() {
@@ -543,11 +528,51 @@ pub(crate) fn run_loader_shim(plan: &Plan) -> io::Error {
         }
     }
     if got == 4 {
-        // SAFETY: waitpid on our own child, which exits at once after reporting.
-        unsafe { libc::waitpid(cmd, std::ptr::null_mut(), 0) };
+        // Our own child, which exits at once after reporting.
+        if let Some(cmd) = crate::Pid::new(cmd) {
+            let _ = crate::sys::reap(cmd);
+        }
         return io::Error::from_raw_os_error(i32::from_ne_bytes(buf));
     }
     drop(f);
     // SAFETY: `set` is blocked in this (only) thread by spawn_command.
     unsafe { supervise(cmd, &set) }
+}
+
+/// Forks the first process of a VPS started by the manager: the child runs
+/// [`run_first_process`] and never returns; the parent gets its pid.
+pub(crate) fn fork_first_process(plan: &Plan, pipes: &Pipes) -> io::Result<crate::Pid> {
+    // SAFETY: the child runs only `run_first_process`, which is async-signal-safe and uses data
+    // prepared before the fork; the parent continues normally.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: we are the freshly forked child.
+        unsafe { run_first_process(plan, pipes) }
+    }
+    forked(pid)
+}
+
+/// Forks the first process of a VPS started through the daemon: the child runs
+/// [`run_first_process_socket`] and never returns; the parent gets its pid.
+pub(crate) fn fork_first_process_socket(
+    plan: &Plan,
+    gate: &SocketGate,
+    reply_fd: RawFd,
+    err_fd: RawFd,
+) -> io::Result<crate::Pid> {
+    // SAFETY: the child runs only `run_first_process_socket`, which is async-signal-safe and uses
+    // data prepared before the fork; the parent continues normally.
+    let pid = unsafe { libc::fork() };
+    if pid == 0 {
+        // SAFETY: we are the freshly forked child.
+        unsafe { run_first_process_socket(plan, gate, reply_fd, err_fd) }
+    }
+    forked(pid)
+}
+
+fn forked(pid: libc::pid_t) -> io::Result<crate::Pid> {
+    if pid < 0 {
+        return Err(io::Error::last_os_error());
+    }
+    crate::Pid::new(pid).ok_or_else(|| io::Error::other("fork returned a bad pid"))
 }

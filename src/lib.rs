@@ -26,15 +26,19 @@
 //! # Ok::<(), vpstag::Error>(())
 //! ```
 #![warn(missing_docs)]
+#![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod backend;
 pub mod client;
-pub mod daemon;
 mod error;
+#[allow(unsafe_code)] // fork and the async-signal-safe first process
 mod init;
 mod manager;
+pub mod process;
+pub mod protocol;
 mod signal;
+#[allow(unsafe_code)] // every system call vpstag makes itself
 mod sys;
 mod table;
 mod tracking;
@@ -49,9 +53,3 @@ pub use vpstag_tracker::{
     BackendKind, Capabilities, Event, EventKind, ExitStatus, ForkTracker, LossReason, Pid, ProcessId, StartTime,
     TrackerError, VpsId,
 };
-
-#[doc(hidden)]
-pub mod __private {
-    //! For the CLI in this package only; not a stable API.
-    pub use crate::sys::{become_subreaper, cmdline};
-}

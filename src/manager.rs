@@ -121,8 +121,7 @@ pub struct Manager {
     kind: BackendKind,
 }
 
-/// Checks a VPS name: 1 to 64 letters, digits, '.', '_' or '-', not starting with '-' or '.'.
-pub(crate) fn validate_name(name: &str) -> Result<()> {
+fn validate_name(name: &str) -> Result<()> {
     let bad = |why| Err(Error::InvalidName { name: name.to_string(), why });
     if name.is_empty() {
         return bad("it is empty");
@@ -265,14 +264,13 @@ impl State {
     /// Reaps first processes (our children) that have exited, unless the backend reaps.
     fn reap(&mut self) {
         let mut reaped = Vec::new();
-        self.to_reap.retain(|pid| {
-            let mut status = 0;
-            // SAFETY: waitpid on a specific child of ours, with a valid out pointer.
-            let r = unsafe { libc::waitpid(pid.as_raw(), &mut status, libc::WNOHANG) };
-            if r == pid.as_raw() {
+        self.to_reap.retain(|pid| match crate::sys::try_reap(*pid) {
+            Ok(None) => true,
+            Ok(Some(status)) => {
                 reaped.push((*pid, status));
+                false
             }
-            r == 0
+            Err(_) => false,
         });
         // Where the exit event itself was lost, the status comes from waitpid.
         for (pid, status) in reaped {
@@ -432,27 +430,14 @@ impl Manager {
         if st.name_in_use(name) {
             return Err(Error::AlreadyRunning(name.to_string()));
         }
-        // SAFETY: the child runs only `run_first_process`, which is async-signal-safe and uses
-        // data prepared above; the parent continues normally.
-        let pid = unsafe { libc::fork() };
-        if pid < 0 {
-            return Err(Error::io("fork", std::io::Error::last_os_error()));
-        }
-        if pid == 0 {
-            // SAFETY: we are the freshly forked child.
-            unsafe { crate::init::run_first_process(&plan, &pipes) }
-        }
+        let child = crate::init::fork_first_process(&plan, &pipes).map_err(|e| Error::io("fork", e))?;
         let Pipes { gate_read, gate_write, err_read, err_write } = pipes;
         drop(gate_read);
         drop(err_write);
-        let child = Pid::new(pid).ok_or_else(|| Error::io("fork", std::io::Error::other("bad pid")))?;
         let abort = |st: &mut State| {
-            // SAFETY: kill and waitpid on our own child.
-            unsafe {
-                libc::kill(pid, libc::SIGKILL);
-                if !st.caps.reaps {
-                    libc::waitpid(pid, std::ptr::null_mut(), 0);
-                }
+            crate::sys::kill_child(child);
+            if !st.caps.reaps {
+                let _ = crate::sys::reap(child);
             }
         };
         let info = match crate::sys::process(child) {
@@ -754,6 +739,7 @@ pub struct SavedMember {
 /// What [`Manager::check`] found wrong between the table and the system now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
 pub enum Divergence {
     /// A live process below a tagged ancestor that the table does not have.
     Missing {
@@ -795,6 +781,17 @@ pub struct CheckReport {
 }
 
 impl Manager {
+    /// Checks a VPS name: 1 to 64 letters, digits, '.', '_' or '-', not starting with '-' or '.'
+    /// ([`Error::InvalidName`] says why not).
+    ///
+    /// ```
+    /// assert!(vpstag::Manager::validate_name("web-1").is_ok());
+    /// assert!(vpstag::Manager::validate_name("-x").is_err());
+    /// ```
+    pub fn validate_name(name: &str) -> Result<()> {
+        validate_name(name)
+    }
+
     /// Registers `pid`, a process someone else forked and holds at a start gate, as the first
     /// process of a new VPS `name` (the daemon's way: the client forks the first process with its
     /// own credentials). The caller opens the gate after this returns.
@@ -803,9 +800,10 @@ impl Manager {
         self.register_first_as(name, pid)
     }
 
-    /// [`register_first`](Manager::register_first) under a name the caller has checked (the daemon's
-    /// `uid:name` keys). A process that is already a member of a VPS is refused: it would leave it.
-    pub(crate) fn register_first_as(&self, name: &str, pid: Pid) -> Result<Vps> {
+    /// [`register_first`](Manager::register_first) under a key the caller has checked with
+    /// [`Manager::validate_name`] and made unique its own way (the daemon's `uid:name` keys: names
+    /// are per owner). A process that is already a member of a VPS is refused: it would leave it.
+    pub fn register_first_as(&self, name: &str, pid: Pid) -> Result<Vps> {
         let mut st = self.synced()?;
         if let Some(id) = st.tracking.table.vps_of(pid) {
             let other = st.vpses.get(&id).map_or_else(|| id.to_string(), |r| r.vps.name.clone());

@@ -9,6 +9,7 @@ use crate::{Pid, ProcessId, StartTime, VpsId};
 /// How the table learned that a process belongs to its VPS, so users can see why it is tagged.
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Serialize, serde::Deserialize)]
 #[serde(rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Source {
     /// It is the VPS's first process, started by the manager.
     First,
@@ -97,6 +98,7 @@ pub struct MappingTable {
 /// One change to the table, as a journal records it.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 #[serde(tag = "change", rename_all = "lowercase")]
+#[non_exhaustive]
 pub enum Change {
     /// A process was tagged.
     Added {

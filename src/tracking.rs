@@ -166,6 +166,8 @@ impl Tracking {
                 _ => None,
             },
             EventKind::Exit { pid, thread, group_dead, .. } => self.apply_exit(ev, pid, thread, group_dead, view),
+            // A kind of event this version does not know: it changes nothing here.
+            _ => self.tag_of_event(ev),
         };
         TaggedEvent { event: *ev, vps }
     }
@@ -174,7 +176,7 @@ impl Tracking {
         let pid = match ev.kind {
             EventKind::Fork { child, .. } => child,
             EventKind::Exec { pid, .. } | EventKind::Exit { pid, .. } => pid,
-            EventKind::Lost { .. } => return None,
+            _ => return None,
         };
         ev.tag.or_else(|| self.table.vps_of(pid))
     }

@@ -216,7 +216,7 @@ fn problems(
     let mut out = Vec::new();
     let (mut checked, mut zombies) = (0, 0);
     let wanted = |pid: i32| {
-        only.map_or(true, |o| {
+        only.is_none_or(|o| {
             o.iter().any(|q| matches!(q, Problem::Missed(p) | Problem::Mistagged(p) | Problem::Stale(p) if *p == pid))
         })
     };

@@ -805,7 +805,7 @@ pub fn measure(a: &DaemonArgs) -> Result<DaemonResults, String> {
         .arg("--version")
         .output()
         .map_err(|e| {
-            format!("cannot run {vpstag} ({e}): build it with `cargo build --release -p vpstag --features ebpf` or pass --vpstag")
+            format!("cannot run {vpstag} ({e}): build it with `cargo build --release -p vpstag-cli --features ebpf` or pass --vpstag")
         })?;
     let vpstag_version = String::from_utf8_lossy(&version.stdout).trim().to_string();
     let root = match &a.state_root {

@@ -151,7 +151,7 @@ fn goals(r: &Results) -> Vec<Goal> {
         })
         .collect();
     if !pt.is_empty() {
-        let beats_strace = pt.iter().all(|x| x.2.map_or(true, |s| x.1 > s));
+        let beats_strace = pt.iter().all(|x| x.2.is_none_or(|s| x.1 > s));
         g.push(Goal {
             goal: "ptrace: lower slowdown than `strace -f`".into(),
             result: pt

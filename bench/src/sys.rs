@@ -95,7 +95,7 @@ pub struct Spawner {
 }
 
 impl Spawner {
-    /// Prepares a spawn of `argv` (argv[0] is the path).
+    /// Prepares a spawn of `argv` (`argv[0]` is the path).
     pub fn new(argv: &[&str]) -> Spawner {
         let args: Vec<CString> = argv.iter().map(|a| CString::new(*a).unwrap()).collect();
         let mut p: Vec<*mut c_char> = args.iter().map(|c| c.as_ptr() as *mut c_char).collect();

@@ -93,7 +93,7 @@ fn wait_first(mgr: &Manager, vps: &vpstag::Vps) -> Result<(i32, bool), String> {
         if let Some(st) = mgr.wait(vps, Some(Duration::from_millis(500))).map_err(|e| e.to_string())? {
             return Ok((st.shell_code(), false));
         }
-        let dead = sys::read_stat(first).map_or(true, |s| s.state == b'Z' || s.state == b'X');
+        let dead = sys::read_stat(first).is_none_or(|s| s.state == b'Z' || s.state == b'X');
         if !dead {
             dead_since = None;
             continue;

@@ -277,3 +277,56 @@ pub(crate) fn open_backend(choice: BackendChoice, notes: &mut Vec<String>) -> Re
         }
     }
 }
+
+/// A new close-on-exec Unix stream socket, or -1 (errno set). Async-signal-safe.
+pub(crate) fn unix_stream_socket() -> libc::c_int {
+    // SAFETY: socket(2) with integer arguments only.
+    unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM | libc::SOCK_CLOEXEC, 0) }
+}
+
+/// The pid of the process at the other end of the Unix socket `fd` (`SO_PEERCRED`), if the
+/// system says. Async-signal-safe.
+///
+/// # References
+/// - [`unix(7)`](https://man7.org/linux/man-pages/man7/unix.7.html): `SO_PEERCRED`
+pub(crate) fn peer_pid(fd: std::os::fd::RawFd) -> Option<i32> {
+    let mut cred = libc::ucred { pid: 0, uid: 0, gid: 0 };
+    let mut len = std::mem::size_of::<libc::ucred>() as libc::socklen_t;
+    // SAFETY: getsockopt writes at most `len` bytes into `cred`, a valid ucred on this stack; a
+    // bad `fd` only makes it fail.
+    let r = unsafe {
+        libc::getsockopt(fd, libc::SOL_SOCKET, libc::SO_PEERCRED, (&mut cred as *mut libc::ucred).cast(), &mut len)
+    };
+    (r == 0 && cred.pid > 0).then_some(cred.pid)
+}
+
+/// Lets `pid` ptrace the calling process under Yama `ptrace_scope=1` (`PR_SET_PTRACER`).
+/// Async-signal-safe; errors are ignored (without Yama the call fails and is not needed).
+///
+/// # References
+/// - [`PR_SET_PTRACER`](https://man7.org/linux/man-pages/man2/PR_SET_PTRACER.2const.html)
+pub(crate) fn allow_ptracer(pid: i32) {
+    // SAFETY: prctl with integer arguments only.
+    unsafe {
+        libc::prctl(libc::PR_SET_PTRACER, pid as libc::c_ulong, 0, 0, 0);
+    }
+}
+
+/// Whether a user with uid `uid` could signal `pid` itself (kill(2): the sender's uid is the
+/// target's real or saved uid; root may signal anyone). `/proc/PID/status`, `Uid:` line.
+pub(crate) fn may_signal(uid: u32, pid: Pid) -> bool {
+    if uid == 0 {
+        return true;
+    }
+    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return false };
+    let Some(line) = s.lines().find(|l| l.starts_with("Uid:")) else { return false };
+    let ids: Vec<u32> = line[4..].split_whitespace().filter_map(|x| x.parse().ok()).collect();
+    ids.first() == Some(&uid) || ids.get(2) == Some(&uid)
+}
+
+/// User + system CPU time (ms) and resident memory (bytes) of a process.
+pub(crate) fn usage(pid: Pid) -> Option<(u64, u64)> {
+    let st = procfs::process::Process::new(pid.as_raw()).ok()?.stat().ok()?;
+    let tps = procfs::ticks_per_second().max(1);
+    Some(((st.utime + st.stime) * 1000 / tps, st.rss * procfs::page_size()))
+}

@@ -46,3 +46,33 @@ pub(crate) fn cmdline_prefix(pid: vpstag_tracker::Pid, max: usize) -> Option<(St
     }
     Some((c[..end].to_string(), cut))
 }
+
+/// A new Unix stream socket (close-on-exec is not needed: the caller execs only after closing
+/// it), or -1 (errno set). Async-signal-safe.
+pub(crate) fn unix_stream_socket() -> libc::c_int {
+    // SAFETY: socket(2) with integer arguments only.
+    unsafe { libc::socket(libc::AF_UNIX, libc::SOCK_STREAM, 0) }
+}
+
+/// The pid of a Unix socket's peer: not available here (FreeBSD's `LOCAL_PEERCRED` has no pid).
+pub(crate) fn peer_pid(fd: std::os::fd::RawFd) -> Option<i32> {
+    let _ = fd;
+    None
+}
+
+/// Nothing to do here (Yama's `PR_SET_PTRACER` is Linux's).
+pub(crate) fn allow_ptracer(pid: i32) {
+    let _ = pid;
+}
+
+/// Whether a user with uid `uid` could signal `pid` itself: root, or the process's real uid (the
+/// saved uid is not read here).
+pub(crate) fn may_signal(uid: u32, pid: vpstag_tracker::Pid) -> bool {
+    uid == 0 || matches!(super::process(pid), Ok(Some(i)) if i.uid == uid)
+}
+
+/// CPU time and memory of a process: not read on this system yet.
+pub(crate) fn usage(pid: vpstag_tracker::Pid) -> Option<(u64, u64)> {
+    let _ = pid;
+    None
+}

@@ -233,7 +233,7 @@ impl TagTable {
                 EventKind::Exit { pid, .. } => {
                     self.tags.remove(&pid);
                 }
-                EventKind::Lost { .. } => {}
+                _ => {}
             }
             return false;
         }
@@ -247,7 +247,7 @@ impl TagTable {
                 self.tags.remove(&pid);
                 true
             }
-            EventKind::Lost { .. } => true,
+            _ => true,
         }
     }
 }

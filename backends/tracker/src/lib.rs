@@ -144,6 +144,7 @@ impl fmt::Display for ExitStatus {
 
 /// Why a backend reports [`EventKind::Lost`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum LossReason {
     /// The receive buffer overflowed (`ENOBUFS` on a netlink socket).
     Overflow,
@@ -157,6 +158,7 @@ pub enum LossReason {
 
 /// What happened.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum EventKind {
     /// A process or thread was created.
     Fork {
@@ -227,6 +229,7 @@ impl Event {
 
 /// Which mechanism a backend uses.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[non_exhaustive]
 pub enum BackendKind {
     /// Linux netlink proc connector.
     Cnproc,
@@ -283,6 +286,7 @@ pub struct Capabilities {
 
 /// What went wrong in a backend.
 #[derive(Debug, thiserror::Error)]
+#[non_exhaustive]
 pub enum TrackerError {
     /// The system refused for lack of privilege; `hint` says what to do about it.
     #[error("{what}: permission denied; {hint}")]

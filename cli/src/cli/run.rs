@@ -8,7 +8,7 @@ use std::sync::mpsc::{Receiver, RecvTimeoutError};
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use serde_json::json;
+use vpstag::protocol::EventInfo;
 use vpstag::{EventKind, ExitStatus, Manager, Pid, Signal, TaggedEvent, Vps};
 
 use super::RunArgs;
@@ -30,38 +30,27 @@ impl Printer {
             return;
         }
         let name = &self.vps.name;
-        let time = t.event.time_ns;
         match (&mut self.sink, t.event.kind) {
             (Sink::Quiet, _) => {}
             (_, EventKind::Fork { thread: true, .. }) => {}
             (_, EventKind::Exit { pid, thread, .. }) if pid != thread => {}
             (Sink::Text, EventKind::Fork { parent, child, .. }) => eprintln!("[{name}] fork {parent} -> {child}"),
             (Sink::Text, EventKind::Exec { pid, .. }) => {
-                let cmd = vpstag::__private::cmdline(pid).unwrap_or_else(|| "?".into());
+                let cmd = vpstag::process::cmdline(pid).unwrap_or_else(|| "?".into());
                 eprintln!("[{name}] exec {pid} {cmd}");
             }
             (Sink::Text, EventKind::Exit { pid, status, .. }) => match status {
                 Some(s) => eprintln!("[{name}] exit {pid} ({s})"),
                 None => eprintln!("[{name}] exit {pid}"),
             },
-            (Sink::Json(w), k) => {
-                let v = match k {
-                    EventKind::Fork { parent, child, .. } => {
-                        json!({"event": "fork", "vps": name, "pid": child.as_raw(), "parent": parent.as_raw(), "time_ns": time})
+            (Sink::Json(w), _) => {
+                if let Some(info) = EventInfo::from_event(t, name, vpstag::process::cmdline) {
+                    if serde_json::to_writer(&mut *w, &info).is_ok() {
+                        let _ = w.write_all(b"\n");
                     }
-                    EventKind::Exec { pid, .. } => {
-                        json!({"event": "exec", "vps": name, "pid": pid.as_raw(), "cmd": vpstag::__private::cmdline(pid), "time_ns": time})
-                    }
-                    EventKind::Exit { pid, status, .. } => json!({
-                        "event": "exit", "vps": name, "pid": pid.as_raw(), "time_ns": time,
-                        "code": status.map(|s| match s { ExitStatus::Exited(c) => c, _ => -1 }),
-                        "signal": status.and_then(|s| match s { ExitStatus::Signaled { signal, .. } => Some(signal), _ => None }),
-                    }),
-                    EventKind::Lost { .. } => return,
-                };
-                let _ = writeln!(w, "{v}");
+                }
             }
-            (Sink::Text, EventKind::Lost { .. }) => {}
+            (Sink::Text, _) => {}
         }
     }
 
@@ -88,11 +77,7 @@ impl Signals {
     fn install() -> std::io::Result<Signals> {
         let pending = Arc::new(AtomicUsize::new(0));
         for sig in [libc::SIGINT, libc::SIGTERM, libc::SIGHUP] {
-            let p = Arc::clone(&pending);
-            // SAFETY: the handler only stores to an atomic, which is async-signal-safe.
-            unsafe {
-                signal_hook::low_level::register(sig, move || p.store(sig as usize, Ordering::SeqCst))?;
-            }
+            signal_hook::flag::register_usize(sig, Arc::clone(&pending), sig as usize)?;
         }
         Ok(Signals { pending })
     }
@@ -107,10 +92,10 @@ impl Signals {
 
 fn reap_orphans() {
     loop {
-        // SAFETY: waitpid with WNOHANG and a valid out pointer.
-        let r = unsafe { libc::waitpid(-1, std::ptr::null_mut(), libc::WNOHANG) };
-        if r <= 0 {
-            break;
+        use nix::sys::wait::{waitpid, WaitPidFlag, WaitStatus};
+        match waitpid(None, Some(WaitPidFlag::WNOHANG)) {
+            Ok(WaitStatus::StillAlive) | Err(_) => break,
+            Ok(_) => {}
         }
     }
 }
@@ -126,7 +111,7 @@ pub(crate) fn run(a: RunArgs) -> vpstag::Result<i32> {
     }
     // Orphans of the VPS whose first process has exited come to us rather than to the system's
     // init, so their parent links stay inside this run.
-    let _ = vpstag::__private::become_subreaper();
+    let _ = vpstag::process::become_subreaper();
     let mgr = Manager::new(tracker)?;
     let reaps_itself = mgr.capabilities().reaps;
     let signals = Signals::install().map_err(|e| vpstag::Error::io("installing signal handlers", e))?;

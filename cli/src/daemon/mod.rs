@@ -1,6 +1,6 @@
 //! The vpstag daemon: one long-running manager holding the mapping table for the whole host,
 //! serving every other tool over a Unix socket (`vpstag daemon`; the protocol is in
-//! `docs/protocol.md`, the client in [`crate::client`]).
+//! `docs/protocol.md`, the client in [`vpstag::client`]).
 //!
 //! - Every request is authorised with the peer's `SO_PEERCRED`: root may do everything; another
 //!   user sees and acts only on the VPSes it started, and may `join` only those.
@@ -8,20 +8,19 @@
 //!   process with its own credentials; that process connects and registers itself, and the daemon
 //!   takes its pid and uid from `SO_PEERCRED`, never from the request.
 //! - State survives a crash: see [`store`].
-//! - One thread per connection: at most [`MAX_CONNECTIONS_PER_USER`] per non-root user and
-//!   [`MAX_CONNECTIONS`] in all, with [`ROOT_RESERVED_CONNECTIONS`] more for root, checked before a
+//! - One thread per connection: at most [`MAX_CONNECTIONS_PER_USER`](server::MAX_CONNECTIONS_PER_USER) per non-root user and
+//!   [`MAX_CONNECTIONS`] in all, with [`ROOT_RESERVED_CONNECTIONS`](server::ROOT_RESERVED_CONNECTIONS) more for root, checked before a
 //!   thread is started; more get a `busy` refusal. A request line is at most
-//!   [`MAX_REQUEST`](crate::client::MAX_REQUEST) bytes and must arrive within [`REQUEST_DEADLINE`]
-//!   of its first byte; an idle connection is closed after [`IDLE_TIMEOUT`]. A malformed request
+//!   [`MAX_REQUEST`] bytes and must arrive within [`REQUEST_DEADLINE`](server::REQUEST_DEADLINE)
+//!   of its first byte; an idle connection is closed after [`IDLE_TIMEOUT`](server::IDLE_TIMEOUT). A malformed request
 //!   gets an error reply.
-//! - Memory for events is bounded in bytes: command lines are cut to [`MAX_EVENT_CMD`] bytes.
+//! - Memory for events is bounded in bytes: command lines are cut to [`MAX_EVENT_CMD`](feed::MAX_EVENT_CMD) bytes.
 
 mod paths;
 mod store;
 
 use std::collections::{HashMap, HashSet, VecDeque};
 use std::io::{self, BufRead, BufReader, Write};
-use std::os::fd::AsRawFd;
 use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
@@ -32,9 +31,9 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use serde_json::{json, Value};
 
-use crate::client::{EventInfo, Op, ProcessInfo, Request, VpsInfo, MAX_REQUEST, PROTOCOL_VERSION};
-use crate::{BackendChoice, Error, EventKind, ExitStatus, Manager, Pid, SavedVps, Signal, Vps};
 use store::{OwnedVps, Record, Store};
+use vpstag::protocol::{ErrorKind, EventInfo, Op, ProcessInfo, Request, VpsInfo, MAX_REQUEST, PROTOCOL_VERSION};
+use vpstag::{BackendChoice, Error, Manager, Pid, SavedVps, Signal, Vps};
 
 /// At most this many connections of users other than root are served at once; more get a `busy`
 /// error (root has [`ROOT_RESERVED_CONNECTIONS`] more).
@@ -72,9 +71,6 @@ mod handlers;
 mod peer;
 mod server;
 mod wire;
-
-pub use feed::{MAX_EVENT_CMD, TRUNCATED_MARK};
-pub use server::{IDLE_TIMEOUT, MAX_CONNECTIONS_PER_USER, REQUEST_DEADLINE, ROOT_RESERVED_CONNECTIONS};
 
 use peer::*;
 use server::write_within;
@@ -120,7 +116,7 @@ struct Daemon {
     mgr: Manager,
     store: Arc<Store>,
     /// Members kept as roots because their parent exited (see [`Manager::on_orphans`]).
-    orphans: Arc<Mutex<HashSet<crate::ProcessId>>>,
+    orphans: Arc<Mutex<HashSet<vpstag::ProcessId>>>,
     /// Store errors seen in the change callback (which cannot return them).
     store_failed: Arc<AtomicBool>,
     meta: Mutex<HashMap<u64, VpsMeta>>,
@@ -147,7 +143,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     for note in &loaded.notes {
         log!("{note}");
     }
-    let (tracker, notes) = crate::open_backend_with_notes(cfg.backend)?;
+    let (tracker, notes) = vpstag::open_backend_with_notes(cfg.backend)?;
     for n in &notes {
         log!("{n}");
     }
@@ -157,16 +153,16 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     let store_failed = Arc::new(AtomicBool::new(false));
     // Members whose parent exited while they live on are roots too (a scan from the other roots
     // may no longer reach them): the manager reports them, a thread journals them.
-    let orphans: Arc<Mutex<HashSet<crate::ProcessId>>> = Arc::new(Mutex::new(
+    let orphans: Arc<Mutex<HashSet<vpstag::ProcessId>>> = Arc::new(Mutex::new(
         loaded
             .roots()
             .iter()
-            .filter(|m| !matches!(m.source, crate::Source::First | crate::Source::Loader))
-            .filter_map(|m| Pid::new(m.pid).map(|pid| crate::ProcessId { pid, start: crate::StartTime(m.start) }))
+            .filter(|m| !matches!(m.source, vpstag::Source::First | vpstag::Source::Loader))
+            .filter_map(|m| Pid::new(m.pid).map(|pid| vpstag::ProcessId { pid, start: vpstag::StartTime(m.start) }))
             .collect(),
     ));
     {
-        let (tx, rx) = mpsc::channel::<Vec<(crate::ProcessId, crate::VpsId)>>();
+        let (tx, rx) = mpsc::channel::<Vec<(vpstag::ProcessId, vpstag::VpsId)>>();
         mgr.on_orphans(move |batch| {
             let _ = tx.send(batch.to_vec());
         });
@@ -183,7 +179,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
                             vps: vps.0,
                             pid: id.pid.as_raw(),
                             start: id.start.0,
-                            source: crate::Source::Event,
+                            source: vpstag::Source::Event,
                         })
                         .collect();
                     orphans.lock().unwrap_or_else(|e| e.into_inner()).extend(batch.iter().map(|(id, _)| *id));
@@ -212,7 +208,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             v
         })
         .collect();
-    let members: Vec<crate::SavedMember> = loaded.roots();
+    let members: Vec<vpstag::SavedMember> = loaded.roots();
     let restored = mgr.restore(&vpses, &members)?;
     mgr.recheck_first_processes()?;
     let mut meta = HashMap::new();
@@ -285,11 +281,11 @@ mod tests {
             parse_request(br#"{"v":1,"op":"which","pid":3}"#),
             Ok(Request { op: Op::Which { pid: 3 }, .. })
         ));
-        assert_eq!(parse_request(b"garbage").unwrap_err().kind, "bad_request");
-        assert_eq!(parse_request(br#"{"op":"list"}"#).unwrap_err().kind, "bad_request");
-        assert_eq!(parse_request(br#"{"v":9,"op":"list"}"#).unwrap_err().kind, "unsupported_version");
-        assert_eq!(parse_request(br#"{"v":1,"op":"nope"}"#).unwrap_err().kind, "bad_request");
-        assert_eq!(parse_request(br#"[1]"#).unwrap_err().kind, "bad_request");
+        assert_eq!(parse_request(b"garbage").unwrap_err().kind, ErrorKind::BadRequest);
+        assert_eq!(parse_request(br#"{"op":"list"}"#).unwrap_err().kind, ErrorKind::BadRequest);
+        assert_eq!(parse_request(br#"{"v":9,"op":"list"}"#).unwrap_err().kind, ErrorKind::UnsupportedVersion);
+        assert_eq!(parse_request(br#"{"v":1,"op":"nope"}"#).unwrap_err().kind, ErrorKind::BadRequest);
+        assert_eq!(parse_request(br#"[1]"#).unwrap_err().kind, ErrorKind::BadRequest);
     }
 
     #[test]

@@ -9,7 +9,8 @@ use std::process::Command;
 use std::time::{Duration, SystemTime};
 
 use clap::CommandFactory;
-use vpstag::client::{Client, ClientError, EventInfo, ProcessInfo};
+use vpstag::client::{Client, ClientError};
+use vpstag::protocol::{EventInfo, ProcessInfo};
 use vpstag::{Pid, Signal};
 
 use super::{Cli, Cmd};
@@ -97,7 +98,7 @@ fn man(a: super::ManArgs) -> R {
 
 fn daemon(a: super::DaemonArgs, socket: &Path) -> R {
     let backend: vpstag::BackendChoice = a.backend.parse()?;
-    vpstag::daemon::run(vpstag::daemon::Config {
+    crate::daemon::run(crate::daemon::Config {
         backend,
         socket: socket.to_path_buf(),
         state_dir: a.state_dir,
@@ -249,7 +250,7 @@ fn list(a: super::ListArgs, socket: &Path) -> R {
         "NAME", "ID", "OWNER", "FIRST", "STATE", "MEMBERS", "STARTED", "CPU", "MEM"
     );
     for v in &vpses {
-        let started = vpstag::daemon::format_time(SystemTime::UNIX_EPOCH + Duration::from_secs(v.started));
+        let started = crate::daemon::format_time(SystemTime::UNIX_EPOCH + Duration::from_secs(v.started));
         println!(
             "{:<16} {:>4} {:>6} {:>7} {:<7} {:>7} {:<20} {:>8.2}s {:>9}",
             printable(&v.name),

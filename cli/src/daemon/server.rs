@@ -58,13 +58,13 @@ impl Slots {
         if uid == 0 {
             if self.total >= limits.global + limits.root_reserved {
                 return Err(refuse(
-                    "busy",
+                    ErrorKind::Busy,
                     format!("{} connections are open, root's reserved ones included", self.total),
                 ));
             }
         } else if mine >= limits.per_user {
             return Err(refuse(
-                "busy",
+                ErrorKind::Busy,
                 format!(
                     "uid {uid} has {mine} connections open, the most one user may have (an `events --follow` holds one \
                      for as long as it runs)"
@@ -72,7 +72,7 @@ impl Slots {
             ));
         } else if self.total >= limits.global {
             return Err(refuse(
-                "busy",
+                ErrorKind::Busy,
                 format!("{} connections are open, the most the daemon serves for users other than root", self.total),
             ));
         }
@@ -178,11 +178,7 @@ pub(super) fn accept_until_stopped(daemon: &Arc<Daemon>, listener: &UnixListener
     let slots = Arc::new(Mutex::new(Slots::default()));
     let mut refusals = RefusalLog::default();
     while !stop.load(Ordering::SeqCst) {
-        let mut fds = [nix::poll::PollFd::new(
-            // SAFETY: the listener outlives this poll.
-            unsafe { std::os::fd::BorrowedFd::borrow_raw(listener.as_raw_fd()) },
-            nix::poll::PollFlags::POLLIN,
-        )];
+        let mut fds = [nix::poll::PollFd::new(std::os::fd::AsFd::as_fd(listener), nix::poll::PollFlags::POLLIN)];
         let _ = nix::poll::poll(&mut fds, nix::poll::PollTimeout::from(200u16));
         loop {
             match listener.accept() {
@@ -211,15 +207,15 @@ pub(super) fn accept_until_stopped(daemon: &Arc<Daemon>, listener: &UnixListener
 fn admit(daemon: &Arc<Daemon>, slots: &Arc<Mutex<Slots>>, stream: UnixStream, refusals: &mut RefusalLog) {
     // Who connected, pinned now (a pidfd, or the start time): a later holder of its pid is never
     // taken for it.
-    let who = match crate::sys::socket_peer(std::os::fd::AsFd::as_fd(&stream), crate::sys::now_ns()) {
+    let who = match vpstag::process::Peer::of(&stream) {
         Ok(w) => w,
         Err(e) => {
             refusals.failed(format!("cannot read a peer's credentials: {e}"));
-            turn_away(stream, &refuse("failed", format!("cannot read the peer's credentials: {e}")));
+            turn_away(stream, &refuse(ErrorKind::Failed, format!("cannot read the peer's credentials: {e}")));
             return;
         }
     };
-    let peer = Peer { pid: who.pid.as_raw(), uid: who.uid };
+    let peer = Peer { pid: who.pid().as_raw(), uid: who.uid() };
     {
         let mut s = slots.lock().unwrap_or_else(|e| e.into_inner());
         if let Err(r) = s.take(peer.uid, Limits::DAEMON) {
@@ -267,7 +263,7 @@ impl Daemon {
     /// Serves one connection: requests in order, one reply each, until the client closes it,
     /// stays idle for [`IDLE_TIMEOUT`], takes longer than [`REQUEST_DEADLINE`] over a request
     /// line, or starts following events.
-    pub(super) fn serve(self: &Arc<Daemon>, stream: &UnixStream, peer: Peer, who: &crate::sys::SocketPeer) {
+    pub(super) fn serve(self: &Arc<Daemon>, stream: &UnixStream, peer: Peer, who: &vpstag::process::Peer) {
         let mut reader = BufReader::with_capacity(8192, stream);
         let reply = |line: &[u8]| write_within(stream, line, REPLY_DEADLINE).is_ok();
         loop {
@@ -275,7 +271,7 @@ impl Daemon {
                 Line::Eof | Line::Failed | Line::Idle => return,
                 Line::TooSlow => {
                     let r = refuse(
-                        "too_slow",
+                        ErrorKind::TooSlow,
                         format!(
                             "a request line must arrive whole within {} s of its first byte; closing",
                             REQUEST_DEADLINE.as_secs()
@@ -285,7 +281,7 @@ impl Daemon {
                     return;
                 }
                 Line::TooLong => {
-                    let r = refuse("too_long", format!("a request line is at most {MAX_REQUEST} bytes"));
+                    let r = refuse(ErrorKind::TooLong, format!("a request line is at most {MAX_REQUEST} bytes"));
                     if !reply(&error_line(&r)) {
                         return;
                     }
@@ -333,7 +329,7 @@ mod tests {
         assert!(s.take(1000, SMALL).is_ok());
         assert!(s.take(1000, SMALL).is_ok());
         let r = s.take(1000, SMALL).unwrap_err();
-        assert_eq!(r.kind, "busy");
+        assert_eq!(r.kind, ErrorKind::Busy);
         assert!(r.message.contains("uid 1000 has 2 connections"), "{}", r.message);
         assert!(s.take(1001, SMALL).is_ok());
         assert_eq!(s.total(), 3);
@@ -348,10 +344,10 @@ mod tests {
             assert!(s.take(uid, SMALL).is_ok());
         }
         let r = s.take(3, SMALL).unwrap_err();
-        assert_eq!(r.kind, "busy");
+        assert_eq!(r.kind, ErrorKind::Busy);
         assert!(r.message.contains("users other than root"), "{}", r.message);
         assert!(s.take(0, SMALL).is_ok(), "root is served beyond the global cap");
-        assert_eq!(s.take(0, SMALL).unwrap_err().kind, "busy", "but not beyond its reserve");
+        assert_eq!(s.take(0, SMALL).unwrap_err().kind, ErrorKind::Busy, "but not beyond its reserve");
         s.give_back(0);
         s.give_back(1);
         assert!(s.take(3, SMALL).is_ok());

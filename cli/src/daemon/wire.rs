@@ -5,26 +5,26 @@ use super::*;
 /// A refusal: an error kind and a message (see `docs/protocol.md`).
 #[derive(Debug)]
 pub(super) struct Refusal {
-    pub(super) kind: &'static str,
+    pub(super) kind: ErrorKind,
     pub(super) message: String,
 }
 
-pub(super) fn refuse(kind: &'static str, message: impl Into<String>) -> Refusal {
+pub(super) fn refuse(kind: ErrorKind, message: impl Into<String>) -> Refusal {
     Refusal { kind, message: message.into() }
 }
 
 impl From<Error> for Refusal {
     fn from(e: Error) -> Refusal {
         let kind = match &e {
-            Error::UnknownVps(_) => "unknown_vps",
-            Error::AlreadyRunning(_) => "already_running",
-            Error::AlreadyMember { .. } => "nested",
-            Error::InvalidName { .. } => "invalid_name",
-            Error::NoSuchProcess(_) => "no_such_process",
-            Error::UnknownSignal(_) => "bad_request",
-            Error::Tracker(crate::TrackerError::PermissionDenied { .. }) => "backend_refused",
-            Error::Timeout(_) => "timeout",
-            _ => "failed",
+            Error::UnknownVps(_) => ErrorKind::UnknownVps,
+            Error::AlreadyRunning(_) => ErrorKind::AlreadyRunning,
+            Error::AlreadyMember { .. } => ErrorKind::Nested,
+            Error::InvalidName { .. } => ErrorKind::InvalidName,
+            Error::NoSuchProcess(_) => ErrorKind::NoSuchProcess,
+            Error::UnknownSignal(_) => ErrorKind::BadRequest,
+            Error::Tracker(vpstag::TrackerError::PermissionDenied { .. }) => ErrorKind::BackendRefused,
+            Error::Timeout(_) => ErrorKind::Timeout,
+            _ => ErrorKind::Failed,
         };
         Refusal { kind, message: e.to_string() }
     }
@@ -54,8 +54,9 @@ pub(super) fn error_line(r: &Refusal) -> Vec<u8> {
         kind: &'a str,
         message: &'a str,
     }
-    let mut v = serde_json::to_vec(&Failure { ok: false, error: ErrorBody { kind: r.kind, message: &r.message } })
-        .unwrap_or_default();
+    let mut v =
+        serde_json::to_vec(&Failure { ok: false, error: ErrorBody { kind: r.kind.as_str(), message: &r.message } })
+            .unwrap_or_default();
     v.push(b'\n');
     v
 }
@@ -67,11 +68,8 @@ pub(super) trait PeekNonblocking {
 impl PeekNonblocking for UnixStream {
     /// `Some(0)` when the other end closed; `None` when nothing is there (or on error).
     fn peek_nonblocking(&self, buf: &mut [u8]) -> Option<usize> {
-        // SAFETY: recv into a valid buffer, non-blocking peek.
-        let r = unsafe {
-            libc::recv(self.as_raw_fd(), buf.as_mut_ptr().cast(), buf.len(), libc::MSG_PEEK | libc::MSG_DONTWAIT)
-        };
-        (r >= 0).then_some(r as usize)
+        use rustix::net::{recv, RecvFlags};
+        recv(self, buf, RecvFlags::PEEK | RecvFlags::DONTWAIT).ok().map(|(n, _)| n)
     }
 }
 
@@ -141,21 +139,26 @@ pub(super) fn read_line(r: &mut BufReader<&UnixStream>, idle: Duration, whole: D
 
 pub(super) fn parse_request(line: &[u8]) -> Result<Request, Refusal> {
     let v: Value =
-        serde_json::from_slice(line).map_err(|e| refuse("bad_request", format!("not a JSON object: {e}")))?;
+        serde_json::from_slice(line).map_err(|e| refuse(ErrorKind::BadRequest, format!("not a JSON object: {e}")))?;
     if !v.is_object() {
-        return Err(refuse("bad_request", "a request is one JSON object a line"));
+        return Err(refuse(ErrorKind::BadRequest, "a request is one JSON object a line"));
     }
     match v.get("v").and_then(Value::as_u64) {
         Some(n) if n == u64::from(PROTOCOL_VERSION) => {}
         Some(n) => {
             return Err(refuse(
-                "unsupported_version",
+                ErrorKind::UnsupportedVersion,
                 format!("protocol version {n} is not supported; this daemon speaks {PROTOCOL_VERSION}"),
             ))
         }
-        None => return Err(refuse("bad_request", format!("missing \"v\" (the protocol version, {PROTOCOL_VERSION})"))),
+        None => {
+            return Err(refuse(
+                ErrorKind::BadRequest,
+                format!("missing \"v\" (the protocol version, {PROTOCOL_VERSION})"),
+            ))
+        }
     }
-    serde_json::from_value(v).map_err(|e| refuse("bad_request", format!("bad request: {e}")))
+    serde_json::from_value(v).map_err(|e| refuse(ErrorKind::BadRequest, format!("bad request: {e}")))
 }
 
 #[cfg(test)]

@@ -48,7 +48,7 @@ impl Daemon {
         let (owner, bare) = match name.split_once(':') {
             Some((uid, bare)) => {
                 let uid: u32 = uid.parse().map_err(|_| {
-                    refuse("invalid_name", format!("{name:?}: say NAME, or UID:NAME with a numeric uid"))
+                    refuse(ErrorKind::InvalidName, format!("{name:?}: say NAME, or UID:NAME with a numeric uid"))
                 })?;
                 (uid, bare)
             }
@@ -56,7 +56,7 @@ impl Daemon {
         };
         if owner != peer.uid && peer.uid != 0 {
             return Err(refuse(
-                "permission_denied",
+                ErrorKind::PermissionDenied,
                 format!(
                     "VPS {name:?} belongs to uid {owner}; only its owner or root may {what} it (you are uid {})",
                     peer.uid
@@ -80,7 +80,7 @@ impl Daemon {
         match running.as_slice() {
             [] => Err(Error::UnknownVps(bare.to_string()).into()),
             _ if peer.uid != 0 => Err(refuse(
-                "permission_denied",
+                ErrorKind::PermissionDenied,
                 format!(
                     "VPS {bare:?} belongs to another user; only its owner or root may {what} it (you are uid {})",
                     peer.uid
@@ -90,7 +90,7 @@ impl Daemon {
             _ => {
                 let names: Vec<String> = running.iter().map(|(_, o)| format!("{o}:{bare}")).collect();
                 Err(refuse(
-                    "unknown_vps",
+                    ErrorKind::UnknownVps,
                     format!("you have no VPS named {bare:?}; other users do: say {}", names.join(" or ")),
                 ))
             }
@@ -98,36 +98,36 @@ impl Daemon {
     }
 
     /// The process that opened this connection, checked: it still runs (so its pid is still its
-    /// own: see [`crate::sys::peer_state`]) and runs as the user that connected. Only a verified
+    /// own: see [`Peer::state`](vpstag::process::Peer::state)) and runs as the user that connected. Only a verified
     /// peer is registered or joined anywhere.
     pub(super) fn verified_peer(
         &self,
         peer: Peer,
-        who: &crate::sys::SocketPeer,
-    ) -> Result<crate::sys::ProcInfo, Refusal> {
-        match crate::sys::peer_state(who) {
-            crate::sys::PeerState::Alive(info) if info.uid == peer.uid => Ok(info),
-            crate::sys::PeerState::Alive(info) => Err(refuse(
-                "permission_denied",
+        who: &vpstag::process::Peer,
+    ) -> Result<vpstag::process::ProcessInfo, Refusal> {
+        match who.state() {
+            vpstag::process::PeerState::Alive(info) if info.uid == peer.uid => Ok(info),
+            vpstag::process::PeerState::Alive(info) => Err(refuse(
+                ErrorKind::PermissionDenied,
                 format!(
                     "process {} runs as uid {} but connected as uid {}; it is not registered",
                     info.id.pid, info.uid, peer.uid
                 ),
             )),
-            crate::sys::PeerState::Gone => Err(refuse(
-                "no_such_process",
+            vpstag::process::PeerState::Gone => Err(refuse(
+                ErrorKind::NoSuchProcess,
                 format!(
                     "the process that opened this connection (pid {}) has exited; its pid may be another \
                      process's now, so nothing is registered",
-                    who.pid
+                    who.pid()
                 ),
             )),
-            crate::sys::PeerState::Unsure => Err(refuse(
-                "unverifiable",
+            _ => Err(refuse(
+                ErrorKind::Unverifiable,
                 format!(
                     "cannot verify that pid {} is still the process that connected (this kernel has no \
                      SO_PEERPIDFD and its start time could not be read); reconnect and try again",
-                    who.pid
+                    who.pid()
                 ),
             )),
         }
@@ -143,7 +143,7 @@ impl Daemon {
             Some(v) => {
                 let v = self.shown(v);
                 Err(refuse(
-                    "nested",
+                    ErrorKind::Nested,
                     format!(
                         "process {pid} is a member of VPS {:?}; a VPS cannot be started or joined from inside \
                          another (its processes would escape {:?}'s stop, kill and accounting): run it from \
@@ -158,7 +158,7 @@ impl Daemon {
     pub(super) fn journal(&self, records: &[Record]) -> Result<(), Refusal> {
         self.store.append(records).map_err(|e| {
             log!("cannot write the journal in {}: {e}", self.store.dir().display());
-            refuse("failed", format!("cannot write the journal: {e}"))
+            refuse(ErrorKind::Failed, format!("cannot write the journal: {e}"))
         })
     }
 
@@ -173,19 +173,19 @@ impl Daemon {
                 .collect()
         };
         // The roots: first processes, loader joins, and orphans still alive (the others go).
-        let members: Vec<crate::SavedMember> = {
+        let members: Vec<vpstag::SavedMember> = {
             let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
-            let live: HashSet<crate::ProcessId> = members
+            let live: HashSet<vpstag::ProcessId> = members
                 .iter()
-                .filter_map(|m| Pid::new(m.pid).map(|pid| crate::ProcessId { pid, start: crate::StartTime(m.start) }))
+                .filter_map(|m| Pid::new(m.pid).map(|pid| vpstag::ProcessId { pid, start: vpstag::StartTime(m.start) }))
                 .collect();
             orphans.retain(|id| live.contains(id));
             members
                 .into_iter()
                 .filter(|m| {
-                    matches!(m.source, crate::Source::First | crate::Source::Loader)
+                    matches!(m.source, vpstag::Source::First | vpstag::Source::Loader)
                         || Pid::new(m.pid).is_some_and(|pid| {
-                            orphans.contains(&crate::ProcessId { pid, start: crate::StartTime(m.start) })
+                            orphans.contains(&vpstag::ProcessId { pid, start: vpstag::StartTime(m.start) })
                         })
                 })
                 .collect()
@@ -193,7 +193,7 @@ impl Daemon {
         self.store.write_snapshot(owned, members)
     }
 
-    pub(super) fn handle(&self, peer: Peer, who: &crate::sys::SocketPeer, op: Op) -> Result<Vec<u8>, Refusal> {
+    pub(super) fn handle(&self, peer: Peer, who: &vpstag::process::Peer, op: Op) -> Result<Vec<u8>, Refusal> {
         match op {
             Op::Hello => Ok(ok_line(json!({
                 "version": PROTOCOL_VERSION,
@@ -202,7 +202,7 @@ impl Daemon {
                 "uid": peer.uid,
             }))),
             Op::RegisterFirst { name } => {
-                crate::manager::validate_name(&name)?;
+                Manager::validate_name(&name)?;
                 let info = self.verified_peer(peer, who)?;
                 let pid = info.id.pid;
                 self.refuse_nested(pid, None)?;
@@ -210,7 +210,7 @@ impl Daemon {
                     let mine = self.meta().values().filter(|m| m.owner == peer.uid).count();
                     if mine >= MAX_VPSES_PER_USER {
                         return Err(refuse(
-                            "quota",
+                            ErrorKind::Quota,
                             format!(
                                 "uid {} has {mine} VPSes, the most one user may have ({MAX_VPSES_PER_USER}); stop one \
                                  first (`vpstag list`, `vpstag stop NAME`)",
@@ -222,9 +222,9 @@ impl Daemon {
                 let vps = self.mgr.register_first_as(&key(peer.uid, &name), pid)?;
                 // The peer may have exited between the check and the registration (and its pid
                 // been reused): then nothing stays registered.
-                if !matches!(crate::sys::peer_state(who), crate::sys::PeerState::Alive(_)) {
+                if !matches!(who.state(), vpstag::process::PeerState::Alive(_)) {
                     let _ = self.mgr.forget(&vps);
-                    return Err(refuse("no_such_process", format!("process {pid} exited while registering")));
+                    return Err(refuse(ErrorKind::NoSuchProcess, format!("process {pid} exited while registering")));
                 }
                 let saved = SavedVps {
                     id: vps.id.0,
@@ -238,7 +238,7 @@ impl Daemon {
                     vps: vps.id.0,
                     pid: pid.as_raw(),
                     start: info.id.start.0,
-                    source: crate::Source::First,
+                    source: vpstag::Source::First,
                 };
                 if let Err(e) = self.journal(&[Record::Vps { vps: saved, owner: peer.uid }, root]) {
                     let _ = self.mgr.forget(&vps);
@@ -256,8 +256,8 @@ impl Daemon {
                 let already = self.mgr.vps_of(pid)?.is_some();
                 // By id: the name may have been stopped and reused since it was looked up.
                 let vps = self.mgr.join_vps(&vps, pid)?;
-                if !matches!(crate::sys::peer_state(who), crate::sys::PeerState::Alive(_)) {
-                    return Err(refuse("no_such_process", format!("process {pid} exited while joining")));
+                if !matches!(who.state(), vpstag::process::PeerState::Alive(_)) {
+                    return Err(refuse(ErrorKind::NoSuchProcess, format!("process {pid} exited while joining")));
                 }
                 if !already {
                     // A root: what it starts is rebuilt from it after a restart.
@@ -265,7 +265,7 @@ impl Daemon {
                         vps: vps.id.0,
                         pid: pid.as_raw(),
                         start: info.id.start.0,
-                        source: crate::Source::Loader,
+                        source: vpstag::Source::Loader,
                     }])?;
                 }
                 let vps = self.shown(vps);
@@ -279,16 +279,18 @@ impl Daemon {
                 Ok(ok_line(json!({ "vps": vps })))
             }
             Op::Which { pid } => {
-                let pid = Pid::new(pid).ok_or_else(|| refuse("bad_request", format!("not a process id: {pid}")))?;
+                let pid =
+                    Pid::new(pid).ok_or_else(|| refuse(ErrorKind::BadRequest, format!("not a process id: {pid}")))?;
                 match self.mgr.vps_of(pid)? {
                     None => Ok(ok_line(json!({ "vps": null }))),
                     // A process may always ask about itself.
                     Some(v) if self.visible(peer, v.id.0) || pid.as_raw() == peer.pid => {
                         Ok(ok_line(json!({ "vps": self.shown(v).name })))
                     }
-                    Some(_) => {
-                        Err(refuse("permission_denied", format!("process {pid} belongs to a VPS of another user")))
-                    }
+                    Some(_) => Err(refuse(
+                        ErrorKind::PermissionDenied,
+                        format!("process {pid} belongs to a VPS of another user"),
+                    )),
                 }
             }
             Op::Members { name } => {
@@ -316,7 +318,7 @@ impl Daemon {
                         Err(e) => return Err(e.into()),
                     };
                     for m in members {
-                        let Ok(Some(info)) = crate::sys::process(m.id.pid) else { continue };
+                        let Ok(Some(info)) = vpstag::process::process(m.id.pid) else { continue };
                         if info.id.start != m.id.start {
                             continue;
                         }
@@ -324,7 +326,7 @@ impl Daemon {
                             pid: m.id.pid.as_raw(),
                             ppid: info.ppid.map_or(0, Pid::as_raw),
                             vps: vps.name.clone(),
-                            cmd: crate::sys::cmdline(m.id.pid).unwrap_or_else(|| format!("[{}]", info.name)),
+                            cmd: vpstag::process::cmdline(m.id.pid).unwrap_or_else(|| format!("[{}]", info.name)),
                             uid: info.uid,
                             source: serde_json::to_value(m.source)
                                 .ok()
@@ -399,7 +401,7 @@ impl Daemon {
                     .items
                     .iter()
                     .map(|(item, _)| &**item)
-                    .filter(|(id, _)| only.map_or(true, |o| o == *id) && self.visible(peer, *id))
+                    .filter(|(id, _)| only.is_none_or(|o| o == *id) && self.visible(peer, *id))
                     .map(|(_, e)| e.clone())
                     .collect();
                 Ok(ok_line(json!({ "events": recent })))
@@ -411,22 +413,26 @@ impl Daemon {
                 let prefix = format!("{}:", peer.uid);
                 let mine = |k: &str| peer.uid == 0 || k.starts_with(&prefix);
                 report.divergences.retain(|d| match d {
-                    crate::Divergence::Missing { expected, .. } => mine(expected),
-                    crate::Divergence::Extra { vps, .. } => mine(vps),
-                    crate::Divergence::WrongTag { vps, expected, .. } => mine(vps) || mine(expected),
+                    vpstag::Divergence::Missing { expected, .. } => mine(expected),
+                    vpstag::Divergence::Extra { vps, .. } => mine(vps),
+                    vpstag::Divergence::WrongTag { vps, expected, .. } => mine(vps) || mine(expected),
+                    // A kind this daemon does not know how to attribute: root only.
+                    _ => peer.uid == 0,
                 });
                 for d in &mut report.divergences {
                     match d {
-                        crate::Divergence::Missing { expected, .. } => *expected = self.shown_key(peer, expected),
-                        crate::Divergence::Extra { vps, .. } => *vps = self.shown_key(peer, vps),
-                        crate::Divergence::WrongTag { vps, expected, .. } => {
+                        vpstag::Divergence::Missing { expected, .. } => *expected = self.shown_key(peer, expected),
+                        vpstag::Divergence::Extra { vps, .. } => *vps = self.shown_key(peer, vps),
+                        vpstag::Divergence::WrongTag { vps, expected, .. } => {
                             *vps = self.shown_key(peer, vps);
                             *expected = self.shown_key(peer, expected);
                         }
+                        _ => {}
                     }
                 }
                 Ok(ok_line(report))
             }
+            _ => Err(refuse(ErrorKind::BadRequest, "this daemon does not serve that operation")),
         }
     }
 
@@ -437,19 +443,19 @@ impl Daemon {
         let deadline = Instant::now() + timeout;
         // By pidfd, after a start-time check: a member that exits meanwhile is skipped, and a later
         // holder of its pid is never signalled.
-        let send = |id: crate::ProcessId| matches!(crate::sys::signal_exact(id, sig.as_raw()), Ok(true));
-        let mut done: HashSet<crate::ProcessId> = HashSet::new();
+        let send = |id: vpstag::ProcessId| matches!(vpstag::process::signal_exact(id, sig), Ok(true));
+        let mut done: HashSet<vpstag::ProcessId> = HashSet::new();
         loop {
-            let members: Vec<crate::ProcessId> = self.mgr.member_details(vps)?.into_iter().map(|m| m.id).collect();
-            let (allowed, denied): (Vec<crate::ProcessId>, Vec<crate::ProcessId>) =
+            let members: Vec<vpstag::ProcessId> = self.mgr.member_details(vps)?.into_iter().map(|m| m.id).collect();
+            let (allowed, denied): (Vec<vpstag::ProcessId>, Vec<vpstag::ProcessId>) =
                 members.iter().partition(|m| may_signal(peer.uid, m.pid));
             let denied: Vec<Pid> = denied.into_iter().map(|m| m.pid).collect();
-            let targets: Vec<crate::ProcessId> =
+            let targets: Vec<vpstag::ProcessId> =
                 if sig == Signal::KILL { allowed } else { allowed.into_iter().filter(|p| !done.contains(p)).collect() };
             if targets.is_empty() {
                 if sig == Signal::KILL && !denied.is_empty() {
                     return Err(refuse(
-                        "permission_denied",
+                        ErrorKind::PermissionDenied,
                         format!(
                             "{} processes of VPS {:?} run as another user and were not killed: {denied:?}",
                             denied.len(),
@@ -470,7 +476,7 @@ impl Daemon {
                     return Ok(done.len());
                 }
                 return Err(refuse(
-                    "timeout",
+                    ErrorKind::Timeout,
                     format!("{} processes of VPS {:?} still alive after SIGKILL: {left:?}", left.len(), vps.name),
                 ));
             }

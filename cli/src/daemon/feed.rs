@@ -20,7 +20,7 @@ const FOLLOWER_BYTES: usize = 1 << 20;
 
 /// The command line of `pid`, read only as far as an event keeps (see [`truncate_cmd`]).
 fn event_cmd(pid: Pid) -> Option<String> {
-    let (cmd, cut) = crate::sys::cmdline_prefix(pid, MAX_EVENT_CMD + 1)?;
+    let (cmd, cut) = vpstag::process::cmdline_prefix(pid, MAX_EVENT_CMD + 1)?;
     Some(if cut || cmd.len() > MAX_EVENT_CMD { truncate_cmd(cmd + TRUNCATED_MARK) } else { cmd })
 }
 
@@ -81,43 +81,14 @@ impl Follower {
     }
 }
 
-pub(super) fn event_info(ev: &crate::TaggedEvent, name: &str) -> Option<EventInfo> {
-    let base = |event: &str, pid: Pid| EventInfo {
-        event: event.into(),
-        vps: name.into(),
-        pid: pid.as_raw(),
-        parent: None,
-        cmd: None,
-        code: None,
-        signal: None,
-        time_ns: ev.event.time_ns,
-    };
-    match ev.event.kind {
-        EventKind::Fork { thread: true, .. } => None,
-        EventKind::Fork { parent, child, .. } => {
-            Some(EventInfo { parent: Some(parent.as_raw()), ..base("fork", child) })
-        }
-        EventKind::Exec { pid, .. } => Some(EventInfo { cmd: event_cmd(pid), ..base("exec", pid) }),
-        EventKind::Exit { pid, thread, .. } if pid != thread => None,
-        EventKind::Exit { pid, status, .. } => Some(EventInfo {
-            code: status.and_then(|s| match s {
-                ExitStatus::Exited(c) => Some(c),
-                _ => None,
-            }),
-            signal: status.and_then(|s| match s {
-                ExitStatus::Signaled { signal, .. } => Some(signal),
-                _ => None,
-            }),
-            ..base("exit", pid)
-        }),
-        EventKind::Lost { .. } => None,
-    }
+pub(super) fn event_info(ev: &vpstag::TaggedEvent, name: &str) -> Option<EventInfo> {
+    EventInfo::from_event(ev, name, event_cmd)
 }
 
 impl Daemon {
     /// Records every tagged event: the recent ring and the followers. Takes whole batches from the
     /// manager (one hand-off per drain), and takes each lock once per batch.
-    pub(super) fn record_events(self: &Arc<Daemon>, rx: mpsc::Receiver<Arc<[crate::TaggedEvent]>>) {
+    pub(super) fn record_events(self: &Arc<Daemon>, rx: mpsc::Receiver<Arc<[vpstag::TaggedEvent]>>) {
         while !self.stop.load(Ordering::SeqCst) {
             let batch = match rx.recv_timeout(Duration::from_millis(200)) {
                 Ok(b) => b,
@@ -194,7 +165,7 @@ impl Daemon {
                     let _ = write_within(
                         stream,
                         &error_line(&refuse(
-                            "lagging",
+                            ErrorKind::Lagging,
                             format!(
                                 "this follower fell behind ({FOLLOWER_QUEUE} events or {} MiB waiting) and was cut \
                                  off; reconnect",

@@ -43,7 +43,7 @@ use rustix::fs::{FlockOperation, OFlags};
 use serde::{Deserialize, Serialize};
 
 use super::paths::{TrustedDir, STATE_DIR};
-use crate::{Change, SavedMember, SavedVps, Source};
+use vpstag::{Change, SavedMember, SavedVps, Source};
 
 /// A journal line longer than this is a bad line (read with a buffer of this size at most).
 pub(crate) const MAX_LINE: usize = 64 * 1024;
@@ -166,6 +166,8 @@ impl Loaded {
                     self.roots.remove(&pid);
                 }
             }
+            // Other changes say nothing about roots.
+            Line::Change { .. } => {}
         }
     }
 
@@ -175,7 +177,7 @@ impl Loaded {
         }
     }
 
-    /// The roots, for [`Manager::restore`](crate::Manager::restore), by pid.
+    /// The roots, for [`Manager::restore`](vpstag::Manager::restore), by pid.
     pub(crate) fn roots(&self) -> Vec<SavedMember> {
         let mut v: Vec<SavedMember> = self.roots.values().copied().collect();
         v.sort_by_key(|m| m.pid);

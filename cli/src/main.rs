@@ -1,0 +1,9 @@
+//! The `vpstag` command line and daemon, built on the `vpstag` library.
+#![forbid(unsafe_code)]
+
+mod cli;
+mod daemon;
+
+fn main() {
+    std::process::exit(cli::main());
+}

@@ -1,0 +1,402 @@
+//! The daemon's wire protocol, as data: requests, replies, error kinds and the event schema, shared
+//! by [`crate::client`] and the `vpstag` daemon (package `vpstag-cli`), so that neither spells it
+//! on its own.
+//!
+//! The protocol (documented in `docs/protocol.md`) is newline-delimited JSON over a Unix stream
+//! socket: one [`Request`] object a line (`{"v":1,"op":"which","pid":1234}`), one reply object a
+//! line (`{"ok":true,...}` or `{"ok":false,"error":{"kind":"...","message":"..."}}`, the kind one of
+//! [`ErrorKind`]). A successful reply always begins with the exact bytes `{"ok":true`, so that a
+//! first process can test the daemon's acknowledgement after `fork()` without parsing JSON.
+//!
+//! This module does no I/O.
+
+use std::collections::BTreeMap;
+use std::fmt;
+
+use serde::{Deserialize, Serialize};
+
+use crate::{EventKind, ExitStatus, Pid, TaggedEvent};
+
+/// The protocol version this library speaks (`"v"` in a request).
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// The longest request line the daemon accepts (bytes, newline included).
+pub const MAX_REQUEST: usize = 64 * 1024;
+
+/// One request: the protocol version and the operation.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Request {
+    /// The protocol version ([`PROTOCOL_VERSION`]).
+    pub v: u32,
+    /// What to do.
+    #[serde(flatten)]
+    pub op: Op,
+}
+
+/// The operations (`"op"` in a request).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "op", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Op {
+    /// Who is there: the daemon's version, pid and backend, and the caller's uid as seen.
+    Hello,
+    /// Registers the connecting process (SO_PEERCRED) as the first process of a new VPS.
+    RegisterFirst {
+        /// The VPS name.
+        name: String,
+    },
+    /// Registers the connecting process (SO_PEERCRED) as a member of a running VPS.
+    Join {
+        /// The VPS name.
+        name: String,
+    },
+    /// The VPS of a process.
+    Which {
+        /// The process id.
+        pid: i32,
+    },
+    /// Live tagged processes, of one VPS or of all the caller may see.
+    Ps {
+        /// Only this VPS.
+        #[serde(default)]
+        name: Option<String>,
+    },
+    /// The pids of a VPS's members.
+    Members {
+        /// The VPS name.
+        name: String,
+    },
+    /// Every VPS the caller may see, with accounting.
+    List,
+    /// Signals every member of a VPS.
+    Kill {
+        /// The VPS name.
+        name: String,
+        /// A signal name or number (default TERM).
+        #[serde(default)]
+        signal: Option<String>,
+    },
+    /// SIGTERM, then SIGKILL after the grace period, then forgets the VPS.
+    Stop {
+        /// The VPS name.
+        name: String,
+        /// Milliseconds between SIGTERM and SIGKILL (default 5000).
+        #[serde(default)]
+        grace_ms: Option<u64>,
+    },
+    /// Recent events, and with `follow` every event from then on.
+    Events {
+        /// Only this VPS.
+        #[serde(default)]
+        name: Option<String>,
+        /// Keep the connection open and stream events.
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Compares the table with a fresh scan of the system.
+    Check,
+}
+
+/// The reply to `hello`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct Hello {
+    /// The protocol version the daemon speaks.
+    pub version: u32,
+    /// The daemon's process id.
+    pub daemon_pid: i32,
+    /// Its backend (`cnproc`, `ptrace`, ...).
+    pub backend: String,
+    /// The caller's uid, as the daemon sees it.
+    pub uid: u32,
+}
+
+/// A VPS as the daemon names it in replies.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpsRef {
+    /// Its id.
+    pub id: u64,
+    /// Its name.
+    pub name: String,
+    /// Its first process.
+    pub first: i32,
+}
+
+/// One live tagged process (`ps`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ProcessInfo {
+    /// Process id.
+    pub pid: i32,
+    /// Parent process id (0 when unknown).
+    pub ppid: i32,
+    /// Its VPS.
+    pub vps: String,
+    /// Its command line (`[comm]` for a kernel-style name without arguments).
+    pub cmd: String,
+    /// Its real uid.
+    pub uid: u32,
+    /// How the table learned it: first, event, scan or loader.
+    pub source: String,
+    /// Its start time (clock ticks since boot on Linux).
+    pub start: u64,
+}
+
+/// One VPS (`list`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpsInfo {
+    /// Its id.
+    pub id: u64,
+    /// Its name.
+    pub name: String,
+    /// The uid that started it.
+    pub owner: u32,
+    /// Its first process.
+    pub first: i32,
+    /// Whether the first process is alive.
+    pub first_alive: bool,
+    /// Live members.
+    pub members: usize,
+    /// When it started, in seconds since the epoch.
+    pub started: u64,
+    /// User + system CPU time of its live members, in milliseconds.
+    pub cpu_ms: u64,
+    /// Resident memory of its live members, in bytes.
+    pub rss_bytes: u64,
+}
+
+/// One fork, exec or exit of a tagged process (`events`).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct EventInfo {
+    /// `fork`, `exec` or `exit`.
+    pub event: String,
+    /// The VPS.
+    pub vps: String,
+    /// The process (for a fork: the child).
+    pub pid: i32,
+    /// For a fork: the parent.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub parent: Option<i32>,
+    /// For an exec: the new command line, when it could be read.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cmd: Option<String>,
+    /// For an exit: the exit code, when known.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub code: Option<i32>,
+    /// For an exit: the signal that ended it.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub signal: Option<i32>,
+    /// When (nanoseconds of the boot clock), if the backend knows.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub time_ns: Option<u64>,
+}
+
+/// One divergence `check` found.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct DivergenceInfo {
+    /// `missing`, `extra` or `wrong_tag`.
+    pub kind: String,
+    /// The process.
+    pub pid: i32,
+    /// The VPS the table has (extra, wrong_tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vps: Option<String>,
+    /// The VPS the system says (missing, wrong_tag).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<String>,
+}
+
+/// The reply to `check`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct CheckInfo {
+    /// Every divergence (expected: none).
+    pub divergences: Vec<DivergenceInfo>,
+    /// Table entries compared.
+    pub entries: usize,
+    /// Processes on the system.
+    pub processes: usize,
+    /// The loss and resync counters (`events`, `loss_reports`, `lost_events`, `resyncs`, ...).
+    pub stats: BTreeMap<String, u64>,
+}
+
+/// The reply to a refusal: `{"ok":false,"error":{"kind":...,"message":...}}`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct ErrorBody {
+    /// What kind of refusal, as a string (a newer daemon may send kinds this library does not
+    /// know: see [`ErrorKind::parse`]).
+    pub kind: String,
+    /// What went wrong, for a person.
+    pub message: String,
+}
+
+/// Why the daemon refused a request (`"kind"` of a refusal; the table in `docs/protocol.md`).
+///
+/// The daemon's refusals and [`ClientError::kind`](crate::client::ClientError::kind) both use it.
+/// New kinds are compatible additions to the protocol.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
+#[non_exhaustive]
+pub enum ErrorKind {
+    /// Not JSON, not an object, no `v`, unknown `op`, wrong argument types, unknown signal.
+    BadRequest,
+    /// The request line was longer than [`MAX_REQUEST`].
+    TooLong,
+    /// `v` is not [`PROTOCOL_VERSION`].
+    UnsupportedVersion,
+    /// The VPS or process belongs to another user, or the operation needs root.
+    PermissionDenied,
+    /// No VPS of that name (or none of the caller's).
+    UnknownVps,
+    /// `register_first` with a name that is running.
+    AlreadyRunning,
+    /// A VPS name must be 1-64 of `A-Za-z0-9._-`, not starting with `-` or `.`.
+    InvalidName,
+    /// The process is gone.
+    NoSuchProcess,
+    /// The process cannot be told from a later holder of its pid on this system.
+    Unverifiable,
+    /// The process already belongs to a VPS.
+    Nested,
+    /// The user has too many VPSes.
+    Quota,
+    /// The tracking backend may not follow the process (e.g. ptrace permissions).
+    BackendRefused,
+    /// Members still alive after repeated SIGKILL.
+    Timeout,
+    /// The request line did not arrive whole in time (the connection is then closed).
+    TooSlow,
+    /// An event follower fell behind and was cut off.
+    Lagging,
+    /// Too many connections; sent on connecting, then the connection is closed.
+    Busy,
+    /// Anything else (the message says what).
+    Failed,
+    /// A kind this version of the library does not know (from a newer daemon).
+    Other,
+}
+
+impl ErrorKind {
+    const ALL: [(ErrorKind, &'static str); 17] = [
+        (ErrorKind::BadRequest, "bad_request"),
+        (ErrorKind::TooLong, "too_long"),
+        (ErrorKind::UnsupportedVersion, "unsupported_version"),
+        (ErrorKind::PermissionDenied, "permission_denied"),
+        (ErrorKind::UnknownVps, "unknown_vps"),
+        (ErrorKind::AlreadyRunning, "already_running"),
+        (ErrorKind::InvalidName, "invalid_name"),
+        (ErrorKind::NoSuchProcess, "no_such_process"),
+        (ErrorKind::Unverifiable, "unverifiable"),
+        (ErrorKind::Nested, "nested"),
+        (ErrorKind::Quota, "quota"),
+        (ErrorKind::BackendRefused, "backend_refused"),
+        (ErrorKind::Timeout, "timeout"),
+        (ErrorKind::TooSlow, "too_slow"),
+        (ErrorKind::Lagging, "lagging"),
+        (ErrorKind::Busy, "busy"),
+        (ErrorKind::Failed, "failed"),
+    ];
+
+    /// Its name on the wire (`"unknown_vps"`); `"other"` for [`ErrorKind::Other`].
+    pub fn as_str(self) -> &'static str {
+        Self::ALL.iter().find(|(k, _)| *k == self).map_or("other", |(_, s)| s)
+    }
+
+    /// The kind named `s` on the wire; [`ErrorKind::Other`] for a name this library does not know.
+    ///
+    /// ```
+    /// use vpstag::protocol::ErrorKind;
+    /// assert_eq!(ErrorKind::parse("unknown_vps"), ErrorKind::UnknownVps);
+    /// assert_eq!(ErrorKind::parse("something_new"), ErrorKind::Other);
+    /// ```
+    pub fn parse(s: &str) -> ErrorKind {
+        Self::ALL.iter().find(|(_, n)| *n == s).map_or(ErrorKind::Other, |(k, _)| *k)
+    }
+}
+
+impl fmt::Display for ErrorKind {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(self.as_str())
+    }
+}
+
+impl EventInfo {
+    /// The one mapping of a tagged event to the protocol's event schema (what `vpstag events
+    /// --json` and `vpstag run --json-events` print): `None` for what the schema leaves out
+    /// (thread births and exits, loss reports). `cmd` reads an exec's command line (it is called
+    /// for exec events only). An exit carries `code` when the process exited and `signal` when a
+    /// signal ended it, never both.
+    ///
+    /// ```
+    /// use vpstag::protocol::EventInfo;
+    /// use vpstag::{Event, EventKind, ExitStatus, Pid, TaggedEvent, VpsId};
+    ///
+    /// let pid = Pid::new(42).unwrap();
+    /// let ev = TaggedEvent {
+    ///     event: Event::new(EventKind::Exit { pid, thread: pid, status: Some(ExitStatus::Exited(3)), group_dead: None }),
+    ///     vps: Some(VpsId(1)),
+    /// };
+    /// let info = EventInfo::from_event(&ev, "web", |_| None).unwrap();
+    /// assert_eq!((info.event.as_str(), info.code, info.signal), ("exit", Some(3), None));
+    /// ```
+    pub fn from_event(ev: &TaggedEvent, vps: &str, cmd: impl FnOnce(Pid) -> Option<String>) -> Option<EventInfo> {
+        let base = |event: &str, pid: Pid| EventInfo {
+            event: event.into(),
+            vps: vps.into(),
+            pid: pid.as_raw(),
+            parent: None,
+            cmd: None,
+            code: None,
+            signal: None,
+            time_ns: ev.event.time_ns,
+        };
+        match ev.event.kind {
+            EventKind::Fork { thread: true, .. } => None,
+            EventKind::Fork { parent, child, .. } => {
+                Some(EventInfo { parent: Some(parent.as_raw()), ..base("fork", child) })
+            }
+            EventKind::Exec { pid, .. } => Some(EventInfo { cmd: cmd(pid), ..base("exec", pid) }),
+            EventKind::Exit { pid, thread, .. } if pid != thread => None,
+            EventKind::Exit { pid, status, .. } => Some(EventInfo {
+                code: match status {
+                    Some(ExitStatus::Exited(c)) => Some(c),
+                    _ => None,
+                },
+                signal: match status {
+                    Some(ExitStatus::Signaled { signal, .. }) => Some(signal),
+                    _ => None,
+                },
+                ..base("exit", pid)
+            }),
+            _ => None,
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn every_error_kind_reads_back_from_its_name() {
+        for (k, s) in ErrorKind::ALL {
+            assert_eq!(ErrorKind::parse(s), k);
+            assert_eq!(k.as_str(), s);
+        }
+        assert_eq!(ErrorKind::Other.as_str(), "other");
+    }
+
+    #[test]
+    fn a_signalled_exit_has_a_signal_and_no_code() {
+        let pid = Pid::new(7).unwrap();
+        let ev = TaggedEvent {
+            event: crate::Event::new(EventKind::Exit {
+                pid,
+                thread: pid,
+                status: Some(ExitStatus::Signaled { signal: 9, core_dumped: false }),
+                group_dead: None,
+            }),
+            vps: Some(crate::VpsId(1)),
+        };
+        let info = EventInfo::from_event(&ev, "a", |_| None).unwrap();
+        assert_eq!((info.code, info.signal), (None, Some(9)));
+        let json = serde_json::to_string(&info).unwrap();
+        assert!(!json.contains("code"), "{json}");
+    }
+}
