@@ -70,7 +70,7 @@
 //! within one clock tick, else (and on other architectures, and for `CLONE_PARENT`) from one read
 //! of `/proc/CHILD/stat` (see [`source::ProcProbe`]). Per exit: the `PTRACE_EVENT_EXIT` stop
 //! (unless disabled) and the parent's SIGCHLD signal-delivery stop, which no ptrace option can
-//! avoid. Measurements: `PERFORMANCE.md` and `examples/overhead.rs`.
+//! avoid. Measurements: `PERFORMANCE.md` and `examples/ptrace_overhead.rs`.
 //!
 //! # Example
 //!

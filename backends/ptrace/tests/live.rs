@@ -265,7 +265,7 @@ fn alive_tasks(roots: &[Pid], events: &[Event]) -> HashSet<Pid> {
             EventKind::Exit { thread, .. } => {
                 alive.remove(&thread);
             }
-            EventKind::Lost { .. } => {}
+            _ => {}
         }
     }
     alive

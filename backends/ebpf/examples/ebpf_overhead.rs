@@ -6,7 +6,7 @@
 //! noise), the events read, the reader thread's CPU time per event, and how often it drained.
 //!
 //! ```text
-//! cargo run --release -p vpstag-ebpf --example overhead -- [--forks N] [--rounds R] [--only NAME]
+//! cargo run --release -p vpstag-ebpf --example ebpf_overhead -- [--forks N] [--rounds R] [--only NAME]
 //! ```
 //!
 //! As root. The workload runs pinned to CPU 1 (a re-exec of this program, so that it is

@@ -12,7 +12,7 @@
 //! CPU time per operation: on a busy machine the CPU times are steadier than the rates.
 //!
 //! ```text
-//! cargo run --release -p vpstag-ptrace --example overhead -- [fork|burst|spawn|all] [ITERS] [ROUNDS] [CPU]
+//! cargo run --release -p vpstag-ptrace --example ptrace_overhead -- [fork|burst|spawn|all] [ITERS] [ROUNDS] [CPU]
 //! ```
 //!
 //! `CPU` pins the workload (and its children) to that CPU, as `taskset -c CPU` would.
