@@ -6,8 +6,12 @@
 //! Ordering facts this relies on (Linux; the other backends give the same guarantees):
 //! - the proc connector queues a child's fork event inside `copy_process()`, before
 //!   `wake_up_new_task()`, so every event of a child comes after its fork event;
-//! - a process's exit event is queued in `do_exit()`, before its pid can be freed, so a reused pid's
-//!   fork event comes after the previous holder's exit event.
+//! - a process's exit event is queued in `do_exit()` right after `exit_notify()`, which is what lets
+//!   its parent reap it and free its pid. A reused pid's fork event therefore comes after the
+//!   previous holder's exit event unless the pid counter goes all the way round (pids are handed out
+//!   in a cycle) inside those few microseconds between the reap and `proc_exit_connector()`; and a
+//!   query in that window may still list a process its parent has just reaped (it goes with the
+//!   exit event).
 //!
 //! So events applied in order give an exact table. Time stamps guard what order cannot: after a
 //! resync, events older than the scan are not applied (the scan already reflects them), and an

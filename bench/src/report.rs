@@ -188,9 +188,10 @@ fn goals(r: &Results) -> Vec<Goal> {
                     pt.iter().filter(|x| x.1 < x.3).map(|(m, p, _, c)| format!("{m} by {:.0}%", (1.0 - p / c) * 100.0)).collect();
                 format!(
                     "short in {}. Per fork the backend takes the creator's event stop and the child's first stop (the child is \
-                     kept stopped until its creator's event is decoded), a `PTRACE_GETEVENTMSG` and a read of `/proc/CHILD/stat` \
-                     for the child's start time, then queues the event under a lock and signals an eventfd that the manager's \
-                     thread (another thread to wake) drains; per exit, the `PTRACE_EVENT_EXIT` stop and the parent's SIGCHLD \
+                     kept stopped until its creator's event is decoded), a `PTRACE_GETEVENTMSG` and a `PTRACE_GETREGS` of the \
+                     creator (its clone flags; the child's start time then comes from the clock, `/proc` only for a few per \
+                     cent of forks), then queues the event and signals an eventfd that the manager's thread (another thread \
+                     to wake) drains; per exit, the `PTRACE_EVENT_EXIT` stop and the parent's SIGCHLD \
                      signal-delivery stop. The tracking process woke {} times per workload event and spent {} of CPU per event \
                      (§3). A minimal tracer does only the stops. The spawn workload is dominated by exec, so \
                      the stops matter less there.",

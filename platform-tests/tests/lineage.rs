@@ -150,11 +150,29 @@ fn check_descendants(mgr: &Manager, vps: &Vps, errors: &mut Vec<String>) {
 
 /// `members(vps)` is exactly the reported live processes plus the VPS's first process (vpstag's
 /// init, which runs the scenario's top as its child): nothing stale, nothing missing.
+///
+/// A member that is already gone from /proc may still be listed for a moment: the kernel sends a
+/// process's proc-connector exit event only after `exit_notify()` has let its parent reap it
+/// (`do_exit()` calls `proc_exit_connector()` after `exit_notify()`), so a scenario can report its
+/// children dead before their exit events are queued. Such a member is asked about again until
+/// the deadline; one that stays is stale.
 fn check_members(mgr: &Manager, vps: &Vps, report: &Report, errors: &mut Vec<String>) {
-    let members: BTreeSet<i32> =
-        mgr.members(vps).unwrap_or_else(|e| panic!("members({}): {e}", vps.name)).iter().map(|p| p.as_raw()).collect();
     let mut want: BTreeSet<i32> = report.pids().into_iter().collect();
     want.insert(vps.first.as_raw());
+    let deadline = Instant::now() + Duration::from_secs(5);
+    let members = loop {
+        let members: BTreeSet<i32> = mgr
+            .members(vps)
+            .unwrap_or_else(|e| panic!("members({}): {e}", vps.name))
+            .iter()
+            .map(|p| p.as_raw())
+            .collect();
+        let settling = members.difference(&want).all(|p| Stat::of(*p).is_none());
+        if members.difference(&want).next().is_none() || !settling || Instant::now() >= deadline {
+            break members;
+        }
+        std::thread::sleep(Duration::from_millis(20));
+    };
     for p in members.difference(&want) {
         errors.push(format!("{}: stale member {}", vps.name, describe(*p)));
     }
