@@ -2,7 +2,7 @@
 
 use crate::daemon::{DaemonResults, DaemonRow};
 use crate::orchestrate::{OverheadRow, Results};
-use crate::stats::{fmt_count, fmt_secs, fmt_summary, markdown_table, text_table, xml_escape, Summary};
+use crate::stats::{fmt_count, fmt_secs, fmt_summary, markdown_table, table, text_table, xml_escape, Summary};
 
 /// The C PTRACE_SEIZE tracer's ratios (issue 4's goal for the ptrace backend).
 const C_TRACER: [(&str, f64); 3] = [("seq", 0.69), ("burst", 0.42), ("spawn", 0.82)];
@@ -360,11 +360,7 @@ fn overhead_table(r: &Results, md: bool) -> String {
         "burst (fork 50, wait all)",
         "spawn (posix_spawn /bin/true)",
     ];
-    if md {
-        markdown_table(&h, &rows)
-    } else {
-        text_table(&h, &rows)
-    }
+    table(md, &h, &rows)
 }
 
 fn rate_summary(s: &Summary) -> String {
@@ -409,11 +405,7 @@ fn listener_table(r: &Results, md: bool) -> String {
         "events applied per workload event (seq / burst / spawn)",
         "wake-ups per workload event",
     ];
-    if md {
-        markdown_table(&h, &rows)
-    } else {
-        text_table(&h, &rows)
-    }
+    table(md, &h, &rows)
 }
 
 fn accuracy_table(r: &Results, md: bool) -> String {
@@ -450,11 +442,7 @@ fn accuracy_table(r: &Results, md: bool) -> String {
         "loss reports / resyncs",
         "time",
     ];
-    if md {
-        markdown_table(&h, &rows)
-    } else {
-        text_table(&h, &rows)
-    }
+    table(md, &h, &rows)
 }
 
 fn latency_table(r: &Results, md: bool) -> String {
@@ -484,11 +472,7 @@ fn latency_table(r: &Results, md: bool) -> String {
         "needed >1 query",
         "never tagged",
     ];
-    if md {
-        markdown_table(&h, &rows)
-    } else {
-        text_table(&h, &rows)
-    }
+    table(md, &h, &rows)
 }
 
 fn us(s: &Summary) -> String {
@@ -527,11 +511,7 @@ fn loss_table(r: &Results, md: bool) -> String {
         "one resync",
         "`wait` missed the end",
     ];
-    if md {
-        markdown_table(&h, &rows)
-    } else {
-        text_table(&h, &rows)
-    }
+    table(md, &h, &rows)
 }
 
 fn scale_table(r: &Results, md: bool) -> String {
@@ -549,11 +529,7 @@ fn scale_table(r: &Results, md: bool) -> String {
         })
         .collect();
     let h = ["entries", "table", "bytes per entry", "`MappingTable::vps_of` per s", "`Manager::vps_of` per s"];
-    if md {
-        markdown_table(&h, &rows)
-    } else {
-        text_table(&h, &rows)
-    }
+    table(md, &h, &rows)
 }
 
 fn resync_table(r: &Results, md: bool) -> String {
@@ -577,11 +553,7 @@ fn resync_table(r: &Results, md: bool) -> String {
         "`resync()` with all tagged",
         "`kill_all`",
     ];
-    if md {
-        markdown_table(&h, &rows)
-    } else {
-        text_table(&h, &rows)
-    }
+    table(md, &h, &rows)
 }
 
 /// The terminal report.
@@ -1173,11 +1145,7 @@ fn daemon_ratio_table(d: &DaemonResults, md: bool) -> String {
         "burst (fork 50, wait all)",
         "spawn (posix_spawn /bin/true)",
     ];
-    if md {
-        markdown_table(&h, &rows)
-    } else {
-        text_table(&h, &rows)
-    }
+    table(md, &h, &rows)
 }
 
 fn daemon_cost_table(d: &DaemonResults, md: bool) -> String {
@@ -1230,11 +1198,7 @@ fn daemon_cost_table(d: &DaemonResults, md: bool) -> String {
         "loss reports / divergences",
         "catch-up ms",
     ];
-    if md {
-        markdown_table(&h, &rows)
-    } else {
-        text_table(&h, &rows)
-    }
+    table(md, &h, &rows)
 }
 
 fn daemon_preamble(d: &DaemonResults) -> String {

@@ -114,6 +114,15 @@ pub fn fmt_secs(s: f64) -> String {
     }
 }
 
+/// The table as markdown (`md`) or as aligned text.
+pub fn table(md: bool, headers: &[&str], rows: &[Vec<String>]) -> String {
+    if md {
+        markdown_table(headers, rows)
+    } else {
+        text_table(headers, rows)
+    }
+}
+
 /// A Markdown table.
 pub fn markdown_table(headers: &[&str], rows: &[Vec<String>]) -> String {
     let mut out = String::new();
