@@ -330,3 +330,109 @@ pub(crate) fn usage(pid: Pid) -> Option<(u64, u64)> {
     let tps = procfs::ticks_per_second().max(1);
     Some(((st.utime + st.stime) * 1000 / tps, st.rss * procfs::page_size()))
 }
+
+#[cfg(test)]
+mod tests {
+    use std::io::{BufRead, BufReader, Write};
+    use std::os::fd::AsFd;
+    use std::os::unix::net::UnixListener;
+    use std::process::{Command, Stdio};
+
+    use super::*;
+    use crate::process::{Peer, PeerState};
+
+    fn is_root() -> bool {
+        rustix::process::geteuid().is_root()
+    }
+
+    /// Starts `/bin/sleep 30` on exactly pid `pid` (clone3 with `set_tid`; root only). `None` when
+    /// the pid is taken.
+    fn spawn_on_pid(pid: i32) -> Option<i32> {
+        #[repr(C)]
+        #[derive(Default)]
+        struct CloneArgs {
+            flags: u64,
+            pidfd: u64,
+            child_tid: u64,
+            parent_tid: u64,
+            exit_signal: u64,
+            stack: u64,
+            stack_size: u64,
+            tls: u64,
+            set_tid: u64,
+            set_tid_size: u64,
+            cgroup: u64,
+        }
+        let (path, a0, a1) = (c"/bin/sleep", c"sleep", c"30");
+        let argv = [a0.as_ptr(), a1.as_ptr(), std::ptr::null()];
+        let envp = [std::ptr::null::<libc::c_char>()];
+        let tid = pid;
+        let args = CloneArgs {
+            exit_signal: libc::SIGCHLD as u64,
+            set_tid: &tid as *const i32 as u64,
+            set_tid_size: 1,
+            ..Default::default()
+        };
+        // SAFETY: clone3 with a valid argument block; the child only calls execve and _exit on
+        // data prepared before.
+        let r = unsafe { libc::syscall(libc::SYS_clone3, &args as *const CloneArgs, std::mem::size_of::<CloneArgs>()) };
+        if r == 0 {
+            // SAFETY: in the child: raw system calls only.
+            unsafe {
+                libc::execve(path.as_ptr(), argv.as_ptr(), envp.as_ptr());
+                libc::_exit(127);
+            }
+        }
+        (r > 0).then_some(r as i32)
+    }
+
+    /// What kernels before 6.5 get (no `SO_PEERPIDFD`): a peer pinned by its start time is alive
+    /// while it runs, gone once it has exited, and a later process on the same pid (another tick)
+    /// is not taken for it.
+    #[test]
+    fn a_peer_pinned_by_start_time_is_not_a_later_process_on_its_pid() {
+        let dir = std::env::temp_dir().join(format!("vpstag-peer-{}", std::process::id()));
+        let _ = std::fs::remove_dir_all(&dir);
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("s");
+        let listener = UnixListener::bind(&path).unwrap();
+        let mut child = Command::new("/usr/bin/python3")
+            .args(["-c", "import socket,sys; s=socket.socket(socket.AF_UNIX); s.connect(sys.argv[1]); print('on', flush=True); sys.stdin.read()"])
+            .arg(&path)
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .spawn()
+            .expect("python3");
+        let mut line = String::new();
+        BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+        let (stream, _) = listener.accept().unwrap();
+        let pinned = socket_peer(stream.as_fd(), now_ns()).expect("peer credentials");
+        let pid = pinned.pid;
+        assert_eq!(pid.as_raw(), child.id() as i32);
+        let start = process(pid).unwrap().expect("the peer runs").id.start;
+        // The fallback: no pidfd, the start time read at accept.
+        let peer = Peer { pid, uid: pinned.uid, pidfd: None, start: Some(start) };
+        assert!(matches!(peer_state(&peer), PeerState::Alive(_)), "{:?}", peer_state(&peer));
+        drop(child.stdin.take());
+        child.wait().unwrap();
+        assert!(matches!(peer_state(&peer), PeerState::Gone), "{:?}", peer_state(&peer));
+        if is_root() {
+            // A process born on the same pid in a later clock tick.
+            let tick = 1_000_000_000 / procfs::ticks_per_second().max(1);
+            let deadline = std::time::Instant::now() + std::time::Duration::from_secs(5);
+            while now_ns() / tick <= start.0 && std::time::Instant::now() < deadline {
+                std::thread::sleep(std::time::Duration::from_millis(1));
+            }
+            let victim = spawn_on_pid(pid.as_raw()).expect("the dead peer's pid is free");
+            let state = peer_state(&peer);
+            // SAFETY: kill and waitpid on our own child.
+            unsafe {
+                libc::kill(victim, libc::SIGKILL);
+                libc::waitpid(victim, std::ptr::null_mut(), 0);
+            }
+            assert!(matches!(state, PeerState::Gone), "a later process on pid {pid} taken for the peer: {state:?}");
+        }
+        let _ = (&stream).write(b"");
+        let _ = std::fs::remove_dir_all(&dir);
+    }
+}
