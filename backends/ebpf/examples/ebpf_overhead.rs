@@ -252,7 +252,7 @@ mod linux {
             "{:<13} {:<5} {:>12} {:>12} {:>7} {:>7} {:>9} {:>11} {:>7}",
             "setting", "load", "untracked", "tagged", "ratio", "pairs", "events", "reader/ev", "drains"
         );
-        for s in SETTINGS.iter().filter(|s| a.only.as_deref().map_or(true, |o| o == s.name)) {
+        for s in SETTINGS.iter().filter(|s| a.only.as_deref().is_none_or(|o| o == s.name)) {
             let config = Config { wakeup_interval: s.wakeup, reporting: s.reporting, ..Config::default() };
             let t = Ebpf::with_config(config).unwrap_or_else(|e| {
                 eprintln!("overhead: {e}");
