@@ -185,4 +185,15 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("cannot start \"/nonexistent/program\""), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    // A grace period a Duration cannot hold is refused when parsed (it used to panic after
+    // SIGTERM was sent, so SIGKILL never followed).
+    for bad in ["inf", "NaN", "-1"] {
+        let grace = format!("--grace={bad}");
+        for args in [vec!["run", &grace, "x", "--", "true"], vec!["stop", &grace, "x"]] {
+            let out = run(&args);
+            let err = String::from_utf8_lossy(&out.stderr);
+            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert!(err.contains("number of seconds") && !err.contains("panicked"), "{args:?}: {err}");
+        }
+    }
 }

@@ -1056,3 +1056,26 @@ fn an_escaped_daemon_whose_root_exited_is_still_a_member_after_a_restart() {
         assert_eq!(d.which(p), (Some(0), "esc2".to_string()), "orphan {p} after a snapshot\n{}", d.log());
     }
 }
+
+/// `vpstag ps | head -1` and the like: output into a pipe whose reader has gone ends the command
+/// quietly, never with a panic (exit 101).
+#[test]
+fn output_into_a_closed_pipe_ends_quietly() {
+    if !cnproc_available() {
+        return;
+    }
+    let d = Daemon::new("epipe", "cnproc");
+    d.start_vps("pipe", &["sh", "-c", "sleep 670 & sleep 671 & wait"]);
+    wait_until("the sleeps", Duration::from_secs(10), || d.pids_of("pipe", "sleep 671").len() == 1);
+    for args in
+        [vec!["ps"], vec!["ps", "--tree"], vec!["list"], vec!["list", "--json"], vec!["ps", "--json"], vec!["events"]]
+    {
+        let mut c = d.cmd(&args).stdout(Stdio::piped()).stderr(Stdio::piped()).spawn().unwrap();
+        // The reader goes before the command has written anything: its first write gets EPIPE.
+        drop(c.stdout.take());
+        let out = c.wait_with_output().unwrap();
+        let err = text(&out.stderr);
+        assert_eq!(out.status.code(), Some(0), "{args:?}: {err}");
+        assert!(!err.contains("panicked"), "{args:?}: {err}");
+    }
+}

@@ -15,6 +15,32 @@ use vpstag::{Pid, Signal};
 
 use super::{Cli, Cmd};
 
+/// `println!` that ends the program quietly (status 0) when standard output is a pipe whose
+/// reader has gone (`vpstag ps | head -1`), as `ls` does, instead of panicking; any other write
+/// error is reported (status 2).
+macro_rules! outln {
+    ($($arg:tt)*) => {
+        out_or_exit(writeln!(std::io::stdout(), $($arg)*))
+    };
+}
+
+/// `print!`, as [`outln!`].
+macro_rules! out {
+    ($($arg:tt)*) => {
+        out_or_exit(write!(std::io::stdout(), $($arg)*))
+    };
+}
+
+fn out_or_exit(r: std::io::Result<()>) {
+    if let Err(e) = r.and_then(|()| std::io::stdout().flush()) {
+        if e.kind() == std::io::ErrorKind::BrokenPipe {
+            std::process::exit(0);
+        }
+        eprintln!("vpstag: writing to standard output: {e}");
+        std::process::exit(2);
+    }
+}
+
 enum Failure {
     Client(ClientError),
     Lib(vpstag::Error),
@@ -91,7 +117,7 @@ fn man(a: super::ManArgs) -> R {
         let mut out = Vec::new();
         clap_mangen::Man::new(cmd).render(&mut out).map_err(err)?;
         std::fs::write(dir.join(&file), out).map_err(err)?;
-        println!("{}", dir.join(file).display());
+        outln!("{}", dir.join(file).display());
     }
     Ok(0)
 }
@@ -114,7 +140,7 @@ fn start(a: super::StartArgs, socket: &Path) -> R {
     let mut cmd = Command::new(&a.cmd[0]);
     cmd.args(&a.cmd[1..]);
     let pid = c.start(&a.name, &cmd, a.output.as_deref())?;
-    println!("{pid}");
+    outln!("{pid}");
     Ok(0)
 }
 
@@ -126,7 +152,7 @@ fn which(a: super::WhichArgs, socket: &Path) -> R {
     let pid: Pid = a.pid.parse().map_err(Failure::Other)?;
     match Client::connect_to(socket)?.vps_of(pid)? {
         Some(name) => {
-            println!("{name}");
+            outln!("{name}");
             Ok(0)
         }
         None => {
@@ -163,13 +189,13 @@ fn printable(s: &str) -> Cow<'_, str> {
 fn ps(a: super::PsArgs, socket: &Path) -> R {
     let procs = Client::connect_to(socket)?.ps(a.name.as_deref())?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&procs).expect("serialises"));
+        outln!("{}", serde_json::to_string_pretty(&procs).expect("serialises"));
     } else if a.tree {
-        print!("{}", draw_trees(&procs));
+        out!("{}", draw_trees(&procs));
     } else {
-        println!("{:<16} {:>7} {:>7} {:>6} {:<7} CMD", "VPS", "PID", "PPID", "UID", "SOURCE");
+        outln!("{:<16} {:>7} {:>7} {:>6} {:<7} CMD", "VPS", "PID", "PPID", "UID", "SOURCE");
         for p in &procs {
-            println!(
+            outln!(
                 "{:<16} {:>7} {:>7} {:>6} {:<7} {}",
                 printable(&p.vps),
                 p.pid,
@@ -242,16 +268,24 @@ fn human_bytes(b: u64) -> String {
 fn list(a: super::ListArgs, socket: &Path) -> R {
     let vpses = Client::connect_to(socket)?.list()?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&vpses).expect("serialises"));
+        outln!("{}", serde_json::to_string_pretty(&vpses).expect("serialises"));
         return Ok(0);
     }
-    println!(
+    outln!(
         "{:<16} {:>4} {:>6} {:>7} {:<7} {:>7} {:<20} {:>9} {:>9}",
-        "NAME", "ID", "OWNER", "FIRST", "STATE", "MEMBERS", "STARTED", "CPU", "MEM"
+        "NAME",
+        "ID",
+        "OWNER",
+        "FIRST",
+        "STATE",
+        "MEMBERS",
+        "STARTED",
+        "CPU",
+        "MEM"
     );
     for v in &vpses {
         let started = crate::daemon::format_time(SystemTime::UNIX_EPOCH + Duration::from_secs(v.started));
-        println!(
+        outln!(
             "{:<16} {:>4} {:>6} {:>7} {:<7} {:>7} {:<20} {:>8.2}s {:>9}",
             printable(&v.name),
             v.id,
@@ -318,21 +352,21 @@ fn events(a: super::EventsArgs, socket: &Path) -> R {
 fn check(a: super::CheckArgs, socket: &Path) -> R {
     let r = Client::connect_to(socket)?.check()?;
     if a.json {
-        println!("{}", serde_json::to_string_pretty(&r).expect("serialises"));
+        outln!("{}", serde_json::to_string_pretty(&r).expect("serialises"));
     } else {
         for d in &r.divergences {
             match d.kind.as_str() {
-                "missing" => println!(
+                "missing" => outln!(
                     "missing   {:>7}  untagged, but its ancestry says VPS {}",
                     d.pid,
                     printable(d.expected.as_deref().unwrap_or("?"))
                 ),
-                "extra" => println!(
+                "extra" => outln!(
                     "extra     {:>7}  tagged {} but gone (or its pid reused)",
                     d.pid,
                     printable(d.vps.as_deref().unwrap_or("?"))
                 ),
-                _ => println!(
+                _ => outln!(
                     "{:<9} {:>7}  tagged {} but its parent is in {}",
                     printable(&d.kind),
                     d.pid,
@@ -341,14 +375,14 @@ fn check(a: super::CheckArgs, socket: &Path) -> R {
                 ),
             }
         }
-        println!(
+        outln!(
             "{} divergences; {} table entries, {} processes on the system",
             r.divergences.len(),
             r.entries,
             r.processes
         );
         let stats: Vec<String> = r.stats.iter().map(|(k, v)| format!("{k}={v}")).collect();
-        println!("counters: {}", stats.join(" "));
+        outln!("counters: {}", stats.join(" "));
     }
     Ok(i32::from(!r.divergences.is_empty()))
 }

@@ -154,7 +154,7 @@ pub(crate) struct StopArgs {
     /// The VPS name.
     pub name: String,
     /// Seconds between SIGTERM and SIGKILL.
-    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = parse_secs)]
     pub grace: f64,
 }
 
@@ -197,7 +197,7 @@ pub(crate) struct RunArgs {
     pub json_events: Option<PathBuf>,
     /// When CMD exits, give the VPS's remaining processes this many seconds after SIGTERM before
     /// SIGKILL.
-    #[arg(long, value_name = "SECS", default_value_t = 5.0)]
+    #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = parse_secs)]
     pub grace: f64,
     /// When CMD exits, wait until every process of the VPS has exited instead of ending them.
     #[arg(long)]
@@ -212,6 +212,20 @@ pub(crate) struct RunArgs {
     pub cmd: Vec<OsString>,
 }
 
+/// The longest grace period accepted: a day.
+const MAX_SECS: f64 = 86_400.0;
+
+/// A number of seconds, from 0 to a day (`inf`, `NaN` and negative numbers are refused here, at
+/// parse time, rather than reaching a `Duration` that cannot hold them).
+fn parse_secs(s: &str) -> Result<f64, String> {
+    let v: f64 = s.trim().parse().map_err(|_| format!("{s:?} is not a number of seconds"))?;
+    if v.is_finite() && (0.0..=MAX_SECS).contains(&v) {
+        Ok(v)
+    } else {
+        Err(format!("{s:?}: give a number of seconds from 0 to {MAX_SECS}"))
+    }
+}
+
 pub(crate) fn main() -> i32 {
     let cli = Cli::parse();
     let socket = cli.socket();
@@ -224,6 +238,20 @@ pub(crate) fn main() -> i32 {
         Err(e) => {
             eprintln!("vpstag: error: {e}");
             2
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::parse_secs;
+
+    #[test]
+    fn grace_periods_are_finite_and_bounded() {
+        assert_eq!(parse_secs("5"), Ok(5.0));
+        assert_eq!(parse_secs("0.25"), Ok(0.25));
+        for bad in ["inf", "-inf", "NaN", "-1", "1e9", "soon", ""] {
+            assert!(parse_secs(bad).is_err(), "{bad:?} accepted");
         }
     }
 }
