@@ -174,17 +174,24 @@ fn ctrl_c_reaches_every_process_of_the_vps() {
 
 #[test]
 fn bad_input_gets_a_clear_error_and_no_panic() {
+    // vpstag's own failures exit 125, a CMD that cannot be executed 126, one not found 127 (as
+    // env, timeout and docker run do): never a status CMD itself could have exited with.
     let out = run(&["run", "--backend", "nope", "x", "--", "true"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("unknown backend \"nope\""));
     let out = run(&["run", "bad name", "--", "true"]);
-    assert_eq!(out.status.code(), Some(2));
+    assert_eq!(out.status.code(), Some(125));
     assert!(String::from_utf8_lossy(&out.stderr).contains("invalid VPS name"));
     let out = run(&["run", "--backend", backends()[0], "x", "--", "/nonexistent/program"]);
     let err = String::from_utf8_lossy(&out.stderr);
-    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert_eq!(out.status.code(), Some(127), "{err}");
     assert!(err.contains("cannot start \"/nonexistent/program\""), "{err}");
     assert!(!err.contains("panicked"), "{err}");
+    let out = run(&["run", "--backend", backends()[0], "x", "--", "/etc/hostname"]);
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(126), "a file that is not executable: {err}");
+    let out = run(&["run", "--backend", backends()[0], "x", "--", "sh", "-c", "exit 2"]);
+    assert_eq!(out.status.code(), Some(2), "CMD's own status");
     // A grace period a Duration cannot hold is refused when parsed (it used to panic after
     // SIGTERM was sent, so SIGKILL never followed).
     for bad in ["inf", "NaN", "-1"] {

@@ -237,8 +237,23 @@ pub(crate) fn main() -> i32 {
         Ok(code) => code,
         Err(e) => {
             eprintln!("vpstag: error: {e}");
-            2
+            run_failure_code(&e)
         }
+    }
+}
+
+/// The exit status of a `vpstag run` that failed itself, in the convention of `env`, `timeout`
+/// and `docker run`, so that it is never taken for CMD's own status: 127 when CMD was not found,
+/// 126 when it was found but could not be executed, 125 for any other failure of vpstag.
+fn run_failure_code(e: &vpstag::Error) -> i32 {
+    match e {
+        vpstag::Error::Spawn { source, .. }
+            if source.kind() == std::io::ErrorKind::NotFound || source.raw_os_error() == Some(libc::ENOENT) =>
+        {
+            127
+        }
+        vpstag::Error::Spawn { .. } => 126,
+        _ => 125,
     }
 }
 
