@@ -80,6 +80,15 @@ fn run_writes_json_events_with_the_vps_name() {
         for kind in ["fork", "exec", "exit"] {
             assert!(lines.iter().any(|v| v["event"] == kind), "[{b}] no {kind} event in {text}");
         }
+        // `-`: the same lines on standard output.
+        let out = run(&["run", "--backend", b, "--json-events", "-", "j", "--", "sh", "-c", "/bin/true"]);
+        assert_eq!(out.status.code(), Some(0), "[{b}] {}", String::from_utf8_lossy(&out.stderr));
+        let text = String::from_utf8_lossy(&out.stdout).into_owned();
+        let lines: Vec<serde_json::Value> =
+            text.lines().map(|l| serde_json::from_str(l).unwrap_or_else(|e| panic!("[{b}] {e}: {l:?}"))).collect();
+        for kind in ["fork", "exec", "exit"] {
+            assert!(lines.iter().any(|v| v["event"] == kind && v["vps"] == "j"), "[{b}] no {kind} event in {text}");
+        }
         let _ = std::fs::remove_dir_all(&d);
     }
 }

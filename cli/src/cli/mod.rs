@@ -192,7 +192,7 @@ pub(crate) struct RunArgs {
     /// Which tracking backend: auto, cnproc, ptrace, ebpf (Linux) or kqueue (FreeBSD).
     #[arg(long, default_value = "auto")]
     pub backend: String,
-    /// Write events as JSON lines to FILE instead of printing them.
+    /// Write events as JSON lines to FILE (`-`: standard output) instead of printing them.
     #[arg(long, value_name = "FILE")]
     pub json_events: Option<PathBuf>,
     /// When CMD exits, give the VPS's remaining processes this many seconds after SIGTERM before

@@ -15,7 +15,8 @@ use super::RunArgs;
 
 enum Sink {
     Text,
-    Json(BufWriter<File>),
+    /// JSON lines to a file, or to standard output (`--json-events -`).
+    Json(BufWriter<Box<dyn Write>>),
     Quiet,
 }
 
@@ -120,9 +121,10 @@ pub(crate) fn run(a: RunArgs) -> vpstag::Result<i32> {
     cmd.args(&a.cmd[1..]);
     let vps = mgr.start(&a.name, &mut cmd)?;
     let sink = match (&a.json_events, a.quiet) {
-        (Some(path), _) => Sink::Json(BufWriter::new(
+        (Some(path), _) if path.as_os_str() == "-" => Sink::Json(BufWriter::new(Box::new(std::io::stdout()))),
+        (Some(path), _) => Sink::Json(BufWriter::new(Box::new(
             File::create(path).map_err(|e| vpstag::Error::io(format!("creating {}", path.display()), e))?,
-        )),
+        ))),
         (None, true) => Sink::Quiet,
         (None, false) => Sink::Text,
     };
