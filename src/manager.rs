@@ -210,6 +210,20 @@ impl State {
         Ok(())
     }
 
+    /// Makes the start time of every member of `vps` exact (see [`Tracking::settle_start`]), so that
+    /// identities handed out (to signal by pidfd, to `member_details`) compare exactly.
+    fn settle_starts(&mut self, vps: VpsId) {
+        let approx: Vec<Pid> = self
+            .tracking
+            .table
+            .members(vps)
+            .filter(|p| self.tracking.table.get(*p).is_some_and(|e| e.start_approx))
+            .collect();
+        for pid in approx {
+            self.tracking.settle_start(pid, &mut self.view);
+        }
+    }
+
     /// Hands the events of this drain to the batch subscribers, one send each.
     fn send_batch(&mut self) {
         if self.batch.is_empty() {
@@ -561,8 +575,9 @@ impl Manager {
 
     /// The members of `vps` with their identities and how each was learned.
     pub fn member_details(&self, vps: &Vps) -> Result<Vec<Member>> {
-        let st = self.synced()?;
+        let mut st = self.synced()?;
         st.record(vps)?;
+        st.settle_starts(vps.id);
         let t = &st.tracking.table;
         let mut v: Vec<Member> = t
             .members(vps.id)
@@ -578,8 +593,9 @@ impl Manager {
     /// that exits meanwhile is skipped and a later holder of its pid is never signalled.
     pub fn signal(&self, vps: &Vps, sig: Signal) -> Result<usize> {
         let targets: Vec<ProcessId> = {
-            let st = self.synced()?;
+            let mut st = self.synced()?;
             st.record(vps)?;
+            st.settle_starts(vps.id);
             let t = &st.tracking.table;
             t.members(vps.id).filter_map(|p| t.get(p)).map(|e| e.id).collect()
         };

@@ -278,6 +278,24 @@ impl Tracking {
         Some(vps)
     }
 
+    /// Replaces the estimated start time of `pid`'s entry (from an event's time stamp, within one
+    /// tick) by the one the system reports, when that process is still the entry's: after this the
+    /// entry's identity can be compared exactly (a signal by pidfd checks it so). Nothing else of
+    /// the entry changes; an entry whose process is gone is left to the events.
+    pub(crate) fn settle_start(&mut self, pid: Pid, view: &mut dyn ProcView) {
+        let tol = view.start_tolerance();
+        let Some(e) = self.table.get_mut(pid) else { return };
+        if !e.start_approx {
+            return;
+        }
+        if let Ok(Some(info)) = view.process(pid) {
+            if e.same_start(info.id.start, tol) {
+                e.id.start = info.id.start;
+                e.start_approx = false;
+            }
+        }
+    }
+
     /// Reads `pid` from the system and removes its entry if that process is gone.
     fn verify(&mut self, pid: Pid, view: &mut dyn ProcView) {
         let tol = view.start_tolerance();
@@ -511,6 +529,24 @@ mod tests {
         v.add(pid, start, 1, 1, false);
         let info = v.process(p(pid)).unwrap().unwrap();
         tr.insert_member(&info, VpsId(1), Source::First);
+    }
+
+    #[test]
+    fn an_estimated_start_is_settled_from_the_system_before_it_is_compared_exactly() {
+        let (mut tr, mut v) = (Tracking::new(), FakeView::default());
+        first(&mut tr, &mut v, 100, 5);
+        // A fork event at tick 6: the start is estimated as tick 6; the kernel says 5 (the child
+        // was born in the tick before the event was stamped).
+        tr.apply(&fork(100, 101, 6), &mut v);
+        assert_eq!(tr.table.get(p(101)).map(|e| (e.id.start, e.start_approx)), Some((StartTime(6), true)));
+        v.add(101, 5, 100, 1, false);
+        tr.settle_start(p(101), &mut v);
+        assert_eq!(tr.table.get(p(101)).map(|e| (e.id.start, e.start_approx)), Some((StartTime(5), false)));
+        // A later holder of the pid (another start, beyond the estimate's tick) is not taken for it.
+        tr.apply(&fork(100, 102, 20), &mut v);
+        v.add(102, 30, 1, 1, false);
+        tr.settle_start(p(102), &mut v);
+        assert_eq!(tr.table.get(p(102)).map(|e| (e.id.start, e.start_approx)), Some((StartTime(20), true)));
     }
 
     #[test]
