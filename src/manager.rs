@@ -235,9 +235,16 @@ impl State {
 
     fn flush_changes(&mut self) {
         let orphans = self.tracking.table.take_orphaned();
-        if let Some(obs) = &mut self.orphan_observer {
-            if !orphans.is_empty() {
-                let v: Vec<(ProcessId, VpsId)> = orphans.iter().map(|e| (e.id, e.vps)).collect();
+        if self.orphan_observer.is_some() && !orphans.is_empty() {
+            // Their identities go to a journal and are compared exactly after a restart: settle
+            // start times estimated from events first.
+            let mut v: Vec<(ProcessId, VpsId)> = Vec::with_capacity(orphans.len());
+            for e in &orphans {
+                self.tracking.settle_start(e.id.pid, &mut self.view);
+                let id = self.tracking.table.get(e.id.pid).map_or(e.id, |now| now.id);
+                v.push((id, e.vps));
+            }
+            if let Some(obs) = &mut self.orphan_observer {
                 obs(&v);
             }
         }
