@@ -515,28 +515,37 @@ pub(crate) fn run_loader_shim(plan: &Plan) -> io::Error {
     if cmd < 0 {
         return io::Error::last_os_error();
     }
-    // EOF: the command was executed (the pipe is close-on-exec). Four bytes: an errno.
+    match read_exec_errno(err_read) {
+        Err(e) => return e,
+        Ok(Some(errno)) => {
+            // Our own child, which exits at once after reporting.
+            if let Some(cmd) = crate::Pid::new(cmd) {
+                let _ = crate::sys::reap(cmd);
+            }
+            return io::Error::from_raw_os_error(errno);
+        }
+        Ok(None) => {}
+    }
+    // SAFETY: `set` is blocked in this (only) thread by spawn_command.
+    unsafe { supervise(cmd, &set) }
+}
+
+/// Waits on the read end of an error pipe (close-on-exec, its write end given to a child as
+/// [`Reporter::Errno`]): `None` at end of file, i.e. the command was executed; `Some(errno)` when
+/// the child reported why it could not be.
+pub(crate) fn read_exec_errno(pipe: std::os::fd::OwnedFd) -> io::Result<Option<i32>> {
     let mut buf = [0u8; 4];
     let mut got = 0;
-    let mut f = std::fs::File::from(err_read);
+    let mut f = std::fs::File::from(pipe);
     while got < 4 {
         match std::io::Read::read(&mut f, &mut buf[got..]) {
             Ok(0) => break,
             Ok(n) => got += n,
             Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
-            Err(e) => return e,
+            Err(e) => return Err(e),
         }
     }
-    if got == 4 {
-        // Our own child, which exits at once after reporting.
-        if let Some(cmd) = crate::Pid::new(cmd) {
-            let _ = crate::sys::reap(cmd);
-        }
-        return io::Error::from_raw_os_error(i32::from_ne_bytes(buf));
-    }
-    drop(f);
-    // SAFETY: `set` is blocked in this (only) thread by spawn_command.
-    unsafe { supervise(cmd, &set) }
+    Ok((got == 4).then(|| i32::from_ne_bytes(buf)))
 }
 
 /// Forks the first process of a VPS started by the manager: the child runs

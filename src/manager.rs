@@ -1,7 +1,6 @@
 //! The manager: owns the backend and the table, starts first processes, answers queries.
 
 use std::collections::HashMap;
-use std::io::Read;
 use std::os::fd::{AsFd, OwnedFd};
 use std::process::Command;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -487,20 +486,9 @@ impl Manager {
         if let Err(e) = opened {
             return Err(Error::io("opening the start gate", e.into()));
         }
-        // EOF: the command was executed (the pipe is close-on-exec). Four bytes: an errno.
-        let mut buf = [0u8; 4];
-        let mut got = 0;
-        let mut f = std::fs::File::from(err_read);
-        while got < 4 {
-            match f.read(&mut buf[got..]) {
-                Ok(0) => break,
-                Ok(n) => got += n,
-                Err(e) if e.kind() == std::io::ErrorKind::Interrupted => {}
-                Err(e) => return Err(Error::io("waiting for the command to start", e)),
-            }
-        }
-        if got == 4 {
-            let errno = i32::from_ne_bytes(buf);
+        let reported =
+            crate::init::read_exec_errno(err_read).map_err(|e| Error::io("waiting for the command to start", e))?;
+        if let Some(errno) = reported {
             // The first process exits at once; forget the VPS so that its name is free again.
             let _ = self.wait(&vps, Some(Duration::from_secs(5)));
             let mut st = self.lock();
