@@ -199,16 +199,17 @@ impl MappingTable {
             });
         }
         let mut entry = entry;
-        let same = self.by_pid.get(&pid).is_some_and(|o| o.id == entry.id);
-        if same {
-            // The same process re-tagged: it keeps its children.
-            entry.children = self.by_pid.get(&pid).map_or(0, |o| o.children);
-        } else if let Some(o) = self.by_pid.get(&pid).cloned() {
-            self.forget_child(&o);
-        }
-        if !same {
-            if let Some(pe) = entry.parent.and_then(|pp| self.by_pid.get_mut(&pp)) {
-                pe.children += 1;
+        match self.by_pid.get(&pid).map(|o| (o.id == entry.id, o.parent, o.children)) {
+            // The same process re-tagged: it keeps its children (and its parent's count).
+            Some((true, _, children)) => entry.children = children,
+            prior => {
+                // A new process (or a later holder of a reused pid, which replaces the earlier).
+                if let Some((_, parent, children)) = prior {
+                    self.leave(pid, parent, children);
+                }
+                if let Some(pe) = entry.parent.and_then(|pp| self.by_pid.get_mut(&pp)) {
+                    pe.children += 1;
+                }
             }
         }
         let old = self.by_pid.insert(pid, entry);
@@ -225,18 +226,19 @@ impl MappingTable {
     pub(crate) fn remove(&mut self, pid: Pid) -> Option<Entry> {
         let old = self.by_pid.remove(&pid)?;
         self.unlink(old.vps, pid);
-        self.forget_child(&old);
+        self.leave(pid, old.parent, old.children);
         self.note_removed(&old);
         Some(old)
     }
 
-    /// `e` leaves the table: its parent has one child less, and its own children are orphans.
-    fn forget_child(&mut self, e: &Entry) {
-        if let Some(pe) = e.parent.and_then(|pp| self.by_pid.get_mut(&pp)) {
+    /// The entry of `pid` leaves the table: its parent has one child less, and its own children
+    /// (if it has any) are orphans.
+    fn leave(&mut self, pid: Pid, parent: Option<Pid>, children: u32) {
+        if let Some(pe) = parent.and_then(|pp| self.by_pid.get_mut(&pp)) {
             pe.children = pe.children.saturating_sub(1);
         }
-        if e.children > 0 {
-            self.orphaning.push(e.id.pid);
+        if children > 0 {
+            self.orphaning.push(pid);
         }
     }
 
@@ -265,9 +267,8 @@ impl MappingTable {
         let pids = self.members.remove(&vps).unwrap_or_default();
         for p in &pids {
             if let Some(old) = self.by_pid.remove(p) {
-                if let Some(pe) = old.parent.and_then(|pp| self.by_pid.get_mut(&pp)) {
-                    pe.children = pe.children.saturating_sub(1);
-                }
+                // Its children go with it (same VPS) or are no longer this VPS's business.
+                self.leave(*p, old.parent, 0);
                 self.note_removed(&old);
             }
         }
