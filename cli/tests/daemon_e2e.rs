@@ -923,9 +923,19 @@ fn names_are_per_owner_and_capped() {
     assert!(text(&out.stderr).contains("65534:backup"), "the refusal names the other VPS: {}", text(&out.stderr));
     // Root has a `backup` of its own beside it, and its exec lands there.
     let mine = d.start_vps("backup", &["sleep", "641"]);
-    let out = d.cmd(&["exec", "backup", "--", "sh", "-c", "echo $$; exit 3"]).stdout(Stdio::piped()).output().unwrap();
+    let out = d
+        .cmd(&["exec", "backup", "--", "sh", "-c", "sleep 644 >/dev/null 2>&1 & exit 3"])
+        .stdout(Stdio::null())
+        .output()
+        .unwrap();
     assert_eq!(out.status.code(), Some(3), "{}", text(&out.stderr));
     assert_eq!(d.which(mine), (Some(0), "backup".to_string()));
+    // What the exec started is in root's own `backup`, not in the other user's.
+    wait_until("the exec'd sleep in root's backup", Duration::from_secs(10), || {
+        d.pids_of("backup", "sleep 644").len() == 1
+    });
+    let theirs = d.run(&["ps", "--json", "65534:backup"]);
+    assert!(!text(&theirs.stdout).contains("sleep 644"), "{}", text(&theirs.stdout));
     // Root reaches the user's VPS by uid:name; the user by its bare name.
     let ps = d.run(&["ps", "--json", "65534:backup"]);
     assert!(text(&ps.stdout).contains("sleep 640"), "{}", text(&ps.stdout));
