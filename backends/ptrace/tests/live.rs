@@ -593,32 +593,42 @@ fn second_vps_while_tracing() {
 fn job_control_multithreaded() {
     let _g = lock();
     let progress = scratch("progress-mt");
-    let code = "import threading,time,sys\n\
-                p=sys.argv[1]\n\
-                def f():\n    for i in range(30):\n        time.sleep(0.02)\n        open(p,'a').write('x')\n\
+    let done = scratch("done-mt");
+    // Three threads write until told to finish (a file appears), so the program cannot end on its
+    // own before it was stopped, however slowly this test runs on a busy machine.
+    let code = "import threading,time,sys,os\n\
+                p,d=sys.argv[1],sys.argv[2]\n\
+                def f():\n    while not os.path.exists(d):\n        time.sleep(0.02)\n        open(p,'a').write('x')\n\
                 ts=[threading.Thread(target=f) for _ in range(3)]\n\
                 [t.start() for t in ts]\n[t.join() for t in ts]\n";
-    let mut s = Session::start(&[PY, "-c", code, progress.to_str().unwrap()]);
+    let mut s = Session::start(&[PY, "-c", code, progress.to_str().unwrap(), done.to_str().unwrap()]);
     let root = s.root;
-    assert!(s.until(10, |_| std::fs::metadata(&progress).map(|m| m.len() > 3).unwrap_or(false)));
+    let len_now = || std::fs::metadata(&progress).map(|m| m.len()).unwrap_or(0);
+    assert!(s.until(10, |_| len_now() > 3), "the threads never wrote: {:?}", s.events);
     // SAFETY: our unreaped child.
     unsafe { libc::kill(root.as_raw(), libc::SIGTSTP) };
-    let all_stopped = || {
-        let tasks = std::fs::read_dir(format!("/proc/{root}/task")).unwrap();
-        let states: Vec<Option<char>> = tasks
-            .map(|t| std::fs::read_to_string(t.unwrap().path().join("stat")).ok())
+    let states = || -> Result<Vec<Option<char>>, String> {
+        let tasks = std::fs::read_dir(format!("/proc/{root}/task"))
+            .map_err(|e| format!("/proc/{root}/task: {e} (the program is gone before it stopped)"))?;
+        Ok(tasks
+            .filter_map(|t| t.ok())
+            .map(|t| std::fs::read_to_string(t.path().join("stat")).ok())
             .map(|st| st.as_deref().and_then(parse_state))
-            .collect();
-        states.len() == 4 && states.iter().all(|c| matches!(c, Some('T' | 't')))
+            .collect())
     };
-    assert!(s.until(5, |_| all_stopped()), "not every thread stopped");
-    let len = std::fs::metadata(&progress).unwrap().len();
+    let all_stopped = |st: &Result<Vec<Option<char>>, String>| {
+        st.as_ref().is_ok_and(|v| v.len() == 4 && v.iter().all(|c| matches!(c, Some('T' | 't'))))
+    };
+    let stopped = s.until(10, |_| all_stopped(&states()) || states().is_err());
+    assert!(stopped && all_stopped(&states()), "not every thread stopped: {:?}; events {:?}", states(), s.events);
+    let len = len_now();
     s.pump(300);
-    assert_eq!(std::fs::metadata(&progress).unwrap().len(), len, "it ran while stopped");
+    assert_eq!(len_now(), len, "it ran while stopped");
     // SAFETY: as above.
     unsafe { libc::kill(root.as_raw(), libc::SIGCONT) };
+    assert!(s.until(10, |_| len_now() > len), "it did not run again after SIGCONT: {:?}", states());
+    std::fs::write(&done, b"").unwrap();
     assert_eq!(s.finish(), ExitStatus::Exited(0));
-    assert_eq!(std::fs::metadata(&progress).unwrap().len(), 90);
     clean_scratch();
 }
 
