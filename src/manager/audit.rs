@@ -1,0 +1,99 @@
+//! The comparison of the table with a fresh scan of the system.
+
+use std::collections::HashMap;
+
+use serde::Serialize;
+use vpstag_tracker::{Pid, VpsId};
+
+use super::Manager;
+use crate::table::Source;
+use crate::tracking::{ProcView, Stats, SystemView};
+use crate::{Error, Result};
+/// What [`Manager::check`] found wrong between the table and the system now.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize)]
+#[serde(tag = "kind", rename_all = "snake_case")]
+#[non_exhaustive]
+pub enum Divergence {
+    /// A live process below a tagged ancestor that the table does not have.
+    Missing {
+        /// Process id.
+        pid: i32,
+        /// The VPS its ancestry says.
+        expected: String,
+    },
+    /// A table entry whose process is gone (or whose pid now belongs to another process).
+    Extra {
+        /// Process id.
+        pid: i32,
+        /// The VPS the table has.
+        vps: String,
+    },
+    /// A process born from a tagged parent (never re-parented, no loader involved) whose tag
+    /// differs from its parent's.
+    WrongTag {
+        /// Process id.
+        pid: i32,
+        /// The VPS the table has.
+        vps: String,
+        /// Its parent's VPS.
+        expected: String,
+    },
+}
+
+/// The result of [`Manager::check`].
+#[derive(Clone, Debug, Serialize)]
+pub struct CheckReport {
+    /// Every divergence found (expected: none).
+    pub divergences: Vec<Divergence>,
+    /// Table entries compared.
+    pub entries: usize,
+    /// Processes on the system.
+    pub processes: usize,
+    /// The loss and resync counters.
+    pub stats: Stats,
+}
+
+impl Manager {
+    /// Compares the table with a fresh scan of the system and reports every divergence
+    /// (expected: none), with the loss and resync counters. The table is not changed.
+    pub fn check(&self) -> Result<CheckReport> {
+        let st = self.synced()?;
+        let mut fresh = st.tracking.clone();
+        let view = SystemView::new();
+        let t0 = crate::sys::now_ns();
+        let procs = crate::sys::scan().map_err(|e| Error::io("scanning the process table", e))?;
+        let processes = procs.len();
+        let ppid_of: HashMap<Pid, Option<Pid>> = procs.iter().map(|p| (p.id.pid, p.ppid)).collect();
+        fresh.table.record_changes(false);
+        fresh.reconcile(t0, procs, view.start_tolerance());
+        let name = |id: VpsId| st.vpses.get(&id).map(|r| r.vps.name.clone()).unwrap_or_else(|| id.to_string());
+        let mut out = Vec::new();
+        for e in st.tracking.table.entries() {
+            match fresh.table.get(e.id.pid) {
+                Some(f) if f.id.start == e.id.start || f.same_start(e.id.start, 1) => {}
+                _ => out.push(Divergence::Extra { pid: e.id.pid.as_raw(), vps: name(e.vps) }),
+            }
+            if e.source == Source::Event {
+                if let (Some(parent), Some(Some(live_parent))) = (e.parent, ppid_of.get(&e.id.pid)) {
+                    if parent == *live_parent {
+                        if let Some(pe) = st.tracking.table.get(parent) {
+                            if pe.vps != e.vps && pe.source != Source::Loader && e.source != Source::Loader {
+                                out.push(Divergence::WrongTag {
+                                    pid: e.id.pid.as_raw(),
+                                    vps: name(e.vps),
+                                    expected: name(pe.vps),
+                                });
+                            }
+                        }
+                    }
+                }
+            }
+        }
+        for f in fresh.table.entries() {
+            if st.tracking.table.get(f.id.pid).is_none() {
+                out.push(Divergence::Missing { pid: f.id.pid.as_raw(), expected: name(f.vps) });
+            }
+        }
+        Ok(CheckReport { divergences: out, entries: st.tracking.table.len(), processes, stats: st.tracking.stats })
+    }
+}

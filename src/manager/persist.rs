@@ -1,0 +1,147 @@
+//! Snapshot and restore, and the hooks a journal uses.
+
+use std::time::{Duration, SystemTime};
+
+use serde::Serialize;
+use vpstag_tracker::{ForkTracker, Pid, ProcessId, VpsId};
+
+use super::{Manager, Vps, VpsRecord};
+use crate::table::{Change, Source};
+use crate::Result;
+/// A VPS as saved by [`Manager::export`] and given back to [`Manager::restore`].
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SavedVps {
+    /// Its id.
+    pub id: u64,
+    /// Its name.
+    pub name: String,
+    /// Its first process.
+    pub first_pid: i32,
+    /// The first process's start time (system units).
+    pub first_start: u64,
+    /// When it was started, in seconds since the epoch.
+    pub started: u64,
+}
+
+/// A tagged process as saved by [`Manager::export`].
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
+pub struct SavedMember {
+    /// Process id.
+    pub pid: i32,
+    /// Start time (system units): a process with this pid but another start time is not it.
+    pub start: u64,
+    /// Its VPS id.
+    pub vps: u64,
+    /// How it was learned.
+    pub source: Source,
+}
+
+impl Manager {
+    /// Calls `f` with every batch of table changes from now on (for a journal). Called with the
+    /// manager's lock held: keep it short (buffer, write, fsync).
+    pub fn on_change(&self, f: impl FnMut(&[Change]) + Send + 'static) {
+        let mut st = self.lock();
+        st.tracking.table.record_changes(true);
+        st.observer = Some(Box::new(f));
+    }
+
+    /// Calls `f` with the members whose parent has exited while they live on, from now on. The
+    /// kernel re-parents such a process to the nearest child subreaper, which is inside its VPS
+    /// while the VPS's root lives, or else outside it; so a journal that records only each VPS's
+    /// roots (first processes and loader joins, which are subreapers) records these too, and a
+    /// restart can rebuild every member from the journal's roots and a scan. Rare in practice
+    /// (double-forked daemons, a root that exits before its descendants). Called with the manager's
+    /// lock held: hand the batch on, do not block.
+    pub fn on_orphans(&self, f: impl FnMut(&[(ProcessId, VpsId)]) + Send + 'static) {
+        self.lock().orphan_observer = Some(Box::new(f));
+    }
+
+    /// Every VPS and member, for a snapshot.
+    pub fn export(&self) -> Result<(Vec<SavedVps>, Vec<SavedMember>)> {
+        let st = self.synced()?;
+        let vpses = st
+            .vpses
+            .values()
+            .map(|r| SavedVps {
+                id: r.vps.id.0,
+                name: r.vps.name.clone(),
+                first_pid: r.first.pid.as_raw(),
+                first_start: r.first.start.0,
+                started: r.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+            })
+            .collect();
+        let members = st
+            .tracking
+            .table
+            .entries()
+            .map(|e| SavedMember { pid: e.id.pid.as_raw(), start: e.id.start.0, vps: e.vps.0, source: e.source })
+            .collect();
+        Ok((vpses, members))
+    }
+
+    /// Brings back what [`export`](Manager::export) (or a journal) saved: every VPS, and each
+    /// member whose process still lives with the same start time (a reused pid is not it). Then
+    /// a resync adds what was born meanwhile below a restored member. Returns how many members
+    /// came back.
+    pub fn restore(&self, vpses: &[SavedVps], members: &[SavedMember]) -> Result<usize> {
+        let mut st = self.synced()?;
+        let tol = crate::sys::start_tolerance();
+        for v in vpses {
+            let (Some(first), id) = (Pid::new(v.first_pid), VpsId(v.id)) else { continue };
+            st.next_id = st.next_id.max(v.id);
+            let vps = Vps { id, name: v.name.clone(), first };
+            let first_alive =
+                matches!(crate::sys::process(first), Ok(Some(i)) if i.id.start.0.abs_diff(v.first_start) <= tol);
+            st.vpses.insert(
+                id,
+                VpsRecord {
+                    vps,
+                    first: ProcessId { pid: first, start: vpstag_tracker::StartTime(v.first_start) },
+                    started: SystemTime::UNIX_EPOCH + Duration::from_secs(v.started),
+                    command: None,
+                    command_exit: None,
+                    first_exit: None,
+                    first_gone: !first_alive,
+                },
+            );
+            st.names.insert(v.name.clone(), id);
+        }
+        let mut n = 0;
+        for m in members {
+            let Some(pid) = Pid::new(m.pid) else { continue };
+            if !st.vpses.contains_key(&VpsId(m.vps)) {
+                continue;
+            }
+            match crate::sys::process(pid) {
+                Ok(Some(info)) if info.id.start.0.abs_diff(m.start) <= tol && !(info.zombie && info.threads <= 1) => {
+                    let _ = st.tracker.watch(pid, VpsId(m.vps));
+                    st.tracking.insert_member(&info, VpsId(m.vps), m.source);
+                    n += 1;
+                }
+                _ => {}
+            }
+        }
+        st.resync()?;
+        st.flush_changes();
+        Ok(n)
+    }
+
+    /// Marks the first process of each VPS gone when the system says it is (exited, a zombie,
+    /// or its pid now another process's). For the daemon after [`restore`](Manager::restore): a
+    /// first process that is a zombie when restored, or exits between the restore's reading and
+    /// its scan, sends no exit the table applies. Returns how many were marked.
+    pub fn recheck_first_processes(&self) -> Result<usize> {
+        let mut st = self.synced()?;
+        let tol = crate::sys::start_tolerance();
+        let mut n = 0;
+        for rec in st.vpses.values_mut().filter(|r| !r.first_gone) {
+            let alive = matches!(crate::sys::process(rec.first.pid),
+                Ok(Some(i)) if i.id.start.0.abs_diff(rec.first.start.0) <= tol && !(i.zombie && i.threads <= 1));
+            if !alive {
+                rec.first_gone = true;
+                n += 1;
+            }
+        }
+        Ok(n)
+    }
+}
