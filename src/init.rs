@@ -1,19 +1,23 @@
-//! The VPS's first process: a small init, forked from the manager, that
+//! The VPS's first process: a small init that
 //!
 //! 1. makes itself the reaper of its descendants (Linux `PR_SET_CHILD_SUBREAPER`, FreeBSD
 //!    `PROC_REAP_ACQUIRE`), so orphans of the VPS are re-parented inside it,
 //!    `clone(CLONE_PARENT)` from the command cannot land outside, and membership can be rebuilt
 //!    from parent links;
-//! 2. waits at the start gate (a pipe) until the manager has recorded it, so nothing of the VPS
-//!    can run untracked;
-//! 3. starts the command, forwards termination signals to it and reaps every orphan, as tini
-//!    does; it exits with the command's status when the command exits.
+//! 2. holds the command at a start gate until it has been recorded, so nothing of the VPS can
+//!    run untracked;
+//! 3. forwards termination signals to the command and reaps every orphan, as tini does; it exits
+//!    with the command's status when the command exits.
 //!
 //! It is this very program after `fork()`, not a separate executable: there is nothing extra to
-//! install, and library users need no helper binary. Everything after `fork()` is
-//! async-signal-safe (raw system calls on data prepared before the fork; no allocation, no
-//! locks), as a fork from a multithreaded process requires.
+//! install, and library users need no helper binary. Three ways in: [`FirstHook`] (the manager's
+//! `spawn`: the standard library forks and applies the `Command`'s options, the hook turns its
+//! child into the init), [`fork_first_process_socket`] (`vpstag start` through the daemon, which
+//! registers the process over its socket) and [`run_loader_shim`] (`vpstag exec`). Everything
+//! after `fork()` is async-signal-safe (raw system calls on data prepared before the fork; no
+//! allocation, no locks), as a fork from a multithreaded process requires.
 
+use std::cell::Cell;
 use std::ffi::{CString, OsStr, OsString};
 use std::io;
 use std::os::fd::{AsRawFd, OwnedFd, RawFd};
@@ -27,7 +31,6 @@ const FORWARDED: [libc::c_int; 7] =
 
 /// Everything the child needs, prepared before `fork()`.
 pub(crate) struct Plan {
-    program: String,
     path: CString,
     _argv: Vec<CString>,
     argv_ptrs: Vec<*const libc::c_char>,
@@ -101,37 +104,7 @@ impl Plan {
             Ok((soft, _)) => soft.min(65_536) as RawFd,
             Err(_) => 1024,
         };
-        Ok(Plan {
-            program: program.to_string_lossy().into_owned(),
-            path,
-            _argv: argv,
-            argv_ptrs,
-            _envp: envp,
-            envp_ptrs,
-            cwd,
-            max_fd,
-        })
-    }
-
-    /// The program as the user named it.
-    pub(crate) fn program(&self) -> &str {
-        &self.program
-    }
-}
-
-/// The pipes between the manager and a starting first process.
-pub(crate) struct Pipes {
-    pub gate_read: OwnedFd,
-    pub gate_write: OwnedFd,
-    pub err_read: OwnedFd,
-    pub err_write: OwnedFd,
-}
-
-impl Pipes {
-    pub(crate) fn new() -> io::Result<Pipes> {
-        let (gate_read, gate_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-        let (err_read, err_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
-        Ok(Pipes { gate_read, gate_write, err_read, err_write })
+        Ok(Plan { path, _argv: argv, argv_ptrs, _envp: envp, envp_ptrs, cwd, max_fd })
     }
 }
 
@@ -163,7 +136,7 @@ pub(crate) mod stage {
     pub const STDIO: i32 = 9;
 }
 
-/// How a first process reports a failure: 4 bytes (an errno, [`run_first_process`]) or 8 bytes
+/// How a first process reports a failure: 4 bytes (an errno: the loader's shim) or 8 bytes
 /// (a [`stage`] and an errno, [`run_first_process_socket`]).
 #[derive(Clone, Copy)]
 enum Reporter {
@@ -209,43 +182,6 @@ unsafe fn close_inherited(plan: &Plan, keep: &[RawFd]) {
                 libc::close(fd);
             }
         }
-    }
-}
-
-/// The first process. Runs in the child right after `fork()`; never returns.
-///
-/// # Safety
-/// Must be called only in a freshly forked child, with `plan` and `pipes` prepared before the
-/// fork. Uses only async-signal-safe calls.
-unsafe fn run_first_process(plan: &Plan, pipes: &Pipes) -> ! {
-    let gate = pipes.gate_read.as_raw_fd();
-    let err = pipes.err_write.as_raw_fd();
-    // SAFETY (whole block): raw system calls on integers, stack buffers and the Plan's
-    // pre-built, NUL-terminated arrays; nothing allocates or takes a lock.
-    unsafe {
-        libc::close(pipes.gate_write.as_raw_fd());
-        libc::close(pipes.err_read.as_raw_fd());
-        close_inherited(plan, &[gate, err]);
-        crate::sys::set_process_name(c"vpstag-init");
-        let rc = crate::sys::become_subreaper();
-        if rc != 0 {
-            report(err, rc);
-            libc::_exit(127);
-        }
-        // The start gate: wait until the manager has recorded us. EOF means it gave up.
-        let mut b = 0u8;
-        loop {
-            let r = libc::read(gate, (&mut b as *mut u8).cast(), 1);
-            if r == 1 {
-                break;
-            }
-            if r < 0 && errno() == libc::EINTR {
-                continue;
-            }
-            libc::_exit(126);
-        }
-        libc::close(gate);
-        init_loop(plan, Reporter::Errno(err))
     }
 }
 
@@ -548,19 +484,6 @@ pub(crate) fn read_exec_errno(pipe: std::os::fd::OwnedFd) -> io::Result<Option<i
     Ok((got == 4).then(|| i32::from_ne_bytes(buf)))
 }
 
-/// Forks the first process of a VPS started by the manager: the child runs
-/// [`run_first_process`] and never returns; the parent gets its pid.
-pub(crate) fn fork_first_process(plan: &Plan, pipes: &Pipes) -> io::Result<crate::Pid> {
-    // SAFETY: the child runs only `run_first_process`, which is async-signal-safe and uses data
-    // prepared before the fork; the parent continues normally.
-    let pid = unsafe { libc::fork() };
-    if pid == 0 {
-        // SAFETY: we are the freshly forked child.
-        unsafe { run_first_process(plan, pipes) }
-    }
-    forked(pid)
-}
-
 /// Forks the first process of a VPS started through the daemon: the child runs
 /// [`run_first_process_socket`] and never returns; the parent gets its pid.
 pub(crate) fn fork_first_process_socket(
@@ -584,4 +507,185 @@ fn forked(pid: libc::pid_t) -> io::Result<crate::Pid> {
         return Err(io::Error::last_os_error());
     }
     crate::Pid::new(pid).ok_or_else(|| io::Error::other("fork returned a bad pid"))
+}
+
+thread_local! {
+    /// The token of the [`FirstHook`] the calling thread is spawning with now (0: none). A hook
+    /// left on a `Command` by an earlier start does nothing: only the armed one acts.
+    static ARMED: Cell<u64> = const { Cell::new(0) };
+}
+
+/// The part of [`Manager::spawn`](crate::Manager::spawn) that runs in the child the standard
+/// library's `Command::spawn` forked, after the standard library applied every option of the
+/// `Command` (stdio, groups, gid, uid, working directory, process group, the caller's own
+/// `pre_exec` closures) and before it executes the program. That child becomes the VPS's first
+/// process, a small init:
+///
+/// 1. it makes itself the reaper of its descendants, blocks the signals it handles, and forks
+///    the command's process;
+/// 2. it sends both pids to the manager and becomes the init: it gives up every descriptor (the
+///    caller's pipes and the standard library's error pipe included, so `spawn` returns as soon
+///    as the command is executed), forwards termination signals to the command, reaps orphans,
+///    and exits with the command's status;
+/// 3. the command's process waits at the start gate until the manager has recorded both pids,
+///    then returns to the standard library, which executes the program (or reports why it could
+///    not, as it does for any `Command`).
+///
+/// So the command runs with everything the `Command` asked for, and nothing of it runs before
+/// the table has it.
+pub(crate) struct FirstHook {
+    token: u64,
+    gate_read: RawFd,
+    gate_write: RawFd,
+    pids_read: RawFd,
+    pids_write: RawFd,
+    max_fd: RawFd,
+}
+
+/// The manager's ends of a [`FirstHook`]'s pipes, and the ends it must close once the child is
+/// forked.
+pub(crate) struct HookPipes {
+    /// Write a byte to open the gate; close it to make the command's process exit instead.
+    pub gate_write: OwnedFd,
+    /// Where the first process sends its pid and the command's (8 bytes), or end-of-file when
+    /// it failed before.
+    pub pids_read: OwnedFd,
+    /// The child's ends: close them once `spawn` has returned.
+    pub child_ends: (OwnedFd, OwnedFd),
+}
+
+impl FirstHook {
+    /// New pipes and a hook over them.
+    pub(crate) fn new() -> io::Result<(FirstHook, HookPipes)> {
+        use std::sync::atomic::{AtomicU64, Ordering};
+        static NEXT: AtomicU64 = AtomicU64::new(1);
+        let (gate_read, gate_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        let (pids_read, pids_write) = nix::unistd::pipe2(nix::fcntl::OFlag::O_CLOEXEC).map_err(io::Error::from)?;
+        let max_fd = match nix::sys::resource::getrlimit(nix::sys::resource::Resource::RLIMIT_NOFILE) {
+            Ok((soft, _)) => soft.min(65_536) as RawFd,
+            Err(_) => 1024,
+        };
+        let hook = FirstHook {
+            token: NEXT.fetch_add(1, Ordering::Relaxed),
+            gate_read: gate_read.as_raw_fd(),
+            gate_write: gate_write.as_raw_fd(),
+            pids_read: pids_read.as_raw_fd(),
+            pids_write: pids_write.as_raw_fd(),
+            max_fd,
+        };
+        Ok((hook, HookPipes { gate_write, pids_read, child_ends: (gate_read, pids_write) }))
+    }
+
+    /// Adds the hook to `cmd` as its last `pre_exec` closure, and spawns `cmd` with it armed.
+    /// Returns what `Command::spawn` returns: the child is the first process.
+    pub(crate) fn spawn(self, cmd: &mut Command) -> io::Result<std::process::Child> {
+        use std::os::unix::process::CommandExt;
+        let token = self.token;
+        // SAFETY: the closure runs in the child between fork and exec; `FirstHook::run` uses only
+        // async-signal-safe calls on integers and stack buffers (see there).
+        unsafe {
+            cmd.pre_exec(move || self.run());
+        }
+        ARMED.with(|a| a.set(token));
+        let r = cmd.spawn();
+        ARMED.with(|a| a.set(0));
+        r
+    }
+
+    /// In the forked child. Async-signal-safe: raw system calls on integers and stack buffers; the
+    /// errors returned are `io::Error::from_raw_os_error`, which does not allocate.
+    fn run(&self) -> io::Result<()> {
+        if ARMED.with(|a| a.get()) != self.token {
+            return Ok(());
+        }
+        // SAFETY (whole block): raw system calls on integers and stack buffers.
+        unsafe {
+            libc::close(self.gate_write);
+            libc::close(self.pids_read);
+            let rc = crate::sys::become_subreaper();
+            if rc != 0 {
+                return Err(io::Error::from_raw_os_error(rc));
+            }
+            libc::signal(libc::SIGCHLD, libc::SIG_DFL);
+            let mut set: libc::sigset_t = std::mem::zeroed();
+            libc::sigemptyset(&mut set);
+            libc::sigaddset(&mut set, libc::SIGCHLD);
+            for s in FORWARDED {
+                libc::sigaddset(&mut set, s);
+            }
+            let mut old: libc::sigset_t = std::mem::zeroed();
+            libc::sigprocmask(libc::SIG_BLOCK, &set, &mut old);
+            let cmd = libc::fork();
+            if cmd < 0 {
+                let e = errno();
+                libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+                return Err(io::Error::from_raw_os_error(e));
+            }
+            if cmd == 0 {
+                // The command's process: as the standard library left it, once the gate opens.
+                libc::close(self.pids_write);
+                for s in FORWARDED {
+                    let cur = libc::signal(s, libc::SIG_DFL);
+                    if cur == libc::SIG_IGN {
+                        libc::signal(s, libc::SIG_IGN);
+                    }
+                }
+                libc::sigprocmask(libc::SIG_SETMASK, &old, std::ptr::null_mut());
+                let mut b = 0u8;
+                loop {
+                    let r = libc::read(self.gate_read, (&mut b as *mut u8).cast(), 1);
+                    if r == 1 {
+                        break;
+                    }
+                    if r < 0 && errno() == libc::EINTR {
+                        continue;
+                    }
+                    // The manager gave up: never run the command.
+                    libc::_exit(126);
+                }
+                libc::close(self.gate_read);
+                return Ok(());
+            }
+            // The first process.
+            libc::close(self.gate_read);
+            let mut b = [0u8; 8];
+            b[..4].copy_from_slice(&libc::getpid().to_ne_bytes());
+            b[4..].copy_from_slice(&cmd.to_ne_bytes());
+            // 8 bytes: below PIPE_BUF, written at once or not at all.
+            while libc::write(self.pids_write, b.as_ptr().cast(), b.len()) < 0 && errno() == libc::EINTR {}
+            crate::sys::close_from(3, self.max_fd);
+            let null = libc::open(c"/dev/null".as_ptr(), libc::O_RDWR);
+            if null >= 0 {
+                for fd in 0..3 {
+                    libc::dup2(null, fd);
+                }
+                if null > 2 {
+                    libc::close(null);
+                }
+            }
+            crate::sys::set_process_name(c"vpstag-init");
+            supervise(cmd, &set)
+        }
+    }
+}
+
+/// Reads the two pids a [`FirstHook`] sends (the first process's, then the command's); `None` at
+/// end of file (the child failed before it forked the command).
+pub(crate) fn read_hook_pids(pipe: &OwnedFd) -> io::Result<Option<(crate::Pid, crate::Pid)>> {
+    let mut buf = [0u8; 8];
+    let mut got = 0;
+    while got < buf.len() {
+        match nix::unistd::read(pipe, &mut buf[got..]) {
+            Ok(0) => return Ok(None),
+            Ok(n) => got += n,
+            Err(nix::errno::Errno::EINTR) => {}
+            Err(e) => return Err(e.into()),
+        }
+    }
+    let first = i32::from_ne_bytes([buf[0], buf[1], buf[2], buf[3]]);
+    let cmd = i32::from_ne_bytes([buf[4], buf[5], buf[6], buf[7]]);
+    match (crate::Pid::new(first), crate::Pid::new(cmd)) {
+        (Some(a), Some(b)) => Ok(Some((a, b))),
+        _ => Err(io::Error::other("the first process sent a bad pid")),
+    }
 }

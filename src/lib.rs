@@ -45,7 +45,7 @@ mod tracking;
 
 pub use backend::{open_backend, open_backend_with_notes, BackendChoice};
 pub use error::{Error, Result};
-pub use manager::{CheckReport, Divergence, Manager, Member, SavedMember, SavedVps, Vps, VpsSummary};
+pub use manager::{CheckReport, Divergence, Manager, Member, SavedMember, SavedVps, Vps, VpsChild, VpsSummary};
 pub use signal::Signal;
 pub use table::{Change, Entry, MappingTable, Source};
 pub use tracking::{Stats, TaggedEvent};

@@ -445,6 +445,14 @@ impl Tracking {
         e.threads_exact = source == Source::First;
         self.table.insert(e);
     }
+
+    /// Records a process held at a start gate (single-threaded, so counted exactly from here).
+    pub(crate) fn insert_held(&mut self, info: &ProcInfo, vps: VpsId, source: Source) {
+        let mut e = Entry::new(info.id, vps, source, info.ppid);
+        e.threads = info.threads.max(1);
+        e.threads_exact = true;
+        self.table.insert(e);
+    }
 }
 
 #[cfg(test)]

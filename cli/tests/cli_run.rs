@@ -196,7 +196,12 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
     assert_eq!(out.status.code(), Some(127), "{err}");
     assert!(err.contains("cannot start \"/nonexistent/program\""), "{err}");
     assert!(!err.contains("panicked"), "{err}");
-    let out = run(&["run", "--backend", backends()[0], "x", "--", "/etc/hostname"]);
+    // A file without execute permission (made here: some systems mark odd files executable).
+    let plain = std::env::temp_dir().join(format!("vpstag-not-executable-{}", std::process::id()));
+    std::fs::write(&plain, "echo hi\n").unwrap();
+    std::fs::set_permissions(&plain, std::os::unix::fs::PermissionsExt::from_mode(0o644)).unwrap();
+    let out = run(&["run", "--backend", backends()[0], "x", "--", plain.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&plain);
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(126), "a file that is not executable: {err}");
     let out = run(&["run", "--backend", backends()[0], "x", "--", "sh", "-c", "exit 2"]);

@@ -13,9 +13,10 @@ mod start;
 
 pub use audit::{CheckReport, Divergence};
 pub use persist::{SavedMember, SavedVps};
-pub(crate) use registry::validate_name;
 use pump::pump_loop;
+pub(crate) use registry::validate_name;
 use registry::VpsRecord;
+pub use start::VpsChild;
 
 use std::collections::HashMap;
 use std::os::fd::OwnedFd;
@@ -83,6 +84,9 @@ struct State {
     batch: Vec<TaggedEvent>,
     buf: Vec<Event>,
     to_reap: Vec<Pid>,
+    /// First processes whose `Command::spawn` has not returned yet: the standard library may
+    /// wait for them, so the manager must not.
+    spawning: Vec<Pid>,
     failed: Option<String>,
     observer: Option<Observer>,
     orphan_observer: Option<OrphanObserver>,
@@ -161,6 +165,7 @@ impl Manager {
             batch: Vec::new(),
             buf: Vec::with_capacity(1024),
             to_reap: Vec::new(),
+            spawning: Vec::new(),
             failed: None,
             observer: None,
             orphan_observer: None,

@@ -5,7 +5,7 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vpstag_tracker::{EventKind, ExitStatus, ForkTracker, Pid, ProcessId, VpsId};
+use vpstag_tracker::{Event, EventKind, ExitStatus, ForkTracker, Pid, ProcessId, VpsId};
 
 use super::{Shared, State};
 use crate::tracking::TaggedEvent;
@@ -35,17 +35,7 @@ impl State {
             let events = std::mem::take(&mut self.buf);
             budget = budget.saturating_sub(events.len());
             for ev in &events {
-                let tagged = self.tracking.apply(ev, &mut self.view);
-                self.note_lifecycle(&tagged);
-                if !self.subscribers.is_empty() {
-                    self.subscribers.retain(|s| s.send(tagged).is_ok());
-                }
-                if !self.batch_subscribers.is_empty() {
-                    self.batch.push(tagged);
-                }
-                if self.tracking.resync_due {
-                    self.resync()?;
-                }
+                self.handle(ev)?;
             }
             self.buf = events;
         }
@@ -59,6 +49,22 @@ impl State {
         }
         self.reap();
         self.flush_changes();
+        Ok(())
+    }
+
+    /// Applies one event: the table, the VPS's lifecycle, the subscribers.
+    fn handle(&mut self, ev: &Event) -> Result<()> {
+        let tagged = self.tracking.apply(ev, &mut self.view);
+        self.note_lifecycle(&tagged);
+        if !self.subscribers.is_empty() {
+            self.subscribers.retain(|s| s.send(tagged).is_ok());
+        }
+        if !self.batch_subscribers.is_empty() {
+            self.batch.push(tagged);
+        }
+        if self.tracking.resync_due {
+            self.resync()?;
+        }
         Ok(())
     }
 
@@ -157,20 +163,43 @@ impl State {
     /// Reaps first processes (our children) that have exited, unless the backend reaps.
     pub(super) fn reap(&mut self) {
         let mut reaped = Vec::new();
-        self.to_reap.retain(|pid| match crate::sys::try_reap(*pid) {
-            Ok(None) => true,
-            Ok(Some(status)) => {
-                reaped.push((*pid, status));
-                false
+        let spawning = &self.spawning;
+        self.to_reap.retain(|pid| {
+            if spawning.contains(pid) {
+                return true;
             }
-            Err(_) => false,
+            match crate::sys::try_reap(*pid) {
+                Ok(None) => true,
+                Ok(Some(status)) => {
+                    reaped.push((*pid, status));
+                    false
+                }
+                Err(_) => false,
+            }
         });
-        // Where the exit event itself was lost, the status comes from waitpid.
+        // Where the exit event itself was lost, or the backend does not follow the first process
+        // (ptrace), the status comes from waitpid; a first process the table still has leaves it
+        // by an exit event made from that status, as a backend would have reported it.
         for (pid, status) in reaped {
-            for rec in self.vpses.values_mut().filter(|r| r.first.pid == pid && r.first_exit.is_none()) {
-                rec.first_exit = ExitStatus::from_wait_status(status);
+            let status = ExitStatus::from_wait_status(status);
+            let first = self.vpses.values().find(|r| r.first.pid == pid).map(|r| r.first);
+            if let Some(first) = first {
+                let tol = crate::sys::start_tolerance();
+                if self.tracking.table.get(pid).is_some_and(|e| e.same_start(first.start, tol)) {
+                    let exit = EventKind::Exit { pid, thread: pid, status, group_dead: Some(true) };
+                    let mut ev = Event::new(exit);
+                    ev.time_ns = Some(crate::sys::now_ns());
+                    let _ = self.handle(&ev);
+                }
+            }
+            for rec in self.vpses.values_mut().filter(|r| r.first.pid == pid) {
+                if rec.first_exit.is_none() {
+                    rec.first_exit = status;
+                }
+                rec.first_gone = true;
             }
         }
+        self.send_batch();
     }
 
     /// After a resync: a first process whose exit event was lost is gone from the table; mark it

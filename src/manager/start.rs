@@ -1,79 +1,201 @@
 //! Starting a first process.
 
-use std::process::Command;
-use std::time::Duration;
+use std::process::{ChildStderr, ChildStdin, ChildStdout, Command};
 
-use vpstag_tracker::ForkTracker;
+use vpstag_tracker::{ForkTracker, Pid};
 
 use super::{validate_name, Manager, State, Vps};
-use crate::init::{Pipes, Plan};
+use crate::init::{FirstHook, HookPipes};
 use crate::table::Source;
 use crate::{Error, Result};
+
+/// A VPS just started by [`Manager::spawn`], with the ends of the pipes its `Command` asked for
+/// (as [`std::process::Child`] has them). Its processes are the manager's to wait for: use
+/// [`Manager::wait`].
+#[derive(Debug)]
+#[non_exhaustive]
+pub struct VpsChild {
+    /// The VPS.
+    pub vps: Vps,
+    /// The command's standard input, when the `Command` had `stdin(Stdio::piped())`.
+    pub stdin: Option<ChildStdin>,
+    /// The command's standard output, when the `Command` had `stdout(Stdio::piped())`.
+    pub stdout: Option<ChildStdout>,
+    /// The command's standard error, when the `Command` had `stderr(Stdio::piped())`.
+    pub stderr: Option<ChildStderr>,
+}
+
 impl Manager {
     /// Starts VPS `name` running `cmd` under a new first process, and returns once `cmd` has
-    /// been executed (or failed to be).
-    ///
-    /// The first process is recorded in the table (and followed by the backend) before it is let
-    /// past its start gate, so nothing of the VPS ever runs untagged.
+    /// been executed (or failed to be). The same as [`spawn`](Manager::spawn) without the pipe
+    /// ends: use `spawn` to read a piped output.
     pub fn start(&self, name: &str, cmd: &mut Command) -> Result<Vps> {
+        self.spawn(name, cmd).map(|c| c.vps)
+    }
+
+    /// Starts VPS `name` running `cmd`, as [`Command::spawn`] would, under a new first process
+    /// (a small init that reaps the VPS's orphans and forwards termination signals), and returns
+    /// once `cmd` has been executed (or failed to be).
+    ///
+    /// Every option of `cmd` applies, because the standard library itself applies them: program,
+    /// arguments, `arg0`, environment (`env_clear`, `env_remove`), working directory, standard
+    /// input/output/error (null, inherited, piped: the ends are in the returned [`VpsChild`], a
+    /// file), `uid`, `gid`, `groups`, `process_group`, and `pre_exec` closures. They apply to the
+    /// first process, which then forks the command's process, so both run as `cmd` says (its
+    /// `pre_exec` closures run once, in the first process). The first process keeps none of the
+    /// command's descriptors.
+    ///
+    /// Both processes are recorded in the table (and followed by the backend) before the command
+    /// is let past its start gate, so nothing of the VPS ever runs untagged.
+    ///
+    /// ```no_run
+    /// use std::io::Read;
+    /// use std::os::unix::process::CommandExt;
+    /// use std::process::{Command, Stdio};
+    ///
+    /// let mgr = vpstag::Manager::with_backend(vpstag::BackendChoice::Auto)?;
+    /// let mut cmd = Command::new("id");
+    /// cmd.uid(65534).gid(65534).env_clear().stdout(Stdio::piped());
+    /// let mut child = mgr.spawn("job", &mut cmd)?;
+    /// let mut out = String::new();
+    /// child.stdout.take().unwrap().read_to_string(&mut out).unwrap();
+    /// mgr.wait(&child.vps, None)?;
+    /// # Ok::<(), vpstag::Error>(())
+    /// ```
+    pub fn spawn(&self, name: &str, cmd: &mut Command) -> Result<VpsChild> {
         validate_name(name)?;
-        let plan = Plan::new(cmd)
-            .map_err(|source| Error::Spawn { program: cmd.get_program().to_string_lossy().into_owned(), source })?;
-        let pipes = Pipes::new().map_err(|e| Error::io("creating the start-gate pipes", e))?;
+        let program = cmd.get_program().to_string_lossy().into_owned();
+        if self.synced()?.name_in_use(name) {
+            return Err(Error::AlreadyRunning(name.to_string()));
+        }
+        let (hook, pipes) = FirstHook::new().map_err(|e| Error::io("creating the start-gate pipes", e))?;
+        let HookPipes { gate_write, pids_read, child_ends } = pipes;
+        std::thread::scope(|scope| {
+            let spawner = std::thread::Builder::new()
+                .name("vpstag-spawn".into())
+                .spawn_scoped(scope, move || {
+                    let r = hook.spawn(cmd);
+                    drop(child_ends);
+                    r
+                })
+                .map_err(|e| Error::io("starting the spawning thread", e))?;
+            let spawned = |spawner: std::thread::ScopedJoinHandle<'_, std::io::Result<std::process::Child>>| {
+                spawner.join().unwrap_or_else(|_| Err(std::io::Error::other("spawning the command panicked")))
+            };
+            // The first process sends its pid and the command's; end of file if it failed first
+            // (then `spawn` says why).
+            let pids = match crate::init::read_hook_pids(&pids_read) {
+                Ok(Some(p)) => p,
+                Ok(None) => {
+                    return Err(match spawned(spawner) {
+                        Err(source) => Error::Spawn { program, source },
+                        Ok(mut child) => {
+                            let _ = child.kill();
+                            let _ = child.wait();
+                            Error::io("starting the first process", std::io::Error::other("it sent no pid"))
+                        }
+                    })
+                }
+                Err(e) => {
+                    drop(gate_write);
+                    if let Ok(mut child) = spawned(spawner) {
+                        let _ = child.wait();
+                    }
+                    return Err(Error::io("reading the first process's pid", e));
+                }
+            };
+            let (first, command) = pids;
+            let vps = match self.register_started(name, first, command) {
+                Ok(v) => v,
+                Err(e) => {
+                    // Closing the gate makes the command's process exit, and the first process
+                    // with it; `spawn` then returns it, ours to reap.
+                    drop(gate_write);
+                    if let Ok(mut child) = spawned(spawner) {
+                        let _ = child.wait();
+                    }
+                    return Err(e);
+                }
+            };
+            let opened = nix::unistd::write(&gate_write, &[1u8]);
+            drop(gate_write);
+            let result = spawned(spawner);
+            let mut st = self.lock();
+            st.spawning.retain(|p| *p != first);
+            match (opened, result) {
+                (Ok(_), Ok(mut child)) => Ok(VpsChild {
+                    vps,
+                    stdin: child.stdin.take(),
+                    stdout: child.stdout.take(),
+                    stderr: child.stderr.take(),
+                }),
+                (opened, result) => {
+                    // The command was not executed. The standard library waited for the first
+                    // process when it reported why; otherwise it is ours to reap.
+                    st.to_reap.retain(|p| *p != first);
+                    forget_started(&mut st, &vps);
+                    drop(st);
+                    match result {
+                        Err(source) => Err(Error::Spawn { program, source }),
+                        Ok(mut child) => {
+                            let _ = child.wait();
+                            let e =
+                                opened.err().map_or_else(|| std::io::Error::other("the gate did not open"), Into::into);
+                            Err(Error::io("opening the start gate", e))
+                        }
+                    }
+                }
+            }
+        })
+    }
+
+    /// Records a first process and its command's process, both held before running anything of
+    /// the command, as a new VPS `name`.
+    fn register_started(&self, name: &str, first: Pid, command: Pid) -> Result<Vps> {
         let mut st = self.synced()?;
         if st.name_in_use(name) {
             return Err(Error::AlreadyRunning(name.to_string()));
         }
-        let child = crate::init::fork_first_process(&plan, &pipes).map_err(|e| Error::io("fork", e))?;
-        let Pipes { gate_read, gate_write, err_read, err_write } = pipes;
-        drop(gate_read);
-        drop(err_write);
-        let abort = |st: &mut State| {
-            crate::sys::kill_child(child);
-            if !st.caps.reaps {
-                let _ = crate::sys::reap(child);
-            }
+        let read = |pid| {
+            crate::sys::process(pid)
+                .map_err(|e| Error::io("reading the new first process", e))?
+                .ok_or(Error::NoSuchProcess(pid))
         };
-        let info = match crate::sys::process(child) {
-            Ok(Some(i)) => i,
-            Ok(None) => {
-                abort(&mut st);
-                return Err(Error::io("reading the new first process", std::io::ErrorKind::NotFound.into()));
-            }
-            Err(e) => {
-                abort(&mut st);
-                return Err(Error::io("reading the new first process", e));
-            }
-        };
-        let vps = st.new_vps(name, info.id);
-        if let Err(e) = st.tracker.watch(child, vps.id) {
-            abort(&mut st);
-            st.names.remove(name);
-            st.vpses.remove(&vps.id);
+        let (first_info, command_info) = (read(first)?, read(command)?);
+        let vps = st.new_vps(name, first_info.id);
+        // The command's process is followed by every backend. The first process is followed too,
+        // except by a backend that reaps what it follows (ptrace): the first process is our
+        // child, which the standard library waits for when the command cannot be executed, so
+        // the manager reaps it itself (and learns its end that way).
+        let follow_first = !st.caps.reaps;
+        let watched = st.tracker.watch(command, vps.id).and_then(|()| match follow_first {
+            true => st.tracker.watch(first, vps.id),
+            false => Ok(()),
+        });
+        if let Err(e) = watched {
+            forget_started(&mut st, &vps);
             return Err(e.into());
         }
-        st.tracking.insert_member(&info, vps.id, Source::First);
-        // Open the gate.
-        let opened = nix::unistd::write(&gate_write, &[1u8]);
-        drop(gate_write);
-        drop(st);
-        if let Err(e) = opened {
-            return Err(Error::io("opening the start gate", e.into()));
+        st.tracking.insert_member(&first_info, vps.id, Source::First);
+        st.tracking.insert_held(&command_info, vps.id, Source::Event);
+        if let Some(rec) = st.vpses.get_mut(&vps.id) {
+            rec.command = Some(command);
         }
-        let reported =
-            crate::init::read_exec_errno(err_read).map_err(|e| Error::io("waiting for the command to start", e))?;
-        if let Some(errno) = reported {
-            // The first process exits at once; forget the VPS so that its name is free again.
-            let _ = self.wait(&vps, Some(Duration::from_secs(5)));
-            let mut st = self.lock();
-            st.tracking.table.remove_vps(vps.id);
-            st.vpses.remove(&vps.id);
-            st.names.remove(name);
-            return Err(Error::Spawn {
-                program: plan.program().to_string(),
-                source: std::io::Error::from_raw_os_error(errno),
-            });
+        st.spawning.push(first);
+        if !follow_first {
+            st.to_reap.push(first);
         }
+        st.flush_changes();
         Ok(vps)
     }
+}
+
+/// Undoes [`Manager::register_started`] for a VPS whose command was not executed.
+fn forget_started(st: &mut State, vps: &Vps) {
+    st.tracking.table.remove_vps(vps.id);
+    st.vpses.remove(&vps.id);
+    if st.names.get(&vps.name) == Some(&vps.id) {
+        st.names.remove(&vps.name);
+    }
+    let _ = st.tracker.forget(vps.id);
 }

@@ -34,11 +34,3 @@ pub(crate) fn reap(pid: Pid) -> io::Result<i32> {
         }
     }
 }
-
-/// SIGKILL to `pid`, a child of ours not yet reaped (so its pid cannot have been reused).
-pub(crate) fn kill_child(pid: Pid) {
-    // SAFETY: kill with integer arguments.
-    unsafe {
-        libc::kill(pid.as_raw(), libc::SIGKILL);
-    }
-}

@@ -270,3 +270,9 @@ mod tests {
         assert!(process(Pid::new(i32::MAX).unwrap()).expect("process").is_none());
     }
 }
+
+/// Closes every descriptor from `first` on (`closefrom`). Async-signal-safe.
+pub(crate) fn close_from(first: i32, _max_fd: i32) {
+    // SAFETY: closefrom takes an integer only.
+    unsafe { libc::closefrom(first) };
+}

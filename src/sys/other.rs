@@ -104,3 +104,11 @@ pub(crate) fn open_backend(choice: BackendChoice, notes: &mut Vec<String>) -> Re
         }),
     }
 }
+
+/// Closes every descriptor from `first` to `max_fd`. Async-signal-safe.
+pub(crate) fn close_from(first: i32, max_fd: i32) {
+    for fd in first..=max_fd {
+        // SAFETY: close on an integer; a descriptor that is not open gives EBADF.
+        unsafe { libc::close(fd) };
+    }
+}
