@@ -38,6 +38,7 @@ mod manager;
 pub mod process;
 pub mod protocol;
 mod signal;
+pub mod subscription;
 #[allow(unsafe_code)] // every system call vpstag makes itself
 mod sys;
 mod table;
@@ -47,6 +48,7 @@ pub use backend::{open_backend, open_backend_with_notes, BackendChoice};
 pub use error::{Error, Result};
 pub use manager::{CheckReport, Divergence, Manager, Member, SavedMember, SavedVps, Vps, VpsChild, VpsSummary};
 pub use signal::Signal;
+pub use subscription::Subscription;
 pub use table::{Change, Entry, MappingTable, Source};
 pub use tracking::{Stats, TaggedEvent};
 pub use vpstag_tracker::{

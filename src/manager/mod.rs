@@ -29,6 +29,7 @@ use std::time::{Duration, Instant, SystemTime};
 use serde::Serialize;
 use vpstag_tracker::{BackendKind, Capabilities, Event, ExitStatus, ForkTracker, Pid, ProcessId, VpsId};
 
+use crate::subscription::Subscription;
 use crate::table::{Change, MappingTable, Source};
 use crate::tracking::{Stats, SystemView, TaggedEvent, Tracking};
 use crate::{BackendChoice, Error, Result, Signal};
@@ -77,7 +78,7 @@ struct State {
     vpses: HashMap<VpsId, VpsRecord>,
     names: HashMap<String, VpsId>,
     next_id: u64,
-    subscribers: Vec<Sender<TaggedEvent>>,
+    subscribers: Vec<crate::subscription::Slot>,
     /// Receivers of whole batches (one send per drain, not per event).
     batch_subscribers: Vec<Sender<Arc<[TaggedEvent]>>>,
     /// The events of the drain in progress, for `batch_subscribers`.
@@ -271,16 +272,34 @@ impl Manager {
         Ok(v)
     }
 
-    /// Sends `sig` to every member of `vps`; returns how many were signalled. Each member is held
-    /// by a pidfd where the kernel has them (Linux 5.3+) and checked by start time, so a member
-    /// that exits meanwhile is skipped and a later holder of its pid is never signalled.
+    /// Sends `sig` to every member of `vps`, ancestors before descendants; returns how many were
+    /// signalled. Each member is held by a pidfd where the kernel has them (Linux 5.3+) and
+    /// checked by start time, so a member that exits meanwhile is skipped and a later holder of
+    /// its pid is never signalled.
     pub fn signal(&self, vps: &Vps, sig: Signal) -> Result<usize> {
         let targets: Vec<ProcessId> = {
             let mut st = self.synced()?;
             st.record(vps)?;
             st.settle_starts(vps.id);
             let t = &st.tracking.table;
-            t.members(vps.id).filter_map(|p| t.get(p)).map(|e| e.id).collect()
+            // Ancestors first: a parent that would react to its child's end (a shell's `wait`
+            // returning, a supervisor restarting it) gets the signal before the child does.
+            let depth = |e: &crate::Entry| {
+                let mut d = 0usize;
+                let mut parent = e.parent;
+                while let Some(pe) = parent.and_then(|p| t.get(p)).filter(|pe| pe.vps == vps.id) {
+                    d += 1;
+                    if d >= 4096 {
+                        break;
+                    }
+                    parent = pe.parent;
+                }
+                d
+            };
+            let mut v: Vec<(usize, ProcessId)> =
+                t.members(vps.id).filter_map(|p| t.get(p)).map(|e| (depth(e), e.id)).collect();
+            v.sort_by_key(|(d, id)| (*d, id.pid));
+            v.into_iter().map(|(_, id)| id).collect()
         };
         Ok(targets.into_iter().filter(|id| matches!(crate::sys::signal_exact(*id, sig.as_raw()), Ok(true))).count())
     }
@@ -339,6 +358,34 @@ impl Manager {
         }
     }
 
+    /// [`wait`](Manager::wait) for async code (feature `tokio`): resolves once the first process
+    /// of `vps` has exited, with the status of the user's command (or of the first process when
+    /// the command never ran), without holding a thread meanwhile. Must be awaited within a tokio
+    /// runtime with I/O enabled.
+    #[cfg(feature = "tokio")]
+    pub async fn wait_async(&self, vps: &Vps) -> Result<Option<ExitStatus>> {
+        let mut events =
+            self.subscribe_vps(vps)?.into_async().map_err(|e| Error::io("subscribing to the VPS's events", e))?;
+        loop {
+            if let Some(status) = self.finished(vps)? {
+                return Ok(status);
+            }
+            // Its first process's exit is one of its events (a lost one comes as a loss); look
+            // again after each.
+            if events.recv().await.is_none() {
+                return Err(Error::BackendFailed("the manager's event thread ended".into()));
+            }
+        }
+    }
+
+    /// `Some(status)` once the first process of `vps` has exited.
+    #[cfg(feature = "tokio")]
+    fn finished(&self, vps: &Vps) -> Result<Option<Option<ExitStatus>>> {
+        let st = self.synced()?;
+        let r = st.record(vps)?;
+        Ok(r.first_gone.then_some(r.command_exit.or(r.first_exit)))
+    }
+
     fn wait_change(&self, max: Duration) {
         let st = self.lock();
         let _ = self.shared.changed.wait_timeout(st, max);
@@ -358,11 +405,25 @@ impl Manager {
         Ok(())
     }
 
-    /// A stream of every event with its tag, from now on.
-    pub fn subscribe(&self) -> Receiver<TaggedEvent> {
-        let (tx, rx) = mpsc::channel();
-        self.lock().subscribers.push(tx);
-        rx
+    /// Every event with its tag, from now on, in a queue of
+    /// [`DEFAULT_CAPACITY`](crate::subscription::DEFAULT_CAPACITY) events; a subscriber that falls
+    /// further behind is told how many it missed (see [`Subscription`]).
+    pub fn subscribe(&self) -> Result<Subscription> {
+        self.subscribe_with(None, crate::subscription::DEFAULT_CAPACITY)
+    }
+
+    /// The events of `vps` only (and every loss, which may concern it), from now on.
+    pub fn subscribe_vps(&self, vps: &Vps) -> Result<Subscription> {
+        self.subscribe_with(Some(vps), crate::subscription::DEFAULT_CAPACITY)
+    }
+
+    /// [`subscribe`](Manager::subscribe) or [`subscribe_vps`](Manager::subscribe_vps) with a
+    /// queue of `capacity` events.
+    pub fn subscribe_with(&self, vps: Option<&Vps>, capacity: usize) -> Result<Subscription> {
+        let (slot, sub) = crate::subscription::channel(vps.map(|v| v.id), capacity)
+            .map_err(|e| Error::io("creating a subscription", e))?;
+        self.lock().subscribers.push(slot);
+        Ok(sub)
     }
 
     /// Like [`subscribe`](Manager::subscribe), but one message per drain of the backend: every

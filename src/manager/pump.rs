@@ -57,7 +57,7 @@ impl State {
         let tagged = self.tracking.apply(ev, &mut self.view);
         self.note_lifecycle(&tagged);
         if !self.subscribers.is_empty() {
-            self.subscribers.retain(|s| s.send(tagged).is_ok());
+            self.subscribers.retain_mut(|s| s.deliver(&tagged));
         }
         if !self.batch_subscribers.is_empty() {
             self.batch.push(tagged);
@@ -102,8 +102,12 @@ impl State {
         }
     }
 
-    /// Hands the events of this drain to the batch subscribers, one send each.
+    /// Hands the events of this drain to the batch subscribers, one send each, and wakes the
+    /// subscriptions that got events.
     pub(super) fn send_batch(&mut self) {
+        for s in &mut self.subscribers {
+            s.wake();
+        }
         if self.batch.is_empty() {
             return;
         }

@@ -154,6 +154,9 @@ pub enum LossReason {
     TrackingError,
     /// Anything else; the backend says what in its own docs.
     Other,
+    /// Not the backend: a subscriber's queue was full, so the events it would have held were
+    /// dropped (the table has them; only that subscriber missed them).
+    SubscriberBehind,
 }
 
 /// What happened.

@@ -4,7 +4,7 @@ use std::fs::File;
 use std::io::{BufWriter, Write};
 use std::process::Command;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::sync::mpsc::{Receiver, RecvTimeoutError};
+use std::sync::mpsc::RecvTimeoutError;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
@@ -55,7 +55,7 @@ impl Printer {
         }
     }
 
-    fn drain(&mut self, rx: &Receiver<TaggedEvent>, wait: Duration) {
+    fn drain(&mut self, rx: &vpstag::Subscription, wait: Duration) {
         match rx.recv_timeout(wait) {
             Ok(t) => self.show(&t),
             Err(RecvTimeoutError::Timeout | RecvTimeoutError::Disconnected) => return,
@@ -116,7 +116,7 @@ pub(crate) fn run(a: RunArgs) -> vpstag::Result<i32> {
     let mgr = Manager::new(tracker)?;
     let reaps_itself = mgr.capabilities().reaps;
     let signals = Signals::install().map_err(|e| vpstag::Error::io("installing signal handlers", e))?;
-    let rx = mgr.subscribe();
+    let rx = mgr.subscribe()?;
     let mut cmd = Command::new(&a.cmd[0]);
     cmd.args(&a.cmd[1..]);
     let vps = mgr.start(&a.name, &mut cmd)?;
