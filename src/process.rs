@@ -90,6 +90,23 @@ pub fn may_signal(uid: u32, pid: Pid) -> bool {
     sys::may_signal(uid, pid)
 }
 
+/// The process (thread-group id) the task `tid` belongs to: `tid` itself for a process (a
+/// thread-group leader), its process for another thread; `None` when there is no such task or
+/// the system does not say (Linux only in this version).
+///
+/// ```no_run
+/// use vpstag::{process, Pid};
+///
+/// let me = Pid::new(std::process::id() as i32).unwrap();
+/// assert_eq!(process::thread_group(me), Some(me));
+/// ```
+///
+/// # References
+/// - [`proc_pid_status(5)`](https://man7.org/linux/man-pages/man5/proc_pid_status.5.html): `Tgid`
+pub fn thread_group(tid: Pid) -> Option<Pid> {
+    sys::thread_group(tid)
+}
+
 /// What a process has used so far.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 #[non_exhaustive]

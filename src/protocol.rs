@@ -163,14 +163,15 @@ pub struct VpsInfo {
     pub rss_bytes: u64,
 }
 
-/// One fork, exec or exit of a tagged process (`events`).
+/// One fork, exec or exit of a tagged process, or a loss (`events`).
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventInfo {
-    /// `fork`, `exec` or `exit`.
+    /// `fork`, `exec`, `exit`, or `lost` (the backend lost events: some events of the stream
+    /// may be missing, though the table was repaired from a scan).
     pub event: String,
-    /// The VPS.
+    /// The VPS; for `lost`, the VPS the stream is about, or `""` when it covers several.
     pub vps: String,
-    /// The process (for a fork: the child).
+    /// The process (for a fork: the child; 0 for `lost`).
     pub pid: i32,
     /// For a fork: the parent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
@@ -184,6 +185,9 @@ pub struct EventInfo {
     /// For an exit: the signal that ended it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
+    /// For `lost`: how many events were lost, when the backend could count them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub count: Option<u64>,
     /// When (nanoseconds of the boot clock), if the backend knows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_ns: Option<u64>,
@@ -319,9 +323,11 @@ impl fmt::Display for ErrorKind {
 impl EventInfo {
     /// The one mapping of a tagged event to the protocol's event schema (what `vpstag events
     /// --json` and `vpstag run --json-events` print): `None` for what the schema leaves out
-    /// (thread births and exits, loss reports). `cmd` reads an exec's command line (it is called
-    /// for exec events only). An exit carries `code` when the process exited and `signal` when a
-    /// signal ended it, never both.
+    /// (thread births and exits). `cmd` reads an exec's command line (it is called for exec
+    /// events only). An exit carries `code` when the process exited and `signal` when a signal
+    /// ended it, never both. A loss report (which belongs to no VPS) becomes a `lost` event with
+    /// pid 0, `count` when known, and `vps` as given (the VPS of the stream it is written into,
+    /// or `""` for a stream of several VPSes).
     ///
     /// ```
     /// use vpstag::protocol::EventInfo;
@@ -336,22 +342,23 @@ impl EventInfo {
     /// assert_eq!((info.event.as_str(), info.code, info.signal), ("exit", Some(3), None));
     /// ```
     pub fn from_event(ev: &TaggedEvent, vps: &str, cmd: impl FnOnce(Pid) -> Option<String>) -> Option<EventInfo> {
-        let base = |event: &str, pid: Pid| EventInfo {
+        let base = |event: &str, pid: i32| EventInfo {
             event: event.into(),
             vps: vps.into(),
-            pid: pid.as_raw(),
+            pid,
             parent: None,
             cmd: None,
             code: None,
             signal: None,
+            count: None,
             time_ns: ev.event.time_ns,
         };
         match ev.event.kind {
             EventKind::Fork { thread: true, .. } => None,
             EventKind::Fork { parent, child, .. } => {
-                Some(EventInfo { parent: Some(parent.as_raw()), ..base("fork", child) })
+                Some(EventInfo { parent: Some(parent.as_raw()), ..base("fork", child.as_raw()) })
             }
-            EventKind::Exec { pid, .. } => Some(EventInfo { cmd: cmd(pid), ..base("exec", pid) }),
+            EventKind::Exec { pid, .. } => Some(EventInfo { cmd: cmd(pid), ..base("exec", pid.as_raw()) }),
             EventKind::Exit { pid, thread, .. } if pid != thread => None,
             EventKind::Exit { pid, status, .. } => Some(EventInfo {
                 code: match status {
@@ -362,8 +369,9 @@ impl EventInfo {
                     Some(ExitStatus::Signaled { signal, .. }) => Some(signal),
                     _ => None,
                 },
-                ..base("exit", pid)
+                ..base("exit", pid.as_raw())
             }),
+            EventKind::Lost { count, .. } => Some(EventInfo { count, ..base("lost", 0) }),
             _ => None,
         }
     }
@@ -398,5 +406,22 @@ mod tests {
         assert_eq!((info.code, info.signal), (None, Some(9)));
         let json = serde_json::to_string(&info).unwrap();
         assert!(!json.contains("code"), "{json}");
+    }
+
+    #[test]
+    fn a_loss_report_becomes_a_lost_event_with_its_count() {
+        let lost = |count| TaggedEvent {
+            event: crate::Event::new(EventKind::Lost { count, reason: crate::LossReason::Overflow }),
+            vps: None,
+        };
+        let info = EventInfo::from_event(&lost(Some(12)), "web", |_| panic!("no command line for a loss")).unwrap();
+        assert_eq!((info.event.as_str(), info.vps.as_str(), info.pid, info.count), ("lost", "web", 0, Some(12)));
+        let json = serde_json::to_string(&info).unwrap();
+        assert_eq!(json, r#"{"event":"lost","vps":"web","pid":0,"count":12}"#);
+        let uncounted = EventInfo::from_event(&lost(None), "", |_| None).unwrap();
+        assert_eq!(serde_json::to_string(&uncounted).unwrap(), r#"{"event":"lost","vps":"","pid":0}"#);
+        // An event from a daemon that knows no `count` still reads.
+        let old: EventInfo = serde_json::from_str(r#"{"event":"exit","vps":"a","pid":3,"code":0}"#).unwrap();
+        assert_eq!(old.count, None);
     }
 }

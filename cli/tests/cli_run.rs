@@ -207,13 +207,14 @@ fn bad_input_gets_a_clear_error_and_no_panic() {
     let out = run(&["run", "--backend", backends()[0], "x", "--", "sh", "-c", "exit 2"]);
     assert_eq!(out.status.code(), Some(2), "CMD's own status");
     // A grace period a Duration cannot hold is refused when parsed (it used to panic after
-    // SIGTERM was sent, so SIGKILL never followed).
+    // SIGTERM was sent, so SIGKILL never followed): a usage error, 125 for run (whose 1-124 are
+    // CMD's), 2 for stop.
     for bad in ["inf", "NaN", "-1"] {
         let grace = format!("--grace={bad}");
-        for args in [vec!["run", &grace, "x", "--", "true"], vec!["stop", &grace, "x"]] {
+        for (args, code) in [(vec!["run", &grace, "x", "--", "true"], 125), (vec!["stop", &grace, "x"], 2)] {
             let out = run(&args);
             let err = String::from_utf8_lossy(&out.stderr);
-            assert_eq!(out.status.code(), Some(2), "{args:?}: {err}");
+            assert_eq!(out.status.code(), Some(code), "{args:?}: {err}");
             assert!(err.contains("number of seconds") && !err.contains("panicked"), "{args:?}: {err}");
         }
     }

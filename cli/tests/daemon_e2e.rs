@@ -1089,3 +1089,187 @@ fn output_into_a_closed_pipe_ends_quietly() {
         assert!(!err.contains("panicked"), "{args:?}: {err}");
     }
 }
+
+/// A JSON document a command printed, or the test fails saying what was printed.
+fn json_of(what: &str, out: &Output) -> Value {
+    serde_json::from_slice(&out.stdout).unwrap_or_else(|e| {
+        panic!("{what} --json printed no JSON ({e}):\n{}\nstderr: {}", text(&out.stdout), text(&out.stderr))
+    })
+}
+
+/// `--json` on `start`, `which`, `kill` and `stop`: one JSON object on standard output each,
+/// with what the text output says, and the same exit statuses.
+#[test]
+fn start_which_kill_and_stop_print_json() {
+    if !cnproc_available() {
+        return;
+    }
+    let d = Daemon::new("json", "cnproc");
+    let out = d.run(&["start", "--json", "js", "--", "sh", "-c", "sleep 801 & wait"]);
+    assert!(out.status.success(), "start --json: {}\n{}", text(&out.stderr), d.log());
+    let v = json_of("start", &out);
+    let first = v["pid"].as_i64().unwrap_or_else(|| panic!("start --json without a pid: {v}")) as i32;
+    d.seen.borrow_mut().push((first, start_time(first)));
+    assert_eq!(v, serde_json::json!({ "vps": "js", "pid": first }));
+    wait_until("the sleep", Duration::from_secs(10), || d.pids_of("js", "sleep 801").len() == 1);
+    let sleep = d.pids_of("js", "sleep 801")[0];
+
+    let out = d.run(&["which", "--json", &sleep.to_string()]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    assert_eq!(json_of("which", &out), serde_json::json!({ "pid": sleep, "vps": "js" }));
+    // An untagged process (this test): "vps" is null, the status still 1, nothing on stderr.
+    let me = std::process::id() as i32;
+    let out = d.run(&["which", "--json", &me.to_string()]);
+    assert_eq!(out.status.code(), Some(1), "{}", text(&out.stderr));
+    assert_eq!(json_of("which", &out), serde_json::json!({ "pid": me, "vps": null }));
+    assert_eq!(text(&out.stderr), "");
+
+    // A signal by number still works; the JSON names it.
+    let out = d.run(&["kill", "--json", "js", "--signal", "18"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v = json_of("kill", &out);
+    assert_eq!((&v["vps"], &v["signal"]), (&Value::from("js"), &Value::from("CONT")), "{v}");
+    assert!(v["signalled"].as_u64().is_some_and(|n| n >= 3), "init, sh and sleep: {v}");
+    assert_eq!(text(&out.stderr), "", "the JSON replaces the sentence");
+
+    let out = d.run(&["stop", "--json", "js", "--grace", "5"]);
+    assert_eq!(out.status.code(), Some(0), "{}", text(&out.stderr));
+    let v = json_of("stop", &out);
+    assert_eq!(v["vps"], "js", "{v}");
+    assert!(v["signalled"].as_u64().is_some_and(|n| n >= 1), "{v}");
+    assert_eq!(text(&out.stderr), "", "no progress report and no sentence with --json");
+    wait_until("the stopped VPS's sleep to end", Duration::from_secs(10), || !alive(sleep));
+    assert_eq!(d.run(&["which", "--json", "js"]).status.code(), Some(2), "not a pid: an error");
+}
+
+/// `stop` on a VPS whose processes ignore SIGTERM says on stderr, about once a second, which VPS
+/// it is waiting for, how many processes and which are left, and how long until SIGKILL.
+#[test]
+fn stop_says_what_it_waits_for_during_the_grace_period() {
+    if !cnproc_available() {
+        return;
+    }
+    let d = Daemon::new("stopwait", "cnproc");
+    // SIG_IGN is inherited: sh and its sleep both ignore SIGTERM.
+    d.start_vps("stubborn", &["sh", "-c", "trap '' TERM; sleep 802 & wait"]);
+    wait_until("the sleep", Duration::from_secs(10), || d.pids_of("stubborn", "sleep 802").len() == 1);
+    let sleep = d.pids_of("stubborn", "sleep 802")[0];
+    let sh = d.pids_of("stubborn", "sh -c trap '' TERM; sleep 802 & wait")[0];
+    let began = Instant::now();
+    let out = d.run(&["stop", "stubborn", "--grace", "3"]);
+    let took = began.elapsed();
+    let err = text(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(took >= Duration::from_secs(3), "SIGTERM was ignored, so stop waits the grace period: {took:?}\n{err}");
+    let reports: Vec<&str> = err.lines().filter(|l| l.starts_with("vpstag: stopping VPS \"stubborn\": ")).collect();
+    assert!(reports.len() >= 2, "a report about every second of the 3 s grace period:\n{err}");
+    assert!(reports.len() as u64 <= took.as_secs() + 1, "at most one a second ({took:?}):\n{err}");
+    for r in &reports[..2] {
+        assert!(r.contains(" processes left ("), "how many (at least sh and sleep): {r}");
+        assert!(r.contains(&sleep.to_string()) && r.contains(&sh.to_string()), "which (sh {sh}, sleep {sleep}): {r}");
+        assert!(r.contains("; SIGKILL in "), "when SIGKILL comes: {r}");
+    }
+    assert!(reports[0].ends_with("SIGKILL in 2s") || reports[0].ends_with("SIGKILL in 3s"), "{}", reports[0]);
+    assert!(err.contains("VPS \"stubborn\" stopped ("), "{err}");
+    wait_until("the stubborn processes to end", Duration::from_secs(10), || !alive(sleep) && !alive(sh));
+}
+
+/// The ids of the threads of `pid` (empty when it is gone).
+fn tasks(pid: i32) -> Vec<i32> {
+    match std::fs::read_dir(format!("/proc/{pid}/task")) {
+        Ok(dir) => dir.filter_map(|e| e.ok()?.file_name().to_str()?.parse().ok()).collect(),
+        Err(_) => Vec::new(),
+    }
+}
+
+/// `which` of a thread id names the VPS of the thread's process; a thread of an untagged process
+/// is untagged.
+#[test]
+fn which_of_a_thread_id_names_its_process_vps() {
+    if !cnproc_available() {
+        return;
+    }
+    let d = Daemon::new("thread", "cnproc");
+    let prog = "import threading, time\nthreading.Thread(target=time.sleep, args=(803,)).start()\ntime.sleep(803)";
+    d.start_vps("threads", &["/usr/bin/python3", "-c", prog]);
+    let python = || {
+        d.ps(Some("threads"))
+            .iter()
+            .find(|p| p["cmd"].as_str().is_some_and(|c| c.starts_with("/usr/bin/python3")))
+            .and_then(|p| p["pid"].as_i64())
+            .map(|p| p as i32)
+    };
+    wait_until("python and its second thread", Duration::from_secs(10), || {
+        python().is_some_and(|p| tasks(p).len() >= 2)
+    });
+    let pid = python().unwrap_or(0);
+    let threads = tasks(pid);
+    let tid = threads.iter().copied().find(|t| *t != pid).unwrap_or_else(|| panic!("no second thread in {threads:?}"));
+    assert_eq!(d.which(pid), (Some(0), "threads".to_string()));
+    assert_eq!(d.which(tid), (Some(0), "threads".to_string()), "thread {tid} of process {pid}");
+    let out = d.run(&["which", "--json", &tid.to_string()]);
+    assert_eq!(json_of("which", &out), serde_json::json!({ "pid": tid, "vps": "threads" }));
+
+    let (tx, rx) = std::sync::mpsc::channel();
+    let (done, wait) = std::sync::mpsc::channel::<()>();
+    let t = std::thread::spawn(move || {
+        // SAFETY: gettid has no preconditions.
+        let _ = tx.send(unsafe { libc::gettid() });
+        let _ = wait.recv();
+    });
+    let mine = rx.recv().expect("the test thread's id");
+    assert_eq!(d.which(mine).0, Some(1), "a thread of this untagged test process");
+    drop(done);
+    let _ = t.join();
+}
+
+/// `events --follow NAME` streams that VPS's events only (a root's bare name is its own VPS).
+#[test]
+fn events_follow_of_one_vps_gets_only_that_vps() {
+    if !cnproc_available() {
+        return;
+    }
+    let d = Daemon::new("follow1", "cnproc");
+    d.start_vps("fa", &["sleep", "804"]);
+    d.start_vps("fb", &["sleep", "805"]);
+    let mut f = d.cmd(&["events", "--json", "--follow", "fa"]).stdout(Stdio::piped()).process_group(0).spawn().unwrap();
+    let stdout = f.stdout.take().unwrap();
+    d.extra.borrow_mut().push(f);
+    let (tx, rx) = std::sync::mpsc::channel::<String>();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            if tx.send(l).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<Value> = Vec::new();
+    // Waits for the exit of a command of `vps` with `code`, keeping every line seen.
+    let until_exit = |vps: &str, code: i64, seen: &mut Vec<Value>| -> bool {
+        let end = Instant::now() + Duration::from_secs(3);
+        while Instant::now() < end {
+            if let Ok(l) = rx.recv_timeout(Duration::from_millis(100)) {
+                let v: Value = serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+                let hit = v["vps"] == vps && v["event"] == "exit" && v["code"] == code;
+                seen.push(v);
+                if hit {
+                    return true;
+                }
+            }
+        }
+        false
+    };
+    // The follower is registered once it shows something new of fa.
+    let end = Instant::now() + Duration::from_secs(30);
+    loop {
+        assert!(d.cmd(&["exec", "fa", "--", "sh", "-c", "exit 4"]).status().unwrap().code() == Some(4));
+        if until_exit("fa", 4, &mut seen) {
+            break;
+        }
+        assert!(Instant::now() < end, "the follower never showed fa's events: {seen:?}");
+    }
+    assert_eq!(d.cmd(&["exec", "fb", "--", "sh", "-c", "exit 5"]).status().unwrap().code(), Some(5));
+    assert_eq!(d.cmd(&["exec", "fa", "--", "sh", "-c", "exit 6"]).status().unwrap().code(), Some(6));
+    assert!(until_exit("fa", 6, &mut seen), "fa's exit 6 never came: {seen:?}");
+    assert!(seen.iter().all(|v| v["vps"] == "fa"), "events of another VPS reached a follower of fa: {seen:?}");
+}

@@ -345,6 +345,13 @@ pub(crate) fn close_from(first: i32, max_fd: i32) {
     }
 }
 
+/// The thread group (process) of a task: `/proc/TID/status`'s `Tgid` (a thread's directory is
+/// there though `readdir` of `/proc` does not list it).
+pub(crate) fn thread_group(tid: Pid) -> Option<Pid> {
+    let st = procfs::process::Process::new(tid.as_raw()).ok()?.status().ok()?;
+    Pid::new(st.tgid)
+}
+
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead, BufReader, Write};
@@ -448,5 +455,25 @@ mod tests {
         }
         let _ = (&stream).write(b"");
         let _ = std::fs::remove_dir_all(&dir);
+    }
+
+    #[test]
+    fn a_thread_id_leads_to_its_process() {
+        let me = Pid::new(std::process::id() as i32).expect("a pid");
+        assert_eq!(thread_group(me), Some(me));
+        let (tx, rx) = std::sync::mpsc::channel();
+        let (done_tx, done_rx) = std::sync::mpsc::channel::<()>();
+        let t = std::thread::spawn(move || {
+            // SAFETY: gettid has no preconditions.
+            let _ = tx.send(unsafe { libc::gettid() });
+            let _ = done_rx.recv();
+        });
+        let tid = Pid::new(rx.recv().expect("the thread's id")).expect("a tid");
+        assert_ne!(tid, me);
+        assert_eq!(thread_group(tid), Some(me), "thread {tid} of process {me}");
+        drop(done_tx);
+        t.join().expect("the thread ends");
+        // No such task (pids stop well below i32::MAX).
+        assert_eq!(thread_group(Pid::new(i32::MAX).expect("a pid")), None);
     }
 }

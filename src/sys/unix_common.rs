@@ -71,6 +71,12 @@ pub(crate) fn may_signal(uid: u32, pid: vpstag_tracker::Pid) -> bool {
     uid == 0 || matches!(super::process(pid), Ok(Some(i)) if i.uid == uid)
 }
 
+/// The process a thread belongs to: not read on this system yet.
+pub(crate) fn thread_group(tid: vpstag_tracker::Pid) -> Option<vpstag_tracker::Pid> {
+    let _ = tid;
+    None
+}
+
 /// CPU time and memory of a process: not read on this system yet.
 pub(crate) fn usage(pid: vpstag_tracker::Pid) -> Option<(u64, u64)> {
     let _ = pid;

@@ -6,12 +6,14 @@ use std::collections::{BTreeMap, HashMap, HashSet};
 use std::io::Write;
 use std::path::Path;
 use std::process::Command;
-use std::time::{Duration, SystemTime};
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::time::{Duration, Instant, SystemTime};
 
 use clap::CommandFactory;
+use serde_json::json;
 use vpstag::client::{Client, ClientError};
-use vpstag::protocol::{EventInfo, ProcessInfo};
-use vpstag::{Pid, Signal};
+use vpstag::protocol::{EventInfo, Op, ProcessInfo};
+use vpstag::Pid;
 
 use super::{Cli, Cmd};
 
@@ -29,6 +31,12 @@ macro_rules! out {
     ($($arg:tt)*) => {
         out_or_exit(write!(std::io::stdout(), $($arg)*))
     };
+}
+
+/// One JSON document on standard output, pretty-printed: the `--json` of every command that
+/// prints one answer (`events` prints one compact object a line instead).
+fn print_json(v: &impl serde::Serialize) {
+    outln!("{}", serde_json::to_string_pretty(v).expect("serialises"));
 }
 
 fn out_or_exit(r: std::io::Result<()>) {
@@ -102,30 +110,27 @@ pub(crate) fn main(cmd: Cmd, socket: &Path) -> i32 {
 fn man(a: super::ManArgs) -> R {
     let err = |e: std::io::Error| Failure::Other(format!("writing the man page: {e}"));
     let Some(dir) = a.dir else {
-        let mut out = Vec::new();
-        clap_mangen::Man::new(Cli::command()).render(&mut out).map_err(err)?;
-        std::io::stdout().write_all(&out).map_err(err)?;
+        let page = super::man::page(Cli::command(), None).map_err(err)?;
+        out!("{}", String::from_utf8_lossy(&page));
         return Ok(0);
     };
     std::fs::create_dir_all(&dir).map_err(err)?;
-    let mut pages = vec![("vpstag.1".to_string(), Cli::command())];
+    let mut pages = vec![("vpstag.1".to_string(), Cli::command(), None)];
     for sub in Cli::command().get_subcommands() {
         let name: &'static str = Box::leak(format!("vpstag-{}", sub.get_name()).into_boxed_str());
-        pages.push((format!("{name}.1"), sub.clone().name(name)));
+        pages.push((format!("{name}.1"), sub.clone().name(name), Some(sub.get_name().to_string())));
     }
-    for (file, cmd) in pages {
-        let mut out = Vec::new();
-        clap_mangen::Man::new(cmd).render(&mut out).map_err(err)?;
-        std::fs::write(dir.join(&file), out).map_err(err)?;
+    for (file, cmd, sub) in pages {
+        let page = super::man::page(cmd, sub.as_deref()).map_err(err)?;
+        std::fs::write(dir.join(&file), page).map_err(err)?;
         outln!("{}", dir.join(file).display());
     }
     Ok(0)
 }
 
 fn daemon(a: super::DaemonArgs, socket: &Path) -> R {
-    let backend: vpstag::BackendChoice = a.backend.parse()?;
     crate::daemon::run(crate::daemon::Config {
-        backend,
+        backend: a.backend,
         socket: socket.to_path_buf(),
         state_dir: a.state_dir,
         discard_bad_journal: a.discard_bad_journal,
@@ -140,7 +145,11 @@ fn start(a: super::StartArgs, socket: &Path) -> R {
     let mut cmd = Command::new(&a.cmd[0]);
     cmd.args(&a.cmd[1..]);
     let pid = c.start(&a.name, &cmd, a.output.as_deref())?;
-    outln!("{pid}");
+    if a.json {
+        print_json(&json!({ "vps": a.name, "pid": pid.as_raw() }));
+    } else {
+        outln!("{pid}");
+    }
     Ok(0)
 }
 
@@ -150,16 +159,15 @@ fn exec(a: super::ExecArgs, socket: &Path) -> R {
 
 fn which(a: super::WhichArgs, socket: &Path) -> R {
     let pid: Pid = a.pid.parse().map_err(Failure::Other)?;
-    match Client::connect_to(socket)?.vps_of(pid)? {
-        Some(name) => {
-            outln!("{name}");
-            Ok(0)
-        }
-        None => {
-            eprintln!("vpstag: process {pid} has no tag");
-            Ok(1)
-        }
+    let vps = Client::connect_to(socket)?.vps_of(pid)?;
+    if a.json {
+        print_json(&json!({ "pid": pid.as_raw(), "vps": vps }));
+    } else if let Some(name) = &vps {
+        outln!("{name}");
+    } else {
+        eprintln!("vpstag: process {pid} has no tag");
     }
+    Ok(i32::from(vps.is_none()))
 }
 
 /// `s` safe to print to a terminal: every control character spelled out, so that text another
@@ -189,7 +197,7 @@ fn printable(s: &str) -> Cow<'_, str> {
 fn ps(a: super::PsArgs, socket: &Path) -> R {
     let procs = Client::connect_to(socket)?.ps(a.name.as_deref())?;
     if a.json {
-        outln!("{}", serde_json::to_string_pretty(&procs).expect("serialises"));
+        print_json(&procs);
     } else if a.tree {
         out!("{}", draw_trees(&procs));
     } else {
@@ -268,7 +276,7 @@ fn human_bytes(b: u64) -> String {
 fn list(a: super::ListArgs, socket: &Path) -> R {
     let vpses = Client::connect_to(socket)?.list()?;
     if a.json {
-        outln!("{}", serde_json::to_string_pretty(&vpses).expect("serialises"));
+        print_json(&vpses);
         return Ok(0);
     }
     outln!(
@@ -308,34 +316,110 @@ fn list(a: super::ListArgs, socket: &Path) -> R {
 }
 
 fn kill(a: super::KillArgs, socket: &Path) -> R {
-    let sig: Signal = a.signal.parse()?;
+    let sig = a.signal;
     let n = Client::connect_to(socket)?.kill(&a.name, sig)?;
-    eprintln!("vpstag: sent {sig} to {n} processes of VPS {:?}", a.name);
+    if a.json {
+        print_json(&json!({ "vps": a.name, "signal": sig.name(), "signalled": n }));
+    } else {
+        eprintln!("vpstag: sent {sig} to {n} processes of VPS {:?}", a.name);
+    }
     Ok(0)
 }
 
+/// How often `stop` says what it is waiting for.
+const STOP_REPORT_EVERY: Duration = Duration::from_secs(1);
+
 fn stop(a: super::StopArgs, socket: &Path) -> R {
-    Client::connect_to(socket)?.stop(&a.name, Duration::from_secs_f64(a.grace.max(0.0)))?;
-    eprintln!("vpstag: VPS {:?} stopped and forgotten", a.name);
+    let grace = Duration::from_secs_f64(a.grace.max(0.0));
+    let mut c = Client::connect_to(socket)?;
+    let began = Instant::now();
+    let (tx, rx) = mpsc::channel();
+    let op = Op::Stop { name: a.name.clone(), grace_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)) };
+    std::thread::Builder::new()
+        .name("vpstag-stop".into())
+        .spawn(move || {
+            let _ = tx.send(c.call(op));
+        })
+        .map_err(|e| Failure::Other(format!("starting a thread: {e}")))?;
+    // While the daemon works, a second connection asks which members are left, once a second.
+    let mut watcher: Option<Client> = None;
+    let reply = loop {
+        match rx.recv_timeout(STOP_REPORT_EVERY) {
+            Ok(reply) => break reply?,
+            Err(RecvTimeoutError::Disconnected) => {
+                return Err(Failure::Other("the stop request ended without a reply".into()))
+            }
+            Err(RecvTimeoutError::Timeout) if a.json => {}
+            Err(RecvTimeoutError::Timeout) => {
+                if watcher.is_none() {
+                    watcher = Client::connect_to(socket).ok();
+                }
+                // Members already gone, or the VPS already forgotten: nothing to say this time.
+                match watcher.as_mut().map(|w| w.members(&a.name)) {
+                    Some(Ok(left)) if !left.is_empty() => {
+                        eprintln!("{}", stop_progress(&a.name, &left, began.elapsed(), grace));
+                    }
+                    Some(Ok(_)) => {}
+                    Some(Err(_)) | None => watcher = None,
+                }
+            }
+        }
+    };
+    let n = reply.get("signalled").and_then(serde_json::Value::as_u64).unwrap_or(0);
+    if a.json {
+        print_json(&json!({ "vps": a.name, "signalled": n }));
+    } else {
+        eprintln!("vpstag: VPS {:?} stopped ({n} processes signalled) and forgotten", a.name);
+    }
     Ok(0)
+}
+
+/// What `stop` is waiting for, `elapsed` after it asked with grace period `grace`: the VPS, how
+/// many members are left and which, and how long until SIGKILL.
+fn stop_progress(name: &str, left: &[Pid], elapsed: Duration, grace: Duration) -> String {
+    const SHOWN: usize = 10;
+    let mut pids: Vec<String> = left.iter().take(SHOWN).map(ToString::to_string).collect();
+    if left.len() > SHOWN {
+        pids.push(format!("and {} more", left.len() - SHOWN));
+    }
+    let when = match grace.checked_sub(elapsed) {
+        Some(d) if !d.is_zero() => format!("SIGKILL in {}s", d.as_secs_f64().ceil() as u64),
+        _ => format!("SIGKILL sent {}s ago", (elapsed - grace).as_secs()),
+    };
+    format!(
+        "vpstag: stopping VPS {:?}: {} {} left ({}); {when}",
+        printable(name),
+        left.len(),
+        if left.len() == 1 { "process" } else { "processes" },
+        pids.join(" ")
+    )
+}
+
+/// An event as one line of text (`vpstag events`, `vpstag run`), control characters escaped.
+pub(super) fn event_text(e: &EventInfo) -> String {
+    let vps = if e.vps.is_empty() { Cow::Borrowed("*") } else { printable(&e.vps) };
+    match e.event.as_str() {
+        "fork" => format!("[{vps}] fork {} -> {}", e.parent.unwrap_or(0), e.pid),
+        "exec" => format!("[{vps}] exec {} {}", e.pid, printable(e.cmd.as_deref().unwrap_or("?"))),
+        "exit" => match (e.code, e.signal) {
+            (Some(c), _) => format!("[{vps}] exit {} (exit code {c})", e.pid),
+            (_, Some(s)) => format!("[{vps}] exit {} (killed by signal {s})", e.pid),
+            _ => format!("[{vps}] exit {}", e.pid),
+        },
+        "lost" => format!(
+            "[{vps}] lost {} (the table was repaired from a scan, but events are missing here)",
+            match e.count {
+                Some(1) => "1 event".to_string(),
+                Some(n) => format!("{n} events"),
+                None => "events".to_string(),
+            }
+        ),
+        other => format!("[{vps}] {} {}", printable(other), e.pid),
+    }
 }
 
 fn print_event(e: &EventInfo, json: bool) -> bool {
-    let line = if json {
-        serde_json::to_string(e).expect("serialises")
-    } else {
-        let vps = printable(&e.vps);
-        match e.event.as_str() {
-            "fork" => format!("[{vps}] fork {} -> {}", e.parent.unwrap_or(0), e.pid),
-            "exec" => format!("[{vps}] exec {} {}", e.pid, printable(e.cmd.as_deref().unwrap_or("?"))),
-            "exit" => match (e.code, e.signal) {
-                (Some(c), _) => format!("[{vps}] exit {} (exit code {c})", e.pid),
-                (_, Some(s)) => format!("[{vps}] exit {} (killed by signal {s})", e.pid),
-                _ => format!("[{vps}] exit {}", e.pid),
-            },
-            other => format!("[{vps}] {} {}", printable(other), e.pid),
-        }
-    };
+    let line = if json { serde_json::to_string(e).expect("serialises") } else { event_text(e) };
     let mut out = std::io::stdout().lock();
     writeln!(out, "{line}").and_then(|_| out.flush()).is_ok()
 }
@@ -352,7 +436,7 @@ fn events(a: super::EventsArgs, socket: &Path) -> R {
 fn check(a: super::CheckArgs, socket: &Path) -> R {
     let r = Client::connect_to(socket)?.check()?;
     if a.json {
-        outln!("{}", serde_json::to_string_pretty(&r).expect("serialises"));
+        print_json(&r);
     } else {
         for d in &r.divergences {
             match d.kind.as_str() {
@@ -412,6 +496,46 @@ mod tests {
         let t = draw_trees(&[evil]);
         assert!(!t.contains('\x1b') && !t.contains('\x07'), "{t:?}");
         assert!(t.contains("sh \\x1b]0;pwned\\x07"), "{t:?}");
+    }
+
+    #[test]
+    fn stop_says_which_vps_how_many_and_which_processes_are_left_and_when_sigkill_comes() {
+        let pids: Vec<Pid> = (101..=103).filter_map(Pid::new).collect();
+        let s = |left: &[Pid], elapsed: f64| {
+            stop_progress("web", left, Duration::from_secs_f64(elapsed), Duration::from_secs(5))
+        };
+        assert_eq!(s(&pids, 1.2), "vpstag: stopping VPS \"web\": 3 processes left (101 102 103); SIGKILL in 4s");
+        assert_eq!(s(&pids[..1], 4.5), "vpstag: stopping VPS \"web\": 1 process left (101); SIGKILL in 1s");
+        assert_eq!(s(&pids[..1], 7.1), "vpstag: stopping VPS \"web\": 1 process left (101); SIGKILL sent 2s ago");
+        let many: Vec<Pid> = (1000..1012).filter_map(Pid::new).collect();
+        let line = s(&many, 1.0);
+        assert!(
+            line.contains("12 processes left (1000 1001") && line.ends_with("1009 and 2 more); SIGKILL in 4s"),
+            "{line}"
+        );
+    }
+
+    #[test]
+    fn a_lost_event_says_how_many_and_of_which_stream() {
+        let lost = |vps: &str, count| EventInfo {
+            event: "lost".into(),
+            vps: vps.into(),
+            pid: 0,
+            parent: None,
+            cmd: None,
+            code: None,
+            signal: None,
+            count,
+            time_ns: None,
+        };
+        assert_eq!(
+            event_text(&lost("", Some(3))),
+            "[*] lost 3 events (the table was repaired from a scan, but events are missing here)"
+        );
+        assert_eq!(
+            event_text(&lost("web", None)),
+            "[web] lost events (the table was repaired from a scan, but events are missing here)"
+        );
     }
 
     #[test]

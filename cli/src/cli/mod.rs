@@ -1,11 +1,14 @@
 //! Command-line parsing and the subcommands.
 
-use std::ffi::OsString;
+use std::ffi::{OsStr, OsString};
 use std::path::PathBuf;
 
+use clap::builder::{PossibleValue, TypedValueParser};
 use clap::{Parser, Subcommand};
+use vpstag::{BackendChoice, Signal};
 
 mod ctl;
+mod man;
 mod run;
 
 /// Tag every process of a virtual server (VPS), job or sandbox by its lineage.
@@ -74,9 +77,9 @@ pub(crate) struct ManArgs {
 /// `vpstag daemon`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct DaemonArgs {
-    /// Which tracking backend: auto, cnproc, ptrace or ebpf (Linux), kqueue (FreeBSD).
-    #[arg(long, default_value = "auto")]
-    pub backend: String,
+    /// Which tracking backend.
+    #[arg(long, default_value = "auto", value_parser = BackendParser)]
+    pub backend: BackendChoice,
     /// Where the journal and snapshot live (created if missing).
     #[arg(long, value_name = "DIR", default_value = "/var/lib/vpstag")]
     pub state_dir: PathBuf,
@@ -93,6 +96,9 @@ pub(crate) struct StartArgs {
     /// Append the VPS's standard output and error to FILE (default: /dev/null).
     #[arg(long, value_name = "FILE")]
     pub output: Option<PathBuf>,
+    /// Print {"vps": NAME, "pid": PID} (one JSON object) instead of the bare pid.
+    #[arg(long)]
+    pub json: bool,
     /// The VPS name.
     pub name: String,
     /// The command and its arguments (after an optional `--`).
@@ -126,8 +132,12 @@ pub(crate) struct PsArgs {
 /// `vpstag which`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct WhichArgs {
-    /// The process id.
+    /// The process id (a thread id stands for its process).
     pub pid: String,
+    /// Print {"pid": PID, "vps": NAME} (one JSON object; "vps" is null when PID has no tag, and
+    /// the exit status is still 1 then).
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `vpstag list`.
@@ -143,9 +153,13 @@ pub(crate) struct ListArgs {
 pub(crate) struct KillArgs {
     /// The VPS name.
     pub name: String,
-    /// The signal, by name (TERM, KILL, HUP...) or number.
-    #[arg(long, short, default_value = "TERM", value_name = "SIG")]
-    pub signal: String,
+    /// The signal, by name (TERM, KILL, HUP..., with or without SIG, any case) or number.
+    #[arg(long, short, default_value = "TERM", value_name = "SIG", value_parser = SignalParser, hide_possible_values = true)]
+    pub signal: Signal,
+    /// Print {"vps": NAME, "signal": "TERM", "signalled": N} (one JSON object) instead of a
+    /// sentence on standard error.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `vpstag stop`.
@@ -156,6 +170,10 @@ pub(crate) struct StopArgs {
     /// Seconds between SIGTERM and SIGKILL.
     #[arg(long, value_name = "SECS", default_value_t = 5.0, value_parser = parse_secs)]
     pub grace: f64,
+    /// Print {"vps": NAME, "signalled": N} (one JSON object) when done, instead of a sentence on
+    /// standard error, and no progress report while waiting.
+    #[arg(long)]
+    pub json: bool,
 }
 
 /// `vpstag events`.
@@ -189,9 +207,9 @@ pub(crate) struct CompletionsArgs {
 /// `vpstag run`.
 #[derive(clap::Args, Debug)]
 pub(crate) struct RunArgs {
-    /// Which tracking backend: auto, cnproc, ptrace, ebpf (Linux) or kqueue (FreeBSD).
-    #[arg(long, default_value = "auto")]
-    pub backend: String,
+    /// Which tracking backend.
+    #[arg(long, default_value = "auto", value_parser = BackendParser)]
+    pub backend: BackendChoice,
     /// Write events as JSON lines to FILE (`-`: standard output) instead of printing them.
     #[arg(long, value_name = "FILE")]
     pub json_events: Option<PathBuf>,
@@ -226,8 +244,99 @@ fn parse_secs(s: &str) -> Result<f64, String> {
     }
 }
 
+/// The backends `--backend` takes, with what each is (for completions and `--help`).
+const BACKENDS: [(&str, &str); 5] = [
+    ("auto", "the best this system allows"),
+    ("cnproc", "Linux proc connector"),
+    ("ptrace", "ptrace fork following, unprivileged"),
+    ("ebpf", "Linux eBPF (built with the ebpf feature)"),
+    ("kqueue", "FreeBSD kqueue"),
+];
+
+/// `--backend`: one of [`BACKENDS`], read by [`BackendChoice`]'s own parser, and listed for
+/// completions.
+#[derive(Clone, Copy)]
+struct BackendParser;
+
+impl TypedValueParser for BackendParser {
+    type Value = BackendChoice;
+
+    fn parse_ref(
+        &self,
+        cmd: &clap::Command,
+        arg: Option<&clap::Arg>,
+        value: &OsStr,
+    ) -> Result<BackendChoice, clap::Error> {
+        value.to_string_lossy().parse().map_err(|e| invalid_value(cmd, arg, e))
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(BACKENDS.iter().map(|(n, help)| PossibleValue::new(n).help(help))))
+    }
+}
+
+/// `--signal`: a name (`TERM`, `SIGTERM`, `term`) or a number, read by [`Signal`]'s own parser;
+/// the names of this system's signals are listed for completions.
+#[derive(Clone, Copy)]
+struct SignalParser;
+
+impl TypedValueParser for SignalParser {
+    type Value = Signal;
+
+    fn parse_ref(&self, cmd: &clap::Command, arg: Option<&clap::Arg>, value: &OsStr) -> Result<Signal, clap::Error> {
+        value.to_string_lossy().parse().map_err(|e| invalid_value(cmd, arg, e))
+    }
+
+    fn possible_values(&self) -> Option<Box<dyn Iterator<Item = PossibleValue> + '_>> {
+        Some(Box::new(signal_names().into_iter().map(PossibleValue::new)))
+    }
+}
+
+/// A value the library refused, as clap reports a usage error (`e` says what is expected).
+fn invalid_value(cmd: &clap::Command, arg: Option<&clap::Arg>, e: vpstag::Error) -> clap::Error {
+    let arg = arg.map_or_else(String::new, |a| format!(" for {a}"));
+    clap::Error::raw(clap::error::ErrorKind::InvalidValue, format!("invalid value{arg}: {e}\n")).with_cmd(cmd)
+}
+
+/// This system's signal names without `SIG` (`HUP`, `INT`, ...), in signal-number order.
+fn signal_names() -> Vec<&'static str> {
+    nix::sys::signal::Signal::iterator().map(|s| s.as_str().trim_start_matches("SIG")).collect()
+}
+
+/// Whether the command line names the `run` subcommand: its first word that is neither an
+/// option nor the value of the global `--socket`.
+fn names_run(args: impl IntoIterator<Item = OsString>) -> bool {
+    let mut args = args.into_iter().skip(1);
+    while let Some(a) = args.next() {
+        if a == "--socket" {
+            args.next();
+        } else if !a.as_encoded_bytes().starts_with(b"-") {
+            return a == "run";
+        }
+    }
+    false
+}
+
+/// The exit status of a command line clap refused: 0 for `--help` and `--version`; for `run`,
+/// 125 (vpstag's own failure: 1-124 belong to CMD, see [`run_failure_code`]); clap's usual 2
+/// for every other command.
+fn usage_error_code(e: &clap::Error, args: impl IntoIterator<Item = OsString>) -> i32 {
+    match e.exit_code() {
+        0 => 0,
+        _ if names_run(args) => 125,
+        code => code,
+    }
+}
+
 pub(crate) fn main() -> i32 {
-    let cli = Cli::parse();
+    let cli = match Cli::try_parse() {
+        Ok(cli) => cli,
+        Err(e) => {
+            // A closed standard output (`vpstag --help | head -1`) is no reason to fail.
+            let _ = e.print();
+            return usage_error_code(&e, std::env::args_os());
+        }
+    };
     let socket = cli.socket();
     let r = match cli.command {
         Cmd::Run(a) => run::run(a),
@@ -259,7 +368,7 @@ fn run_failure_code(e: &vpstag::Error) -> i32 {
 
 #[cfg(test)]
 mod tests {
-    use super::parse_secs;
+    use super::*;
 
     #[test]
     fn grace_periods_are_finite_and_bounded() {
@@ -267,6 +376,64 @@ mod tests {
         assert_eq!(parse_secs("0.25"), Ok(0.25));
         for bad in ["inf", "-inf", "NaN", "-1", "1e9", "soon", ""] {
             assert!(parse_secs(bad).is_err(), "{bad:?} accepted");
+        }
+    }
+
+    fn args(words: &[&str]) -> Vec<OsString> {
+        words.iter().map(OsString::from).collect()
+    }
+
+    #[test]
+    fn run_usage_errors_exit_125_and_other_commands_keep_2() {
+        for line in [
+            &["vpstag", "run"][..],
+            &["vpstag", "run", "name"],
+            &["vpstag", "run", "--bogus", "x", "--", "true"],
+            &["vpstag", "run", "--backend", "nope", "x", "--", "true"],
+            &["vpstag", "run", "--grace", "inf", "x", "--", "true"],
+            &["vpstag", "--socket", "run", "run", "--grace", "-1", "x", "--", "true"],
+            &["vpstag", "--socket=/s", "run"],
+        ] {
+            let e = Cli::try_parse_from(line).expect_err("a usage error");
+            assert_eq!(usage_error_code(&e, args(line)), 125, "{line:?}");
+        }
+        for line in [
+            &["vpstag", "kill"][..],
+            &["vpstag", "kill", "x", "--signal", "NOPE"],
+            &["vpstag", "daemon", "--backend", "nope"],
+            &["vpstag", "--socket", "run", "which"],
+            &["vpstag", "bogus"],
+            &["vpstag"],
+        ] {
+            let e = Cli::try_parse_from(line).expect_err("a usage error");
+            assert_eq!(usage_error_code(&e, args(line)), 2, "{line:?}");
+        }
+        for line in [&["vpstag", "run", "--help"][..], &["vpstag", "--version"], &["vpstag", "help", "run"]] {
+            let e = Cli::try_parse_from(line).expect_err("help is an early exit");
+            assert_eq!(usage_error_code(&e, args(line)), 0, "{line:?}");
+        }
+    }
+
+    #[test]
+    fn backends_and_signals_parse_as_the_library_reads_them() {
+        for (name, _) in BACKENDS {
+            let cli = Cli::try_parse_from(["vpstag", "run", "--backend", name, "x", "--", "true"]).expect(name);
+            let Cmd::Run(a) = cli.command else { panic!("run") };
+            assert_eq!(a.backend.to_string(), name);
+        }
+        let kill = |sig: &str| match Cli::try_parse_from(["vpstag", "kill", "x", "--signal", sig]).map(|c| c.command) {
+            Ok(Cmd::Kill(a)) => Some(a.signal),
+            _ => None,
+        };
+        assert_eq!(kill("9"), Some(Signal::KILL), "a number still works");
+        assert_eq!(kill("sigterm"), Some(Signal::TERM));
+        assert_eq!(kill("HUP"), Some(Signal::HUP));
+        assert_eq!(kill("NOPE"), None);
+        assert_eq!(kill("0"), None);
+        let names = signal_names();
+        assert!(names.contains(&"TERM") && names.contains(&"KILL") && names.contains(&"USR1"), "{names:?}");
+        for n in names {
+            assert!(n.parse::<Signal>().is_ok(), "{n} is listed but not accepted");
         }
     }
 }

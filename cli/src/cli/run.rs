@@ -25,33 +25,31 @@ struct Printer {
     vps: Vps,
 }
 
+/// The event `t` as `vpstag run` shows it for `vps`, in the schema of `vpstag events`: `None` for
+/// another VPS's events and for threads. A loss report belongs to no VPS but is shown (as a
+/// `lost` event of `vps`): events of this VPS may be missing.
+fn shown_event(t: &TaggedEvent, vps: &Vps, cmd: impl FnOnce(Pid) -> Option<String>) -> Option<EventInfo> {
+    let lost = matches!(t.event.kind, EventKind::Lost { .. });
+    if !lost && t.vps != Some(vps.id) {
+        return None;
+    }
+    EventInfo::from_event(t, &vps.name, cmd)
+}
+
 impl Printer {
     fn show(&mut self, t: &TaggedEvent) {
-        if t.vps != Some(self.vps.id) {
+        if matches!(self.sink, Sink::Quiet) {
             return;
         }
-        let name = &self.vps.name;
-        match (&mut self.sink, t.event.kind) {
-            (Sink::Quiet, _) => {}
-            (_, EventKind::Fork { thread: true, .. }) => {}
-            (_, EventKind::Exit { pid, thread, .. }) if pid != thread => {}
-            (Sink::Text, EventKind::Fork { parent, child, .. }) => eprintln!("[{name}] fork {parent} -> {child}"),
-            (Sink::Text, EventKind::Exec { pid, .. }) => {
-                let cmd = vpstag::process::cmdline(pid).unwrap_or_else(|| "?".into());
-                eprintln!("[{name}] exec {pid} {cmd}");
-            }
-            (Sink::Text, EventKind::Exit { pid, status, .. }) => match status {
-                Some(s) => eprintln!("[{name}] exit {pid} ({s})"),
-                None => eprintln!("[{name}] exit {pid}"),
-            },
-            (Sink::Json(w), _) => {
-                if let Some(info) = EventInfo::from_event(t, name, vpstag::process::cmdline) {
-                    if serde_json::to_writer(&mut *w, &info).is_ok() {
-                        let _ = w.write_all(b"\n");
-                    }
+        let Some(info) = shown_event(t, &self.vps, vpstag::process::cmdline) else { return };
+        match &mut self.sink {
+            Sink::Text => eprintln!("{}", super::ctl::event_text(&info)),
+            Sink::Json(w) => {
+                if serde_json::to_writer(&mut *w, &info).is_ok() {
+                    let _ = w.write_all(b"\n");
                 }
             }
-            (Sink::Text, _) => {}
+            Sink::Quiet => {}
         }
     }
 
@@ -102,7 +100,7 @@ fn reap_orphans() {
 }
 
 pub(crate) fn run(a: RunArgs) -> vpstag::Result<i32> {
-    let choice: vpstag::BackendChoice = a.backend.parse()?;
+    let choice = a.backend;
     let (tracker, notes) = vpstag::open_backend_with_notes(choice)?;
     for n in &notes {
         eprintln!("vpstag: {n}");
@@ -184,4 +182,47 @@ pub(crate) fn run(a: RunArgs) -> vpstag::Result<i32> {
         );
     }
     Ok(status.map_or(0, ExitStatus::shell_code))
+}
+
+#[cfg(test)]
+mod tests {
+    use vpstag::{Event, LossReason, VpsId};
+
+    use super::*;
+
+    fn vps() -> Vps {
+        Vps { id: VpsId(7), name: "demo".into(), first: Pid::new(100).unwrap() }
+    }
+
+    #[test]
+    fn a_loss_is_shown_as_a_lost_event_of_the_vps_and_other_vpses_events_are_not() {
+        let lost = TaggedEvent {
+            event: Event::new(EventKind::Lost { count: Some(5), reason: LossReason::Overflow }),
+            vps: None,
+        };
+        let info = shown_event(&lost, &vps(), |_| None).expect("a loss is shown");
+        assert_eq!(
+            serde_json::to_string(&info).unwrap(),
+            r#"{"event":"lost","vps":"demo","pid":0,"count":5}"#,
+            "the JSON line of --json-events"
+        );
+        assert_eq!(
+            super::super::ctl::event_text(&info),
+            "[demo] lost 5 events (the table was repaired from a scan, but events are missing here)"
+        );
+        let (p, c) = (Pid::new(100).unwrap(), Pid::new(101).unwrap());
+        let fork = |vps| TaggedEvent {
+            event: Event::new(EventKind::Fork {
+                parent: p,
+                child: c,
+                child_thread: c,
+                thread: false,
+                child_start: None,
+            }),
+            vps,
+        };
+        assert_eq!(shown_event(&fork(Some(VpsId(7))), &vps(), |_| None).map(|i| i.pid), Some(101));
+        assert!(shown_event(&fork(Some(VpsId(8))), &vps(), |_| None).is_none(), "another VPS's fork");
+        assert!(shown_event(&fork(None), &vps(), |_| None).is_none(), "an untagged fork");
+    }
 }

@@ -4,6 +4,8 @@
 //! [`MAX_EVENT_CMD`] bytes, the ring to [`RECENT_BYTES`], and each follower's queue to
 //! [`FOLLOWER_BYTES`]. One copy of each event is shared by every follower's queue.
 
+use std::borrow::Cow;
+
 use super::*;
 
 /// The most bytes of an exec's command line an event keeps; a longer one is cut (at a character
@@ -17,6 +19,19 @@ const RECENT_BYTES: usize = 1 << 20;
 /// A follower with this many bytes of events waiting to be sent is cut off (as when it falls
 /// [`FOLLOWER_QUEUE`] events behind).
 const FOLLOWER_BYTES: usize = 1 << 20;
+
+/// The id a loss report is kept under: it concerns every VPS, and every follower gets it (VPS ids
+/// start at 1).
+pub(super) const EVERY_VPS: u64 = 0;
+
+/// The event `info` (of VPS `id`) as a stream of the one VPS `only` (id and name) shows it: a
+/// loss (kept with the empty name, for a stream of every VPS) is named after the VPS followed.
+pub(super) fn as_shown<'a>(id: u64, info: &'a EventInfo, only: Option<&(u64, String)>) -> Cow<'a, EventInfo> {
+    match only {
+        Some((_, name)) if id == EVERY_VPS => Cow::Owned(EventInfo { vps: name.clone(), ..info.clone() }),
+        _ => Cow::Borrowed(info),
+    }
+}
 
 /// The command line of `pid`, read only as far as an event keeps (see [`truncate_cmd`]).
 fn event_cmd(pid: Pid) -> Option<String> {
@@ -68,7 +83,9 @@ impl Follower {
     /// Queues `item` (of a VPS owned by `owner`) if this follower wants it; `false` when the
     /// follower is gone or too far behind (then it is to be dropped).
     fn offer(&self, item: &Shared, owner: Option<u32>, bytes: usize) -> bool {
-        if self.only.is_some_and(|o| o != item.0) || !(self.uid == 0 || owner == Some(self.uid)) {
+        let wanted = item.0 == EVERY_VPS
+            || (self.only.is_none_or(|o| o == item.0) && (self.uid == 0 || owner == Some(self.uid)));
+        if !wanted {
             return true;
         }
         if self.queued.fetch_add(bytes, Ordering::SeqCst) + bytes > FOLLOWER_BYTES {
@@ -83,6 +100,27 @@ impl Follower {
 
 pub(super) fn event_info(ev: &vpstag::TaggedEvent, name: &str) -> Option<EventInfo> {
     EventInfo::from_event(ev, name, event_cmd)
+}
+
+/// What the feed keeps of `t`, with the owner of its VPS and its size: an event of a tagged
+/// process (`vps` gives its VPS's name and owner), or a loss report (under [`EVERY_VPS`], with
+/// the empty name: every follower may have missed something); `None` for the rest (untagged
+/// processes, threads).
+fn feed_item(
+    t: &vpstag::TaggedEvent,
+    vps: impl FnOnce(vpstag::VpsId) -> Option<(String, Option<u32>)>,
+) -> Option<(Shared, Option<u32>, usize)> {
+    let (id, name, owner) = match t.vps {
+        Some(id) => {
+            let (name, owner) = vps(id)?;
+            (id.0, name, owner)
+        }
+        None if matches!(t.event.kind, vpstag::EventKind::Lost { .. }) => (EVERY_VPS, String::new(), None),
+        None => return None,
+    };
+    let info = event_info(t, &name)?;
+    let bytes = event_bytes(&info);
+    Some((Arc::new((id, info)), owner, bytes))
 }
 
 impl Daemon {
@@ -101,14 +139,10 @@ impl Daemon {
                 batch
                     .iter()
                     .filter_map(|t| {
-                        let id = t.vps?;
-                        let (name, owner) = match meta.get(&id.0) {
-                            Some(m) => (m.name.clone(), Some(m.owner)),
-                            None => (self.mgr.name_of(id)?, None),
-                        };
-                        let info = event_info(t, &name)?;
-                        let bytes = event_bytes(&info);
-                        Some((Arc::new((id.0, info)), owner, bytes))
+                        feed_item(t, |id| match meta.get(&id.0) {
+                            Some(m) => Some((m.name.clone(), Some(m.owner))),
+                            None => Some((self.mgr.name_of(id)?, None)),
+                        })
                     })
                     .collect()
             };
@@ -132,23 +166,26 @@ impl Daemon {
         }
     }
 
-    pub(super) fn follow(&self, peer: Peer, only: Option<u64>, stream: &UnixStream) {
+    /// Streams every new event `peer` may see (of the one VPS `only`, id and name, when given) on
+    /// `stream`, loss reports included, until either side goes.
+    pub(super) fn follow(&self, peer: Peer, only: Option<(u64, String)>, stream: &UnixStream) {
         let (tx, rx) = mpsc::sync_channel(FOLLOWER_QUEUE);
         let queued = Arc::new(AtomicUsize::new(0));
         self.followers.lock().unwrap_or_else(|e| e.into_inner()).push(Follower {
             tx,
             queued: Arc::clone(&queued),
             uid: peer.uid,
-            only,
+            only: only.as_ref().map(|(id, _)| *id),
         });
         while !self.stop.load(Ordering::SeqCst) {
             match rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(item) => {
                     let (id, info) = &*item;
                     queued.fetch_sub(event_bytes(info), Ordering::SeqCst);
-                    if only.is_some_and(|o| o != *id) || !self.visible(peer, *id) {
+                    if *id != EVERY_VPS && (only.as_ref().is_some_and(|(o, _)| o != id) || !self.visible(peer, *id)) {
                         continue;
                     }
+                    let info = as_shown(*id, info, only.as_ref());
                     if write_within(stream, &ok_line(json!({ "next": info })), Duration::from_secs(10)).is_err() {
                         return;
                     }
@@ -194,6 +231,7 @@ mod tests {
             cmd: Some(cmd.into()),
             code: None,
             signal: None,
+            count: None,
             time_ns: None,
         }
     }
@@ -225,6 +263,53 @@ mod tests {
         assert!(f.offer(&mine, Some(1000), big));
         assert!(f.offer(&mine, Some(1000), big));
         assert!(!f.offer(&mine, Some(1000), big), "more bytes waiting than a follower may hold");
+    }
+
+    #[test]
+    fn a_loss_reaches_every_follower_named_after_the_vps_it_follows() {
+        let (tx, rx) = mpsc::sync_channel(4);
+        let one = Follower { tx, queued: Arc::new(AtomicUsize::new(0)), uid: 1000, only: Some(3) };
+        let lost = vpstag::TaggedEvent {
+            event: vpstag::Event::new(vpstag::EventKind::Lost {
+                count: Some(9),
+                reason: vpstag::LossReason::SequenceGap,
+            }),
+            vps: None,
+        };
+        let (item, owner, bytes) = feed_item(&lost, |_| panic!("a loss has no VPS")).expect("a loss is kept");
+        assert_eq!((item.0, item.1.vps.as_str(), owner), (EVERY_VPS, "", None));
+        assert!(one.offer(&item, owner, bytes));
+        let got = rx.try_recv().expect("a follower of one VPS, not root, gets the loss");
+        let only = (3, "web".to_string());
+        let shown = as_shown(got.0, &got.1, Some(&only));
+        assert_eq!((shown.event.as_str(), shown.vps.as_str(), shown.count), ("lost", "web", Some(9)));
+        assert_eq!(as_shown(got.0, &got.1, None).vps, "", "a follower of every VPS");
+        // Another VPS's fork still does not reach it, and its own events keep their name.
+        let mut other = exec("x");
+        other.vps = "other".into();
+        assert!(one.offer(&Arc::new((4, other.clone())), Some(1000), 10));
+        assert!(rx.try_recv().is_err());
+        assert_eq!(as_shown(4, &other, Some(&only)).vps, "other");
+    }
+
+    #[test]
+    fn the_feed_keeps_tagged_events_and_losses_and_drops_untagged_events() {
+        let (p, c) = (Pid::new(10).unwrap(), Pid::new(11).unwrap());
+        let fork = |vps| vpstag::TaggedEvent {
+            event: vpstag::Event::new(vpstag::EventKind::Fork {
+                parent: p,
+                child: c,
+                child_thread: c,
+                thread: false,
+                child_start: None,
+            }),
+            vps,
+        };
+        let named = |_| Some(("web".to_string(), Some(1000)));
+        let (item, owner, _) = feed_item(&fork(Some(vpstag::VpsId(5))), named).expect("a member's fork");
+        assert_eq!((item.0, item.1.vps.as_str(), item.1.pid, owner), (5, "web", 11, Some(1000)));
+        assert!(feed_item(&fork(None), named).is_none(), "an untagged process's fork");
+        assert!(feed_item(&fork(Some(vpstag::VpsId(6))), |_| None).is_none(), "a VPS already forgotten");
     }
 
     #[test]

@@ -281,7 +281,15 @@ impl Daemon {
             Op::Which { pid } => {
                 let pid =
                     Pid::new(pid).ok_or_else(|| refuse(ErrorKind::BadRequest, format!("not a process id: {pid}")))?;
-                match self.mgr.vps_of(pid)? {
+                // A thread id stands for its process (the table holds processes).
+                let (pid, vps) = match self.mgr.vps_of(pid)? {
+                    Some(v) => (pid, Some(v)),
+                    None => match vpstag::process::thread_group(pid).filter(|g| *g != pid) {
+                        Some(process) => (process, self.mgr.vps_of(process)?),
+                        None => (pid, None),
+                    },
+                };
+                match vps {
                     None => Ok(ok_line(json!({ "vps": null }))),
                     // A process may always ask about itself.
                     Some(v) if self.visible(peer, v.id.0) || pid.as_raw() == peer.pid => {
@@ -391,7 +399,10 @@ impl Daemon {
             }
             Op::Events { name, .. } => {
                 let only = match name {
-                    Some(n) => Some(self.lookup(peer, &n, "see")?.id.0),
+                    Some(n) => {
+                        let v = self.lookup(peer, &n, "see")?;
+                        Some((v.id.0, v.name))
+                    }
                     None => None,
                 };
                 let recent: Vec<EventInfo> = self
@@ -401,8 +412,11 @@ impl Daemon {
                     .items
                     .iter()
                     .map(|(item, _)| &**item)
-                    .filter(|(id, _)| only.is_none_or(|o| o == *id) && self.visible(peer, *id))
-                    .map(|(_, e)| e.clone())
+                    .filter(|(id, _)| {
+                        *id == feed::EVERY_VPS
+                            || (only.as_ref().is_none_or(|(o, _)| o == id) && self.visible(peer, *id))
+                    })
+                    .map(|(id, e)| feed::as_shown(*id, e, only.as_ref()).into_owned())
                     .collect();
                 Ok(ok_line(json!({ "events": recent })))
             }

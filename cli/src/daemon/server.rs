@@ -309,7 +309,16 @@ impl Daemon {
                 return;
             }
             if let Some(name) = follow {
-                let only = name.and_then(|n| self.mgr.vps(&n).ok()).map(|v| v.id.0);
+                // The VPS as the request named it (it was found when the recent events were
+                // sent: a bare name is the caller's own, UID:NAME another user's).
+                let only = match name.map(|n| self.lookup(peer, &n, "see")) {
+                    Some(Ok(v)) => Some((v.id.0, v.name)),
+                    Some(Err(r)) => {
+                        reply(&error_line(&r));
+                        return;
+                    }
+                    None => None,
+                };
                 self.follow(peer, only, stream);
                 return;
             }
