@@ -197,10 +197,8 @@ fn http(addr: SocketAddr, request: &str) -> Result<Reply, String> {
         .and_then(|r| r.get(..3))
         .and_then(|c| c.parse().ok())
         .ok_or_else(|| format!("bad status line {status_line:?}"))?;
-    let headers = lines
-        .filter_map(|l| l.split_once(':'))
-        .map(|(k, v)| (k.trim().to_string(), v.trim().to_string()))
-        .collect();
+    let headers =
+        lines.filter_map(|l| l.split_once(':')).map(|(k, v)| (k.trim().to_string(), v.trim().to_string())).collect();
     Ok(Reply { status, headers, body: body.to_string() })
 }
 
@@ -592,4 +590,61 @@ fn idle_and_trickling_scrapers_are_bounded_and_cut_off() {
     assert!(trickle_cut >= Duration::from_secs(3), "the trickling connection was served, then cut: {trickle_cut:?}");
     assert!(d.threads() <= threads, "the daemon had {threads} threads, now {}", d.threads());
     assert!(of_vps(&d.scrape(), "vpstag_vps_processes", "busy").is_some());
+}
+
+/// Every `vpstag_*` name in `text`.
+fn metric_names(text: &str) -> std::collections::BTreeSet<String> {
+    let mut names = std::collections::BTreeSet::new();
+    let mut rest = text;
+    while let Some(i) = rest.find("vpstag_") {
+        let tail = &rest[i..];
+        let end = tail.find(|c: char| !(c.is_ascii_lowercase() || c == '_')).unwrap_or(tail.len());
+        names.insert(tail[..end].to_string());
+        rest = &tail[end..];
+    }
+    names
+}
+
+/// The Grafana dashboard and the Prometheus example in contrib/ name only metrics the daemon
+/// serves (the dashboard's panels: CPU, processes, memory, forks, losses), and the example is a
+/// valid Prometheus configuration (checked with promtool when there is one).
+#[test]
+fn the_contrib_dashboard_and_scrape_example_use_the_served_names() {
+    if !is_root() {
+        return;
+    }
+    let contrib = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../contrib");
+    let read =
+        |p: &str| std::fs::read_to_string(contrib.join(p)).unwrap_or_else(|e| panic!("reading contrib/{p}: {e}"));
+    let dashboard: Value = serde_json::from_str(&read("grafana/vpstag.json")).expect("the dashboard is JSON");
+    let exprs: Vec<String> = dashboard["panels"]
+        .as_array()
+        .expect("panels")
+        .iter()
+        .flat_map(|p| p["targets"].as_array().cloned().unwrap_or_default())
+        .filter_map(|t| t["expr"].as_str().map(String::from))
+        .collect();
+    let on_dashboard = metric_names(&exprs.join("\n"));
+    let in_example = metric_names(&read("prometheus/vpstag.yml"));
+
+    let d = Daemon::new("contrib", "ptrace");
+    d.start_vps("one", &["sleep", "600"]);
+    let served: std::collections::BTreeSet<String> = d.scrape().into_iter().map(|s| s.name).collect();
+    for (what, names) in [("the dashboard", &on_dashboard), ("the scrape example", &in_example)] {
+        let unknown: Vec<&String> = names.difference(&served).collect();
+        assert!(unknown.is_empty(), "{what} names {unknown:?}, which the daemon does not serve ({served:?})");
+    }
+    for needed in [
+        "vpstag_vps_cpu_seconds_total",
+        "vpstag_vps_processes",
+        "vpstag_vps_memory_bytes",
+        "vpstag_vps_forks_total",
+        "vpstag_events_lost_total",
+    ] {
+        assert!(on_dashboard.contains(needed), "no panel shows {needed}: {exprs:#?}");
+    }
+    let tool = std::env::var("PROMTOOL").unwrap_or_else(|_| "promtool".into());
+    if let Ok(out) = Command::new(&tool).args(["check", "config"]).arg(contrib.join("prometheus/vpstag.yml")).output() {
+        assert!(out.status.success(), "promtool check config: {}{}", text(&out.stdout), text(&out.stderr));
+    }
 }
