@@ -96,8 +96,8 @@ pub(crate) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
 pub(super) struct Metrics {
     /// Processes created per VPS id, since this daemon started.
     forks: Mutex<HashMap<u64, u64>>,
-    /// The last text served, and when it was made.
-    last: Mutex<Option<(Instant, Bytes)>>,
+    /// The last text served (or why there was none), and when it was made.
+    last: Mutex<Option<(Instant, Result<Bytes, String>)>>,
 }
 
 impl Metrics {
@@ -266,18 +266,25 @@ impl Daemon {
         Ok(members.into_iter().map(usage).fold((0, 0), |(c, r), (c2, r2)| (c + c2, r + r2)))
     }
 
-    /// The text of `/metrics`: the last one when it is younger than [`MIN_INTERVAL`].
+    /// The text of `/metrics`: the last one (or the last failure) when it is younger than
+    /// [`MIN_INTERVAL`]. A failure is logged when it happens, so at most once per interval.
     fn metrics_text(&self, m: &Metrics) -> Result<Bytes, String> {
         let mut last = m.last.lock().unwrap_or_else(|e| e.into_inner());
         if let Some((at, text)) = last.as_ref() {
             if at.elapsed() < MIN_INTERVAL {
-                return Ok(text.clone());
+                return text.clone();
             }
         }
-        let snap = self.snapshot(m).map_err(|e| e.to_string())?;
-        let text = Bytes::from(encode(&snap).map_err(|e| format!("encoding the metrics: {e}"))?);
+        let text = self
+            .snapshot(m)
+            .map_err(|e| e.to_string())
+            .and_then(|snap| encode(&snap).map_err(|e| format!("encoding the metrics: {e}")))
+            .map(Bytes::from);
+        if let Err(e) = &text {
+            log!("metrics: cannot read the figures: {e}");
+        }
         *last = Some((Instant::now(), text.clone()));
-        Ok(text)
+        text
     }
 }
 
@@ -306,10 +313,7 @@ fn answer(d: &Daemon, m: &Metrics, req: &Request<Incoming>) -> Response<Full<Byt
             );
             r
         }
-        Err(e) => {
-            log!("metrics: cannot read the figures: {e}");
-            text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the figures: {e}\n"))
-        }
+        Err(e) => text(StatusCode::INTERNAL_SERVER_ERROR, format!("cannot read the figures: {e}\n")),
     }
 }
 
