@@ -134,6 +134,7 @@ fn daemon(a: super::DaemonArgs, socket: &Path) -> R {
         socket: socket.to_path_buf(),
         state_dir: a.state_dir,
         discard_bad_journal: a.discard_bad_journal,
+        metrics: a.metrics,
     })?;
     Ok(0)
 }

@@ -88,6 +88,14 @@ pub(crate) struct DaemonArgs {
     /// from what can be read, and log it.
     #[arg(long)]
     pub discard_bad_journal: bool,
+    /// Serve Prometheus metrics at http://ADDR:PORT/metrics (per VPS: processes, CPU seconds,
+    /// memory, forks; the daemon's event, loss and resync counters and backend). A bare PORT or
+    /// :PORT listens on 127.0.0.1; any other address only when given (0.0.0.0:PORT: every
+    /// interface; whoever can connect sees every VPS's name, owner and figures). Port 0 takes a
+    /// free port, logged at start. Examples for Prometheus and Grafana: contrib/prometheus/,
+    /// contrib/grafana/.
+    #[arg(long, value_name = "ADDR:PORT", value_parser = crate::daemon::metrics::parse_addr)]
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// `vpstag start`.

@@ -15,6 +15,8 @@
 //!   of its first byte; an idle connection is closed after [`IDLE_TIMEOUT`](server::IDLE_TIMEOUT). A malformed request
 //!   gets an error reply.
 //! - Memory for events is bounded in bytes: command lines are cut to [`MAX_EVENT_CMD`](feed::MAX_EVENT_CMD) bytes.
+//! - With `--metrics ADDR:PORT`, Prometheus metrics are served at `/metrics` from a thread of
+//!   their own, with their own bounds: see [`metrics`].
 
 mod paths;
 mod store;
@@ -57,6 +59,8 @@ pub struct Config {
     /// Start even when the journal or snapshot has an unreadable line: keep a copy of the bad
     /// file, start from what can be read, and log it (otherwise the daemon stops and says where).
     pub discard_bad_journal: bool,
+    /// Serve Prometheus metrics over HTTP at `/metrics` on this address (see [`metrics`]).
+    pub metrics: Option<std::net::SocketAddr>,
 }
 
 /// Writes one log line with a UTC timestamp to standard error.
@@ -68,6 +72,7 @@ macro_rules! log {
 
 mod feed;
 mod handlers;
+pub(crate) mod metrics;
 mod peer;
 mod server;
 mod wire;
@@ -126,6 +131,8 @@ struct Daemon {
     /// Connections open (kept by the accept loop).
     connections: AtomicUsize,
     backend: String,
+    /// The counters of `--metrics` (none without it: nothing is counted).
+    metrics: Option<Arc<metrics::Metrics>>,
 }
 
 fn prepare_socket(path: &std::path::Path) -> Result<(UnixListener, paths::BoundSocket), Error> {
@@ -138,6 +145,8 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     for sig in [libc::SIGTERM, libc::SIGINT] {
         signal_hook::flag::register(sig, Arc::clone(&stop)).map_err(|e| Error::io("installing signal handlers", e))?;
     }
+    // First, so that a port in use stops the daemon before it does anything.
+    let endpoint = cfg.metrics.map(metrics::Endpoint::bind).transpose()?;
     let (store, loaded) = Store::open(&cfg.state_dir, cfg.discard_bad_journal)
         .map_err(|e| Error::io(format!("opening the state directory {}", cfg.state_dir.display()), e))?;
     for note in &loaded.notes {
@@ -227,6 +236,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         stop: Arc::clone(&stop),
         connections: AtomicUsize::new(0),
         backend: backend.clone(),
+        metrics: endpoint.as_ref().map(|_| Arc::default()),
     });
     if !loaded.vpses.is_empty() {
         log!(
@@ -247,6 +257,22 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     }
     let (listener, socket) = prepare_socket(&cfg.socket)?;
     listener.set_nonblocking(true).map_err(|e| Error::io("setting the socket non-blocking", e))?;
+    let metrics_thread = match endpoint {
+        Some(ep) => {
+            let addr = ep.addr();
+            let t = ep.serve(Arc::clone(&daemon))?;
+            log!(
+                "serving metrics on http://{addr}/metrics{}",
+                if addr.ip().is_loopback() {
+                    ""
+                } else {
+                    " (not loopback: every VPS's name, owner and figures are visible to whoever can connect)"
+                }
+            );
+            Some(t)
+        }
+        None => None,
+    };
     log!(
         "listening on {} (backend {backend}, state in {}, pid {})",
         cfg.socket.display(),
@@ -254,6 +280,10 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         std::process::id()
     );
     server::accept_until_stopped(&daemon, &listener, &stop);
+    if let Some(t) = metrics_thread {
+        // It looks at the stop flag every few hundred milliseconds.
+        let _ = t.join();
+    }
     log!(
         "stopping (the VPSes keep running{})",
         if backend == "ptrace" { "; under ptrace they run on untraced until the daemon is back" } else { "" }
