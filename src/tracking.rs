@@ -38,6 +38,16 @@ pub(crate) trait ProcView {
     fn start_tolerance(&self) -> u64;
 }
 
+/// Everything the manager asks the system, beyond what the table logic needs ([`ProcView`]): the
+/// seam that lets the manager's lifecycle be tested against a scripted system.
+pub(crate) trait System: ProcView + Send {
+    /// Reaps `pid`, a child of ours, if it has exited: its wait status.
+    fn try_reap(&mut self, pid: Pid) -> io::Result<Option<i32>>;
+    /// Sends `sig` to the process `id` only if that very process still lives (see
+    /// `sys::signal_exact`); whether it was sent.
+    fn signal_exact(&mut self, id: ProcessId, sig: i32) -> io::Result<bool>;
+}
+
 /// The real system.
 pub(crate) struct SystemView {
     ns_per_unit: u64,
@@ -64,6 +74,15 @@ impl ProcView for SystemView {
     }
     fn start_tolerance(&self) -> u64 {
         crate::sys::start_tolerance()
+    }
+}
+
+impl System for SystemView {
+    fn try_reap(&mut self, pid: Pid) -> io::Result<Option<i32>> {
+        crate::sys::try_reap(pid)
+    }
+    fn signal_exact(&mut self, id: ProcessId, sig: i32) -> io::Result<bool> {
+        crate::sys::signal_exact(id, sig)
     }
 }
 

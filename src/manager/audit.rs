@@ -7,7 +7,7 @@ use vpstag_tracker::{Pid, VpsId};
 
 use super::Manager;
 use crate::table::Source;
-use crate::tracking::{ProcView, Stats, SystemView};
+use crate::tracking::Stats;
 use crate::{Error, Result};
 /// What [`Manager::check`] found wrong between the table and the system now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
@@ -57,15 +57,15 @@ impl Manager {
     /// Compares the table with a fresh scan of the system and reports every divergence
     /// (expected: none), with the loss and resync counters. The table is not changed.
     pub fn check(&self) -> Result<CheckReport> {
-        let st = self.synced()?;
+        let mut st = self.synced()?;
         let mut fresh = st.tracking.clone();
-        let view = SystemView::new();
-        let t0 = crate::sys::now_ns();
-        let procs = crate::sys::scan().map_err(|e| Error::io("scanning the process table", e))?;
+        let t0 = st.view.now_ns();
+        let procs = st.view.scan().map_err(|e| Error::io("scanning the process table", e))?;
+        let tol = st.view.start_tolerance();
         let processes = procs.len();
         let ppid_of: HashMap<Pid, Option<Pid>> = procs.iter().map(|p| (p.id.pid, p.ppid)).collect();
         fresh.table.record_changes(false);
-        fresh.reconcile(t0, procs, view.start_tolerance());
+        fresh.reconcile(t0, procs, tol);
         let name = |id: VpsId| st.vpses.get(&id).map(|r| r.vps.name.clone()).unwrap_or_else(|| id.to_string());
         let mut out = Vec::new();
         for e in st.tracking.table.entries() {

@@ -10,6 +10,8 @@ mod persist;
 mod pump;
 mod registry;
 mod start;
+#[cfg(test)]
+mod tests;
 
 pub use audit::{CheckReport, Divergence};
 pub use persist::{SavedMember, SavedVps};
@@ -31,7 +33,7 @@ use vpstag_tracker::{BackendKind, Capabilities, Event, ExitStatus, ForkTracker, 
 
 use crate::subscription::Subscription;
 use crate::table::{Change, MappingTable, Source};
-use crate::tracking::{Stats, SystemView, TaggedEvent, Tracking};
+use crate::tracking::{Stats, System, SystemView, TaggedEvent, Tracking};
 use crate::{BackendChoice, Error, Result, Signal};
 
 /// A VPS: its id, its name, and its first process.
@@ -74,7 +76,8 @@ struct State {
     tracker: Box<dyn ForkTracker>,
     caps: Capabilities,
     tracking: Tracking,
-    view: SystemView,
+    /// The system, as the manager sees it (the real one; a scripted one in unit tests).
+    view: Box<dyn System>,
     vpses: HashMap<VpsId, VpsRecord>,
     names: HashMap<String, VpsId>,
     next_id: u64,
@@ -149,6 +152,11 @@ impl Manager {
     /// A manager over `tracker`. It scans the system once (the start-up resync) after the
     /// backend has subscribed, so nothing born meanwhile is missed.
     pub fn new(tracker: Box<dyn ForkTracker>) -> Result<Manager> {
+        Manager::with_system(tracker, Box::new(SystemView::new()))
+    }
+
+    /// A manager over `tracker` and `view` (the real system, or a scripted one in tests).
+    pub(crate) fn with_system(tracker: Box<dyn ForkTracker>, view: Box<dyn System>) -> Result<Manager> {
         let kind = tracker.kind();
         let caps = tracker.capabilities();
         let poll_fd: OwnedFd =
@@ -157,7 +165,7 @@ impl Manager {
             tracker,
             caps,
             tracking: Tracking::new(),
-            view: SystemView::new(),
+            view,
             vpses: HashMap::new(),
             names: HashMap::new(),
             next_id: 0,
@@ -301,7 +309,14 @@ impl Manager {
             v.sort_by_key(|(d, id)| (*d, id.pid));
             v.into_iter().map(|(_, id)| id).collect()
         };
-        Ok(targets.into_iter().filter(|id| matches!(crate::sys::signal_exact(*id, sig.as_raw()), Ok(true))).count())
+        // The lock is taken for each member in turn, not for the whole round.
+        let mut sent = 0;
+        for id in targets {
+            if matches!(self.lock().view.signal_exact(id, sig.as_raw()), Ok(true)) {
+                sent += 1;
+            }
+        }
+        Ok(sent)
     }
 
     /// Sends SIGKILL to every member of `vps`, again and again, until none is left (a member

@@ -85,13 +85,13 @@ impl Manager {
     /// came back.
     pub fn restore(&self, vpses: &[SavedVps], members: &[SavedMember]) -> Result<usize> {
         let mut st = self.synced()?;
-        let tol = crate::sys::start_tolerance();
+        let tol = st.view.start_tolerance();
         for v in vpses {
             let (Some(first), id) = (Pid::new(v.first_pid), VpsId(v.id)) else { continue };
             st.next_id = st.next_id.max(v.id);
             let vps = Vps { id, name: v.name.clone(), first };
             let first_alive =
-                matches!(crate::sys::process(first), Ok(Some(i)) if i.id.start.0.abs_diff(v.first_start) <= tol);
+                matches!(st.view.process(first), Ok(Some(i)) if i.id.start.0.abs_diff(v.first_start) <= tol);
             st.vpses.insert(
                 id,
                 VpsRecord {
@@ -112,7 +112,7 @@ impl Manager {
             if !st.vpses.contains_key(&VpsId(m.vps)) {
                 continue;
             }
-            match crate::sys::process(pid) {
+            match st.view.process(pid) {
                 Ok(Some(info)) if info.id.start.0.abs_diff(m.start) <= tol && !(info.zombie && info.threads <= 1) => {
                     let _ = st.tracker.watch(pid, VpsId(m.vps));
                     st.tracking.insert_member(&info, VpsId(m.vps), m.source);
@@ -132,10 +132,11 @@ impl Manager {
     /// its scan, sends no exit the table applies. Returns how many were marked.
     pub fn recheck_first_processes(&self) -> Result<usize> {
         let mut st = self.synced()?;
-        let tol = crate::sys::start_tolerance();
+        let tol = st.view.start_tolerance();
         let mut n = 0;
+        let st = &mut *st;
         for rec in st.vpses.values_mut().filter(|r| !r.first_gone) {
-            let alive = matches!(crate::sys::process(rec.first.pid),
+            let alive = matches!(st.view.process(rec.first.pid),
                 Ok(Some(i)) if i.id.start.0.abs_diff(rec.first.start.0) <= tol && !(i.zombie && i.threads <= 1));
             if !alive {
                 rec.first_gone = true;

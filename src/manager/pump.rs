@@ -40,7 +40,7 @@ impl State {
             self.buf = events;
         }
         self.send_batch();
-        self.tracking.recheck_suspects(&mut self.view);
+        self.tracking.recheck_suspects(self.view.as_mut());
         if let Some((every, last)) = self.periodic_resync {
             if last.elapsed() >= every {
                 self.periodic_resync = Some((every, Instant::now()));
@@ -54,7 +54,7 @@ impl State {
 
     /// Applies one event: the table, the VPS's lifecycle, the subscribers.
     fn handle(&mut self, ev: &Event) -> Result<()> {
-        let tagged = self.tracking.apply(ev, &mut self.view);
+        let tagged = self.tracking.apply(ev, self.view.as_mut());
         self.note_lifecycle(&tagged);
         if !self.subscribers.is_empty() {
             self.subscribers.retain_mut(|s| s.deliver(&tagged));
@@ -75,7 +75,7 @@ impl State {
         let follow = !self.caps.host_wide || self.caps.holds_tags;
         for _ in 0..8 {
             let added =
-                self.tracking.resync(&mut self.view).map_err(|e| Error::io("resynchronising from a scan", e))?;
+                self.tracking.resync(self.view.as_mut()).map_err(|e| Error::io("resynchronising from a scan", e))?;
             if !follow || added.is_empty() {
                 break;
             }
@@ -98,7 +98,7 @@ impl State {
             .filter(|p| self.tracking.table.get(*p).is_some_and(|e| e.start_approx))
             .collect();
         for pid in approx {
-            self.tracking.settle_start(pid, &mut self.view);
+            self.tracking.settle_start(pid, self.view.as_mut());
         }
     }
 
@@ -122,7 +122,7 @@ impl State {
             // start times estimated from events first.
             let mut v: Vec<(ProcessId, VpsId)> = Vec::with_capacity(orphans.len());
             for e in &orphans {
-                self.tracking.settle_start(e.id.pid, &mut self.view);
+                self.tracking.settle_start(e.id.pid, self.view.as_mut());
                 let id = self.tracking.table.get(e.id.pid).map_or(e.id, |now| now.id);
                 v.push((id, e.vps));
             }
@@ -168,11 +168,12 @@ impl State {
     pub(super) fn reap(&mut self) {
         let mut reaped = Vec::new();
         let spawning = &self.spawning;
+        let view = &mut self.view;
         self.to_reap.retain(|pid| {
             if spawning.contains(pid) {
                 return true;
             }
-            match crate::sys::try_reap(*pid) {
+            match view.try_reap(*pid) {
                 Ok(None) => true,
                 Ok(Some(status)) => {
                     reaped.push((*pid, status));
@@ -188,11 +189,11 @@ impl State {
             let status = ExitStatus::from_wait_status(status);
             let first = self.vpses.values().find(|r| r.first.pid == pid).map(|r| r.first);
             if let Some(first) = first {
-                let tol = crate::sys::start_tolerance();
+                let tol = self.view.start_tolerance();
                 if self.tracking.table.get(pid).is_some_and(|e| e.same_start(first.start, tol)) {
                     let exit = EventKind::Exit { pid, thread: pid, status, group_dead: Some(true) };
                     let mut ev = Event::new(exit);
-                    ev.time_ns = Some(crate::sys::now_ns());
+                    ev.time_ns = Some(self.view.now_ns());
                     let _ = self.handle(&ev);
                 }
             }
@@ -209,7 +210,7 @@ impl State {
     /// After a resync: a first process whose exit event was lost is gone from the table; mark it
     /// gone (so `wait` returns) and reap it.
     pub(super) fn note_lost_first_exits(&mut self) {
-        let tol = crate::sys::start_tolerance();
+        let tol = self.view.start_tolerance();
         for rec in self.vpses.values_mut().filter(|r| !r.first_gone) {
             let in_table = self.tracking.table.get(rec.first.pid).is_some_and(|e| e.same_start(rec.first.start, tol));
             if !in_table {

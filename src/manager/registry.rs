@@ -77,9 +77,8 @@ impl Manager {
     pub fn adopt(&self, name: &str, pid: Pid) -> Result<Vps> {
         validate_name(name)?;
         let mut st = self.synced()?;
-        let info = crate::sys::process(pid)
-            .map_err(|e| Error::io("reading the process", e))?
-            .ok_or(Error::NoSuchProcess(pid))?;
+        let info =
+            st.view.process(pid).map_err(|e| Error::io("reading the process", e))?.ok_or(Error::NoSuchProcess(pid))?;
         let vps = match st.names.get(name).copied() {
             Some(id) if st.name_in_use(name) => {
                 st.vpses.get(&id).map(|r| r.vps.clone()).ok_or_else(|| Error::UnknownVps(name.into()))?
@@ -128,9 +127,8 @@ impl Manager {
         if st.name_in_use(name) {
             return Err(Error::AlreadyRunning(name.to_string()));
         }
-        let info = crate::sys::process(pid)
-            .map_err(|e| Error::io("reading the process", e))?
-            .ok_or(Error::NoSuchProcess(pid))?;
+        let info =
+            st.view.process(pid).map_err(|e| Error::io("reading the process", e))?.ok_or(Error::NoSuchProcess(pid))?;
         let vps = st.new_vps(name, info.id);
         if let Err(e) = st.tracker.watch(pid, vps.id) {
             st.names.remove(name);
@@ -177,27 +175,11 @@ impl Manager {
             }
             None => {}
         }
-        let info = crate::sys::process(pid)
-            .map_err(|e| Error::io("reading the process", e))?
-            .ok_or(Error::NoSuchProcess(pid))?;
+        let info =
+            st.view.process(pid).map_err(|e| Error::io("reading the process", e))?.ok_or(Error::NoSuchProcess(pid))?;
         st.tracker.watch(pid, vps.id)?;
         st.tracking.insert_member(&info, vps.id, Source::Loader);
         st.flush_changes();
         Ok(vps)
-    }
-}
-
-#[cfg(test)]
-mod tests {
-    use super::validate_name;
-
-    #[test]
-    fn names_are_checked() {
-        assert!(validate_name("web-1.prod_a").is_ok());
-        assert!(validate_name("").is_err());
-        assert!(validate_name("-x").is_err());
-        assert!(validate_name("a b").is_err());
-        assert!(validate_name("a/b").is_err());
-        assert!(validate_name(&"x".repeat(65)).is_err());
     }
 }

@@ -156,8 +156,9 @@ impl Manager {
         if st.name_in_use(name) {
             return Err(Error::AlreadyRunning(name.to_string()));
         }
-        let read = |pid| {
-            crate::sys::process(pid)
+        let mut read = |pid| {
+            st.view
+                .process(pid)
                 .map_err(|e| Error::io("reading the new first process", e))?
                 .ok_or(Error::NoSuchProcess(pid))
         };

@@ -1,0 +1,299 @@
+//! The manager's lifecycle against a scripted system and a scripted tracker: restore with dead
+//! and reused members, a first process whose exit event was lost, a name used again, refusals,
+//! the order of signals. (Starting a process needs a real fork: tests/spawn.rs does that.)
+
+use std::collections::VecDeque;
+use std::os::fd::{AsFd, BorrowedFd};
+
+use vpstag_tracker::{EventKind, LossReason, StartTime, TrackerError};
+
+use super::*;
+use crate::sys::ProcInfo;
+use crate::tracking::ProcView;
+
+fn p(pid: i32) -> Pid {
+    Pid::new(pid).unwrap()
+}
+
+fn info(pid: i32, start: u64, ppid: i32) -> ProcInfo {
+    ProcInfo {
+        id: ProcessId { pid: p(pid), start: StartTime(start) },
+        ppid: Pid::new(ppid),
+        uid: 0,
+        threads: 1,
+        zombie: false,
+        name: "x".into(),
+    }
+}
+
+/// The processes of the scripted system, what a reap returns, and what was signalled.
+#[derive(Default)]
+struct World {
+    procs: HashMap<Pid, ProcInfo>,
+    /// Children of ours that have exited: their wait status.
+    exited: HashMap<Pid, i32>,
+    signalled: Vec<(Pid, i32)>,
+    now: u64,
+}
+
+#[derive(Clone)]
+struct FakeSystem(Arc<Mutex<World>>);
+
+impl Default for FakeSystem {
+    /// The clock starts at 1000 s of uptime, after every start time the tests use (a start time
+    /// unit is 10 ms).
+    fn default() -> FakeSystem {
+        FakeSystem(Arc::new(Mutex::new(World { now: 1_000_000_000_000, ..World::default() })))
+    }
+}
+
+impl FakeSystem {
+    fn world(&self) -> MutexGuard<'_, World> {
+        self.0.lock().unwrap()
+    }
+    fn add(&self, pid: i32, start: u64, ppid: i32) {
+        self.world().procs.insert(p(pid), info(pid, start, ppid));
+    }
+    /// `pid` exits with `code`; a child of ours until reaped.
+    fn exit(&self, pid: i32, code: i32) {
+        let mut w = self.world();
+        w.procs.remove(&p(pid));
+        w.exited.insert(p(pid), code << 8);
+    }
+}
+
+impl ProcView for FakeSystem {
+    fn scan(&mut self) -> std::io::Result<Vec<ProcInfo>> {
+        Ok(self.world().procs.values().cloned().collect())
+    }
+    fn process(&mut self, pid: Pid) -> std::io::Result<Option<ProcInfo>> {
+        Ok(self.world().procs.get(&pid).cloned())
+    }
+    fn now_ns(&mut self) -> u64 {
+        let mut w = self.world();
+        w.now += 1_000;
+        w.now
+    }
+    fn ns_per_start_unit(&self) -> u64 {
+        10_000_000
+    }
+    fn start_tolerance(&self) -> u64 {
+        0
+    }
+}
+
+impl System for FakeSystem {
+    fn try_reap(&mut self, pid: Pid) -> std::io::Result<Option<i32>> {
+        let mut w = self.world();
+        match w.exited.remove(&pid) {
+            Some(status) => Ok(Some(status)),
+            None if w.procs.contains_key(&pid) => Ok(None),
+            None => Err(std::io::Error::from_raw_os_error(libc::ECHILD)),
+        }
+    }
+    fn signal_exact(&mut self, id: ProcessId, sig: i32) -> std::io::Result<bool> {
+        let mut w = self.world();
+        if w.procs.get(&id.pid).is_some_and(|i| i.id.start == id.start) {
+            w.signalled.push((id.pid, sig));
+            return Ok(true);
+        }
+        Ok(false)
+    }
+}
+
+/// A backend that reports what the test queued; it follows nothing itself (like the proc
+/// connector, it sees the whole host and does not reap).
+struct ScriptedTracker {
+    events: Arc<Mutex<VecDeque<Event>>>,
+    quiet: OwnedFd,
+    _writer: OwnedFd,
+}
+
+impl ForkTracker for ScriptedTracker {
+    fn kind(&self) -> BackendKind {
+        BackendKind::Cnproc
+    }
+    #[allow(clippy::field_reassign_with_default)] // Capabilities is #[non_exhaustive] to other crates
+    fn capabilities(&self) -> Capabilities {
+        let mut c = Capabilities::default();
+        c.host_wide = true;
+        c.can_lose = true;
+        c
+    }
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.quiet.as_fd()
+    }
+    fn read_events(
+        &mut self,
+        out: &mut Vec<Event>,
+        _timeout: Option<Duration>,
+    ) -> std::result::Result<usize, TrackerError> {
+        let mut q = self.events.lock().unwrap();
+        let n = q.len();
+        out.extend(q.drain(..));
+        Ok(n)
+    }
+}
+
+struct Fixture {
+    mgr: Manager,
+    sys: FakeSystem,
+    events: Arc<Mutex<VecDeque<Event>>>,
+}
+
+impl Fixture {
+    fn new(sys: FakeSystem) -> Fixture {
+        let events = Arc::new(Mutex::new(VecDeque::new()));
+        let (quiet, writer) = nix::unistd::pipe().unwrap();
+        let tracker = ScriptedTracker { events: Arc::clone(&events), quiet, _writer: writer };
+        let mgr = Manager::with_system(Box::new(tracker), Box::new(sys.clone())).unwrap();
+        Fixture { mgr, sys, events }
+    }
+    fn push(&self, kind: EventKind) {
+        let mut ev = Event::new(kind);
+        ev.time_ns = Some(self.sys.world().now + 1);
+        self.events.lock().unwrap().push_back(ev);
+    }
+    /// `parent` forks `child` (started at `start`): the system has it, then the event comes.
+    fn fork(&self, parent: i32, child: i32, start: u64) {
+        self.sys.add(child, start, parent);
+        self.push(EventKind::Fork {
+            parent: p(parent),
+            child: p(child),
+            child_thread: p(child),
+            thread: false,
+            child_start: Some(StartTime(start)),
+        });
+    }
+    fn exit(&self, pid: i32, code: i32) {
+        self.sys.exit(pid, code);
+        self.push(EventKind::Exit {
+            pid: p(pid),
+            thread: p(pid),
+            status: Some(ExitStatus::Exited(code)),
+            group_dead: Some(true),
+        });
+    }
+    fn members(&self, vps: &Vps) -> Vec<i32> {
+        self.mgr.members(vps).unwrap().into_iter().map(Pid::as_raw).collect()
+    }
+}
+
+#[test]
+fn names_are_checked() {
+    assert!(validate_name("web-1.prod_a").is_ok());
+    assert!(validate_name("").is_err());
+    assert!(validate_name("-x").is_err());
+    assert!(validate_name("a b").is_err());
+    assert!(validate_name("a/b").is_err());
+    assert!(validate_name(&"x".repeat(65)).is_err());
+}
+
+#[test]
+fn restore_brings_back_live_members_only_and_marks_a_dead_first_process_gone() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1); // a's first process, alive
+    sys.add(101, 9, 1); // a member's pid, now another process's (start 9, saved 7)
+    sys.add(103, 11, 100); // born below 100 while nobody watched: the resync finds it
+    let f = Fixture::new(sys);
+    let saved = [
+        SavedVps { id: 4, name: "a".into(), first_pid: 100, first_start: 5, started: 0 },
+        SavedVps { id: 6, name: "b".into(), first_pid: 200, first_start: 3, started: 0 },
+    ];
+    let members = [
+        SavedMember { pid: 100, start: 5, vps: 4, source: Source::First },
+        SavedMember { pid: 101, start: 7, vps: 4, source: Source::Event },
+        SavedMember { pid: 102, start: 8, vps: 4, source: Source::Event },
+        SavedMember { pid: 200, start: 3, vps: 6, source: Source::First },
+    ];
+    assert_eq!(f.mgr.restore(&saved, &members).unwrap(), 1, "only 100 is still the process saved");
+    let a = f.mgr.vps("a").unwrap();
+    let b = f.mgr.vps("b").unwrap();
+    assert_eq!(f.members(&a), vec![100, 103]);
+    assert_eq!(f.mgr.vps_of(p(101)).unwrap(), None, "a reused pid is not a member");
+    assert!(f.mgr.is_running(&a).unwrap());
+    assert!(!f.mgr.is_running(&b).unwrap());
+    assert_eq!(f.mgr.wait(&b, Some(Duration::ZERO)).unwrap(), None, "gone, with no status known");
+    // Ids handed out after a restore never collide with restored ones.
+    f.sys.add(300, 20, 1);
+    assert!(f.mgr.register_first("c", p(300)).unwrap().id.0 > 6);
+}
+
+#[test]
+fn a_first_process_whose_exit_event_was_lost_is_found_by_the_resync_and_wait_gets_its_status() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    let f = Fixture::new(sys);
+    let job = f.mgr.register_first("job", p(100)).unwrap();
+    // It exits, and the backend loses the event (and says so).
+    f.sys.exit(100, 7);
+    f.push(EventKind::Lost { count: None, reason: LossReason::Overflow });
+    assert_eq!(f.mgr.wait(&job, Some(Duration::from_secs(10))).unwrap(), Some(ExitStatus::Exited(7)));
+    assert!(f.members(&job).is_empty());
+    assert_eq!(f.mgr.stats().loss_reports, 1);
+}
+
+#[test]
+fn a_name_is_free_again_once_its_vps_ended_and_the_new_vps_is_not_the_old_one() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    let f = Fixture::new(sys);
+    let old = f.mgr.register_first("web", p(100)).unwrap();
+    f.sys.add(200, 6, 1);
+    assert!(matches!(f.mgr.register_first("web", p(200)), Err(Error::AlreadyRunning(_))));
+    f.exit(100, 0);
+    assert_eq!(f.mgr.wait(&old, Some(Duration::from_secs(10))).unwrap(), Some(ExitStatus::Exited(0)));
+    let new = f.mgr.register_first("web", p(200)).unwrap();
+    assert_ne!(new.id, old.id);
+    f.sys.add(300, 7, 1);
+    assert!(matches!(f.mgr.join_vps(&old, p(300)), Err(Error::UnknownVps(_))), "the old VPS by id");
+    assert_eq!(f.mgr.join("web", p(300)).unwrap().id, new.id, "the name means the new one");
+}
+
+#[test]
+fn a_member_can_neither_register_a_vps_nor_join_another() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    sys.add(200, 6, 1);
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    let b = f.mgr.register_first("b", p(200)).unwrap();
+    f.fork(100, 101, 8);
+    assert!(matches!(f.mgr.register_first("c", p(101)), Err(Error::AlreadyMember { .. })));
+    assert!(matches!(f.mgr.join_vps(&b, p(101)), Err(Error::AlreadyMember { .. })));
+    assert_eq!(f.mgr.join_vps(&a, p(101)).unwrap().id, a.id, "joining one's own VPS is a no-op");
+    assert!(matches!(f.mgr.register_first("d", p(999)), Err(Error::NoSuchProcess(_))));
+}
+
+#[test]
+fn signals_reach_ancestors_before_descendants_and_never_a_reused_pid() {
+    let sys = FakeSystem::default();
+    sys.add(300, 5, 1);
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(300)).unwrap();
+    // Pids out of tree order: the grandchild has the lowest.
+    f.fork(300, 200, 6);
+    f.fork(200, 100, 7);
+    assert_eq!(f.mgr.signal(&a, Signal::TERM).unwrap(), 3);
+    let order: Vec<i32> = f.sys.world().signalled.iter().map(|(pid, _)| pid.as_raw()).collect();
+    assert_eq!(order, vec![300, 200, 100]);
+    // 100 exits unseen and its pid is taken by an unrelated process: it is not signalled.
+    f.sys.world().signalled.clear();
+    f.sys.world().procs.insert(p(100), info(100, 42, 1));
+    assert_eq!(f.mgr.signal(&a, Signal::TERM).unwrap(), 2);
+    assert!(f.sys.world().signalled.iter().all(|(pid, _)| pid.as_raw() != 100));
+}
+
+#[test]
+fn forget_untags_and_frees_the_name() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.fork(100, 101, 6);
+    assert_eq!(f.members(&a), vec![100, 101]);
+    f.mgr.forget(&a).unwrap();
+    assert_eq!(f.mgr.vps_of(p(101)).unwrap(), None);
+    assert!(matches!(f.mgr.vps("a"), Err(Error::UnknownVps(_))));
+    assert!(matches!(f.mgr.members(&a), Err(Error::UnknownVps(_))));
+}
