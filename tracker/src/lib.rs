@@ -139,6 +139,9 @@ impl fmt::Display for VpsId {
 }
 
 /// How a process ended, as `wait(2)` would report it.
+///
+/// Exhaustive on purpose: `wait(2)` knows these two endings, and a consumer should be able to
+/// match on them without a catch-all.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
 #[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(rename_all = "snake_case"))]
 pub enum ExitStatus {
@@ -311,7 +314,20 @@ impl fmt::Display for BackendKind {
 }
 
 /// What a backend can promise; the core adapts to it.
+///
+/// New promises may be added in later versions, so a backend builds its value from
+/// [`Capabilities::new`] (nothing promised) and switches on what it does; a flag it does not
+/// know about stays at its conservative default.
+///
+/// ```
+/// use vpstag_tracker::Capabilities;
+///
+/// // A backend that follows only what it was asked to watch, synchronously, without threads.
+/// const CAPS: Capabilities = Capabilities::new().synchronous(true).can_lose(true);
+/// assert!(CAPS.synchronous && CAPS.can_lose && !CAPS.host_wide && CAPS.resync_every.is_none());
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// It sees every process on the host (proc connector, eBPF), not just the ones it was asked to
     /// [`watch`](ForkTracker::watch).
@@ -330,6 +346,63 @@ pub struct Capabilities {
     /// It can also miss a child *without* reporting it (FreeBSD's `knote_fork` skips a parent
     /// knote that is "in flux"): the consumer should resynchronise this often.
     pub resync_every: Option<Duration>,
+}
+
+impl Capabilities {
+    /// Nothing promised: every flag `false`, `resync_every` `None` (the same as `Default`).
+    pub const fn new() -> Capabilities {
+        Capabilities {
+            host_wide: false,
+            holds_tags: false,
+            synchronous: false,
+            thread_events: false,
+            reaps: false,
+            can_lose: false,
+            resync_every: None,
+        }
+    }
+
+    /// Sets [`host_wide`](Capabilities#structfield.host_wide).
+    pub const fn host_wide(mut self, yes: bool) -> Capabilities {
+        self.host_wide = yes;
+        self
+    }
+
+    /// Sets [`holds_tags`](Capabilities#structfield.holds_tags).
+    pub const fn holds_tags(mut self, yes: bool) -> Capabilities {
+        self.holds_tags = yes;
+        self
+    }
+
+    /// Sets [`synchronous`](Capabilities#structfield.synchronous).
+    pub const fn synchronous(mut self, yes: bool) -> Capabilities {
+        self.synchronous = yes;
+        self
+    }
+
+    /// Sets [`thread_events`](Capabilities#structfield.thread_events).
+    pub const fn thread_events(mut self, yes: bool) -> Capabilities {
+        self.thread_events = yes;
+        self
+    }
+
+    /// Sets [`reaps`](Capabilities#structfield.reaps).
+    pub const fn reaps(mut self, yes: bool) -> Capabilities {
+        self.reaps = yes;
+        self
+    }
+
+    /// Sets [`can_lose`](Capabilities#structfield.can_lose).
+    pub const fn can_lose(mut self, yes: bool) -> Capabilities {
+        self.can_lose = yes;
+        self
+    }
+
+    /// Sets [`resync_every`](Capabilities#structfield.resync_every).
+    pub const fn resync_every(mut self, every: Option<Duration>) -> Capabilities {
+        self.resync_every = every;
+        self
+    }
 }
 
 /// What went wrong in a backend.
@@ -471,6 +544,22 @@ mod tests {
         // A stop status (WIFSTOPPED) is not an exit.
         assert_eq!(ExitStatus::from_wait_status((19 << 8) | 0x7f), None);
         assert_eq!(ExitStatus::Signaled { signal: 15, core_dumped: false }.shell_code(), 143);
+    }
+
+    #[test]
+    fn capabilities_start_from_nothing() {
+        assert_eq!(Capabilities::new(), Capabilities::default());
+        let c = Capabilities::new()
+            .host_wide(true)
+            .holds_tags(true)
+            .synchronous(true)
+            .thread_events(true)
+            .reaps(true)
+            .can_lose(true)
+            .resync_every(Some(Duration::from_secs(5)));
+        assert!(c.host_wide && c.holds_tags && c.synchronous && c.thread_events && c.reaps && c.can_lose);
+        assert_eq!(c.resync_every, Some(Duration::from_secs(5)));
+        assert_eq!(c.host_wide(false).reaps(false), Capabilities { host_wide: false, reaps: false, ..c });
     }
 
     #[test]

@@ -69,6 +69,12 @@ pub mod decode;
 
 mod source;
 
+use vpstag_tracker::Capabilities;
+
+/// What [`CnProc`] promises: host-wide, asynchronous, with thread events, can lose events (and
+/// says so), does not reap.
+pub const CAPABILITIES: Capabilities = Capabilities::new().host_wide(true).thread_events(true).can_lose(true);
+
 #[cfg(target_os = "linux")]
 pub use linux::*;
 
@@ -172,15 +178,7 @@ mod linux {
         }
 
         fn capabilities(&self) -> Capabilities {
-            Capabilities {
-                host_wide: true,
-                holds_tags: false,
-                synchronous: false,
-                thread_events: true,
-                reaps: false,
-                can_lose: true,
-                resync_every: None,
-            }
+            crate::CAPABILITIES
         }
 
         fn as_fd(&self) -> BorrowedFd<'_> {

@@ -83,6 +83,7 @@ impl Clock {
 
 /// A record that is not what the BPF program writes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, thiserror::Error)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// Shorter than [`RECORD_SIZE`].
     #[error("ring-buffer record of {0} bytes, expected {RECORD_SIZE}")]

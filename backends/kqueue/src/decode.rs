@@ -86,6 +86,7 @@ pub struct RawKevent {
 
 /// What one kevent turned out to be.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum Decoded {
     /// It produced this many events (appended to `out`).
     Events(usize),

@@ -90,16 +90,12 @@ pub use backend::Kqueue;
 use vpstag_tracker::{Capabilities, Pid, TrackerError};
 
 /// What this backend promises (see the table in the crate docs).
-pub const CAPABILITIES: Capabilities = Capabilities {
-    host_wide: false,
-    holds_tags: true,
-    synchronous: true,
-    thread_events: false,
-    reaps: false,
-    can_lose: true,
+pub const CAPABILITIES: Capabilities = Capabilities::new()
+    .holds_tags(true)
+    .synchronous(true)
+    .can_lose(true)
     // knote_fork() skips a parent knote that is "in flux" without NOTE_TRACKERR.
-    resync_every: Some(std::time::Duration::from_secs(5)),
-};
+    .resync_every(Some(std::time::Duration::from_secs(5)));
 
 /// Every descendant of `reaper`, a process that took `procctl(PROC_REAP_ACQUIRE)` (the VPS's first
 /// process does, see the core's `become_subreaper`), as the kernel keeps them: FreeBSD's

@@ -50,6 +50,7 @@ pub fn is_stop_signal(sig: i32) -> bool {
 
 /// A raw wait status, decoded.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum Status {
     /// The task is gone (`WIFEXITED` / `WIFSIGNALED`).
     Exited(ExitStatus),
@@ -95,6 +96,7 @@ pub fn needs_event_msg(status: i32) -> bool {
 
 /// How to restart a stopped tracee.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum Resume {
     /// `PTRACE_CONT` delivering this signal (0: none).
     Cont(i32),

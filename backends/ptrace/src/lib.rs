@@ -160,15 +160,7 @@ pub use freebsd::{Ptrace, UNSUPPORTED};
 pub use linux::Ptrace;
 
 /// What this backend promises.
-pub const CAPABILITIES: Capabilities = Capabilities {
-    host_wide: false,
-    holds_tags: false,
-    synchronous: true,
-    thread_events: true,
-    reaps: true,
-    can_lose: false,
-    resync_every: None,
-};
+pub const CAPABILITIES: Capabilities = Capabilities::new().synchronous(true).thread_events(true).reaps(true);
 
 /// [`BackendKind::Ptrace`].
 pub const KIND: BackendKind = BackendKind::Ptrace;
