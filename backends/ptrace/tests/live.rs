@@ -13,7 +13,7 @@ use std::path::PathBuf;
 use std::sync::{Mutex, MutexGuard};
 use std::time::{Duration, Instant};
 
-use vpstag_ptrace::source::parse_state;
+use vpstag_ptrace::decode::parse_state;
 use vpstag_ptrace::Ptrace;
 use vpstag_tracker::{Event, EventKind, ExitStatus, ForkTracker, Pid, TrackerError, VpsId};
 
@@ -1063,7 +1063,7 @@ fn start_times_match_proc_for_many_children() {
         let EventKind::Fork { child, child_thread, thread, child_start, .. } = ev.kind else { continue };
         let path =
             if thread { format!("/proc/{root}/task/{child_thread}/stat") } else { format!("/proc/{child}/stat") };
-        let now = std::fs::read_to_string(&path).ok().and_then(|t| vpstag_ptrace::source::parse_stat(&t));
+        let now = std::fs::read_to_string(&path).ok().and_then(|t| vpstag_ptrace::decode::parse_stat(&t));
         match now {
             Some(st) if !st.is_dead() => {
                 compared += 1;
