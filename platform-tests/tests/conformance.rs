@@ -23,7 +23,7 @@
 //! Backend-specific behaviour (buffer sizes, counters, start times, map queries, job control...)
 //! stays in each backend's own tests.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashSet;
 use std::io::{BufRead, BufReader, Write};
 use std::panic::{catch_unwind, AssertUnwindSafe};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -311,39 +311,33 @@ impl Session {
     }
 }
 
-/// The events of `roots` and their descendants, by following `Fork`s in order, and every `Lost`.
-/// A process leaves the lineage at its group exit (the pid may be reused by another).
+/// The events of `roots` and their descendants, and every `Lost`, in the order read.
+///
+/// The descendants are found from the `Fork`s in any order, so that an event of a process read
+/// before the `Fork` that made it is kept (and caught by the order checks), not dropped. (A pid
+/// reused within one scenario would mix two processes; the pid counter does not wrap that fast.)
 fn lineage(events: &[Event], roots: &[Pid]) -> Vec<Event> {
     let mut procs: HashSet<Pid> = roots.iter().copied().collect();
-    let mut threads: HashMap<Pid, HashSet<Pid>> = HashMap::new();
-    let mut out = Vec::new();
-    for e in events {
-        match e.kind {
-            EventKind::Fork { parent, child, child_thread, thread, .. } if procs.contains(&parent) => {
-                if thread {
-                    threads.entry(parent).or_default().insert(child_thread);
-                } else {
+    loop {
+        let before = procs.len();
+        for e in events {
+            if let EventKind::Fork { parent, child, thread: false, .. } = e.kind {
+                if procs.contains(&parent) {
                     procs.insert(child);
                 }
-                out.push(*e);
             }
-            EventKind::Exec { pid, .. } if procs.contains(&pid) => out.push(*e),
-            EventKind::Exit { pid, thread, group_dead, .. } if procs.contains(&pid) => {
-                out.push(*e);
-                let others = threads.get_mut(&pid).map(|t| {
-                    t.remove(&thread);
-                    t.len()
-                });
-                if group_dead == Some(true) || (group_dead.is_none() && thread == pid && others.unwrap_or(0) == 0) {
-                    procs.remove(&pid);
-                    threads.remove(&pid);
-                }
-            }
-            EventKind::Lost { .. } => out.push(*e),
-            _ => {}
+        }
+        if procs.len() == before {
+            break;
         }
     }
-    out
+    let mine = |e: &Event| match e.kind {
+        EventKind::Fork { parent, child, .. } => procs.contains(&parent) || procs.contains(&child),
+        EventKind::Exec { pid, .. } | EventKind::Exit { pid, .. } => procs.contains(&pid),
+        EventKind::Lost { .. } => true,
+        _ => false,
+    };
+    events.iter().filter(|e| mine(e)).copied().collect()
 }
 
 /// One line per event, for failure messages.
@@ -494,17 +488,20 @@ fn exit_code_and_killing_signal_are_reported() {
     });
 }
 
-/// A Python process starts four threads, joins them, then forks a child (it is still followed
-/// after its threads are gone) and exits 0. No exit of a thread is the process's exit: the one
+/// A Python process starts four threads, joins them, waits until they are gone, then forks a
+/// child (it is still followed after its threads are gone) and exits 0. No exit of a thread is the process's exit: the one
 /// group exit of the process is its last event. A backend that reports threads reports each
 /// one's creation (a `thread: true` fork inside the process) and its exit.
 #[test]
 fn a_thread_exit_is_not_the_exit_of_its_process() {
-    const CODE: &str = "import os, sys, threading\n\
+    // join() returns before the thread is gone from the kernel: wait until /proc lists only the
+    // main thread (where there is a /proc) before forking.
+    const CODE: &str = "import os, sys, threading, time\n\
                         sys.stdin.readline()\n\
                         ts = [threading.Thread(target=lambda: None) for _ in range(4)]\n\
                         [t.start() for t in ts]\n\
                         [t.join() for t in ts]\n\
+                        while os.path.isdir('/proc/self/task') and len(os.listdir('/proc/self/task')) > 1:\n    time.sleep(0.001)\n\
                         pid = os.fork()\n\
                         if pid == 0:\n    os._exit(0)\n\
                         os.waitpid(pid, 0)\n";
