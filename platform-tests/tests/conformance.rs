@@ -47,8 +47,9 @@ struct Backend {
 }
 
 /// Every backend this system has: the one list the suite runs over.
+// Which pushes there are depends on the system.
+#[allow(unused_mut, clippy::vec_init_then_push)]
 fn backends() -> Vec<Backend> {
-    #[allow(unused_mut)]
     let mut list: Vec<Backend> = Vec::new();
     #[cfg(target_os = "linux")]
     {
