@@ -15,7 +15,7 @@ use std::fmt;
 
 use serde::{Deserialize, Serialize};
 
-use crate::{EventKind, ExitStatus, Pid, TaggedEvent};
+use crate::{EventKind, ExitStatus, Pid, TaggedEvent, VpsId};
 
 /// The protocol version this library speaks (`"v"` in a request).
 pub const PROTOCOL_VERSION: u32 = 1;
@@ -113,12 +113,12 @@ pub struct Hello {
 /// A VPS as the daemon names it in replies.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VpsRef {
-    /// Its id.
-    pub id: u64,
+    /// Its id (a plain integer on the wire).
+    pub id: VpsId,
     /// Its name.
     pub name: String,
-    /// Its first process.
-    pub first: i32,
+    /// Its first process (a plain integer on the wire).
+    pub first: Pid,
 }
 
 /// One live tagged process (`ps`).
@@ -198,8 +198,8 @@ pub struct EventInfo {
 pub struct DivergenceInfo {
     /// `missing`, `extra` or `wrong_tag`.
     pub kind: String,
-    /// The process.
-    pub pid: i32,
+    /// The process (a plain integer on the wire).
+    pub pid: Pid,
     /// The VPS the table has (extra, wrong_tag).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub vps: Option<String>,
@@ -423,5 +423,18 @@ mod tests {
         // An event from a daemon that knows no `count` still reads.
         let old: EventInfo = serde_json::from_str(r#"{"event":"exit","vps":"a","pid":3,"code":0}"#).unwrap();
         assert_eq!(old.count, None);
+    }
+
+    #[test]
+    fn pids_and_vps_ids_are_plain_integers_on_the_wire() {
+        let line = r#"{"id":3,"name":"web","first":1234}"#;
+        let vps: VpsRef = serde_json::from_str(line).unwrap();
+        assert_eq!((vps.id, vps.first.as_raw()), (VpsId(3), 1234));
+        assert_eq!(serde_json::to_string(&vps).unwrap(), line);
+        let line = r#"{"kind":"extra","pid":77,"vps":"web"}"#;
+        let d: DivergenceInfo = serde_json::from_str(line).unwrap();
+        assert_eq!(d.pid.as_raw(), 77);
+        assert_eq!(serde_json::to_string(&d).unwrap(), line);
+        assert!(serde_json::from_str::<VpsRef>(r#"{"id":3,"name":"web","first":0}"#).is_err());
     }
 }

@@ -10,7 +10,7 @@
 use std::ffi::CStr;
 use std::io;
 
-use vpstag_tracker::{ForkTracker, Pid};
+use vpstag_tracker::{ForkTracker, Pid, TrackerError};
 
 use super::ProcInfo;
 use crate::{BackendChoice, Error};
@@ -72,21 +72,15 @@ pub(crate) fn set_process_name(name: &CStr) {
     let _ = name;
 }
 
-#[cfg(any(target_os = "netbsd", target_os = "openbsd", target_os = "dragonfly", target_os = "macos"))]
+/// The kqueue backend where the system has one; elsewhere (illumos) the kqueue crate's stand-in
+/// says why not, reported as [`Error::BackendUnavailable`]. Which systems have one is decided
+/// once, in the kqueue crate.
 fn open_kqueue() -> Result<Box<dyn ForkTracker>, Error> {
-    Ok(Box::new(vpstag_kqueue::Kqueue::new()?))
-}
-
-#[cfg(not(any(target_os = "netbsd", target_os = "openbsd", target_os = "dragonfly", target_os = "macos")))]
-fn open_kqueue() -> Result<Box<dyn ForkTracker>, Error> {
-    Err(Error::BackendUnavailable {
-        backend: "kqueue",
-        why: format!(
-            "{} has no kqueue process tracking; on illumos process contracts (contract(5)) are the mechanism, \
-             not implemented yet",
-            std::env::consts::OS
-        ),
-    })
+    match vpstag_kqueue::Kqueue::new() {
+        Ok(k) => Ok(Box::new(k)),
+        Err(TrackerError::Unsupported(why)) => Err(Error::BackendUnavailable { backend: "kqueue", why }),
+        Err(e) => Err(e.into()),
+    }
 }
 
 /// Opens a backend: kqueue where the system has it, nothing else.

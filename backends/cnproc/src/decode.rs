@@ -79,6 +79,7 @@ pub const NO_CPU: u32 = u32::MAX;
 /// Why a datagram could not be walked to its end. Events of the messages before the fault have
 /// already been appended to the output.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum DecodeError {
     /// The datagram did not come from the kernel (netlink port 0). Anyone may send to a netlink
     /// port, so such datagrams are dropped unread.

@@ -58,141 +58,81 @@
 //! global listener count that a socket that merely closes does not decrement while other
 //! listeners exist, and every fork on the host pays for building events while it is non-zero.
 //!
+//! # Layout
+//!
+//! As in every vpstag backend: [`decode`] turns datagrams into events (pure, unit-tested on every
+//! OS), `source.rs` holds the system calls and every `unsafe` block, `tracker.rs` the
+//! [`ForkTracker`](vpstag_tracker::ForkTracker) impl that glues them, and `unsupported.rs` the
+//! stand-in for other systems.
+//!
 //! # Portability
 //!
-//! On other systems the crate contains only [`decode`], the pure decoder, so that its tests run
-//! everywhere.
-#![deny(unsafe_op_in_unsafe_fn)]
+//! On other systems [`decode`], [`Config`], [`Stats`] and [`CAPABILITIES`] build as here, and
+//! [`CnProc::new`] returns [`TrackerError::Unsupported`](vpstag_tracker::TrackerError::Unsupported).
+#![deny(unsafe_code, unsafe_op_in_unsafe_fn)]
 #![warn(missing_docs)]
+
+use vpstag_tracker::Capabilities;
 
 pub mod decode;
 
-mod source;
-
-#[cfg(target_os = "linux")]
-pub use linux::*;
-
-#[cfg(target_os = "linux")]
-mod linux {
-    use std::os::fd::BorrowedFd;
-    use std::time::Duration;
-
-    use vpstag_tracker::{BackendKind, Capabilities, Event, ForkTracker, TrackerError};
-
-    use crate::source::Connection;
-
-    /// How to open the proc connector.
-    #[derive(Clone, Copy, PartialEq, Eq, Debug)]
-    pub struct Config {
-        /// Receive buffer to ask for, in bytes (default 8 MiB). Obtained with `SO_RCVBUFFORCE`
-        /// when privileged, else with `SO_RCVBUF` up to `net.core.rmem_max`. 0 keeps the system
-        /// default.
-        pub receive_buffer: usize,
-        /// Ask the kernel (6.6+) for fork, exec and exit events only. Off by default: it turns
-        /// sequence-gap loss detection off (see the crate docs).
-        pub kernel_filter: bool,
+cfg_if::cfg_if! {
+    if #[cfg(target_os = "linux")] {
+        #[allow(unsafe_code)]
+        mod source;
+        mod tracker;
+        pub use tracker::CnProc;
+    } else {
+        mod unsupported;
+        pub use unsupported::CnProc;
     }
+}
 
-    impl Config {
-        /// The default receive buffer: 8 MiB, about 10,000 queued events.
-        pub const DEFAULT_RECEIVE_BUFFER: usize = 8 << 20;
+/// What [`CnProc`] promises: host-wide, asynchronous, with thread events, can lose events (and
+/// says so), does not reap.
+pub const CAPABILITIES: Capabilities = Capabilities::new().host_wide(true).thread_events(true).can_lose(true);
+
+/// How to open the proc connector.
+#[derive(Clone, Copy, PartialEq, Eq, Debug)]
+pub struct Config {
+    /// Receive buffer to ask for, in bytes (default 8 MiB). Obtained with `SO_RCVBUFFORCE`
+    /// when privileged, else with `SO_RCVBUF` up to `net.core.rmem_max`. 0 keeps the system
+    /// default.
+    pub receive_buffer: usize,
+    /// Ask the kernel (6.6+) for fork, exec and exit events only. Off by default: it turns
+    /// sequence-gap loss detection off (see the crate docs).
+    pub kernel_filter: bool,
+}
+
+impl Config {
+    /// The default receive buffer: 8 MiB, about 10,000 queued events.
+    pub const DEFAULT_RECEIVE_BUFFER: usize = 8 << 20;
+}
+
+impl Default for Config {
+    fn default() -> Config {
+        Config { receive_buffer: Config::DEFAULT_RECEIVE_BUFFER, kernel_filter: false }
     }
+}
 
-    impl Default for Config {
-        fn default() -> Config {
-            Config { receive_buffer: Config::DEFAULT_RECEIVE_BUFFER, kernel_filter: false }
-        }
-    }
-
-    /// Counters since the connector was opened.
-    #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
-    pub struct Stats {
-        /// Receive buffer overflows (`ENOBUFS`), each reported as `Lost { reason: Overflow }`.
-        pub overflows: u64,
-        /// Gaps in the kernel's per-CPU sequence numbers, each reported as
-        /// `Lost { reason: SequenceGap }`.
-        pub sequence_gaps: u64,
-        /// Messages missing in those gaps.
-        pub lost_by_gap: u64,
-        /// Proc connector messages received from the kernel, of every type (acks included).
-        pub messages: u64,
-        /// Of those, messages that give no event: acks and event types vpstag does not use (uid,
-        /// gid, sid, ptrace, comm, coredump).
-        pub ignored: u64,
-        /// Datagrams dropped unread because they did not come from the kernel.
-        pub rejected: u64,
-        /// Datagrams or messages from the kernel that could not be decoded (each reported as
-        /// `Lost { reason: Other }`).
-        pub malformed: u64,
-    }
-
-    /// The proc connector backend. See the [crate docs](crate).
-    pub struct CnProc {
-        conn: Connection,
-    }
-
-    impl CnProc {
-        /// Opens the proc connector with the default [`Config`].
-        pub fn new() -> Result<CnProc, TrackerError> {
-            CnProc::with_config(Config::default())
-        }
-
-        /// Opens the proc connector: creates the socket, binds it to the proc connector group,
-        /// sizes its buffer, subscribes, and waits (briefly) for the kernel to acknowledge.
-        ///
-        /// Errors: [`TrackerError::PermissionDenied`] when the kernel lets only `CAP_NET_ADMIN`
-        /// listen (before 6.6); [`TrackerError::Unsupported`] without a proc connector, or outside
-        /// the initial namespaces.
-        pub fn with_config(config: Config) -> Result<CnProc, TrackerError> {
-            Ok(CnProc { conn: Connection::open(&config)? })
-        }
-
-        /// The receive buffer the kernel granted, in bytes, as `getsockopt(SO_RCVBUF)` reports
-        /// it (the kernel doubles a request to cover its bookkeeping, so 8 MiB asked shows as
-        /// 16 MiB; without privilege the request is first capped at `net.core.rmem_max`).
-        pub fn receive_buffer_bytes(&self) -> usize {
-            self.conn.receive_buffer()
-        }
-
-        /// Whether the kernel event filter is in effect (asked for in [`Config::kernel_filter`]
-        /// and supported by this kernel); sequence-gap detection is then off.
-        pub fn kernel_filter_active(&self) -> bool {
-            self.conn.filter_active()
-        }
-
-        /// Counters since the connector was opened.
-        pub fn stats(&self) -> Stats {
-            self.conn.stats()
-        }
-    }
-
-    impl ForkTracker for CnProc {
-        fn kind(&self) -> BackendKind {
-            BackendKind::Cnproc
-        }
-
-        fn capabilities(&self) -> Capabilities {
-            Capabilities {
-                host_wide: true,
-                holds_tags: false,
-                synchronous: false,
-                thread_events: true,
-                reaps: false,
-                can_lose: true,
-                resync_every: None,
-            }
-        }
-
-        fn as_fd(&self) -> BorrowedFd<'_> {
-            self.conn.as_fd()
-        }
-
-        /// Drains every queued datagram after waiting up to `timeout` for the first one.
-        ///
-        /// Events that arrived while [`CnProc::new`] waited for the kernel's acknowledgement are
-        /// returned by the first call even though the descriptor may not poll readable for them.
-        fn read_events(&mut self, out: &mut Vec<Event>, timeout: Option<Duration>) -> Result<usize, TrackerError> {
-            self.conn.read_events(out, timeout)
-        }
-    }
+/// Counters since the connector was opened.
+#[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+pub struct Stats {
+    /// Receive buffer overflows (`ENOBUFS`), each reported as `Lost { reason: Overflow }`.
+    pub overflows: u64,
+    /// Gaps in the kernel's per-CPU sequence numbers, each reported as
+    /// `Lost { reason: SequenceGap }`.
+    pub sequence_gaps: u64,
+    /// Messages missing in those gaps.
+    pub lost_by_gap: u64,
+    /// Proc connector messages received from the kernel, of every type (acks included).
+    pub messages: u64,
+    /// Of those, messages that give no event: acks and event types vpstag does not use (uid,
+    /// gid, sid, ptrace, comm, coredump).
+    pub ignored: u64,
+    /// Datagrams dropped unread because they did not come from the kernel.
+    pub rejected: u64,
+    /// Datagrams or messages from the kernel that could not be decoded (each reported as
+    /// `Lost { reason: Other }`).
+    pub malformed: u64,
 }

@@ -1,6 +1,7 @@
 //! The system calls: the netlink socket, the subscription, and batched reading.
 //!
-//! Linux only (the whole module is compiled out elsewhere).
+//! Linux only (`lib.rs` compiles it there only). The one file of this crate with `unsafe`: each
+//! block says why it is sound.
 //!
 //! The socket is driven with `libc` directly rather than `netlink-sys`'s `Socket`. The proc
 //! connector needs only a handful of calls (`socket`, `bind`, `setsockopt`, `sendto`,
@@ -9,8 +10,6 @@
 //! still need `libc` next to it. Using `libc` alone keeps one dependency (already in the tree),
 //! keeps every unsafe call visible in this one file with its safety argument, and owns the
 //! descriptor through std's `OwnedFd`.
-
-#![cfg(target_os = "linux")]
 
 use std::io;
 use std::mem;

@@ -1,5 +1,6 @@
-//! The OS side: checks that the system can run the BPF program, loads and attaches it, and talks
-//! to its maps and its ring buffer. Linux only.
+//! The OS side: checks that the system can run the BPF program, loads and attaches it, talks to
+//! its maps and its ring buffer, and reads `/proc` and `/sys` (the parsers are in
+//! [`crate::decode`]). Linux only; the one file of this crate with `unsafe`.
 
 use std::ffi::OsStr;
 use std::io;
@@ -11,10 +12,12 @@ use std::time::Duration;
 use libbpf_rs::{
     ErrorKind, Link, MapCore, MapFlags, MapHandle, Object, ObjectBuilder, PrintLevel, RingBuffer, RingBufferBuilder,
 };
-use vpstag_tracker::{Event, Pid, TrackerError};
+use vpstag_tracker::{Event, Pid, StartTime, TrackerError};
 
-use crate::decode::{self, Clock, Control, Counters, Tag};
-use crate::procfs;
+use crate::decode::{
+    self, caps_suffice, parse_cap_eff, parse_lockdown, parse_stat, parse_stat_start, parse_status_tgid,
+};
+use crate::decode::{parse_timens_boottime, Clock, Control, Counters, Stat, Tag};
 
 /// The BPF object that build.rs compiled, 8-byte aligned for libelf.
 #[repr(C, align(8))]
@@ -59,7 +62,7 @@ fn permission_hint() -> String {
         "run vpstag as root, or give it CAP_BPF and CAP_PERFMON (e.g. `setcap cap_bpf,cap_perfmon+ep \
          /path/to/vpstag`; inside a container they must be held in the host's user namespace)",
     );
-    match procfs::lockdown() {
+    match lockdown() {
         Some(mode) if mode != "none" => hint.push_str(&format!(
             "; kernel lockdown is active (mode `{mode}`), which can refuse BPF tracing programs outright"
         )),
@@ -137,8 +140,8 @@ fn check_btf(path: &Path) -> Result<(), TrackerError> {
 /// Checks what can be checked before touching bpf(2), for clear errors.
 pub(crate) fn preflight() -> Result<(), TrackerError> {
     check_btf(Path::new(BTF_PATH))?;
-    if let Some(caps) = procfs::own_cap_eff() {
-        if !procfs::caps_suffice(caps) {
+    if let Some(caps) = own_cap_eff() {
+        if !caps_suffice(caps) {
             return Err(TrackerError::PermissionDenied {
                 what: "loading the eBPF backend's programs (this process lacks CAP_BPF and CAP_PERFMON)".to_owned(),
                 hint: permission_hint(),
@@ -399,6 +402,107 @@ impl Loaded {
     /// The tag map's capacity.
     pub(crate) fn capacity(&self) -> u32 {
         self.tags.max_entries()
+    }
+}
+
+// ---- /proc and /sys
+
+/// The start time of `pid` (its `/proc/PID/stat` field 22).
+pub(crate) fn start_time(pid: Pid) -> io::Result<StartTime> {
+    let stat = std::fs::read_to_string(format!("/proc/{}/stat", pid.as_raw()))?;
+    parse_stat_start(&stat)
+        .map(StartTime)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unparsable /proc/{pid}/stat")))
+}
+
+/// `/proc/PID/stat` of `pid`: state, flags, threads and start time.
+pub(crate) fn stat(pid: Pid) -> io::Result<Stat> {
+    stat_at(&format!("/proc/{}/stat", pid.as_raw()))
+}
+
+/// Reads a `stat` file into a buffer on the stack (one open, reads, one close: no `statx`,
+/// no allocation but the path's), as `tag_of` does for every look-up.
+fn stat_at(path: &str) -> io::Result<Stat> {
+    use std::io::Read;
+    let mut f = std::fs::File::open(path)?;
+    let mut buf = [0u8; 2048];
+    let mut len = 0;
+    while len < buf.len() {
+        match f.read(&mut buf[len..]) {
+            Ok(0) => break,
+            Ok(n) => len += n,
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) => return Err(e),
+        }
+    }
+    std::str::from_utf8(&buf[..len])
+        .ok()
+        .and_then(parse_stat)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("unparsable {path}")))
+}
+
+/// Whether every thread of the process `pid` (whose `stat` is `leader`) has begun to exit,
+/// or none is left: its exit may then have passed the exit tracepoint already.
+pub(crate) fn all_threads_exiting(pid: Pid, leader: &Stat) -> bool {
+    if leader.threads <= 1 {
+        return leader.exiting() || leader.exited();
+    }
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{}/task", pid.as_raw())) else {
+        return true;
+    };
+    let live = dir.flatten().any(|t| {
+        let path = t.path().join("stat");
+        path.to_str().and_then(|p| stat_at(p).ok()).is_some_and(|s| !s.exiting())
+    });
+    !live
+}
+
+/// The process (thread-group id) that the task `pid` belongs to.
+pub(crate) fn tgid_of(pid: Pid) -> io::Result<Pid> {
+    let status = std::fs::read_to_string(format!("/proc/{}/status", pid.as_raw()))?;
+    parse_status_tgid(&status)
+        .and_then(Pid::new)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("no Tgid in /proc/{pid}/status")))
+}
+
+/// The calling thread's effective capabilities (what bpf(2) checks), if /proc tells.
+pub(crate) fn own_cap_eff() -> Option<u64> {
+    parse_cap_eff(&std::fs::read_to_string("/proc/thread-self/status").ok()?)
+}
+
+/// Our time namespace's boot-time offset in nanoseconds (0 when there is none, or on kernels
+/// without time namespaces).
+pub(crate) fn own_boottime_offset() -> i64 {
+    std::fs::read_to_string("/proc/self/timens_offsets").ok().and_then(|s| parse_timens_boottime(&s)).unwrap_or(0)
+}
+
+/// The kernel lockdown mode, when securityfs is mounted and tells.
+pub(crate) fn lockdown() -> Option<String> {
+    let text = std::fs::read_to_string("/sys/kernel/security/lockdown").ok()?;
+    parse_lockdown(&text).map(str::to_owned)
+}
+
+/// `sysconf(_SC_CLK_TCK)`, 100 if it fails.
+pub(crate) fn clk_tck() -> u64 {
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if v > 0 {
+        v as u64
+    } else {
+        100
+    }
+}
+
+/// The size of a memory page, 4096 if `sysconf` fails.
+pub(crate) fn page_size() -> u32 {
+    #[allow(unsafe_code)]
+    // SAFETY: sysconf has no preconditions.
+    let v = unsafe { libc::sysconf(libc::_SC_PAGESIZE) };
+    if v > 0 {
+        v as u32
+    } else {
+        4096
     }
 }
 

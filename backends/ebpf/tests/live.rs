@@ -1,6 +1,10 @@
 //! Live tests against the running kernel. They need root (or CAP_BPF + CAP_PERFMON) and BTF;
 //! without root they print why and pass. Every process they start is killed by pid and reaped,
 //! also when an assertion fails; nothing system-wide is changed.
+//!
+//! What every backend must do (fork/exec/exit order, exit statuses, threads, reported loss,
+//! watch/forget) is checked by `platform-tests/tests/conformance.rs`; these are this backend's
+//! own: the tag map and its queries, reporting modes, wake-ups, full map and ring, capabilities.
 #![cfg(target_os = "linux")]
 
 use std::collections::{HashMap, HashSet};
@@ -513,8 +517,8 @@ fn a_full_ring_buffer_is_reported_and_tags_survive() {
 }
 
 #[test]
-fn watch_forget_and_blocking_reads() {
-    if skip_unless_root("watch_forget_and_blocking_reads") {
+fn members_after_forget_and_blocking_reads() {
+    if skip_unless_root("members_after_forget_and_blocking_reads") {
         return;
     }
     let mut t = Ebpf::new().expect("load");
@@ -550,7 +554,7 @@ fn watch_forget_and_blocking_reads() {
         (t, out, n)
     });
     rx.recv_timeout(TIMEOUT).expect("a blocking read_events returns when events arrive");
-    let (mut t, mut events, n) = reader.join().unwrap();
+    let (mut t, events, n) = reader.join().unwrap();
     assert!(n > 0 && n == events.len());
 
     wait_for("both sleeps", || descendants(a.pid).len() == 1 && descendants(b.pid).len() == 1);
@@ -559,19 +563,14 @@ fn watch_forget_and_blocking_reads() {
     check_tagged(&t, [b.pid, descendants(b.pid)[0]], VpsId(22), "vps 22");
     assert_eq!(t.members(VpsId(21)).unwrap().len(), 2);
 
+    // That forget stops the events and lookups of a VPS is checked for every backend by
+    // platform-tests/tests/conformance.rs; here, the map's own view.
     t.forget(VpsId(21)).unwrap();
     assert!(t.members(VpsId(21)).unwrap().is_empty());
-    assert_eq!(t.lookup(pid(sleep_a)), None, "forgotten");
     assert_eq!(t.members(VpsId(22)).unwrap().len(), 2, "the other VPS is untouched");
-    // A forgotten process's exit is not reported.
-    t.read_events(&mut events, Some(Duration::ZERO)).unwrap();
-    events.clear();
     a.kill_all();
     b.kill_all();
     wait_for("vps 22's entries to go", || t.members(VpsId(22)).unwrap().is_empty());
-    t.read_events(&mut events, Some(Duration::from_millis(50))).unwrap();
-    assert!(events.iter().all(|e| e.tag == Some(VpsId(22))), "{events:?}");
-    assert_eq!(events.iter().filter(|e| matches!(e.kind, EventKind::Exit { .. })).count(), 2);
 }
 
 /// Runs `f` in a new thread whose effective capabilities are only `keep` (capability numbers).

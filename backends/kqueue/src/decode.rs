@@ -46,13 +46,7 @@ pub const EV_EOF: u32 = 0x8000;
 pub const EV_ERROR: u32 = 0x4000;
 
 // The values above are those of the system headers; check them where the headers exist.
-#[cfg(any(
-    target_os = "freebsd",
-    target_os = "netbsd",
-    target_os = "openbsd",
-    target_os = "dragonfly",
-    target_os = "macos"
-))]
+#[cfg(kqueue)]
 #[allow(clippy::unnecessary_cast)] // kevent flags are u16 on most BSDs, u32 on NetBSD
 const _: () = {
     assert!(NOTE_EXIT == libc::NOTE_EXIT);
@@ -86,6 +80,7 @@ pub struct RawKevent {
 
 /// What one kevent turned out to be.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum Decoded {
     /// It produced this many events (appended to `out`).
     Events(usize),

@@ -1,5 +1,6 @@
 //! The OS calls: the kqueue itself (through `nix::sys::event`) and, on FreeBSD, the reaper's
-//! list of descendants (through rustix's `procctl` bindings).
+//! list of descendants (through rustix's `procctl` bindings). No `unsafe`: nix and rustix wrap
+//! every call.
 
 use std::io;
 use std::os::fd::{AsFd, BorrowedFd};
@@ -193,4 +194,11 @@ pub(crate) fn reaper_descendants(reaper: Pid) -> io::Result<Vec<Pid>> {
         return Err(io::Error::from_raw_os_error(libc::ESRCH));
     }
     Ok(found.into_iter().collect())
+}
+
+/// Reaper lists are FreeBSD's: `Unsupported` here.
+#[cfg(not(target_os = "freebsd"))]
+pub(crate) fn reaper_descendants(reaper: Pid) -> io::Result<Vec<Pid>> {
+    let _ = reaper;
+    Err(io::Error::from(io::ErrorKind::Unsupported))
 }

@@ -50,6 +50,7 @@ pub fn is_stop_signal(sig: i32) -> bool {
 
 /// A raw wait status, decoded.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum Status {
     /// The task is gone (`WIFEXITED` / `WIFSIGNALED`).
     Exited(ExitStatus),
@@ -95,6 +96,7 @@ pub fn needs_event_msg(status: i32) -> bool {
 
 /// How to restart a stopped tracee.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[non_exhaustive]
 pub enum Resume {
     /// `PTRACE_CONT` delivering this signal (0: none).
     Cont(i32),
@@ -129,6 +131,58 @@ impl TaskStat {
     pub fn is_dead(&self) -> bool {
         matches!(self.state, 'Z' | 'X')
     }
+}
+
+/// Parses the text of `/proc/TID/stat`. The command name (field 2) may hold spaces and
+/// parentheses, so fields are counted from its last `)`.
+pub fn parse_stat(text: &str) -> Option<TaskStat> {
+    parse_stat_bytes(text.as_bytes())
+}
+
+/// [`parse_stat`] on raw bytes, without allocating.
+pub fn parse_stat_bytes(bytes: &[u8]) -> Option<TaskStat> {
+    let rest = &bytes[bytes.iter().rposition(|&b| b == b')')? + 1..];
+    let mut fields = rest.split(|b| b.is_ascii_whitespace()).filter(|f| !f.is_empty());
+    // Field N is the (N - 3)th after the command name: 3 state, 4 ppid, 20 threads, 22 start.
+    let state = char::from(*fields.next()?.first()?);
+    let ppid = parse_int(fields.next()?)?;
+    let num_threads = parse_int(fields.nth(15)?)?;
+    let start = parse_int(fields.nth(1)?)?;
+    Some(TaskStat { state, ppid: i32::try_from(ppid).ok()?, num_threads, start: StartTime(u64::try_from(start).ok()?) })
+}
+
+/// A decimal integer, possibly negative.
+fn parse_int(digits: &[u8]) -> Option<i64> {
+    let (neg, digits) = match digits.split_first()? {
+        (b'-', rest) => (true, rest),
+        _ => (false, digits),
+    };
+    if digits.is_empty() {
+        return None;
+    }
+    let mut v: i64 = 0;
+    for &d in digits {
+        if !d.is_ascii_digit() {
+            return None;
+        }
+        v = v.checked_mul(10)?.checked_add(i64::from(d - b'0'))?;
+    }
+    Some(if neg { -v } else { v })
+}
+
+/// The state letter (field 3) of `/proc/PID/stat`.
+pub fn parse_state(text: &str) -> Option<char> {
+    let rest = &text[text.rfind(')')? + 1..];
+    rest.split_ascii_whitespace().next()?.chars().next()
+}
+
+/// The start time, in clock ticks of `tick_ns`, of a task created between `lo` and `hi` (ns of
+/// the same clock), when that interval lies within one tick.
+pub fn start_between(lo: u64, hi: u64, tick_ns: u64) -> Option<StartTime> {
+    if tick_ns == 0 || lo == 0 || hi < lo || lo / tick_ns != hi / tick_ns {
+        return None;
+    }
+    Some(StartTime(lo / tick_ns))
 }
 
 /// The system reads the decoder needs. The live implementation reads `/proc`.
@@ -948,5 +1002,28 @@ mod tests {
         let (ev, ac) = h.step(555, stopped(10, 0), None);
         assert!(ev.is_empty());
         assert_eq!(ac, vec![cont(555, 10)]);
+    }
+
+    #[test]
+    fn start_time_from_the_clock_only_within_one_tick() {
+        let tick = 10_000_000;
+        assert_eq!(start_between(1_230_000_001, 1_239_999_999, tick), Some(StartTime(123)));
+        assert_eq!(start_between(1_230_000_000, 1_230_000_000, tick), Some(StartTime(123)));
+        // Across a tick boundary, with no lower bound, no tick, or bounds the wrong way round.
+        assert_eq!(start_between(1_239_999_999, 1_240_000_000, tick), None);
+        assert_eq!(start_between(0, 5, tick), None);
+        assert_eq!(start_between(1_230_000_001, 1_230_000_002, 0), None);
+        assert_eq!(start_between(1_230_000_002, 1_230_000_001, tick), None);
+    }
+
+    #[test]
+    fn stat_with_odd_command_name() {
+        let line = "1234 (a) b (c)) S 77 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 98765 1000 100 \
+                    18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
+        let s = parse_stat(line).unwrap();
+        assert_eq!(s.ppid, 77);
+        assert_eq!(s.num_threads, 3);
+        assert_eq!(s.start, StartTime(98765));
+        assert_eq!(parse_state(line), Some('S'));
     }
 }

@@ -1,32 +1,34 @@
 //! The system calls of the Linux ptrace backend: seize, wait, cont, listen, geteventmsg, the
-//! `/proc` reads, the wake-up signal. Thin wrappers; the logic is in `decode`, the loop in `lib`.
+//! `/proc` reads, the wake-up signal, the eventfd the reader polls. Thin wrappers; the logic is in
+//! [`crate::decode`], the loop in `tracker.rs`. The one file of this crate with `unsafe`: each
+//! block says why it is sound.
 //!
 //! Every ptrace request here must be made from the tracer thread.
 
 use std::collections::HashMap;
 use std::fs;
 use std::io;
-use std::os::fd::{AsRawFd, FromRawFd};
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, FromRawFd, OwnedFd};
 use std::sync::OnceLock;
 
-use vpstag_tracker::{Pid, StartTime};
+use vpstag_tracker::Pid;
 
-use crate::decode::{Probe, TaskStat};
+use crate::decode::{parse_stat_bytes, start_between, Probe, TaskStat};
 
 /// The options the root is seized with; its descendants inherit them.
 ///
 /// No `EXITKILL` here: when the tracer thread ends (the [`Ptrace`](crate::Ptrace) is dropped, the
 /// process crashes or is killed) the kernel detaches every tracee and it runs on. See
 /// [`KILL_OPTION`].
-pub const BASE_OPTIONS: libc::c_int =
+pub(crate) const BASE_OPTIONS: libc::c_int =
     libc::PTRACE_O_TRACEFORK | libc::PTRACE_O_TRACEVFORK | libc::PTRACE_O_TRACECLONE | libc::PTRACE_O_TRACEEXEC;
 
 /// `PTRACE_O_TRACEEXIT`: one more stop per exiting thread (see [`crate::Config::exit_stops`]).
-pub const EXIT_OPTION: libc::c_int = libc::PTRACE_O_TRACEEXIT;
+pub(crate) const EXIT_OPTION: libc::c_int = libc::PTRACE_O_TRACEEXIT;
 
 /// `PTRACE_O_EXITKILL`: the kernel SIGKILLs every tracee when the tracer thread ends (see
 /// [`crate::Config::kill_on_exit`]).
-pub const KILL_OPTION: libc::c_int = libc::PTRACE_O_EXITKILL;
+pub(crate) const KILL_OPTION: libc::c_int = libc::PTRACE_O_EXITKILL;
 
 /// The `waitpid` flags of the tracer thread: every kind of child (`__WALL`), but only its own
 /// (`__WNOTHREAD`): the tasks it traces and the children it forked itself (none), never the
@@ -42,7 +44,7 @@ fn ret(r: libc::c_long) -> io::Result<libc::c_long> {
 }
 
 /// `PTRACE_SEIZE` with `options`: the tracee keeps running.
-pub fn seize(pid: Pid, options: libc::c_int) -> io::Result<()> {
+pub(crate) fn seize(pid: Pid, options: libc::c_int) -> io::Result<()> {
     // SAFETY: PTRACE_SEIZE takes no pointer; addr must be 0, data carries the options.
     ret(unsafe {
         libc::ptrace(
@@ -58,7 +60,7 @@ pub fn seize(pid: Pid, options: libc::c_int) -> io::Result<()> {
 /// `waitpid(-1, &status, __WALL | __WNOTHREAD)`: the next tracee of the calling thread that
 /// changed state. Returns `EINTR` when the wake-up signal arrived, `ECHILD` when there is nothing
 /// to wait for.
-pub fn wait_any() -> io::Result<(Pid, i32)> {
+pub(crate) fn wait_any() -> io::Result<(Pid, i32)> {
     let mut status: libc::c_int = 0;
     // SAFETY: plain system call with a valid out pointer.
     let r = unsafe { libc::waitpid(-1, &mut status, WAIT_FLAGS) };
@@ -70,7 +72,7 @@ pub fn wait_any() -> io::Result<(Pid, i32)> {
 }
 
 /// As [`wait_any`] with `WNOHANG`: `None` when no tracee has changed state (or there is none).
-pub fn wait_nohang() -> io::Result<Option<(Pid, i32)>> {
+pub(crate) fn wait_nohang() -> io::Result<Option<(Pid, i32)>> {
     let mut status: libc::c_int = 0;
     // SAFETY: plain system call with a valid out pointer.
     let r = unsafe { libc::waitpid(-1, &mut status, WAIT_FLAGS | libc::WNOHANG) };
@@ -82,7 +84,7 @@ pub fn wait_nohang() -> io::Result<Option<(Pid, i32)>> {
 }
 
 /// `PTRACE_CONT`, delivering `sig` (0: none).
-pub fn cont(tid: Pid, sig: i32) -> io::Result<()> {
+pub(crate) fn cont(tid: Pid, sig: i32) -> io::Result<()> {
     // SAFETY: no pointer is passed; data carries the signal number.
     ret(unsafe {
         libc::ptrace(
@@ -97,7 +99,7 @@ pub fn cont(tid: Pid, sig: i32) -> io::Result<()> {
 
 /// `PTRACE_LISTEN` (nix has no wrapper): leave a tracee in its group-stop but let SIGCONT (or a new
 /// event) wake it.
-pub fn listen(tid: Pid) -> io::Result<()> {
+pub(crate) fn listen(tid: Pid) -> io::Result<()> {
     // SAFETY: no pointer is passed.
     ret(unsafe {
         libc::ptrace(
@@ -111,7 +113,7 @@ pub fn listen(tid: Pid) -> io::Result<()> {
 }
 
 /// `PTRACE_GETEVENTMSG`: the new tid of a fork/vfork/clone stop, the former tid of an exec stop.
-pub fn geteventmsg(tid: Pid) -> io::Result<u64> {
+pub(crate) fn geteventmsg(tid: Pid) -> io::Result<u64> {
     let mut msg: libc::c_ulong = 0;
     // SAFETY: data points to a c_ulong the kernel writes.
     ret(unsafe {
@@ -130,7 +132,7 @@ pub fn geteventmsg(tid: Pid) -> io::Result<u64> {
 /// `PTRACE_PEEKDATA` of the `clone_args` for `clone3`). `None` when they cannot be read, for a
 /// 32-bit or x32 task, and on other architectures than x86-64.
 #[cfg(target_arch = "x86_64")]
-pub fn clone_flags(tid: Pid) -> Option<u64> {
+pub(crate) fn clone_flags(tid: Pid) -> Option<u64> {
     // SAFETY: an all-zero user_regs_struct is valid (plain integers).
     let mut regs: libc::user_regs_struct = unsafe { std::mem::zeroed() };
     // SAFETY: PTRACE_GETREGS writes one user_regs_struct to data.
@@ -176,51 +178,8 @@ pub fn clone_flags(tid: Pid) -> Option<u64> {
 
 /// See the x86-64 version: not read on this architecture.
 #[cfg(not(target_arch = "x86_64"))]
-pub fn clone_flags(_tid: Pid) -> Option<u64> {
+pub(crate) fn clone_flags(_tid: Pid) -> Option<u64> {
     None
-}
-
-/// Parses the text of `/proc/TID/stat`. The command name (field 2) may hold spaces and
-/// parentheses, so fields are counted from its last `)`.
-pub fn parse_stat(text: &str) -> Option<TaskStat> {
-    parse_stat_bytes(text.as_bytes())
-}
-
-/// [`parse_stat`] on raw bytes, without allocating.
-pub fn parse_stat_bytes(bytes: &[u8]) -> Option<TaskStat> {
-    let rest = &bytes[bytes.iter().rposition(|&b| b == b')')? + 1..];
-    let mut fields = rest.split(|b| b.is_ascii_whitespace()).filter(|f| !f.is_empty());
-    // Field N is the (N - 3)th after the command name: 3 state, 4 ppid, 20 threads, 22 start.
-    let state = char::from(*fields.next()?.first()?);
-    let ppid = parse_int(fields.next()?)?;
-    let num_threads = parse_int(fields.nth(15)?)?;
-    let start = parse_int(fields.nth(1)?)?;
-    Some(TaskStat { state, ppid: i32::try_from(ppid).ok()?, num_threads, start: StartTime(u64::try_from(start).ok()?) })
-}
-
-/// A decimal integer, possibly negative.
-fn parse_int(digits: &[u8]) -> Option<i64> {
-    let (neg, digits) = match digits.split_first()? {
-        (b'-', rest) => (true, rest),
-        _ => (false, digits),
-    };
-    if digits.is_empty() {
-        return None;
-    }
-    let mut v: i64 = 0;
-    for &d in digits {
-        if !d.is_ascii_digit() {
-            return None;
-        }
-        v = v.checked_mul(10)?.checked_add(i64::from(d - b'0'))?;
-    }
-    Some(if neg { -v } else { v })
-}
-
-/// The state letter (field 3) of `/proc/PID/stat`.
-pub fn parse_state(text: &str) -> Option<char> {
-    let rest = &text[text.rfind(')')? + 1..];
-    rest.split_ascii_whitespace().next()?.chars().next()
 }
 
 /// Reads `/proc`, and describes new tasks without it where it can (see [`Probe::new_task`]).
@@ -235,7 +194,7 @@ pub fn parse_state(text: &str) -> Option<char> {
 ///   was collected ([`ProcProbe::collected`]); `/proc` shows that time in whole clock ticks
 ///   (`USER_HZ`, 10 ms), so when both bounds fall in the same tick, that tick is the start time.
 ///   Otherwise (about one fork in a hundred when the creator runs for 100 µs) `/proc` is read.
-pub struct ProcProbe {
+pub(crate) struct ProcProbe {
     buf: Vec<u8>,
     /// `CLOCK_BOOTTIME` read just before each tracee thread was last restarted.
     resumed: HashMap<Pid, u64>,
@@ -244,9 +203,9 @@ pub struct ProcProbe {
     /// Nanoseconds per clock tick of `/proc`'s start times.
     tick_ns: u64,
     /// New tasks described without `/proc`.
-    pub fast: u64,
+    pub(crate) fast: u64,
     /// New tasks described from `/proc`.
-    pub slow: u64,
+    pub(crate) slow: u64,
 }
 
 impl Default for ProcProbe {
@@ -257,15 +216,6 @@ impl Default for ProcProbe {
         let tick_ns = if hz > 0 && 1_000_000_000 % hz == 0 { 1_000_000_000 / hz as u64 } else { 0 };
         ProcProbe { buf: Vec::new(), resumed: HashMap::new(), now: 0, tick_ns, fast: 0, slow: 0 }
     }
-}
-
-/// The start time, in clock ticks of `tick_ns`, of a task created between `lo` and `hi` (ns of
-/// the same clock), when that interval lies within one tick.
-pub fn start_between(lo: u64, hi: u64, tick_ns: u64) -> Option<StartTime> {
-    if tick_ns == 0 || lo == 0 || hi < lo || lo / tick_ns != hi / tick_ns {
-        return None;
-    }
-    Some(StartTime(lo / tick_ns))
 }
 
 impl ProcProbe {
@@ -326,14 +276,14 @@ impl ProcProbe {
 impl ProcProbe {
     /// The status being decoded was collected at `now` (`CLOCK_BOOTTIME`, read just after
     /// `waitpid` returned).
-    pub fn collected(&mut self, now: u64) {
+    pub(crate) fn collected(&mut self, now: u64) {
         self.now = now;
     }
 
     /// Thread `tid` is about to be restarted; `now` was read just before the request. `listen`:
     /// it stays in its group stop, and may run later without another restart by us (after
     /// `SIGCONT`), so its start bound is dropped.
-    pub fn resuming(&mut self, tid: Pid, now: u64, listen: bool) {
+    pub(crate) fn resuming(&mut self, tid: Pid, now: u64, listen: bool) {
         if listen {
             self.resumed.remove(&tid);
             return;
@@ -346,7 +296,7 @@ impl ProcProbe {
     }
 
     /// Thread `tid` was reaped.
-    pub fn forget(&mut self, tid: Pid) {
+    pub(crate) fn forget(&mut self, tid: Pid) {
         self.resumed.remove(&tid);
     }
 
@@ -382,13 +332,13 @@ impl Probe for ProcProbe {
 }
 
 /// The first value of a `/proc/PID/status` line.
-pub fn status_field(pid: Pid, key: &str) -> Option<String> {
+pub(crate) fn status_field(pid: Pid, key: &str) -> Option<String> {
     let text = fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     text.lines().find_map(|l| l.strip_prefix(key)).and_then(|v| v.split_whitespace().next()).map(str::to_owned)
 }
 
 /// `CLOCK_BOOTTIME` in nanoseconds.
-pub fn boottime_ns() -> Option<u64> {
+pub(crate) fn boottime_ns() -> Option<u64> {
     let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
     // SAFETY: valid out pointer.
     if unsafe { libc::clock_gettime(libc::CLOCK_BOOTTIME, &mut ts) } != 0 {
@@ -398,13 +348,13 @@ pub fn boottime_ns() -> Option<u64> {
 }
 
 /// The calling thread's id.
-pub fn gettid() -> i32 {
+pub(crate) fn gettid() -> i32 {
     // SAFETY: no arguments.
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
 /// The signal that wakes the tracer thread out of `waitpid`: `SIGRTMAX - 3`.
-pub fn wake_signal() -> i32 {
+pub(crate) fn wake_signal() -> i32 {
     libc::SIGRTMAX() - 3
 }
 
@@ -414,7 +364,7 @@ static INSTALL: OnceLock<Result<(), String>> = OnceLock::new();
 
 /// Installs the no-op handler of [`wake_signal`], without `SA_RESTART` so that it interrupts
 /// `waitpid` with `EINTR`. Done once per process. Fails if the program already handles that signal.
-pub fn install_wake_handler() -> Result<(), String> {
+pub(crate) fn install_wake_handler() -> Result<(), String> {
     INSTALL
         .get_or_init(|| {
             let sig = wake_signal();
@@ -446,7 +396,7 @@ pub fn install_wake_handler() -> Result<(), String> {
 }
 
 /// Unblocks [`wake_signal`] in the calling thread (the tracer thread).
-pub fn unblock_wake_signal() {
+pub(crate) fn unblock_wake_signal() {
     // SAFETY: valid sigset pointers.
     unsafe {
         let mut set: libc::sigset_t = std::mem::zeroed();
@@ -457,7 +407,7 @@ pub fn unblock_wake_signal() {
 }
 
 /// Sends [`wake_signal`] to thread `tid` of this process.
-pub fn wake(tid: i32) {
+pub(crate) fn wake(tid: i32) {
     // SAFETY: plain system call.
     unsafe {
         libc::syscall(libc::SYS_tgkill, libc::getpid(), tid, wake_signal());
@@ -466,7 +416,7 @@ pub fn wake(tid: i32) {
 
 /// Why `SIGCHLD`'s disposition forbids this backend, if it does: with `SIG_IGN` or
 /// `SA_NOCLDWAIT` the kernel reaps exited tracees itself and their exit status is lost.
-pub fn sigchld_problem() -> Option<String> {
+pub(crate) fn sigchld_problem() -> Option<String> {
     // SAFETY: query only.
     unsafe {
         let mut old: libc::sigaction = std::mem::zeroed();
@@ -484,12 +434,12 @@ pub fn sigchld_problem() -> Option<String> {
 }
 
 /// Yama's `ptrace_scope`, if Yama is there.
-pub fn yama_scope() -> Option<u32> {
+pub(crate) fn yama_scope() -> Option<u32> {
     fs::read_to_string("/proc/sys/kernel/yama/ptrace_scope").ok()?.trim().parse().ok()
 }
 
 /// Explains an `EPERM` from `PTRACE_SEIZE` of `pid`: what to do about it.
-pub fn eperm_hint(pid: Pid) -> String {
+pub(crate) fn eperm_hint(pid: Pid) -> String {
     // SAFETY: no arguments.
     let (my_uid, has_cap) = unsafe { (libc::geteuid(), libc::geteuid() == 0) };
     let mut why = Vec::new();
@@ -526,32 +476,59 @@ pub fn eperm_hint(pid: Pid) -> String {
     why.join("; ")
 }
 
+/// An eventfd (`EFD_CLOEXEC | EFD_NONBLOCK`): readable while its counter is not zero.
+pub(crate) struct EventFd(OwnedFd);
+
+impl EventFd {
+    pub(crate) fn new() -> io::Result<EventFd> {
+        // SAFETY: plain system call; the fd is owned right away.
+        let fd = unsafe { libc::eventfd(0, libc::EFD_CLOEXEC | libc::EFD_NONBLOCK) };
+        if fd < 0 {
+            return Err(io::Error::last_os_error());
+        }
+        // SAFETY: fd is a fresh descriptor nobody else owns.
+        Ok(EventFd(unsafe { OwnedFd::from_raw_fd(fd) }))
+    }
+
+    /// Adds one to the counter: the fd polls readable.
+    pub(crate) fn signal(&self) {
+        let one: u64 = 1;
+        // SAFETY: writes 8 bytes from a valid u64 to our eventfd.
+        unsafe { libc::write(self.0.as_raw_fd(), (&one as *const u64).cast(), 8) };
+    }
+
+    /// Resets the counter (a read that finds it zero does nothing: the fd is non-blocking).
+    pub(crate) fn clear(&self) {
+        let mut buf: u64 = 0;
+        // SAFETY: reads 8 bytes into a valid u64 from our non-blocking eventfd.
+        unsafe { libc::read(self.0.as_raw_fd(), (&mut buf as *mut u64).cast(), 8) };
+    }
+}
+
+impl AsFd for EventFd {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.0.as_fd()
+    }
+}
+
+/// `poll` for `POLLIN` on `fd` for at most `ms` milliseconds (-1: forever). A timeout, and an
+/// interruption by a signal, are `Ok` like readiness: the caller looks at its queue either way.
+pub(crate) fn poll_in(fd: BorrowedFd<'_>, ms: i32) -> io::Result<()> {
+    let mut pfd = libc::pollfd { fd: fd.as_raw_fd(), events: libc::POLLIN, revents: 0 };
+    // SAFETY: one valid pollfd.
+    let r = unsafe { libc::poll(&mut pfd, 1, ms) };
+    if r < 0 {
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
+            return Err(e);
+        }
+    }
+    Ok(())
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
-
-    #[test]
-    fn start_time_from_the_clock_only_within_one_tick() {
-        let tick = 10_000_000;
-        assert_eq!(start_between(1_230_000_001, 1_239_999_999, tick), Some(StartTime(123)));
-        assert_eq!(start_between(1_230_000_000, 1_230_000_000, tick), Some(StartTime(123)));
-        // Across a tick boundary, with no lower bound, no tick, or bounds the wrong way round.
-        assert_eq!(start_between(1_239_999_999, 1_240_000_000, tick), None);
-        assert_eq!(start_between(0, 5, tick), None);
-        assert_eq!(start_between(1_230_000_001, 1_230_000_002, 0), None);
-        assert_eq!(start_between(1_230_000_002, 1_230_000_001, tick), None);
-    }
-
-    #[test]
-    fn stat_with_odd_command_name() {
-        let line = "1234 (a) b (c)) S 77 1234 1234 0 -1 4194560 100 0 0 0 1 2 0 0 20 0 3 0 98765 1000 100 \
-                    18446744073709551615 1 1 0 0 0 0 0 0 0 0 0 0 17 1 0 0 0 0 0";
-        let s = parse_stat(line).unwrap();
-        assert_eq!(s.ppid, 77);
-        assert_eq!(s.num_threads, 3);
-        assert_eq!(s.start, StartTime(98765));
-        assert_eq!(parse_state(line), Some('S'));
-    }
 
     #[test]
     fn own_stat_parses() {
@@ -563,7 +540,7 @@ mod tests {
         assert!(s.num_threads >= 1);
         assert_eq!(probe.tgid(me), Some(me));
         let text = fs::read_to_string(format!("/proc/{me}/stat")).unwrap();
-        assert_eq!(parse_stat(&text).map(|t| t.start), Some(s.start));
+        assert_eq!(crate::decode::parse_stat(&text).map(|t| t.start), Some(s.start));
         assert!(probe.stat(Pid::new(i32::MAX - 7).unwrap()).is_none());
     }
 }

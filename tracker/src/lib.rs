@@ -15,6 +15,25 @@
 //! let ev = Event::new(EventKind::Fork { parent, child, child_thread: child, thread: false, child_start: None });
 //! assert!(matches!(ev.kind, EventKind::Fork { thread: false, .. }));
 //! ```
+//!
+//! # Features
+//!
+//! - `serde`: `Serialize` and `Deserialize` for the data types ([`Pid`], [`VpsId`], [`StartTime`],
+//!   [`ProcessId`], [`ExitStatus`], [`Event`], [`EventKind`], [`LossReason`]). A [`Pid`], a
+//!   [`VpsId`] and a [`StartTime`] are plain integers (`42`, not `{"0":42}`), so a struct that
+//!   switches from raw integers to these types keeps its format byte for byte; a [`Pid`] that is
+//!   not positive is refused when read. The enums are externally tagged, in snake case:
+//!   `{"exited":3}`, `{"signaled":{"signal":9,"core_dumped":false}}`.
+//!
+//! ```
+//! # #[cfg(feature = "serde")] {
+//! use vpstag_tracker::{Pid, VpsId};
+//!
+//! assert_eq!(serde_json::to_string(&Pid::new(42).unwrap()).unwrap(), "42");
+//! assert_eq!(serde_json::from_str::<VpsId>("7").unwrap(), VpsId(7));
+//! assert!(serde_json::from_str::<Pid>("0").is_err());
+//! # }
+//! ```
 #![deny(unsafe_code)]
 #![warn(missing_docs)]
 
@@ -46,15 +65,36 @@ impl Pid {
     }
 }
 
+/// The bare number, with the formatter's width and alignment (`{:>7}`).
 impl fmt::Debug for Pid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
+/// The bare number, with the formatter's width and alignment (`{:>7}`).
 impl fmt::Display for Pid {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        fmt::Display::fmt(&self.0, f)
+    }
+}
+
+/// A plain integer, as [`Pid::as_raw`].
+#[cfg(feature = "serde")]
+impl serde::Serialize for Pid {
+    fn serialize<S: serde::Serializer>(&self, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i32(self.0)
+    }
+}
+
+/// A plain integer; one that is not positive is refused (as [`Pid::new`] does).
+#[cfg(feature = "serde")]
+impl<'de> serde::Deserialize<'de> for Pid {
+    fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Self, D::Error> {
+        let raw = i32::deserialize(d)?;
+        Pid::new(raw).ok_or_else(|| {
+            serde::de::Error::invalid_value(serde::de::Unexpected::Signed(raw.into()), &"a positive process id")
+        })
     }
 }
 
@@ -72,10 +112,12 @@ impl std::str::FromStr for Pid {
 /// a second). On the BSDs it is `ki_start` in microseconds since the epoch. Only compare start
 /// times taken on the same system.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(transparent))]
 pub struct StartTime(pub u64);
 
 /// The identity of a process: a PID is reused, a (PID, start time) pair is not.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct ProcessId {
     /// The process id (thread-group id on Linux).
     pub pid: Pid,
@@ -86,16 +128,22 @@ pub struct ProcessId {
 /// The id of a virtual server (VPS), job or sandbox. vpstag hands them out; backends that hold
 /// tags themselves (kqueue's `udata`, an eBPF map) store and report it.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, PartialOrd, Ord, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(transparent))]
 pub struct VpsId(pub u64);
 
+/// The bare number, with the formatter's width and alignment.
 impl fmt::Display for VpsId {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
-        write!(f, "{}", self.0)
+        fmt::Display::fmt(&self.0, f)
     }
 }
 
 /// How a process ended, as `wait(2)` would report it.
+///
+/// Exhaustive on purpose: `wait(2)` knows these two endings, and a consumer should be able to
+/// match on them without a catch-all.
 #[derive(Clone, Copy, PartialEq, Eq, Hash, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(rename_all = "snake_case"))]
 pub enum ExitStatus {
     /// It called `exit` with this code.
     Exited(i32),
@@ -144,6 +192,7 @@ impl fmt::Display for ExitStatus {
 
 /// Why a backend reports [`EventKind::Lost`].
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(rename_all = "snake_case"))]
 #[non_exhaustive]
 pub enum LossReason {
     /// The receive buffer overflowed (`ENOBUFS` on a netlink socket).
@@ -161,6 +210,7 @@ pub enum LossReason {
 
 /// What happened.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize), serde(rename_all = "snake_case"))]
 #[non_exhaustive]
 pub enum EventKind {
     /// A process or thread was created.
@@ -210,6 +260,7 @@ pub enum EventKind {
 
 /// One thing the kernel reported.
 #[derive(Clone, Copy, PartialEq, Eq, Debug)]
+#[cfg_attr(feature = "serde", derive(serde::Serialize, serde::Deserialize))]
 pub struct Event {
     /// What happened.
     pub kind: EventKind,
@@ -266,7 +317,20 @@ impl fmt::Display for BackendKind {
 }
 
 /// What a backend can promise; the core adapts to it.
+///
+/// New promises may be added in later versions, so a backend builds its value from
+/// [`Capabilities::new`] (nothing promised) and switches on what it does; a flag it does not
+/// know about stays at its conservative default.
+///
+/// ```
+/// use vpstag_tracker::Capabilities;
+///
+/// // A backend that follows only what it was asked to watch, synchronously, without threads.
+/// const CAPS: Capabilities = Capabilities::new().synchronous(true).can_lose(true);
+/// assert!(CAPS.synchronous && CAPS.can_lose && !CAPS.host_wide && CAPS.resync_every.is_none());
+/// ```
 #[derive(Clone, Copy, PartialEq, Eq, Debug, Default)]
+#[non_exhaustive]
 pub struct Capabilities {
     /// It sees every process on the host (proc connector, eBPF), not just the ones it was asked to
     /// [`watch`](ForkTracker::watch).
@@ -285,6 +349,63 @@ pub struct Capabilities {
     /// It can also miss a child *without* reporting it (FreeBSD's `knote_fork` skips a parent
     /// knote that is "in flux"): the consumer should resynchronise this often.
     pub resync_every: Option<Duration>,
+}
+
+impl Capabilities {
+    /// Nothing promised: every flag `false`, `resync_every` `None` (the same as `Default`).
+    pub const fn new() -> Capabilities {
+        Capabilities {
+            host_wide: false,
+            holds_tags: false,
+            synchronous: false,
+            thread_events: false,
+            reaps: false,
+            can_lose: false,
+            resync_every: None,
+        }
+    }
+
+    /// Sets [`host_wide`](Capabilities#structfield.host_wide).
+    pub const fn host_wide(mut self, yes: bool) -> Capabilities {
+        self.host_wide = yes;
+        self
+    }
+
+    /// Sets [`holds_tags`](Capabilities#structfield.holds_tags).
+    pub const fn holds_tags(mut self, yes: bool) -> Capabilities {
+        self.holds_tags = yes;
+        self
+    }
+
+    /// Sets [`synchronous`](Capabilities#structfield.synchronous).
+    pub const fn synchronous(mut self, yes: bool) -> Capabilities {
+        self.synchronous = yes;
+        self
+    }
+
+    /// Sets [`thread_events`](Capabilities#structfield.thread_events).
+    pub const fn thread_events(mut self, yes: bool) -> Capabilities {
+        self.thread_events = yes;
+        self
+    }
+
+    /// Sets [`reaps`](Capabilities#structfield.reaps).
+    pub const fn reaps(mut self, yes: bool) -> Capabilities {
+        self.reaps = yes;
+        self
+    }
+
+    /// Sets [`can_lose`](Capabilities#structfield.can_lose).
+    pub const fn can_lose(mut self, yes: bool) -> Capabilities {
+        self.can_lose = yes;
+        self
+    }
+
+    /// Sets [`resync_every`](Capabilities#structfield.resync_every).
+    pub const fn resync_every(mut self, every: Option<Duration>) -> Capabilities {
+        self.resync_every = every;
+        self
+    }
 }
 
 /// What went wrong in a backend.
@@ -426,5 +547,73 @@ mod tests {
         // A stop status (WIFSTOPPED) is not an exit.
         assert_eq!(ExitStatus::from_wait_status((19 << 8) | 0x7f), None);
         assert_eq!(ExitStatus::Signaled { signal: 15, core_dumped: false }.shell_code(), 143);
+    }
+
+    #[test]
+    fn capabilities_start_from_nothing() {
+        assert_eq!(Capabilities::new(), Capabilities::default());
+        let c = Capabilities::new()
+            .host_wide(true)
+            .holds_tags(true)
+            .synchronous(true)
+            .thread_events(true)
+            .reaps(true)
+            .can_lose(true)
+            .resync_every(Some(Duration::from_secs(5)));
+        assert!(c.host_wide && c.holds_tags && c.synchronous && c.thread_events && c.reaps && c.can_lose);
+        assert_eq!(c.resync_every, Some(Duration::from_secs(5)));
+        assert_eq!(c.host_wide(false).reaps(false), Capabilities { host_wide: false, reaps: false, ..c });
+    }
+
+    #[test]
+    fn pid_formats_with_width() {
+        let p = Pid::new(42).unwrap();
+        assert_eq!(format!("[{p:>5}] [{p:<4}] [{p:?}]"), "[   42] [42  ] [42]");
+        assert_eq!(format!("[{:>3}]", VpsId(7)), "[  7]");
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn ids_serialise_as_plain_integers() {
+        let pid = Pid::new(42).unwrap();
+        assert_eq!(serde_json::to_string(&pid).unwrap(), "42");
+        assert_eq!(serde_json::from_str::<Pid>("42").unwrap(), pid);
+        for bad in ["0", "-3", "\"42\"", "4294967296"] {
+            assert!(serde_json::from_str::<Pid>(bad).is_err(), "{bad} was accepted as a pid");
+        }
+        assert_eq!(serde_json::to_string(&VpsId(7)).unwrap(), "7");
+        assert_eq!(serde_json::from_str::<VpsId>("7").unwrap(), VpsId(7));
+        assert_eq!(serde_json::to_string(&StartTime(5)).unwrap(), "5");
+        let id = ProcessId { pid, start: StartTime(5) };
+        assert_eq!(serde_json::to_string(&id).unwrap(), r#"{"pid":42,"start":5}"#);
+        assert_eq!(serde_json::from_str::<ProcessId>(r#"{"pid":42,"start":5}"#).unwrap(), id);
+        assert!(serde_json::from_str::<ProcessId>(r#"{"pid":0,"start":5}"#).is_err());
+    }
+
+    #[cfg(feature = "serde")]
+    #[test]
+    fn statuses_and_events_round_trip() {
+        let exited = ExitStatus::Exited(3);
+        let killed = ExitStatus::Signaled { signal: 9, core_dumped: false };
+        assert_eq!(serde_json::to_string(&exited).unwrap(), r#"{"exited":3}"#);
+        assert_eq!(serde_json::to_string(&killed).unwrap(), r#"{"signaled":{"signal":9,"core_dumped":false}}"#);
+        let pid = Pid::new(10).unwrap();
+        let events = [
+            Event::new(EventKind::Fork { parent: pid, child: pid, child_thread: pid, thread: true, child_start: None }),
+            Event {
+                tag: Some(VpsId(2)),
+                time_ns: Some(5),
+                cpu: Some(1),
+                ..Event::new(EventKind::Exec { pid, thread: pid })
+            },
+            Event::new(EventKind::Exit { pid, thread: pid, status: Some(killed), group_dead: Some(true) }),
+            Event::new(EventKind::Lost { count: Some(4), reason: LossReason::SequenceGap }),
+        ];
+        for ev in events {
+            let json = serde_json::to_string(&ev).unwrap();
+            assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), ev, "{json}");
+        }
+        let lost = serde_json::to_string(&events[3].kind).unwrap();
+        assert_eq!(lost, r#"{"lost":{"count":4,"reason":"sequence_gap"}}"#);
     }
 }
