@@ -40,21 +40,11 @@ use crate::{BackendChoice, Error, Result, Signal};
 #[derive(Clone, Debug, PartialEq, Eq, Hash, Serialize)]
 pub struct Vps {
     /// The id the table and backends use.
-    #[serde(serialize_with = "ser_vps_id")]
     pub id: VpsId,
     /// The name it was started under.
     pub name: String,
     /// Its first process (the vpstag init, or the process that came in through the loader).
-    #[serde(serialize_with = "ser_pid")]
     pub first: Pid,
-}
-
-fn ser_vps_id<S: serde::Serializer>(v: &VpsId, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_u64(v.0)
-}
-
-fn ser_pid<S: serde::Serializer>(v: &Pid, s: S) -> std::result::Result<S::Ok, S::Error> {
-    s.serialize_i32(v.as_raw())
 }
 
 /// A tagged process, with how the table learned it.

@@ -297,3 +297,9 @@ fn forget_untags_and_frees_the_name() {
     assert!(matches!(f.mgr.vps("a"), Err(Error::UnknownVps(_))));
     assert!(matches!(f.mgr.members(&a), Err(Error::UnknownVps(_))));
 }
+
+#[test]
+fn a_vps_is_plain_numbers_in_json() {
+    let vps = Vps { id: VpsId(3), name: "web".into(), first: p(1234) };
+    assert_eq!(serde_json::to_string(&vps).unwrap(), r#"{"id":3,"name":"web","first":1234}"#);
+}
