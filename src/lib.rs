@@ -25,6 +25,18 @@
 //! mgr.signal(&vps, Signal::TERM)?;
 //! # Ok::<(), vpstag::Error>(())
 //! ```
+//!
+//! # A supervisor
+//!
+//! [`Manager::spawn`] takes a `std::process::Command` with all its options (user, environment,
+//! pipes, process group, `pre_exec`), and [`Manager::subscribe_vps`] follows one VPS's events in
+//! a bounded queue that reports what it missed. With the `tokio` feature, a subscription is a
+//! `Stream` and [`Manager`] has `wait_async`. This is `examples/supervisor.rs`, which the tests
+//! run under every backend:
+//!
+//! ```ignore
+#![doc = include_str!("../examples/supervisor.rs")]
+//! ```
 #![warn(missing_docs)]
 #![deny(unsafe_code)]
 #![deny(unsafe_op_in_unsafe_fn)]
