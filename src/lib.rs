@@ -30,6 +30,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod backend;
+pub mod cgroup;
 pub mod client;
 mod error;
 #[allow(unsafe_code)] // fork and the async-signal-safe first process

@@ -231,6 +231,14 @@ pub(crate) fn open_backend(choice: BackendChoice, notes: &mut Vec<String>) -> Re
 }
 
 /// These run on FreeBSD only (the vagrant box, the CI VM); here they are only compiled.
+
+/// No cgroups here: an `Unsupported` error (`crate::cgroup` finds no cgroup v2 mount before it
+/// would ask).
+pub(crate) fn fs_magic(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
+    let _ = fd;
+    Err(io::Error::new(io::ErrorKind::Unsupported, "cgroups are a Linux facility"))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
