@@ -9,6 +9,7 @@
 //! `VPSTAG_IN_VM=1`), where enabling controllers in the root cgroup touches nothing of the host's.
 #![cfg(target_os = "linux")]
 
+use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
 use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
@@ -165,10 +166,60 @@ impl Proc {
 }
 
 impl Drop for Proc {
+    /// Ends the child and everything below it, by pid: each process of the tree is stopped (so it
+    /// forks no more and its children stay its children) until the tree stops growing, then all
+    /// are killed. Whatever the cgroup under test did or failed to do.
     fn drop(&mut self) {
+        let root = self.child.id() as i32;
+        let mut seen = BTreeSet::new();
+        for _ in 0..100 {
+            let new: Vec<i32> = tree_of(root).into_iter().filter(|p| !seen.contains(p)).collect();
+            if new.is_empty() {
+                break;
+            }
+            for p in new {
+                // SAFETY: kill with integer arguments; `p` is below our own child, found just now.
+                unsafe { libc::kill(p, libc::SIGSTOP) };
+                seen.insert(p);
+            }
+        }
+        for p in seen {
+            // SAFETY: as above; a stopped process's pid cannot have been reused.
+            unsafe { libc::kill(p, libc::SIGKILL) };
+        }
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
+}
+
+/// `root` and its live descendants, from the parent links in /proc.
+fn tree_of(root: i32) -> BTreeSet<i32> {
+    let mut parent = HashMap::new();
+    for e in std::fs::read_dir("/proc").into_iter().flatten().flatten() {
+        let Ok(pid) = e.file_name().to_string_lossy().parse::<i32>() else { continue };
+        let Ok(stat) = std::fs::read_to_string(format!("/proc/{pid}/stat")) else { continue };
+        let Some((_, rest)) = stat.rsplit_once(')') else { continue };
+        let f: Vec<&str> = rest.split_whitespace().collect();
+        if f.first().is_some_and(|s| *s == "Z" || *s == "X") {
+            continue;
+        }
+        parent.insert(pid, f.get(1).and_then(|p| p.parse::<i32>().ok()).unwrap_or(0));
+    }
+    let mut out = BTreeSet::new();
+    for &p in parent.keys() {
+        let mut cur = p;
+        for _ in 0..4096 {
+            if cur == root {
+                out.insert(p);
+                break;
+            }
+            match parent.get(&cur) {
+                Some(&pp) if pp > 0 => cur = pp,
+                _ => break,
+            }
+        }
+    }
+    out
 }
 
 /// (state, start time) of a process from /proc/PID/stat; `None` when it is gone.
@@ -179,19 +230,16 @@ fn stat_of(pid: i32) -> Option<(char, u64)> {
     Some((f.first()?.chars().next()?, f.get(19)?.parse().ok()?))
 }
 
-fn wait_for(what: &str, mut cond: impl FnMut() -> Result<bool, String>) {
+/// Waits (at most [`DEADLINE`]) until `cond` says yes; it also says what it saw, for the failure.
+fn wait_for(what: &str, mut cond: impl FnMut() -> (bool, String)) {
     let start = Instant::now();
     loop {
-        match cond() {
-            Ok(true) => return,
-            Ok(false) if start.elapsed() < DEADLINE => std::thread::sleep(Duration::from_millis(10)),
-            Ok(false) => panic!("waited {DEADLINE:?} for {what}"),
-            Err(saw) if start.elapsed() < DEADLINE => {
-                let _ = saw;
-                std::thread::sleep(Duration::from_millis(10));
-            }
-            Err(saw) => panic!("waited {DEADLINE:?} for {what}; last saw: {saw}"),
+        let (ok, saw) = cond();
+        if ok {
+            return;
         }
+        assert!(start.elapsed() < DEADLINE, "waited {DEADLINE:?} for {what}; last saw: {saw}");
+        std::thread::sleep(Duration::from_millis(10));
     }
 }
 
@@ -249,7 +297,10 @@ sys.stdin.readline()
     );
     assert_eq!(cg.procs().expect("cgroup.procs"), vec![p.pid()], "the exited child is no member");
     assert!(p.wait().success());
-    wait_for("the cgroup to empty after its process exited", || Ok(!cg.is_populated().map_err(|e| e.to_string())?));
+    wait_for("the cgroup to empty after its process exited", || match cg.is_populated() {
+        Ok(populated) => (!populated, format!("populated {populated}, procs {:?}", cg.procs())),
+        Err(e) => (false, e.to_string()),
+    });
     assert!(cg.procs().expect("cgroup.procs").is_empty());
     cg.remove(Duration::from_secs(10)).expect("removing an empty cgroup");
     assert!(!cg.path().exists());
@@ -279,9 +330,12 @@ fn kill_ends_a_forking_tree_and_the_cgroup_can_be_removed() {
         assert_eq!(sh.line(), "started");
         // sh, 5 sleeps, the setsid'd sh and its 2 sleeps, and the loop's passing /bin/true.
         let mut members = Vec::new();
-        wait_for("the tree to reach 9 processes in the cgroup", || {
-            members = cg.procs().map_err(|e| e.to_string())?;
-            Ok(members.len() >= 9)
+        wait_for("the tree to reach 9 processes in the cgroup", || match cg.procs() {
+            Ok(m) => {
+                members = m;
+                (members.len() >= 9, format!("members {members:?}, the shell's tree {:?}", tree_of(sh.pid().as_raw())))
+            }
+            Err(e) => (false, e.to_string()),
         });
         let known: Vec<(i32, u64)> =
             members.iter().filter_map(|p| Some((p.as_raw(), stat_of(p.as_raw())?.1))).collect();
