@@ -1192,6 +1192,59 @@ mod tests {
         assert!(e.to_string().contains("not a cgroup filesystem"), "{e}");
     }
 
+    /// Removes a test's directories on the way out, failed or not.
+    struct Dirs(Vec<PathBuf>);
+
+    impl Drop for Dirs {
+        fn drop(&mut self) {
+            for d in self.0.iter().rev() {
+                let _ = std::fs::remove_dir(d);
+            }
+        }
+    }
+
+    #[test]
+    fn find_makes_its_root_below_the_own_cgroup_and_enables_only_what_is_offered() {
+        let (Ok(mounts), Some(own)) = (
+            read_mounts(),
+            std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|t| parse_own_cgroup(&t)),
+        ) else {
+            println!("SKIP: no /proc here");
+            return;
+        };
+        let Some(m) = mount_of_hier(&mounts, &own) else {
+            println!("SKIP: no cgroup2 mount");
+            return;
+        };
+        // Plays a process whose own cgroup is a fresh child of ours (nothing is moved).
+        let name = format!("vpstag-unit-{}", std::process::id());
+        let own_dir = m.point.join(hier_strip(&own, &m.root).unwrap_or_default()).join(&name);
+        std::fs::create_dir(&own_dir).unwrap_or_else(|e| panic!("{}: {e}", own_dir.display()));
+        let mut dirs = Dirs(vec![own_dir.clone(), own_dir.join(ROOT_NAME)]);
+        let fake_own = hier_join(&own, &name);
+        let root = CgroupRoot::find_in(&mounts, &fake_own).expect("find below a writable cgroup");
+        assert_eq!(root.path(), own_dir.join(ROOT_NAME));
+        assert_eq!(root.hier.as_deref(), Some(hier_join(&fake_own, ROOT_NAME).as_str()));
+        let again = CgroupRoot::find_in(&mounts, &fake_own).expect("find again: the root is kept");
+        assert_eq!(again.path(), root.path());
+        let offered = read_words(&root.parent.as_ref().expect("find's root has a parent").fd, &own_dir, "cgroup.controllers")
+            .expect("cgroup.controllers");
+        let limits = Limits { pids_max: Some(8), ..Limits::default() };
+        match root.create("p", VpsId(1), &limits) {
+            Ok(cg) => {
+                dirs.0.push(cg.path().to_path_buf());
+                assert!(offered.iter().any(|o| o == "pids"), "created although pids is not offered: {offered:?}");
+                assert_eq!(cg.limits().expect("limits").pids_max, Some(8));
+            }
+            Err(e) => {
+                assert!(!offered.iter().any(|o| o == "pids"), "pids is offered ({offered:?}), yet: {e}");
+                let msg = e.to_string();
+                assert!(matches!(e, CgroupError::ControllerUnavailable { controller: Controller::Pids, .. }), "{e:?}");
+                assert!(msg.contains("cgroup v1 hierarchy") || msg.contains("is not offered it"), "{msg}");
+            }
+        }
+    }
+
     #[test]
     fn v1_bound_controllers_are_named_with_their_mount() {
         let m = parse_mountinfo(HYBRID);
