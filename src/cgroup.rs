@@ -6,8 +6,9 @@
 //! (`memory.max`, `pids.max`, `cpu.max`) and `cgroup.kill`.
 //!
 //! The layout follows the kernel's rule that a cgroup with processes of its own cannot enable
-//! controllers for its children (the "no internal processes" rule) and systemd's delegation
-//! model: VPS cgroups are created below a *root* that holds no process itself.
+//! domain controllers (memory, io) for its children (the "no internal processes" rule; pids and
+//! cpu are threaded controllers, exempt) and systemd's delegation model: VPS cgroups are created
+//! below a *root* that holds no process itself.
 //!
 //! ```text
 //! D/                           the cgroup vpstag runs in (from /proc/self/cgroup), or --cgroup-root's parent
@@ -369,11 +370,11 @@ impl CgroupRoot {
     /// missing. That cgroup must be writable (root, or delegated: systemd's `Delegate=yes`).
     /// Nothing is moved and no controller enabled until a limit needs one ([`CgroupRoot::create`]).
     ///
-    /// When vpstag itself lives in that cgroup (it does unless it is the hierarchy's root), the
-    /// kernel lets no controller be enabled for its children: accounting, `cgroup.kill` and
-    /// membership work, limits are refused with that explanation. Then run vpstag in a leaf of
-    /// its delegated cgroup (systemd 254+: `DelegateSubgroup=`) and pass the delegated cgroup to
-    /// [`CgroupRoot::at`].
+    /// vpstag itself lives in that cgroup, and unless it is the hierarchy's root the kernel lets
+    /// it enable no domain controller (memory) for its children: accounting, `cgroup.kill`,
+    /// membership, `pids.max` and `cpu.max` work, a memory limit is refused with that
+    /// explanation. Then run vpstag in a leaf of its delegated cgroup (systemd 254+:
+    /// `DelegateSubgroup=`) and pass the delegated cgroup to [`CgroupRoot::at`].
     ///
     /// # Errors
     /// [`CgroupError::NoCgroup2`] without a cgroup v2 hierarchy (non-Linux systems included),
@@ -459,7 +460,7 @@ impl CgroupRoot {
                 let why = match e.raw_os_error() {
                     Some(code) if code == Errno::BUSY.raw_os_error() => format!(
                         "{} holds processes of its own, and cgroup v2 lets a cgroup with processes enable no \
-                         controller for its children (the \"no internal processes\" rule); pass a cgroup without \
+                         domain controller (memory, io) for its children (the \"no internal processes\" rule); pass a cgroup without \
                          processes as --cgroup-root (e.g. a new child of it)",
                         self.dir.display()
                     ),
@@ -515,7 +516,7 @@ impl CgroupRoot {
             let why = match e.raw_os_error() {
                 Some(code) if code == Errno::BUSY.raw_os_error() => format!(
                     "{} holds processes (vpstag itself among them), and cgroup v2 lets a cgroup with processes \
-                     enable no controller for its children (the \"no internal processes\" rule): run vpstag in a \
+                     enable no domain controller (memory, io) for its children (the \"no internal processes\" rule): run vpstag in a \
                      leaf of its delegated cgroup (systemd: Delegate=yes with DelegateSubgroup=) and pass the \
                      delegated cgroup as --cgroup-root",
                     parent.dir.display()
@@ -1205,10 +1206,9 @@ mod tests {
 
     #[test]
     fn find_makes_its_root_below_the_own_cgroup_and_enables_only_what_is_offered() {
-        let (Ok(mounts), Some(own)) = (
-            read_mounts(),
-            std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|t| parse_own_cgroup(&t)),
-        ) else {
+        let (Ok(mounts), Some(own)) =
+            (read_mounts(), std::fs::read_to_string("/proc/self/cgroup").ok().and_then(|t| parse_own_cgroup(&t)))
+        else {
             println!("SKIP: no /proc here");
             return;
         };
@@ -1227,8 +1227,9 @@ mod tests {
         assert_eq!(root.hier.as_deref(), Some(hier_join(&fake_own, ROOT_NAME).as_str()));
         let again = CgroupRoot::find_in(&mounts, &fake_own).expect("find again: the root is kept");
         assert_eq!(again.path(), root.path());
-        let offered = read_words(&root.parent.as_ref().expect("find's root has a parent").fd, &own_dir, "cgroup.controllers")
-            .expect("cgroup.controllers");
+        let offered =
+            read_words(&root.parent.as_ref().expect("find's root has a parent").fd, &own_dir, "cgroup.controllers")
+                .expect("cgroup.controllers");
         let limits = Limits { pids_max: Some(8), ..Limits::default() };
         match root.create("p", VpsId(1), &limits) {
             Ok(cg) => {

@@ -598,18 +598,24 @@ print("big ok", flush=True)
 #[test]
 fn a_root_with_processes_of_its_own_cannot_limit_and_says_why() {
     let Some(default_root) = vm_root("a_root_with_processes_of_its_own_cannot_limit_and_says_why") else { return };
-    // The default root enables pids in the VM's root cgroup, so the tree below is offered it.
-    default_root.ensure(&[Controller::Pids]).expect("pids for the default root");
+    // The default root enables memory and pids in the VM's root cgroup, so the tree below is
+    // offered them.
+    default_root.ensure(&[Controller::Memory, Controller::Pids]).expect("memory and pids for the default root");
     let Some(tree) = Tree::new("internal") else { return };
     let root = CgroupRoot::at(&tree.dir).expect("a cgroup v2 root");
-    assert!(root.available().expect("cgroup.controllers").iter().any(|c| c == "pids"));
+    assert!(root.available().expect("cgroup.controllers").iter().any(|c| c == "memory"));
     // A process in the root itself, as when vpstag runs in the cgroup it creates VPSes in.
     let p = Proc::spawn("/bin/sh", "read x");
     std::fs::write(tree.dir.join("cgroup.procs"), p.pid().to_string()).expect("moving our child into the tree");
-    let e = root.create("inner", VpsId(7), &Limits { pids_max: Some(4), ..Limits::default() }).unwrap_err();
+    // memory is a domain controller: refused. (pids and cpu are threaded controllers, which the
+    // kernel lets a cgroup with processes enable for its children.)
+    let e = root.create("inner", VpsId(7), &Limits { memory_max: Some(64 << 20), ..Limits::default() }).unwrap_err();
     let msg = e.to_string();
     println!("{msg}");
-    assert!(matches!(e, CgroupError::ControllerUnavailable { controller: Controller::Pids, .. }), "{e:?}");
+    assert!(matches!(e, CgroupError::ControllerUnavailable { controller: Controller::Memory, .. }), "{e:?}");
     assert!(msg.contains("holds processes of its own") && msg.contains("no internal processes"), "{msg}");
+    let pids = root.create("inner", VpsId(7), &Limits { pids_max: Some(4), ..Limits::default() });
+    let pids = pids.expect("pids, a threaded controller, is enabled beside processes");
+    assert_eq!(pids.limits().expect("limits").pids_max, Some(4));
     drop(p);
 }
