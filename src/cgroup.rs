@@ -460,8 +460,8 @@ impl CgroupRoot {
                 let why = match e.raw_os_error() {
                     Some(code) if code == Errno::BUSY.raw_os_error() => format!(
                         "{} holds processes of its own, and cgroup v2 lets a cgroup with processes enable no \
-                         domain controller (memory, io) for its children (the \"no internal processes\" rule); pass a cgroup without \
-                         processes as --cgroup-root (e.g. a new child of it)",
+                         domain controller (memory, io) for its children (the \"no internal processes\" rule); \
+                         pass a cgroup without processes as --cgroup-root (e.g. a new child of it)",
                         self.dir.display()
                     ),
                     _ => format!(
@@ -516,9 +516,9 @@ impl CgroupRoot {
             let why = match e.raw_os_error() {
                 Some(code) if code == Errno::BUSY.raw_os_error() => format!(
                     "{} holds processes (vpstag itself among them), and cgroup v2 lets a cgroup with processes \
-                     enable no domain controller (memory, io) for its children (the \"no internal processes\" rule): run vpstag in a \
-                     leaf of its delegated cgroup (systemd: Delegate=yes with DelegateSubgroup=) and pass the \
-                     delegated cgroup as --cgroup-root",
+                     enable no domain controller (memory, io) for its children (the \"no internal processes\" \
+                     rule): run vpstag in a leaf of its delegated cgroup (systemd: Delegate=yes with \
+                     DelegateSubgroup=) and pass the delegated cgroup as --cgroup-root",
                     parent.dir.display()
                 ),
                 _ => format!(
