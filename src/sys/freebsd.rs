@@ -230,8 +230,6 @@ pub(crate) fn open_backend(choice: BackendChoice, notes: &mut Vec<String>) -> Re
     }
 }
 
-/// These run on FreeBSD only (the vagrant box, the CI VM); here they are only compiled.
-
 /// No cgroups here: an `Unsupported` error (`crate::cgroup` finds no cgroup v2 mount before it
 /// would ask).
 pub(crate) fn fs_magic(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
@@ -239,6 +237,7 @@ pub(crate) fn fs_magic(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "cgroups are a Linux facility"))
 }
 
+/// These run on FreeBSD only (the vagrant box, the CI VM); here they are only compiled.
 #[cfg(test)]
 mod tests {
     use super::*;
