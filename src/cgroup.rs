@@ -590,7 +590,9 @@ pub struct VpsCgroup {
 }
 
 impl VpsCgroup {
-    /// Takes up an existing VPS cgroup (one whose path was saved before a restart).
+    /// Takes up an existing VPS cgroup (one whose path was saved before a restart). Whether it
+    /// was killed before is not known here: one that was must not be given new members (create a
+    /// new one).
     ///
     /// # Errors
     /// [`CgroupError::NotCgroup2`] when `path` is not a cgroup v2 directory, [`CgroupError::Io`]
