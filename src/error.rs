@@ -69,6 +69,10 @@ pub enum Error {
     /// Something did not happen in time.
     #[error("timed out: {0}")]
     Timeout(String),
+    /// A cgroup could not be found, created, limited, joined, killed or removed
+    /// ([`crate::cgroup`]).
+    #[error(transparent)]
+    Cgroup(#[from] crate::cgroup::CgroupError),
     /// A system call failed.
     #[error("{context}: {source}")]
     Io {

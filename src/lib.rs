@@ -13,7 +13,9 @@
 //!   lets running processes in ([`Manager::adopt`], the loader's way) and answers
 //!   [`Manager::vps_of`], [`Manager::members`], [`Manager::signal`];
 //! - when a backend loses events it says so, and the manager resynchronises from a scan of the
-//!   system; [`Stats`] counts both.
+//!   system; [`Stats`] counts both;
+//! - where the host delegates cgroup v2, [`cgroup`] gives each VPS a cgroup: the kernel's exact
+//!   figures, limits, and `cgroup.kill`.
 //!
 //! ```no_run
 //! use std::process::Command;
@@ -42,6 +44,7 @@
 #![deny(unsafe_op_in_unsafe_fn)]
 
 mod backend;
+pub mod cgroup;
 pub mod client;
 mod error;
 #[allow(unsafe_code)] // fork and the async-signal-safe first process

@@ -230,6 +230,13 @@ pub(crate) fn open_backend(choice: BackendChoice, notes: &mut Vec<String>) -> Re
     }
 }
 
+/// No cgroups here: an `Unsupported` error (`crate::cgroup` finds no cgroup v2 mount before it
+/// would ask).
+pub(crate) fn fs_magic(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
+    let _ = fd;
+    Err(io::Error::new(io::ErrorKind::Unsupported, "cgroups are a Linux facility"))
+}
+
 /// These run on FreeBSD only (the vagrant box, the CI VM); here they are only compiled.
 #[cfg(test)]
 mod tests {

@@ -352,6 +352,20 @@ pub(crate) fn thread_group(tid: Pid) -> Option<Pid> {
     Pid::new(st.tgid)
 }
 
+/// The filesystem type (`f_type` of `fstatfs(2)`) of an open file, for telling a cgroup v2
+/// directory from a cgroup v1 one or any other (`crate::cgroup`).
+///
+/// # References
+/// - [`statfs(2)`](https://man7.org/linux/man-pages/man2/statfs.2.html)
+#[allow(clippy::unnecessary_cast)] // `f_type`'s integer type differs per architecture
+pub(crate) fn fs_magic(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
+    Ok(rustix::fs::fstatfs(fd)?.f_type as u64)
+}
+
+// The magic numbers `crate::cgroup` spells by hand (it builds on every OS), checked here.
+const _: () = assert!(libc::CGROUP2_SUPER_MAGIC as u64 == crate::cgroup::CGROUP2_SUPER_MAGIC);
+const _: () = assert!(libc::CGROUP_SUPER_MAGIC as u64 == crate::cgroup::CGROUP_SUPER_MAGIC);
+
 #[cfg(test)]
 mod tests {
     use std::io::{BufRead, BufReader, Write};

@@ -106,3 +106,10 @@ pub(crate) fn close_from(first: i32, max_fd: i32) {
         unsafe { libc::close(fd) };
     }
 }
+
+/// No cgroups here: an `Unsupported` error (`crate::cgroup` finds no cgroup v2 mount before it
+/// would ask).
+pub(crate) fn fs_magic(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
+    let _ = fd;
+    Err(io::Error::new(io::ErrorKind::Unsupported, "cgroups are a Linux facility"))
+}
