@@ -629,3 +629,92 @@ fn a_root_with_processes_of_its_own_cannot_limit_and_says_why() {
     assert_eq!(pids.limits().expect("limits").pids_max, Some(4));
     drop(p);
 }
+
+// The manager with cgroups: `Manager::use_cgroups`, `spawn`, `spawn_limited`, `kill_all`, `check`.
+
+fn manager_in(tree: &Tree) -> vpstag::Manager {
+    let mgr = vpstag::Manager::with_backend(vpstag::BackendChoice::Cnproc).expect("a manager");
+    mgr.use_cgroups(CgroupRoot::at(&tree.dir).expect("the test tree as a cgroup root"));
+    mgr
+}
+
+#[test]
+fn a_spawned_vps_lives_in_its_cgroup_counts_its_dead_and_is_killed_through_it() {
+    let Some(tree) = Tree::new("mgr-spawn") else { return };
+    let mgr = manager_in(&tree);
+    // A child burns 0.2 s of CPU and exits; then the shell waits for a line that never comes.
+    let burn = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.2: pass\n";
+    let mut cmd = Command::new("/bin/sh");
+    cmd.args(["-c", &format!("{PYTHON} -c '{burn}'; echo burnt; read x")]).stdin(Stdio::piped()).stdout(Stdio::piped());
+    let mut child = mgr.spawn("job", &mut cmd).expect("spawn");
+    let vps = child.vps.clone();
+    let cg_dir = mgr.cgroup_path(&vps).unwrap().expect("the VPS has a cgroup");
+    assert!(cg_dir.starts_with(&tree.dir), "{}", cg_dir.display());
+    let mut line = String::new();
+    BufReader::new(child.stdout.take().unwrap()).read_line(&mut line).unwrap();
+    assert_eq!(line.trim(), "burnt");
+    let inside: BTreeSet<i32> = pids_below(&cg_dir).into_iter().collect();
+    let members: BTreeSet<i32> = mgr.members(&vps).unwrap().into_iter().map(Pid::as_raw).collect();
+    assert_eq!(inside, members, "the cgroup holds exactly the VPS's members");
+    let usage = mgr.cgroup_usage(&vps).unwrap().expect("figures");
+    assert!(usage.cpu_usec >= 150_000, "the exited child's CPU counts: {usage:?}");
+    assert!(mgr.check().unwrap().divergences.is_empty(), "{:?}", mgr.check().unwrap());
+    mgr.kill_all(&vps, DEADLINE).expect("killed");
+    assert!(mgr.wait(&vps, Some(DEADLINE)).unwrap().is_some());
+    wait_for("the cgroup to empty", || {
+        let left = pids_below(&cg_dir);
+        (left.is_empty(), format!("{left:?}"))
+    });
+    drop(child.stdin.take());
+    mgr.forget(&vps).unwrap();
+    assert!(!cg_dir.exists(), "an empty cgroup goes with its VPS: {}", cg_dir.display());
+}
+
+#[test]
+fn check_reports_a_member_moved_out_of_its_cgroup() {
+    let Some(tree) = Tree::new("mgr-check") else { return };
+    let elsewhere = tree.sub("elsewhere");
+    let mgr = manager_in(&tree);
+    let vps = mgr.start("job", Command::new("/bin/sh").args(["-c", "sleep 600 & wait"])).expect("start");
+    wait_for("the sleep to be a member", || {
+        let m = mgr.members(&vps).unwrap();
+        (m.len() == 3, format!("{m:?}"))
+    });
+    let members = mgr.members(&vps).unwrap();
+    let moved = *members.last().unwrap();
+    std::fs::write(elsewhere.join("cgroup.procs"), moved.to_string()).expect("move a member out");
+    let report = mgr.check().unwrap();
+    assert!(
+        report
+            .divergences
+            .iter()
+            .any(|d| matches!(d, vpstag::Divergence::OutOfCgroup { pid, .. } if *pid == moved.as_raw())),
+        "{report:?}"
+    );
+    mgr.kill_all(&vps, DEADLINE).expect("killed");
+}
+
+#[test]
+fn a_limit_this_host_cannot_apply_is_refused_before_anything_runs() {
+    let Some(tree) = Tree::new("mgr-limit") else { return };
+    if in_vm() {
+        println!("SKIP: in the VM the controllers exist; pids_max_stops_the_fork_beyond_it tests them");
+        return;
+    }
+    let mgr = manager_in(&tree);
+    let marker = std::env::temp_dir().join(format!("vpstag-limit-marker-{}", std::process::id()));
+    let mut cmd = Command::new("/bin/touch");
+    cmd.arg(&marker);
+    let limits = Limits { pids_max: Some(8), ..Limits::default() };
+    match mgr.spawn_limited("limited", &mut cmd, &limits) {
+        Err(vpstag::Error::Cgroup(e)) => {
+            let msg = e.to_string();
+            assert!(msg.contains("pids") && msg.contains("cgroup"), "{msg}");
+        }
+        other => panic!("expected a cgroup refusal, got {other:?}"),
+    }
+    assert!(!marker.exists(), "the command ran although its limit was refused");
+    assert!(matches!(mgr.vps("limited"), Err(vpstag::Error::UnknownVps(_))));
+    let left: Vec<_> = std::fs::read_dir(&tree.dir).unwrap().flatten().filter(|e| e.path().is_dir()).collect();
+    assert!(left.is_empty(), "no cgroup left behind: {left:?}");
+}

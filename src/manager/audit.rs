@@ -38,6 +38,20 @@ pub enum Divergence {
         /// Its parent's VPS.
         expected: String,
     },
+    /// A member of a VPS that has a cgroup, found outside that cgroup (moved out).
+    OutOfCgroup {
+        /// Process id.
+        pid: i32,
+        /// Its VPS.
+        vps: String,
+    },
+    /// A process inside a VPS's cgroup that the table does not have as a member of that VPS.
+    InCgroupUntagged {
+        /// Process id.
+        pid: i32,
+        /// The VPS whose cgroup it is in.
+        vps: String,
+    },
 }
 
 /// The result of [`Manager::check`].
@@ -94,6 +108,29 @@ impl Manager {
                 out.push(Divergence::Missing { pid: f.id.pid.as_raw(), expected: name(f.vps) });
             }
         }
+        // Each VPS with a cgroup: its members are in it, and what is in it is its members.
+        for rec in st.vpses.values() {
+            let Some(cg) = &rec.cgroup else { continue };
+            let Ok(inside) = cg.procs() else { continue };
+            let vps = rec.vps.id;
+            for pid in &inside {
+                // One born after the scan may not be applied yet: only those the scan saw.
+                if st.tracking.table.vps_of(*pid) != Some(vps) && procs_alive(&ppid_of, *pid) {
+                    out.push(Divergence::InCgroupUntagged { pid: pid.as_raw(), vps: name(vps) });
+                }
+            }
+            for pid in st.tracking.table.members(vps) {
+                // A member that exited meanwhile is not "out".
+                if !inside.contains(&pid) && procs_alive(&ppid_of, pid) {
+                    out.push(Divergence::OutOfCgroup { pid: pid.as_raw(), vps: name(vps) });
+                }
+            }
+        }
         Ok(CheckReport { divergences: out, entries: st.tracking.table.len(), processes, stats: st.tracking.stats })
     }
+}
+
+/// Whether `pid` was in the scan (so it was alive when the check began).
+fn procs_alive(ppid_of: &HashMap<Pid, Option<Pid>>, pid: Pid) -> bool {
+    ppid_of.contains_key(&pid)
 }

@@ -9,6 +9,7 @@ mod audit;
 mod persist;
 mod pump;
 mod registry;
+mod resources;
 mod start;
 #[cfg(test)]
 mod tests;
@@ -81,6 +82,8 @@ struct State {
     /// First processes whose `Command::spawn` has not returned yet: the standard library may
     /// wait for them, so the manager must not.
     spawning: Vec<Pid>,
+    /// Where VPS cgroups go (`Manager::use_cgroups`).
+    cgroup_root: Option<Arc<crate::cgroup::CgroupRoot>>,
     failed: Option<String>,
     observer: Option<Observer>,
     orphan_observer: Option<OrphanObserver>,
@@ -165,6 +168,7 @@ impl Manager {
             buf: Vec::with_capacity(1024),
             to_reap: Vec::new(),
             spawning: Vec::new(),
+            cgroup_root: None,
             failed: None,
             observer: None,
             orphan_observer: None,
@@ -313,6 +317,11 @@ impl Manager {
     /// forking meanwhile cannot escape: its child is a member too), or `timeout` passes.
     pub fn kill_all(&self, vps: &Vps, timeout: Duration) -> Result<()> {
         let deadline = Instant::now() + timeout;
+        // A VPS with a cgroup is killed at once through it (`cgroup.kill`: no fork can race it);
+        // the loop below then ends whatever left the cgroup.
+        if let Some(cg) = self.cgroup_of(vps)? {
+            let _ = cg.kill(timeout);
+        }
         loop {
             if self.signal(vps, Signal::KILL)? == 0 && self.members(vps)?.is_empty() {
                 return Ok(());
@@ -396,7 +405,8 @@ impl Manager {
         let _ = self.shared.changed.wait_timeout(st, max);
     }
 
-    /// Forgets `vps`: its processes lose their tags (they keep running).
+    /// Forgets `vps`: its processes lose their tags (they keep running). Its cgroup, if it has one,
+    /// is removed when it is empty (else left to its processes, with its limits).
     pub fn forget(&self, vps: &Vps) -> Result<()> {
         let mut st = self.synced()?;
         st.record(vps)?;
@@ -405,6 +415,7 @@ impl Manager {
             if st.names.get(&rec.vps.name) == Some(&vps.id) {
                 st.names.remove(&rec.vps.name);
             }
+            resources::release(&rec);
         }
         st.tracker.forget(vps.id)?;
         Ok(())

@@ -102,6 +102,7 @@ impl Manager {
                     command_exit: None,
                     first_exit: None,
                     first_gone: !first_alive,
+                    cgroup: None,
                 },
             );
             st.names.insert(v.name.clone(), id);

@@ -1,5 +1,6 @@
 //! The registry of VPSes, and the ways a process comes in: registered first process, loader join, adoption.
 
+use std::sync::Arc;
 use std::time::SystemTime;
 
 use vpstag_tracker::{ExitStatus, ForkTracker, Pid, ProcessId, VpsId};
@@ -16,6 +17,8 @@ pub(super) struct VpsRecord {
     pub(super) command_exit: Option<ExitStatus>,
     pub(super) first_exit: Option<ExitStatus>,
     pub(super) first_gone: bool,
+    /// Its cgroup, when the manager gave it one (see `Manager::use_cgroups`).
+    pub(super) cgroup: Option<Arc<crate::cgroup::VpsCgroup>>,
 }
 
 pub(crate) fn validate_name(name: &str) -> Result<()> {
@@ -36,6 +39,12 @@ pub(crate) fn validate_name(name: &str) -> Result<()> {
 }
 
 impl State {
+    /// An id no VPS has had.
+    pub(super) fn reserve_id(&mut self) -> VpsId {
+        self.next_id += 1;
+        VpsId(self.next_id)
+    }
+
     pub(super) fn record(&self, vps: &Vps) -> Result<&VpsRecord> {
         self.vpses.get(&vps.id).ok_or_else(|| Error::UnknownVps(vps.name.clone()))
     }
@@ -48,11 +57,17 @@ impl State {
     }
 
     pub(super) fn new_vps(&mut self, name: &str, first: ProcessId) -> Vps {
+        self.new_vps_as(name, first, None)
+    }
+
+    /// A new VPS record; `id` when one was reserved for it (`reserve_id`), else the next.
+    pub(super) fn new_vps_as(&mut self, name: &str, first: ProcessId, id: Option<VpsId>) -> Vps {
         if let Some(old) = self.names.remove(name) {
-            self.vpses.remove(&old);
+            if let Some(rec) = self.vpses.remove(&old) {
+                super::resources::release(&rec);
+            }
         }
-        self.next_id += 1;
-        let id = VpsId(self.next_id);
+        let id = id.unwrap_or_else(|| self.reserve_id());
         let vps = Vps { id, name: name.to_string(), first: first.pid };
         self.vpses.insert(
             id,
@@ -64,6 +79,7 @@ impl State {
                 command_exit: None,
                 first_exit: None,
                 first_gone: false,
+                cgroup: None,
             },
         );
         self.names.insert(name.to_string(), id);

@@ -1,10 +1,13 @@
 //! Starting a first process.
 
 use std::process::{ChildStderr, ChildStdin, ChildStdout, Command};
+use std::sync::Arc;
+use std::time::Duration;
 
-use vpstag_tracker::{ForkTracker, Pid};
+use vpstag_tracker::{ForkTracker, Pid, VpsId};
 
 use super::{validate_name, Manager, State, Vps};
+use crate::cgroup::{Limits, VpsCgroup};
 use crate::init::{FirstHook, HookPipes};
 use crate::table::Source;
 use crate::{Error, Result};
@@ -63,11 +66,36 @@ impl Manager {
     /// # Ok::<(), vpstag::Error>(())
     /// ```
     pub fn spawn(&self, name: &str, cmd: &mut Command) -> Result<VpsChild> {
+        self.spawn_in(name, cmd, None)
+    }
+
+    /// [`spawn`](Manager::spawn) with resource limits, in a cgroup of the VPS's own (cgroup v2:
+    /// below the root given to [`use_cgroups`](Manager::use_cgroups), else the one
+    /// [`CgroupRoot::find`](crate::cgroup::CgroupRoot::find) finds). The cgroup is made, with its
+    /// limits, before anything runs, and the first process and the command's process enter it at
+    /// the start gate. A limit that cannot be applied is refused with an error naming cgroup v2,
+    /// the controller and what to delegate ([`Error::Cgroup`]), before any process is started.
+    pub fn spawn_limited(&self, name: &str, cmd: &mut Command, limits: &Limits) -> Result<VpsChild> {
+        limits.validate()?;
+        self.spawn_in(name, cmd, Some(limits))
+    }
+
+    fn spawn_in(&self, name: &str, cmd: &mut Command, limits: Option<&Limits>) -> Result<VpsChild> {
         validate_name(name)?;
-        let program = cmd.get_program().to_string_lossy().into_owned();
         if self.synced()?.name_in_use(name) {
             return Err(Error::AlreadyRunning(name.to_string()));
         }
+        let cgroup = self.cgroup_for(name, limits)?;
+        let result = self.spawn_gated(name, cmd, cgroup.clone());
+        if let (Err(_), Some((_, cg))) = (&result, &cgroup) {
+            // Nothing of the VPS runs any more (its processes were waited for): the directory goes.
+            let _ = cg.remove(Duration::from_secs(2));
+        }
+        result
+    }
+
+    fn spawn_gated(&self, name: &str, cmd: &mut Command, cgroup: Option<(VpsId, Arc<VpsCgroup>)>) -> Result<VpsChild> {
+        let program = cmd.get_program().to_string_lossy().into_owned();
         let (hook, pipes) = FirstHook::new().map_err(|e| Error::io("creating the start-gate pipes", e))?;
         let HookPipes { gate_write, pids_read, child_ends } = pipes;
         std::thread::scope(|scope| {
@@ -105,7 +133,7 @@ impl Manager {
                 }
             };
             let (first, command) = pids;
-            let vps = match self.register_started(name, first, command) {
+            let vps = match self.register_started(name, first, command, cgroup) {
                 Ok(v) => v,
                 Err(e) => {
                     // Closing the gate makes the command's process exit, and the first process
@@ -151,7 +179,19 @@ impl Manager {
 
     /// Records a first process and its command's process, both held before running anything of
     /// the command, as a new VPS `name`.
-    fn register_started(&self, name: &str, first: Pid, command: Pid) -> Result<Vps> {
+    fn register_started(
+        &self,
+        name: &str,
+        first: Pid,
+        command: Pid,
+        cgroup: Option<(VpsId, Arc<VpsCgroup>)>,
+    ) -> Result<Vps> {
+        // Both enter the VPS's cgroup while the command waits at the gate: nothing of it runs
+        // outside.
+        if let Some((_, cg)) = &cgroup {
+            cg.attach(first)?;
+            cg.attach(command)?;
+        }
         let mut st = self.synced()?;
         if st.name_in_use(name) {
             return Err(Error::AlreadyRunning(name.to_string()));
@@ -163,7 +203,7 @@ impl Manager {
                 .ok_or(Error::NoSuchProcess(pid))
         };
         let (first_info, command_info) = (read(first)?, read(command)?);
-        let vps = st.new_vps(name, first_info.id);
+        let vps = st.new_vps_as(name, first_info.id, cgroup.as_ref().map(|(id, _)| *id));
         // The command's process is followed by every backend. The first process is followed too,
         // except by a backend that reaps what it follows (ptrace): the first process is our
         // child, which the standard library waits for when the command cannot be executed, so
@@ -181,6 +221,7 @@ impl Manager {
         st.tracking.insert_held(&command_info, vps.id, Source::Event);
         if let Some(rec) = st.vpses.get_mut(&vps.id) {
             rec.command = Some(command);
+            rec.cgroup = cgroup.map(|(_, cg)| cg);
         }
         st.spawning.push(first);
         if !follow_first {
