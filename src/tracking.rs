@@ -46,6 +46,9 @@ pub(crate) trait System: ProcView + Send {
     /// Sends `sig` to the process `id` only if that very process still lives (see
     /// `sys::signal_exact`); whether it was sent.
     fn signal_exact(&mut self, id: ProcessId, sig: i32) -> io::Result<bool>;
+    /// This system as a [`ProcView`] (written out: trait upcasting needs Rust 1.86, newer than
+    /// our `rust-version`).
+    fn as_view(&mut self) -> &mut dyn ProcView;
 }
 
 /// The real system.
@@ -83,6 +86,9 @@ impl System for SystemView {
     }
     fn signal_exact(&mut self, id: ProcessId, sig: i32) -> io::Result<bool> {
         crate::sys::signal_exact(id, sig)
+    }
+    fn as_view(&mut self) -> &mut dyn ProcView {
+        self
     }
 }
 

@@ -40,7 +40,7 @@ impl State {
             self.buf = events;
         }
         self.send_batch();
-        self.tracking.recheck_suspects(self.view.as_mut());
+        self.tracking.recheck_suspects(self.view.as_view());
         if let Some((every, last)) = self.periodic_resync {
             if last.elapsed() >= every {
                 self.periodic_resync = Some((every, Instant::now()));
@@ -54,7 +54,7 @@ impl State {
 
     /// Applies one event: the table, the VPS's lifecycle, the subscribers.
     fn handle(&mut self, ev: &Event) -> Result<()> {
-        let tagged = self.tracking.apply(ev, self.view.as_mut());
+        let tagged = self.tracking.apply(ev, self.view.as_view());
         self.note_lifecycle(&tagged);
         if !self.subscribers.is_empty() {
             self.subscribers.retain_mut(|s| s.deliver(&tagged));
@@ -75,7 +75,7 @@ impl State {
         let follow = !self.caps.host_wide || self.caps.holds_tags;
         for _ in 0..8 {
             let added =
-                self.tracking.resync(self.view.as_mut()).map_err(|e| Error::io("resynchronising from a scan", e))?;
+                self.tracking.resync(self.view.as_view()).map_err(|e| Error::io("resynchronising from a scan", e))?;
             if !follow || added.is_empty() {
                 break;
             }
@@ -98,7 +98,7 @@ impl State {
             .filter(|p| self.tracking.table.get(*p).is_some_and(|e| e.start_approx))
             .collect();
         for pid in approx {
-            self.tracking.settle_start(pid, self.view.as_mut());
+            self.tracking.settle_start(pid, self.view.as_view());
         }
     }
 
@@ -122,7 +122,7 @@ impl State {
             // start times estimated from events first.
             let mut v: Vec<(ProcessId, VpsId)> = Vec::with_capacity(orphans.len());
             for e in &orphans {
-                self.tracking.settle_start(e.id.pid, self.view.as_mut());
+                self.tracking.settle_start(e.id.pid, self.view.as_view());
                 let id = self.tracking.table.get(e.id.pid).map_or(e.id, |now| now.id);
                 v.push((id, e.vps));
             }

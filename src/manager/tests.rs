@@ -99,6 +99,9 @@ impl System for FakeSystem {
         }
         Ok(false)
     }
+    fn as_view(&mut self) -> &mut dyn ProcView {
+        self
+    }
 }
 
 /// A backend that reports what the test queued; it follows nothing itself (like the proc
@@ -197,8 +200,8 @@ fn restore_brings_back_live_members_only_and_marks_a_dead_first_process_gone() {
     sys.add(103, 11, 100); // born below 100 while nobody watched: the resync finds it
     let f = Fixture::new(sys);
     let saved = [
-        SavedVps { id: 4, name: "a".into(), first_pid: 100, first_start: 5, started: 0 },
-        SavedVps { id: 6, name: "b".into(), first_pid: 200, first_start: 3, started: 0 },
+        SavedVps { id: 4, name: "a".into(), first_pid: 100, first_start: 5, started: 0, cgroup: None },
+        SavedVps { id: 6, name: "b".into(), first_pid: 200, first_start: 3, started: 0, cgroup: None },
     ];
     let members = [
         SavedMember { pid: 100, start: 5, vps: 4, source: Source::First },
