@@ -21,6 +21,9 @@ pub struct SavedVps {
     pub first_start: u64,
     /// When it was started, in seconds since the epoch.
     pub started: u64,
+    /// Its cgroup's directory, when it has one (taken up again by [`Manager::restore`]).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cgroup: Option<std::path::PathBuf>,
 }
 
 /// A tagged process as saved by [`Manager::export`].
@@ -68,6 +71,7 @@ impl Manager {
                 first_pid: r.first.pid.as_raw(),
                 first_start: r.first.start.0,
                 started: r.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                cgroup: r.cgroup.as_ref().map(|cg| cg.path().to_path_buf()),
             })
             .collect();
         let members = st
@@ -102,7 +106,12 @@ impl Manager {
                     command_exit: None,
                     first_exit: None,
                     first_gone: !first_alive,
-                    cgroup: None,
+                    // A cgroup that is gone (or is no cgroup v2 directory) is not taken up.
+                    cgroup: v
+                        .cgroup
+                        .as_ref()
+                        .and_then(|p| crate::cgroup::VpsCgroup::open(p).ok())
+                        .map(std::sync::Arc::new),
                 },
             );
             st.names.insert(v.name.clone(), id);

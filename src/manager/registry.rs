@@ -135,6 +135,42 @@ impl Manager {
     /// [`Manager::validate_name`] and made unique its own way (the daemon's `uid:name` keys: names
     /// are per owner). A process that is already a member of a VPS is refused: it would leave it.
     pub fn register_first_as(&self, name: &str, pid: Pid) -> Result<Vps> {
+        self.register_first_with(name, pid, None)
+    }
+
+    /// [`register_first_as`](Manager::register_first_as), and the process enters a cgroup of the
+    /// new VPS's own, with `limits` (see [`spawn_limited`](Manager::spawn_limited)): made below
+    /// the root given to [`use_cgroups`](Manager::use_cgroups), or, when limits are asked for and
+    /// no root was set, the one [`CgroupRoot::find`](crate::cgroup::CgroupRoot::find) finds.
+    /// Without a root and without limits, the VPS gets no cgroup. The process must still be held
+    /// at its start gate (it enters the cgroup before it runs anything of the VPS); a limit that
+    /// cannot be applied is refused before anything is registered.
+    pub fn register_first_limited(&self, name: &str, pid: Pid, limits: Option<&crate::cgroup::Limits>) -> Result<Vps> {
+        if let Some(l) = limits {
+            l.validate()?;
+        }
+        let Some((id, cg)) = self.cgroup_for(name, limits)? else {
+            return self.register_first_as(name, pid);
+        };
+        let vps = match self.register_first_with(name, pid, Some(id)) {
+            Ok(v) => v,
+            Err(e) => {
+                let _ = cg.remove(std::time::Duration::ZERO);
+                return Err(e);
+            }
+        };
+        if let Err(e) = cg.attach(pid) {
+            let _ = self.forget(&vps);
+            let _ = cg.remove(std::time::Duration::ZERO);
+            return Err(e.into());
+        }
+        if let Some(rec) = self.lock().vpses.get_mut(&vps.id) {
+            rec.cgroup = Some(cg);
+        }
+        Ok(vps)
+    }
+
+    fn register_first_with(&self, name: &str, pid: Pid, id: Option<VpsId>) -> Result<Vps> {
         let mut st = self.synced()?;
         if let Some(id) = st.tracking.table.vps_of(pid) {
             let other = st.vpses.get(&id).map_or_else(|| id.to_string(), |r| r.vps.name.clone());
@@ -145,7 +181,7 @@ impl Manager {
         }
         let info =
             st.view.process(pid).map_err(|e| Error::io("reading the process", e))?.ok_or(Error::NoSuchProcess(pid))?;
-        let vps = st.new_vps(name, info.id);
+        let vps = st.new_vps_as(name, info.id, id);
         if let Err(e) = st.tracker.watch(pid, vps.id) {
             st.names.remove(name);
             st.vpses.remove(&vps.id);

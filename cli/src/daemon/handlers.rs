@@ -232,6 +232,7 @@ impl Daemon {
                     first_pid: pid.as_raw(),
                     first_start: info.id.start.0,
                     started: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                    cgroup: self.mgr.cgroup_path(&vps).ok().flatten(),
                 };
                 self.meta().insert(vps.id.0, VpsMeta { name: name.clone(), owner: peer.uid });
                 let root = Record::Root {

@@ -678,7 +678,7 @@ mod tests {
     }
 
     fn vps(id: u64) -> SavedVps {
-        SavedVps { id, name: format!("v{id}"), first_pid: 10 * id as i32, first_start: 5, started: 0 }
+        SavedVps { id, name: format!("v{id}"), first_pid: 10 * id as i32, first_start: 5, started: 0, cgroup: None }
     }
 
     fn root(vps: u64, pid: i32, start: u64) -> Record {
