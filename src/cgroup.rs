@@ -248,14 +248,18 @@ impl fmt::Display for Controller {
 /// assert_eq!(l.controllers(), vec![Controller::Cpu, Controller::Memory]);
 /// assert_eq!(Limits::cpu_max_line(150), "150000 100000"); // 1.5 CPUs
 /// ```
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash, serde::Serialize, serde::Deserialize)]
+#[serde(default)]
 pub struct Limits {
     /// `memory.max`: bytes of memory (the kernel rounds down to whole pages); above it the VPS
     /// reclaims, then the OOM killer picks a process inside the VPS.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub memory_max: Option<u64>,
     /// `pids.max`: processes and threads at once; a fork beyond it fails with `EAGAIN`.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub pids_max: Option<u64>,
     /// `cpu.max`: percent of one CPU (150 = one and a half CPUs), enforced per 100 ms period.
+    #[serde(skip_serializing_if = "Option::is_none")]
     pub cpu_max_percent: Option<u32>,
 }
 

@@ -313,7 +313,20 @@ impl Client {
     /// goes to `output` (appended) or `/dev/null`. It is a child of this process: reap it if this
     /// process lives on (or exit, and let it be re-parented).
     pub fn start(&mut self, name: &str, cmd: &Command, output: Option<&Path>) -> Result<Pid> {
-        start_first_process(&self.socket, name, cmd, output)
+        start_first_process(&self.socket, name, cmd, output, None)
+    }
+
+    /// [`start`](Client::start) with resource limits: the daemon makes the VPS a cgroup with
+    /// `limits` and moves the first process into it before `cmd` runs. A limit the daemon's host
+    /// cannot apply is refused ([`ErrorKind::LimitRefused`]) and nothing is started.
+    pub fn start_limited(
+        &mut self,
+        name: &str,
+        cmd: &Command,
+        output: Option<&Path>,
+        limits: &crate::cgroup::Limits,
+    ) -> Result<Pid> {
+        start_first_process(&self.socket, name, cmd, output, Some(limits))
     }
 }
 
@@ -379,12 +392,21 @@ fn pipe() -> io::Result<(OwnedFd, OwnedFd)> {
 }
 
 /// See [`Client::start`].
-pub fn start_first_process(socket: &Path, name: &str, cmd: &Command, output: Option<&Path>) -> Result<Pid> {
+pub fn start_first_process(
+    socket: &Path,
+    name: &str,
+    cmd: &Command,
+    output: Option<&Path>,
+    limits: Option<&crate::cgroup::Limits>,
+) -> Result<Pid> {
     let spawn_err =
         |message: String| ClientError::Spawn { program: cmd.get_program().to_string_lossy().into_owned(), message };
     let plan = crate::init::Plan::new(cmd).map_err(|e| spawn_err(e.to_string()))?;
-    let mut line = serde_json::to_vec(&Request { v: PROTOCOL_VERSION, op: Op::RegisterFirst { name: name.into() } })
-        .expect("a request serialises");
+    let mut line = serde_json::to_vec(&Request {
+        v: PROTOCOL_VERSION,
+        op: Op::RegisterFirst { name: name.into(), limits: limits.filter(|l| !l.is_empty()).copied() },
+    })
+    .expect("a request serialises");
     line.push(b'\n');
     let null = std::fs::OpenOptions::new()
         .read(true)

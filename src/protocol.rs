@@ -44,6 +44,11 @@ pub enum Op {
     RegisterFirst {
         /// The VPS name.
         name: String,
+        /// Resource limits, applied through the VPS's own cgroup v2 before the process runs
+        /// anything of the VPS; a limit the host cannot apply is refused
+        /// ([`ErrorKind::LimitRefused`]), never ignored.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        limits: Option<crate::cgroup::Limits>,
     },
     /// Registers the connecting process (SO_PEERCRED) as a member of a running VPS.
     Join {
@@ -270,6 +275,9 @@ pub enum ErrorKind {
     Lagging,
     /// Too many connections; sent on connecting, then the connection is closed.
     Busy,
+    /// A resource limit cannot be applied here (no usable cgroup v2, its controller not
+    /// delegated, a value out of range, or the daemon runs with `--cgroup-root none`).
+    LimitRefused,
     /// Anything else (the message says what).
     Failed,
     /// A kind this version of the library does not know (from a newer daemon).
@@ -277,7 +285,7 @@ pub enum ErrorKind {
 }
 
 impl ErrorKind {
-    const ALL: [(ErrorKind, &'static str); 17] = [
+    const ALL: [(ErrorKind, &'static str); 18] = [
         (ErrorKind::BadRequest, "bad_request"),
         (ErrorKind::TooLong, "too_long"),
         (ErrorKind::UnsupportedVersion, "unsupported_version"),
@@ -294,6 +302,7 @@ impl ErrorKind {
         (ErrorKind::TooSlow, "too_slow"),
         (ErrorKind::Lagging, "lagging"),
         (ErrorKind::Busy, "busy"),
+        (ErrorKind::LimitRefused, "limit_refused"),
         (ErrorKind::Failed, "failed"),
     ];
 

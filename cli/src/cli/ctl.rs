@@ -135,6 +135,7 @@ fn daemon(a: super::DaemonArgs, socket: &Path) -> R {
         state_dir: a.state_dir,
         discard_bad_journal: a.discard_bad_journal,
         metrics: a.metrics,
+        cgroups: a.cgroup_root.unwrap_or_default(),
     })?;
     Ok(0)
 }
@@ -145,7 +146,12 @@ fn start(a: super::StartArgs, socket: &Path) -> R {
     c.hello()?;
     let mut cmd = Command::new(&a.cmd[0]);
     cmd.args(&a.cmd[1..]);
-    let pid = c.start(&a.name, &cmd, a.output.as_deref())?;
+    let limits = a.limits.limits();
+    let pid = if limits.is_empty() {
+        c.start(&a.name, &cmd, a.output.as_deref())?
+    } else {
+        c.start_limited(&a.name, &cmd, a.output.as_deref(), &limits)?
+    };
     if a.json {
         print_json(&json!({ "vps": a.name, "pid": pid.as_raw() }));
     } else {

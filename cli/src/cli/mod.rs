@@ -96,6 +96,73 @@ pub(crate) struct DaemonArgs {
     /// contrib/grafana/.
     #[arg(long, value_name = "ADDR:PORT", value_parser = crate::daemon::metrics::parse_addr)]
     pub metrics: Option<std::net::SocketAddr>,
+    /// Where VPS cgroups (cgroup v2) are made. Without this option only a VPS started with limits
+    /// gets one, below `vpstag/` in the daemon's own cgroup; `auto`: every VPS gets one there;
+    /// PATH: every VPS gets one below this delegated directory (it must hold no process itself);
+    /// `none`: no cgroups, and limits are refused. With a cgroup, `kill` uses `cgroup.kill` and
+    /// `check` also compares the cgroup's processes with the VPS's members.
+    #[arg(long, value_name = "PATH|auto|none", value_parser = parse_cgroup_root)]
+    pub cgroup_root: Option<crate::daemon::Cgroups>,
+}
+
+/// `--cgroup-root`: `auto`, `none`, or an absolute path.
+fn parse_cgroup_root(s: &str) -> Result<crate::daemon::Cgroups, String> {
+    use crate::daemon::Cgroups;
+    match s {
+        "auto" => Ok(Cgroups::Auto),
+        "none" => Ok(Cgroups::Off),
+        p if p.starts_with('/') => Ok(Cgroups::Root(PathBuf::from(p))),
+        _ => Err(format!("{s:?}: give `auto`, `none` or an absolute path such as /sys/fs/cgroup/vpstag")),
+    }
+}
+
+/// Resource limits of a new VPS (cgroup v2): `vpstag start` and `vpstag run`.
+#[derive(clap::Args, Debug, Default)]
+pub(crate) struct LimitArgs {
+    /// Memory limit of the whole VPS (cgroup `memory.max`), in bytes or with a suffix K, M, G or
+    /// T (powers of 1024): above it the kernel reclaims, then its OOM killer ends a process of
+    /// the VPS, and only of the VPS.
+    #[arg(long, value_name = "BYTES", value_parser = parse_bytes)]
+    pub memory_max: Option<u64>,
+    /// At most N processes and threads in the VPS at once (cgroup `pids.max`); a fork beyond it
+    /// fails with EAGAIN.
+    #[arg(long, value_name = "N", value_parser = clap::value_parser!(u64).range(1..))]
+    pub pids_max: Option<u64>,
+    /// CPU limit of the whole VPS in percent of one CPU (150: one and a half CPUs; cgroup
+    /// `cpu.max`).
+    #[arg(long, value_name = "PERCENT", value_parser = clap::value_parser!(u32).range(1..))]
+    pub cpu_max: Option<u32>,
+}
+
+impl LimitArgs {
+    /// The limits asked for (empty when none).
+    pub(crate) fn limits(&self) -> vpstag::cgroup::Limits {
+        vpstag::cgroup::Limits { memory_max: self.memory_max, pids_max: self.pids_max, cpu_max_percent: self.cpu_max }
+    }
+}
+
+/// A number of bytes, optionally with a binary suffix (`512M`, `2G`).
+fn parse_bytes(s: &str) -> Result<u64, String> {
+    let t = s.trim();
+    let (num, mult) = match t.char_indices().last() {
+        Some((i, c)) if c.is_ascii_alphabetic() => {
+            let m: u64 = match c.to_ascii_uppercase() {
+                'K' => 1 << 10,
+                'M' => 1 << 20,
+                'G' => 1 << 30,
+                'T' => 1 << 40,
+                _ => return Err(format!("{s:?}: the suffix must be K, M, G or T")),
+            };
+            (&t[..i], m)
+        }
+        _ => (t, 1),
+    };
+    let n: u64 = num.parse().map_err(|_| format!("{s:?} is not a number of bytes (e.g. 536870912 or 512M)"))?;
+    match n.checked_mul(mult) {
+        Some(0) => Err(format!("{s:?}: a memory limit must be at least 1 byte (give a few MiB at least)")),
+        Some(v) => Ok(v),
+        None => Err(format!("{s:?} is too large")),
+    }
 }
 
 /// `vpstag start`.
@@ -107,6 +174,8 @@ pub(crate) struct StartArgs {
     /// Print {"vps": NAME, "pid": PID} (one JSON object) instead of the bare pid.
     #[arg(long)]
     pub json: bool,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// The VPS name.
     pub name: String,
     /// The command and its arguments (after an optional `--`).
@@ -231,6 +300,8 @@ pub(crate) struct RunArgs {
     /// Print no events (errors and the end-of-run summary only).
     #[arg(long, short)]
     pub quiet: bool,
+    #[command(flatten)]
+    pub limits: LimitArgs,
     /// The VPS name.
     pub name: String,
     /// The command and its arguments.

@@ -117,7 +117,12 @@ pub(crate) fn run(a: RunArgs) -> vpstag::Result<i32> {
     let rx = mgr.subscribe()?;
     let mut cmd = Command::new(&a.cmd[0]);
     cmd.args(&a.cmd[1..]);
-    let vps = mgr.start(&a.name, &mut cmd)?;
+    let limits = a.limits.limits();
+    let vps = if limits.is_empty() {
+        mgr.start(&a.name, &mut cmd)?
+    } else {
+        mgr.spawn_limited(&a.name, &mut cmd, &limits)?.vps
+    };
     let sink = match (&a.json_events, a.quiet) {
         (Some(path), _) if path.as_os_str() == "-" => Sink::Json(BufWriter::new(Box::new(std::io::stdout()))),
         (Some(path), _) => Sink::Json(BufWriter::new(Box::new(

@@ -201,8 +201,15 @@ impl Daemon {
                 "backend": self.backend,
                 "uid": peer.uid,
             }))),
-            Op::RegisterFirst { name } => {
+            Op::RegisterFirst { name, limits } => {
                 Manager::validate_name(&name)?;
+                let limits = limits.filter(|l| !l.is_empty());
+                if limits.is_some() && self.no_cgroups {
+                    return Err(refuse(
+                        ErrorKind::LimitRefused,
+                        "this daemon runs with `--cgroup-root none`: it applies no resource limits",
+                    ));
+                }
                 let info = self.verified_peer(peer, who)?;
                 let pid = info.id.pid;
                 self.refuse_nested(pid, None)?;
@@ -219,7 +226,7 @@ impl Daemon {
                         ));
                     }
                 }
-                let vps = self.mgr.register_first_as(&key(peer.uid, &name), pid)?;
+                let vps = self.mgr.register_first_limited(&key(peer.uid, &name), pid, limits.as_ref())?;
                 // The peer may have exited between the check and the registration (and its pid
                 // been reused): then nothing stays registered.
                 if !matches!(who.state(), vpstag::process::PeerState::Alive(_)) {
@@ -431,13 +438,17 @@ impl Daemon {
                     vpstag::Divergence::Missing { expected, .. } => mine(expected),
                     vpstag::Divergence::Extra { vps, .. } => mine(vps),
                     vpstag::Divergence::WrongTag { vps, expected, .. } => mine(vps) || mine(expected),
+                    vpstag::Divergence::OutOfCgroup { vps, .. } => mine(vps),
+                    vpstag::Divergence::InCgroupUntagged { vps, .. } => mine(vps),
                     // A kind this daemon does not know how to attribute: root only.
                     _ => peer.uid == 0,
                 });
                 for d in &mut report.divergences {
                     match d {
                         vpstag::Divergence::Missing { expected, .. } => *expected = self.shown_key(peer, expected),
-                        vpstag::Divergence::Extra { vps, .. } => *vps = self.shown_key(peer, vps),
+                        vpstag::Divergence::Extra { vps, .. }
+                        | vpstag::Divergence::OutOfCgroup { vps, .. }
+                        | vpstag::Divergence::InCgroupUntagged { vps, .. } => *vps = self.shown_key(peer, vps),
                         vpstag::Divergence::WrongTag { vps, expected, .. } => {
                             *vps = self.shown_key(peer, vps);
                             *expected = self.shown_key(peer, expected);

@@ -61,6 +61,24 @@ pub struct Config {
     pub discard_bad_journal: bool,
     /// Serve Prometheus metrics over HTTP at `/metrics` on this address (see [`metrics`]).
     pub metrics: Option<std::net::SocketAddr>,
+    /// Which VPSes get a cgroup v2 of their own, and where.
+    pub cgroups: Cgroups,
+}
+
+/// Where the daemon makes each VPS's cgroup (`--cgroup-root`).
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
+pub enum Cgroups {
+    /// Only a VPS started with limits gets a cgroup, below `vpstag/` in the daemon's own cgroup
+    /// ([`vpstag::cgroup::CgroupRoot::find`]). The default: the daemon changes nothing in the
+    /// host's cgroup tree unless asked.
+    #[default]
+    WhenLimited,
+    /// Every VPS gets a cgroup below `vpstag/` in the daemon's own cgroup (`--cgroup-root auto`).
+    Auto,
+    /// Every VPS gets a cgroup below this delegated directory (`--cgroup-root PATH`).
+    Root(PathBuf),
+    /// No cgroups; limits are refused (`--cgroup-root none`).
+    Off,
 }
 
 /// Writes one log line with a UTC timestamp to standard error.
@@ -133,6 +151,8 @@ struct Daemon {
     backend: String,
     /// The counters of `--metrics` (none without it: nothing is counted).
     metrics: Option<Arc<metrics::Metrics>>,
+    /// `--cgroup-root none`: limits are refused.
+    no_cgroups: bool,
 }
 
 fn prepare_socket(path: &std::path::Path) -> Result<(UnixListener, paths::BoundSocket), Error> {
@@ -158,6 +178,15 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     }
     let backend = tracker.kind().name().to_string();
     let mgr = Manager::new(tracker)?;
+    let root = match &cfg.cgroups {
+        Cgroups::WhenLimited | Cgroups::Off => None,
+        Cgroups::Auto => Some(vpstag::cgroup::CgroupRoot::find()?),
+        Cgroups::Root(dir) => Some(vpstag::cgroup::CgroupRoot::at(dir)?),
+    };
+    if let Some(root) = root {
+        log!("each VPS gets a cgroup below {}", root.path().display());
+        mgr.use_cgroups(root);
+    }
     let store = Arc::new(store);
     let store_failed = Arc::new(AtomicBool::new(false));
     // Members whose parent exited while they live on are roots too (a scan from the other roots
@@ -237,6 +266,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         connections: AtomicUsize::new(0),
         backend: backend.clone(),
         metrics: endpoint.as_ref().map(|_| Arc::default()),
+        no_cgroups: cfg.cgroups == Cgroups::Off,
     });
     if !loaded.vpses.is_empty() {
         log!(

@@ -24,6 +24,7 @@ impl From<Error> for Refusal {
             Error::UnknownSignal(_) => ErrorKind::BadRequest,
             Error::Tracker(vpstag::TrackerError::PermissionDenied { .. }) => ErrorKind::BackendRefused,
             Error::Timeout(_) => ErrorKind::Timeout,
+            Error::Cgroup(_) => ErrorKind::LimitRefused,
             _ => ErrorKind::Failed,
         };
         Refusal { kind, message: e.to_string() }
