@@ -371,3 +371,65 @@ fn a_daemon_without_cgroups_refuses_limits_clearly() {
         assert!(text(&out.stderr).contains(bad[0]), "{bad:?}: the error names the option: {}", text(&out.stderr));
     }
 }
+
+/// Inside the kernel-matrix VM only (`VPSTAG_IN_VM=1`, set by platform-tests/run-kernels), whose
+/// root cgroup lends its controllers: `vpstag start --pids-max 8` through a daemon with the
+/// default cgroup setting (a cgroup only for a VPS with limits, below `vpstag/` in the daemon's own
+/// cgroup) stops the fork that would make a ninth process.
+#[test]
+fn pids_max_from_the_cli_stops_the_ninth_process_in_the_vm() {
+    if std::env::var_os("VPSTAG_IN_VM").is_none_or(|v| v != "1") {
+        println!(
+            "SKIP: runs inside the kernel-matrix VM only (platform-tests/run-kernels sets VPSTAG_IN_VM=1), where \
+             the daemon may enable controllers in the root cgroup"
+        );
+        return;
+    }
+    if !is_root() || !cnproc_available() {
+        panic!("the VM runs this as root with the proc connector");
+    }
+    let d = Daemon::new("pids", &[]);
+    let out_file = d.dir.join("out");
+    // The first process (the VPS's init) and python are 2 of the 8: python's 7th fork fails.
+    let script = r#"
+import os, errno
+r, w = os.pipe()
+kids, err = [], None
+for _ in range(20):
+    try:
+        pid = os.fork()
+    except OSError as e:
+        err = errno.errorcode.get(e.errno, str(e.errno))
+        break
+    if pid == 0:
+        os.close(w)
+        os.read(r, 1)
+        os._exit(0)
+    kids.append(pid)
+print(len(kids), err, flush=True)
+os.close(w)
+for k in kids:
+    os.waitpid(k, 0)
+"#;
+    let out = d.run(&[
+        "start",
+        "forks",
+        "--pids-max",
+        "8",
+        "--output",
+        out_file.to_str().expect("a UTF-8 path"),
+        "--",
+        "/usr/bin/python3",
+        "-c",
+        script,
+    ]);
+    assert!(out.status.success(), "start --pids-max 8: {}\n{}", text(&out.stderr), d.log());
+    let pid: i32 = text(&out.stdout).trim().parse().expect("start prints a pid");
+    d.seen.borrow_mut().push((pid, start_time(pid)));
+    let mut said = String::new();
+    wait_until("the VPS to say how many forks succeeded", DEADLINE, || {
+        said = std::fs::read_to_string(&out_file).unwrap_or_default();
+        said.ends_with('\n')
+    });
+    assert_eq!(said.trim(), "6 EAGAIN", "forks that succeeded in a VPS of at most 8 processes, and the error");
+}

@@ -415,7 +415,7 @@ impl Manager {
             if st.names.get(&rec.vps.name) == Some(&vps.id) {
                 st.names.remove(&rec.vps.name);
             }
-            resources::release(&rec);
+            rec.release();
         }
         st.tracker.forget(vps.id)?;
         Ok(())

@@ -21,6 +21,16 @@ pub(super) struct VpsRecord {
     pub(super) cgroup: Option<Arc<crate::cgroup::VpsCgroup>>,
 }
 
+impl VpsRecord {
+    /// The record goes: its cgroup is removed if nothing is left in it (else it stays, with its
+    /// limits, for the processes that still run there).
+    pub(super) fn release(&self) {
+        if let Some(cg) = &self.cgroup {
+            let _ = cg.remove(std::time::Duration::ZERO);
+        }
+    }
+}
+
 pub(crate) fn validate_name(name: &str) -> Result<()> {
     let bad = |why| Err(Error::InvalidName { name: name.to_string(), why });
     if name.is_empty() {
@@ -64,7 +74,7 @@ impl State {
     pub(super) fn new_vps_as(&mut self, name: &str, first: ProcessId, id: Option<VpsId>) -> Vps {
         if let Some(old) = self.names.remove(name) {
             if let Some(rec) = self.vpses.remove(&old) {
-                super::resources::release(&rec);
+                rec.release();
             }
         }
         let id = id.unwrap_or_else(|| self.reserve_id());

@@ -4,9 +4,7 @@
 
 use std::path::PathBuf;
 use std::sync::Arc;
-use std::time::Duration;
 
-use super::registry::VpsRecord;
 use super::{Manager, Vps};
 use crate::cgroup::{CgroupRoot, CgroupUsage, Limits, VpsCgroup};
 use crate::Result;
@@ -65,13 +63,5 @@ impl Manager {
     /// The directory of `vps`'s cgroup, when it has one.
     pub fn cgroup_path(&self, vps: &Vps) -> Result<Option<PathBuf>> {
         Ok(self.cgroup_of(vps)?.map(|cg| cg.path().to_path_buf()))
-    }
-}
-
-/// A VPS record goes: its cgroup is removed if nothing is left in it (else it stays, with its
-/// limits, for the processes that still run there).
-pub(super) fn release(rec: &VpsRecord) {
-    if let Some(cg) = &rec.cgroup {
-        let _ = cg.remove(Duration::ZERO);
     }
 }
