@@ -103,24 +103,24 @@ pub enum Change {
     /// A process was tagged.
     Added {
         /// Process id.
-        pid: i32,
+        pid: Pid,
         /// Start time (system units).
-        start: u64,
+        start: StartTime,
         /// Its VPS.
-        vps: u64,
+        vps: VpsId,
         /// How it was learned.
         source: Source,
         /// The parent it was seen born from.
-        parent: Option<i32>,
+        parent: Option<Pid>,
     },
     /// A tagged process is gone (or its VPS was forgotten).
     Removed {
         /// Process id.
-        pid: i32,
+        pid: Pid,
         /// Start time (system units).
-        start: u64,
+        start: StartTime,
         /// The VPS it had.
-        vps: u64,
+        vps: VpsId,
     },
 }
 
@@ -181,7 +181,7 @@ impl MappingTable {
 
     fn note_removed(&mut self, e: &Entry) {
         if let Some(log) = &mut self.log {
-            log.push(Change::Removed { pid: e.id.pid.as_raw(), start: e.id.start.0, vps: e.vps.0 });
+            log.push(Change::Removed { pid: e.id.pid, start: e.id.start, vps: e.vps });
         }
     }
 
@@ -190,13 +190,7 @@ impl MappingTable {
         let pid = entry.id.pid;
         let vps = entry.vps;
         if let Some(log) = &mut self.log {
-            log.push(Change::Added {
-                pid: pid.as_raw(),
-                start: entry.id.start.0,
-                vps: vps.0,
-                source: entry.source,
-                parent: entry.parent.map(Pid::as_raw),
-            });
+            log.push(Change::Added { pid, start: entry.id.start, vps, source: entry.source, parent: entry.parent });
         }
         let mut entry = entry;
         match self.by_pid.get(&pid).map(|o| (o.id == entry.id, o.parent, o.children)) {
@@ -338,8 +332,14 @@ mod tests {
         assert_eq!(
             t.take_changes(),
             vec![
-                Change::Added { pid: 2, start: 3, vps: 1, source: Source::Event, parent: Some(1) },
-                Change::Removed { pid: 1, start: 1, vps: 1 },
+                Change::Added {
+                    pid: pid(2),
+                    start: StartTime(3),
+                    vps: VpsId(1),
+                    source: Source::Event,
+                    parent: Some(pid(1))
+                },
+                Change::Removed { pid: pid(1), start: StartTime(1), vps: VpsId(1) },
             ]
         );
         assert!(t.take_changes().is_empty());

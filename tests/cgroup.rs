@@ -685,10 +685,7 @@ fn check_reports_a_member_moved_out_of_its_cgroup() {
     std::fs::write(elsewhere.join("cgroup.procs"), moved.to_string()).expect("move a member out");
     let report = mgr.check().unwrap();
     assert!(
-        report
-            .divergences
-            .iter()
-            .any(|d| matches!(d, vpstag::Divergence::OutOfCgroup { pid, .. } if *pid == moved.as_raw())),
+        report.divergences.iter().any(|d| matches!(d, vpstag::Divergence::OutOfCgroup { pid, .. } if *pid == moved)),
         "{report:?}"
     );
     mgr.kill_all(&vps, DEADLINE).expect("killed");

@@ -17,14 +17,14 @@ pub enum Divergence {
     /// A live process below a tagged ancestor that the table does not have.
     Missing {
         /// Process id.
-        pid: i32,
+        pid: Pid,
         /// The VPS its ancestry says.
         expected: String,
     },
     /// A table entry whose process is gone (or whose pid now belongs to another process).
     Extra {
         /// Process id.
-        pid: i32,
+        pid: Pid,
         /// The VPS the table has.
         vps: String,
     },
@@ -32,7 +32,7 @@ pub enum Divergence {
     /// differs from its parent's.
     WrongTag {
         /// Process id.
-        pid: i32,
+        pid: Pid,
         /// The VPS the table has.
         vps: String,
         /// Its parent's VPS.
@@ -41,14 +41,14 @@ pub enum Divergence {
     /// A member of a VPS that has a cgroup, found outside that cgroup (moved out).
     OutOfCgroup {
         /// Process id.
-        pid: i32,
+        pid: Pid,
         /// Its VPS.
         vps: String,
     },
     /// A process inside a VPS's cgroup that the table does not have as a member of that VPS.
     InCgroupUntagged {
         /// Process id.
-        pid: i32,
+        pid: Pid,
         /// The VPS whose cgroup it is in.
         vps: String,
     },
@@ -85,7 +85,7 @@ impl Manager {
         for e in st.tracking.table.entries() {
             match fresh.table.get(e.id.pid) {
                 Some(f) if f.id.start == e.id.start || f.same_start(e.id.start, 1) => {}
-                _ => out.push(Divergence::Extra { pid: e.id.pid.as_raw(), vps: name(e.vps) }),
+                _ => out.push(Divergence::Extra { pid: e.id.pid, vps: name(e.vps) }),
             }
             if e.source == Source::Event {
                 if let (Some(parent), Some(Some(live_parent))) = (e.parent, ppid_of.get(&e.id.pid)) {
@@ -93,7 +93,7 @@ impl Manager {
                         if let Some(pe) = st.tracking.table.get(parent) {
                             if pe.vps != e.vps && pe.source != Source::Loader && e.source != Source::Loader {
                                 out.push(Divergence::WrongTag {
-                                    pid: e.id.pid.as_raw(),
+                                    pid: e.id.pid,
                                     vps: name(e.vps),
                                     expected: name(pe.vps),
                                 });
@@ -105,7 +105,7 @@ impl Manager {
         }
         for f in fresh.table.entries() {
             if st.tracking.table.get(f.id.pid).is_none() {
-                out.push(Divergence::Missing { pid: f.id.pid.as_raw(), expected: name(f.vps) });
+                out.push(Divergence::Missing { pid: f.id.pid, expected: name(f.vps) });
             }
         }
         // Each VPS with a cgroup: its members are in it, and what is in it is its members.
@@ -116,13 +116,13 @@ impl Manager {
             for pid in &inside {
                 // One born after the scan may not be applied yet: only those the scan saw.
                 if st.tracking.table.vps_of(*pid) != Some(vps) && procs_alive(&ppid_of, *pid) {
-                    out.push(Divergence::InCgroupUntagged { pid: pid.as_raw(), vps: name(vps) });
+                    out.push(Divergence::InCgroupUntagged { pid: *pid, vps: name(vps) });
                 }
             }
             for pid in st.tracking.table.members(vps) {
                 // A member that exited meanwhile is not "out".
                 if !inside.contains(&pid) && procs_alive(&ppid_of, pid) {
-                    out.push(Divergence::OutOfCgroup { pid: pid.as_raw(), vps: name(vps) });
+                    out.push(Divergence::OutOfCgroup { pid, vps: name(vps) });
                 }
             }
         }

@@ -3,7 +3,7 @@
 use std::time::{Duration, SystemTime};
 
 use serde::Serialize;
-use vpstag_tracker::{ForkTracker, Pid, ProcessId, VpsId};
+use vpstag_tracker::{ForkTracker, Pid, ProcessId, StartTime, VpsId};
 
 use super::{Manager, Vps, VpsRecord};
 use crate::table::{Change, Source};
@@ -12,13 +12,13 @@ use crate::Result;
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct SavedVps {
     /// Its id.
-    pub id: u64,
+    pub id: VpsId,
     /// Its name.
     pub name: String,
     /// Its first process.
-    pub first_pid: i32,
+    pub first_pid: Pid,
     /// The first process's start time (system units).
-    pub first_start: u64,
+    pub first_start: StartTime,
     /// When it was started, in seconds since the epoch.
     pub started: u64,
     /// Its cgroup's directory, when it has one (taken up again by [`Manager::restore`]).
@@ -30,11 +30,11 @@ pub struct SavedVps {
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, serde::Deserialize)]
 pub struct SavedMember {
     /// Process id.
-    pub pid: i32,
+    pub pid: Pid,
     /// Start time (system units): a process with this pid but another start time is not it.
-    pub start: u64,
+    pub start: StartTime,
     /// Its VPS id.
-    pub vps: u64,
+    pub vps: VpsId,
     /// How it was learned.
     pub source: Source,
 }
@@ -66,10 +66,10 @@ impl Manager {
             .vpses
             .values()
             .map(|r| SavedVps {
-                id: r.vps.id.0,
+                id: r.vps.id,
                 name: r.vps.name.clone(),
-                first_pid: r.first.pid.as_raw(),
-                first_start: r.first.start.0,
+                first_pid: r.first.pid,
+                first_start: r.first.start,
                 started: r.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                 cgroup: r.cgroup.as_ref().map(|cg| cg.path().to_path_buf()),
             })
@@ -78,7 +78,7 @@ impl Manager {
             .tracking
             .table
             .entries()
-            .map(|e| SavedMember { pid: e.id.pid.as_raw(), start: e.id.start.0, vps: e.vps.0, source: e.source })
+            .map(|e| SavedMember { pid: e.id.pid, start: e.id.start, vps: e.vps, source: e.source })
             .collect();
         Ok((vpses, members))
     }
@@ -91,16 +91,16 @@ impl Manager {
         let mut st = self.synced()?;
         let tol = st.view.start_tolerance();
         for v in vpses {
-            let (Some(first), id) = (Pid::new(v.first_pid), VpsId(v.id)) else { continue };
-            st.next_id = st.next_id.max(v.id);
+            let (first, id) = (v.first_pid, v.id);
+            st.next_id = st.next_id.max(id.0);
             let vps = Vps { id, name: v.name.clone(), first };
             let first_alive =
-                matches!(st.view.process(first), Ok(Some(i)) if i.id.start.0.abs_diff(v.first_start) <= tol);
+                matches!(st.view.process(first), Ok(Some(i)) if i.id.start.0.abs_diff(v.first_start.0) <= tol);
             st.vpses.insert(
                 id,
                 VpsRecord {
                     vps,
-                    first: ProcessId { pid: first, start: vpstag_tracker::StartTime(v.first_start) },
+                    first: ProcessId { pid: first, start: v.first_start },
                     started: SystemTime::UNIX_EPOCH + Duration::from_secs(v.started),
                     command: None,
                     command_exit: None,
@@ -118,14 +118,14 @@ impl Manager {
         }
         let mut n = 0;
         for m in members {
-            let Some(pid) = Pid::new(m.pid) else { continue };
-            if !st.vpses.contains_key(&VpsId(m.vps)) {
+            let pid = m.pid;
+            if !st.vpses.contains_key(&m.vps) {
                 continue;
             }
             match st.view.process(pid) {
-                Ok(Some(info)) if info.id.start.0.abs_diff(m.start) <= tol && !(info.zombie && info.threads <= 1) => {
-                    let _ = st.tracker.watch(pid, VpsId(m.vps));
-                    st.tracking.insert_member(&info, VpsId(m.vps), m.source);
+                Ok(Some(info)) if info.id.start.0.abs_diff(m.start.0) <= tol && !(info.zombie && info.threads <= 1) => {
+                    let _ = st.tracker.watch(pid, m.vps);
+                    st.tracking.insert_member(&info, m.vps, m.source);
                     n += 1;
                 }
                 _ => {}

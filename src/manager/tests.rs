@@ -200,14 +200,28 @@ fn restore_brings_back_live_members_only_and_marks_a_dead_first_process_gone() {
     sys.add(103, 11, 100); // born below 100 while nobody watched: the resync finds it
     let f = Fixture::new(sys);
     let saved = [
-        SavedVps { id: 4, name: "a".into(), first_pid: 100, first_start: 5, started: 0, cgroup: None },
-        SavedVps { id: 6, name: "b".into(), first_pid: 200, first_start: 3, started: 0, cgroup: None },
+        SavedVps {
+            id: VpsId(4),
+            name: "a".into(),
+            first_pid: p(100),
+            first_start: StartTime(5),
+            started: 0,
+            cgroup: None,
+        },
+        SavedVps {
+            id: VpsId(6),
+            name: "b".into(),
+            first_pid: p(200),
+            first_start: StartTime(3),
+            started: 0,
+            cgroup: None,
+        },
     ];
     let members = [
-        SavedMember { pid: 100, start: 5, vps: 4, source: Source::First },
-        SavedMember { pid: 101, start: 7, vps: 4, source: Source::Event },
-        SavedMember { pid: 102, start: 8, vps: 4, source: Source::Event },
-        SavedMember { pid: 200, start: 3, vps: 6, source: Source::First },
+        SavedMember { pid: p(100), start: StartTime(5), vps: VpsId(4), source: Source::First },
+        SavedMember { pid: p(101), start: StartTime(7), vps: VpsId(4), source: Source::Event },
+        SavedMember { pid: p(102), start: StartTime(8), vps: VpsId(4), source: Source::Event },
+        SavedMember { pid: p(200), start: StartTime(3), vps: VpsId(6), source: Source::First },
     ];
     assert_eq!(f.mgr.restore(&saved, &members).unwrap(), 1, "only 100 is still the process saved");
     let a = f.mgr.vps("a").unwrap();

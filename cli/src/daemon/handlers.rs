@@ -169,24 +169,20 @@ impl Daemon {
             let meta = self.meta();
             vpses
                 .into_iter()
-                .filter_map(|v| meta.get(&v.id).map(|m| m.owner).map(|owner| OwnedVps { vps: v, owner }))
+                .filter_map(|v| meta.get(&v.id.0).map(|m| m.owner).map(|owner| OwnedVps { vps: v, owner }))
                 .collect()
         };
         // The roots: first processes, loader joins, and orphans still alive (the others go).
         let members: Vec<vpstag::SavedMember> = {
             let mut orphans = self.orphans.lock().unwrap_or_else(|e| e.into_inner());
-            let live: HashSet<vpstag::ProcessId> = members
-                .iter()
-                .filter_map(|m| Pid::new(m.pid).map(|pid| vpstag::ProcessId { pid, start: vpstag::StartTime(m.start) }))
-                .collect();
+            let live: HashSet<vpstag::ProcessId> =
+                members.iter().map(|m| vpstag::ProcessId { pid: m.pid, start: m.start }).collect();
             orphans.retain(|id| live.contains(id));
             members
                 .into_iter()
                 .filter(|m| {
                     matches!(m.source, vpstag::Source::First | vpstag::Source::Loader)
-                        || Pid::new(m.pid).is_some_and(|pid| {
-                            orphans.contains(&vpstag::ProcessId { pid, start: vpstag::StartTime(m.start) })
-                        })
+                        || orphans.contains(&vpstag::ProcessId { pid: m.pid, start: m.start })
                 })
                 .collect()
         };
@@ -234,20 +230,15 @@ impl Daemon {
                     return Err(refuse(ErrorKind::NoSuchProcess, format!("process {pid} exited while registering")));
                 }
                 let saved = SavedVps {
-                    id: vps.id.0,
+                    id: vps.id,
                     name: vps.name.clone(),
-                    first_pid: pid.as_raw(),
-                    first_start: info.id.start.0,
+                    first_pid: pid,
+                    first_start: info.id.start,
                     started: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
                     cgroup: self.mgr.cgroup_path(&vps).ok().flatten(),
                 };
                 self.meta().insert(vps.id.0, VpsMeta { name: name.clone(), owner: peer.uid });
-                let root = Record::Root {
-                    vps: vps.id.0,
-                    pid: pid.as_raw(),
-                    start: info.id.start.0,
-                    source: vpstag::Source::First,
-                };
+                let root = Record::Root { vps: vps.id, pid, start: info.id.start, source: vpstag::Source::First };
                 if let Err(e) = self.journal(&[Record::Vps { vps: saved, owner: peer.uid }, root]) {
                     let _ = self.mgr.forget(&vps);
                     self.meta().remove(&vps.id.0);
@@ -270,9 +261,9 @@ impl Daemon {
                 if !already {
                     // A root: what it starts is rebuilt from it after a restart.
                     self.journal(&[Record::Root {
-                        vps: vps.id.0,
-                        pid: pid.as_raw(),
-                        start: info.id.start.0,
+                        vps: vps.id,
+                        pid,
+                        start: info.id.start,
                         source: vpstag::Source::Loader,
                     }])?;
                 }
@@ -401,7 +392,7 @@ impl Daemon {
                 }
                 self.mgr.forget(&vps)?;
                 self.meta().remove(&vps.id.0);
-                self.journal(&[Record::Forget { id: vps.id.0 }])?;
+                self.journal(&[Record::Forget { id: vps.id }])?;
                 log!("VPS {:?} stopped by uid {} ({n} processes signalled) and forgotten", vps.name, peer.uid);
                 Ok(ok_line(json!({ "signalled": n })))
             }

@@ -196,7 +196,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             .roots()
             .iter()
             .filter(|m| !matches!(m.source, vpstag::Source::First | vpstag::Source::Loader))
-            .filter_map(|m| Pid::new(m.pid).map(|pid| vpstag::ProcessId { pid, start: vpstag::StartTime(m.start) }))
+            .map(|m| vpstag::ProcessId { pid: m.pid, start: m.start })
             .collect(),
     ));
     {
@@ -214,9 +214,9 @@ pub fn run(cfg: Config) -> Result<(), Error> {
                     let records: Vec<Record> = batch
                         .iter()
                         .map(|(id, vps)| Record::Root {
-                            vps: vps.0,
-                            pid: id.pid.as_raw(),
-                            start: id.start.0,
+                            vps: *vps,
+                            pid: id.pid,
+                            start: id.start,
                             source: vpstag::Source::Event,
                         })
                         .collect();
@@ -252,7 +252,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     let mut meta = HashMap::new();
     for o in loaded.vpses.values() {
         let name = o.vps.name.split_once(':').map_or(o.vps.name.as_str(), |(_, n)| n);
-        meta.insert(o.vps.id, VpsMeta { name: name.to_string(), owner: o.owner });
+        meta.insert(o.vps.id.0, VpsMeta { name: name.to_string(), owner: o.owner });
     }
     let daemon = Arc::new(Daemon {
         mgr,

@@ -43,7 +43,7 @@ use rustix::fs::{FlockOperation, OFlags};
 use serde::{Deserialize, Serialize};
 
 use super::paths::{TrustedDir, STATE_DIR};
-use vpstag::{Change, SavedMember, SavedVps, Source};
+use vpstag::{Change, Pid, SavedMember, SavedVps, Source, StartTime, VpsId};
 
 /// A journal line longer than this is a bad line (read with a buffer of this size at most).
 pub(crate) const MAX_LINE: usize = 64 * 1024;
@@ -72,18 +72,18 @@ pub(crate) enum Record {
     /// A root of a VPS: its first process, or a process that joined through the loader.
     Root {
         /// The VPS id.
-        vps: u64,
+        vps: VpsId,
         /// Process id.
-        pid: i32,
+        pid: Pid,
         /// Start time (system units).
-        start: u64,
+        start: StartTime,
         /// [`Source::First`] or [`Source::Loader`].
         source: Source,
     },
     /// A VPS was forgotten (`vpstag stop`).
     Forget {
         /// The VPS id.
-        id: u64,
+        id: VpsId,
     },
 }
 
@@ -92,8 +92,8 @@ pub(crate) enum Record {
 #[serde(tag = "t", rename_all = "snake_case")]
 enum Line {
     Vps { vps: SavedVps, owner: u32 },
-    Root { vps: u64, pid: i32, start: u64, source: Source },
-    Forget { id: u64 },
+    Root { vps: VpsId, pid: Pid, start: StartTime, source: Source },
+    Forget { id: VpsId },
     Change { c: Change },
 }
 
@@ -131,9 +131,9 @@ struct SnapshotIn {
 #[derive(Default, Debug)]
 pub(crate) struct Loaded {
     /// Every VPS, by id.
-    pub vpses: BTreeMap<u64, OwnedVps>,
+    pub vpses: BTreeMap<VpsId, OwnedVps>,
     /// The roots, by pid.
-    roots: HashMap<i32, SavedMember>,
+    roots: HashMap<Pid, SavedMember>,
     /// Journal records replayed.
     pub replayed: usize,
     /// What the daemon should log: torn lines dropped, bad files set aside.
@@ -678,11 +678,22 @@ mod tests {
     }
 
     fn vps(id: u64) -> SavedVps {
-        SavedVps { id, name: format!("v{id}"), first_pid: 10 * id as i32, first_start: 5, started: 0, cgroup: None }
+        SavedVps {
+            id: VpsId(id),
+            name: format!("v{id}"),
+            first_pid: pid(10 * id as i32),
+            first_start: StartTime(5),
+            started: 0,
+            cgroup: None,
+        }
+    }
+
+    fn pid(n: i32) -> Pid {
+        Pid::new(n).expect("a positive pid")
     }
 
     fn root(vps: u64, pid: i32, start: u64) -> Record {
-        Record::Root { vps, pid, start, source: Source::First }
+        Record::Root { vps: VpsId(vps), pid: self::pid(pid), start: StartTime(start), source: Source::First }
     }
 
     fn line(r: &Record) -> String {
@@ -690,7 +701,7 @@ mod tests {
     }
 
     fn roots(l: &Loaded) -> Vec<(i32, u64)> {
-        l.roots().iter().map(|m| (m.pid, m.vps)).collect()
+        l.roots().iter().map(|m| (m.pid.as_raw(), m.vps.0)).collect()
     }
 
     #[test]
@@ -699,15 +710,15 @@ mod tests {
         for r in [
             Record::Vps { vps: vps(1), owner: 1000 },
             root(1, 10, 5),
-            Record::Root { vps: 1, pid: 11, start: 6, source: Source::Loader },
+            Record::Root { vps: VpsId(1), pid: pid(11), start: StartTime(6), source: Source::Loader },
             Record::Vps { vps: vps(2), owner: 0 },
             root(2, 20, 7),
-            Record::Forget { id: 1 },
+            Record::Forget { id: VpsId(1) },
         ] {
             l.apply(serde_json::from_str(&line(&r)).unwrap());
         }
         assert_eq!(roots(&l), vec![(20, 2)]);
-        assert_eq!(l.vpses.keys().copied().collect::<Vec<_>>(), vec![2]);
+        assert_eq!(l.vpses.keys().map(|k| k.0).collect::<Vec<_>>(), vec![2]);
     }
 
     #[test]
@@ -748,11 +759,11 @@ mod tests {
         let e = Store::open(&d, false).err().unwrap();
         assert!(e.to_string().contains("lock is held"), "{e}");
         s.rotate().unwrap();
-        s.append(&[Record::Forget { id: 2 }]).unwrap();
+        s.append(&[Record::Forget { id: VpsId(2) }]).unwrap();
         let members = vec![
-            SavedMember { pid: 10, start: 5, vps: 1, source: Source::First },
-            SavedMember { pid: 11, start: 6, vps: 1, source: Source::Event },
-            SavedMember { pid: 20, start: 5, vps: 2, source: Source::First },
+            SavedMember { pid: pid(10), start: StartTime(5), vps: VpsId(1), source: Source::First },
+            SavedMember { pid: pid(11), start: StartTime(6), vps: VpsId(1), source: Source::Event },
+            SavedMember { pid: pid(20), start: StartTime(5), vps: VpsId(2), source: Source::First },
         ];
         let members = members.into_iter().filter(|m| is_root(m.source)).collect();
         s.write_snapshot(vec![OwnedVps { vps: vps(1), owner: 7 }, OwnedVps { vps: vps(2), owner: 8 }], members)
@@ -763,8 +774,8 @@ mod tests {
         drop(s);
         let (_s, l) = Store::open(&d, false).unwrap();
         assert_eq!(roots(&l), vec![(10, 1)]);
-        assert_eq!(l.vpses.keys().copied().collect::<Vec<_>>(), vec![1]);
-        assert_eq!(l.vpses[&1].owner, 7);
+        assert_eq!(l.vpses.keys().map(|k| k.0).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(l.vpses[&VpsId(1)].owner, 7);
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -780,7 +791,7 @@ mod tests {
         .unwrap();
         let (_s, l) = Store::open(&d, false).unwrap();
         assert_eq!(roots(&l), vec![(30, 3)]);
-        assert_eq!(l.vpses[&3].vps.name, "c");
+        assert_eq!(l.vpses[&VpsId(3)].vps.name, "c");
         std::fs::remove_dir_all(&d).unwrap();
     }
 
@@ -793,7 +804,7 @@ mod tests {
         let e = Store::open(&d, false).err().unwrap().to_string();
         assert!(e.contains("snapshot.json") && e.contains(DISCARD_FLAG), "{e}");
         let (_s, l) = Store::open(&d, true).unwrap();
-        assert!(l.vpses.contains_key(&4));
+        assert!(l.vpses.contains_key(&VpsId(4)));
         assert!(l.notes.iter().any(|n| n.contains("snapshot.bad-")), "{:?}", l.notes);
         assert!(!d.join(SNAPSHOT).exists());
         let kept: Vec<_> = std::fs::read_dir(&d)
@@ -825,7 +836,7 @@ mod tests {
         std::fs::write(d.join(JOURNAL), format!("{good}\n{{\"t\":\"ro")).unwrap();
         {
             let (s, l) = Store::open(&d, false).unwrap();
-            assert!(l.vpses.contains_key(&1));
+            assert!(l.vpses.contains_key(&VpsId(1)));
             assert!(l.notes.iter().any(|n| n.contains("torn last line") && n.contains("line 2")), "{:?}", l.notes);
             s.append(&[root(1, 10, 5)]).unwrap();
         }
@@ -843,11 +854,11 @@ mod tests {
         std::fs::write(d.join(JOURNAL), line(&Record::Vps { vps: vps(1), owner: 0 })).unwrap();
         {
             let (s, l) = Store::open(&d, false).unwrap();
-            assert!(l.vpses.contains_key(&1));
+            assert!(l.vpses.contains_key(&VpsId(1)));
             s.append(&[root(1, 10, 5)]).unwrap();
         }
         let (_s, l) = Store::open(&d, false).unwrap();
-        assert!(l.vpses.contains_key(&1) && l.notes.is_empty(), "{:?}", l.notes);
+        assert!(l.vpses.contains_key(&VpsId(1)) && l.notes.is_empty(), "{:?}", l.notes);
         assert_eq!(roots(&l), vec![(10, 1)]);
         std::fs::remove_dir_all(&d).unwrap();
     }
@@ -865,7 +876,7 @@ mod tests {
         assert_eq!(std::fs::read_to_string(d.join(JOURNAL)).unwrap(), original, "a refusal changes nothing");
         {
             let (_s, l) = Store::open(&d, true).unwrap();
-            assert_eq!(l.vpses.keys().copied().collect::<Vec<_>>(), vec![1, 2]);
+            assert_eq!(l.vpses.keys().map(|k| k.0).collect::<Vec<_>>(), vec![1, 2]);
             assert!(l.notes.iter().any(|n| n.contains("journal.bad-")), "{:?}", l.notes);
         }
         assert_eq!(std::fs::read_to_string(d.join(JOURNAL)).unwrap(), format!("{a}\n{b}\n"));
@@ -885,7 +896,7 @@ mod tests {
     fn an_overlong_line_is_a_bad_line_read_in_bounded_memory() {
         let mut data = vec![b'x'; 3 * MAX_LINE];
         data.push(b'\n');
-        data.extend_from_slice(line(&Record::Forget { id: 1 }).as_bytes());
+        data.extend_from_slice(line(&Record::Forget { id: VpsId(1) }).as_bytes());
         data.push(b'\n');
         let mut r = io::Cursor::new(data);
         let mut buf = Vec::new();
@@ -919,7 +930,7 @@ mod tests {
                 std::thread::spawn(move || {
                     for i in 0..each {
                         let id = (t * 1000 + i) as u64;
-                        s.append(&[Record::Forget { id }]).unwrap();
+                        s.append(&[Record::Forget { id: VpsId(id) }]).unwrap();
                     }
                 })
             })
@@ -935,7 +946,7 @@ mod tests {
         let mut ids: Vec<u64> = text
             .lines()
             .map(|l| match serde_json::from_str::<Record>(l).unwrap() {
-                Record::Forget { id } => id,
+                Record::Forget { id } => id.0,
                 r => panic!("unexpected {r:?}"),
             })
             .collect();
