@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use vpstag_tracker::{EventKind, LossReason, StartTime, TrackerError};
 
 use super::*;
-use crate::sys::ProcInfo;
+use crate::sys::{ProcInfo, ProcUsage, Reaped};
 use crate::tracking::ProcView;
 
 fn p(pid: i32) -> Pid {
@@ -32,6 +32,10 @@ struct World {
     procs: HashMap<Pid, ProcInfo>,
     /// Children of ours that have exited: their wait status.
     exited: HashMap<Pid, i32>,
+    /// What each process has used: (own CPU, waited-for children's CPU) in ns, resident bytes.
+    used: HashMap<Pid, (u64, u64, u64)>,
+    /// The CPU (ns) `wait4` reports for a child of ours that has exited.
+    reaped_cpu: HashMap<Pid, u64>,
     signalled: Vec<(Pid, i32)>,
     now: u64,
 }
@@ -83,13 +87,25 @@ impl ProcView for FakeSystem {
 }
 
 impl System for FakeSystem {
-    fn try_reap(&mut self, pid: Pid) -> std::io::Result<Option<i32>> {
+    fn try_reap(&mut self, pid: Pid) -> std::io::Result<Option<Reaped>> {
         let mut w = self.world();
         match w.exited.remove(&pid) {
-            Some(status) => Ok(Some(status)),
+            Some(status) => Ok(Some(Reaped { status, cpu_ns: w.reaped_cpu.remove(&pid) })),
             None if w.procs.contains_key(&pid) => Ok(None),
             None => Err(std::io::Error::from_raw_os_error(libc::ECHILD)),
         }
+    }
+    fn usage(&mut self, pid: Pid) -> std::io::Result<Option<ProcUsage>> {
+        let w = self.world();
+        let Some(info) = w.procs.get(&pid) else { return Ok(None) };
+        let (own, children, rss) = w.used.get(&pid).copied().unwrap_or_default();
+        Ok(Some(ProcUsage {
+            id: info.id,
+            ppid: info.ppid,
+            cpu_self_ns: own,
+            cpu_children_ns: children,
+            rss_bytes: rss,
+        }))
     }
     fn signal_exact(&mut self, id: ProcessId, sig: i32) -> std::io::Result<bool> {
         let mut w = self.world();
