@@ -102,7 +102,7 @@ impl State {
         }
         let tol = self.view.start_tolerance();
         if let Ok(Some(u)) = self.view.usage(pid) {
-            if u.id.start.0.abs_diff(start.0) <= tol && !self.reaper_inside(&u, vps) {
+            if u.id.start.0.abs_diff(start.0) <= tol.max(1) && !self.reaper_inside(&u, vps) {
                 self.account(vps).sample_outside(&u);
             }
         }
