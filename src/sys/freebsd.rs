@@ -285,6 +285,12 @@ pub(crate) fn fs_magic(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
     Err(io::Error::new(io::ErrorKind::Unsupported, "cgroups are a Linux facility"))
 }
 
+/// Closes every descriptor from `first` on (`closefrom`). Async-signal-safe.
+pub(crate) fn close_from(first: i32, _max_fd: i32) {
+    // SAFETY: closefrom takes an integer only.
+    unsafe { libc::closefrom(first) };
+}
+
 /// These run on FreeBSD only (the vagrant box, the CI VM); here they are only compiled.
 #[cfg(test)]
 mod tests {
@@ -324,10 +330,4 @@ mod tests {
     fn a_process_that_does_not_exist_is_none() {
         assert!(process(Pid::new(i32::MAX).unwrap()).expect("process").is_none());
     }
-}
-
-/// Closes every descriptor from `first` on (`closefrom`). Async-signal-safe.
-pub(crate) fn close_from(first: i32, _max_fd: i32) {
-    // SAFETY: closefrom takes an integer only.
-    unsafe { libc::closefrom(first) };
 }
