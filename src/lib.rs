@@ -61,7 +61,9 @@ mod tracking;
 
 pub use backend::{open_backend, open_backend_with_notes, BackendChoice};
 pub use error::{Error, Result};
-pub use manager::{CheckReport, Divergence, Manager, Member, SavedMember, SavedVps, Vps, VpsChild, VpsSummary};
+pub use manager::{
+    CheckReport, CpuSource, Divergence, Manager, Member, SavedMember, SavedVps, Vps, VpsChild, VpsSummary, VpsUsage,
+};
 pub use signal::Signal;
 pub use subscription::Subscription;
 pub use table::{Change, Entry, MappingTable, Source};

@@ -162,10 +162,19 @@ pub struct VpsInfo {
     pub members: usize,
     /// When it started, in seconds since the epoch.
     pub started: u64,
-    /// User + system CPU time of its live members, in milliseconds.
+    /// User + system CPU time of every process that has ever been in it, exited ones included,
+    /// in milliseconds ([`Manager::usage`](crate::Manager::usage)); never decreases.
     pub cpu_ms: u64,
     /// Resident memory of its live members, in bytes.
     pub rss_bytes: u64,
+    /// The highest memory figure known, in bytes: its cgroup's `memory.peak`, else the highest
+    /// `rss_bytes` seen (0 from a daemon that predates it).
+    #[serde(default)]
+    pub memory_peak_bytes: u64,
+    /// Processes created in it (forks, not threads) since the daemon knows it (0 from a daemon
+    /// that predates it).
+    #[serde(default)]
+    pub forks: u64,
 }
 
 /// One fork, exec or exit of a tagged process, or a loss (`events`).

@@ -22,7 +22,7 @@ use std::io;
 
 use serde::Serialize;
 
-use crate::sys::ProcInfo;
+use crate::sys::{ProcInfo, ProcUsage, Reaped};
 use crate::table::{Entry, MappingTable, Source};
 use crate::{Event, EventKind, Pid, ProcessId, StartTime, VpsId};
 
@@ -41,8 +41,12 @@ pub(crate) trait ProcView {
 /// Everything the manager asks the system, beyond what the table logic needs ([`ProcView`]): the
 /// seam that lets the manager's lifecycle be tested against a scripted system.
 pub(crate) trait System: ProcView + Send {
-    /// Reaps `pid`, a child of ours, if it has exited: its wait status.
-    fn try_reap(&mut self, pid: Pid) -> io::Result<Option<i32>>;
+    /// Reaps `pid`, a child of ours, if it has exited: its wait status, and its CPU time with
+    /// that of the children it waited for, where the system reports it (`wait4`'s rusage).
+    fn try_reap(&mut self, pid: Pid) -> io::Result<Option<Reaped>>;
+    /// What `pid` has used so far (CPU of its own and of the children it waited for, resident
+    /// memory); `None` when it is gone.
+    fn usage(&mut self, pid: Pid) -> io::Result<Option<ProcUsage>>;
     /// Sends `sig` to the process `id` only if that very process still lives (see
     /// `sys::signal_exact`); whether it was sent.
     fn signal_exact(&mut self, id: ProcessId, sig: i32) -> io::Result<bool>;
@@ -81,8 +85,11 @@ impl ProcView for SystemView {
 }
 
 impl System for SystemView {
-    fn try_reap(&mut self, pid: Pid) -> io::Result<Option<i32>> {
+    fn try_reap(&mut self, pid: Pid) -> io::Result<Option<Reaped>> {
         crate::sys::try_reap(pid)
+    }
+    fn usage(&mut self, pid: Pid) -> io::Result<Option<ProcUsage>> {
+        crate::sys::proc_usage(pid)
     }
     fn signal_exact(&mut self, id: ProcessId, sig: i32) -> io::Result<bool> {
         crate::sys::signal_exact(id, sig)

@@ -441,6 +441,67 @@ fn the_figures_of_a_forking_burning_vps_are_real_and_a_stopped_vps_leaves() {
     }
 }
 
+/// Forks a child that burns 0.5 s of CPU and exits; waits for it (so its time is in this
+/// process's waited-for children's time), writes the child's own CPU seconds (`os.times`) to the
+/// file named by its first argument, and sleeps.
+const EXITED_BURNER: &str = r#"
+import os, sys, time
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    while sum(os.times()[:2]) < 0.5:
+        pass
+    os.write(w, ("%.6f" % sum(os.times()[:2])).encode())
+    os._exit(0)
+os.close(w)
+burned = os.read(r, 100).decode()
+os.waitpid(pid, 0)
+with open(sys.argv[1] + ".tmp", "w") as f:
+    f.write(burned)
+os.rename(sys.argv[1] + ".tmp", sys.argv[1])
+time.sleep(600)
+"#;
+
+/// A VPS whose child burned CPU and exited: `list --json` counts that time in `cpu_ms` (the VPS's
+/// live processes used next to nothing), with `memory_peak_bytes` and `forks`, and `/metrics`
+/// says the same. Under every backend built.
+#[test]
+fn the_cpu_of_an_exited_child_is_in_list_and_in_the_metrics_alike() {
+    if !is_root() {
+        return;
+    }
+    for backend in backends() {
+        let d = Daemon::new("exited", backend);
+        let done = d.dir.join("child-burned");
+        let done_arg = done.to_str().expect("a UTF-8 temporary path");
+        d.start_vps("gone", &["/usr/bin/python3", "-c", EXITED_BURNER, done_arg]);
+        wait_until(&format!("{backend}: the child to burn and be reaped"), Duration::from_secs(60), || done.exists());
+        let burned: f64 = std::fs::read_to_string(&done)
+            .ok()
+            .and_then(|t| t.trim().parse().ok())
+            .unwrap_or_else(|| panic!("{backend}: the child's CPU time in {}", done.display()));
+        assert!(burned >= 0.5, "{backend}: the child burned {burned} s");
+        // Only the first process and the command are left: the child's time is theirs no more.
+        wait_until(&format!("{backend}: the child to leave the VPS"), Duration::from_secs(30), || {
+            d.members("gone").len() == 2
+        });
+        let listed = d.listed("gone");
+        let listed_cpu = listed["cpu_ms"].as_f64().expect("cpu_ms") / 1000.0;
+        assert!(
+            listed_cpu >= burned * 0.95 && listed_cpu <= burned + 0.5,
+            "{backend}: the exited child burned {burned} s, list --json says {listed_cpu} s: {listed}"
+        );
+        let rss = listed["rss_bytes"].as_u64().expect("rss_bytes");
+        let peak = listed["memory_peak_bytes"].as_u64().expect("memory_peak_bytes");
+        assert!(rss > 0 && peak >= rss, "{backend}: rss {rss}, peak {peak}: {listed}");
+        assert!(listed["forks"].as_u64().expect("forks") >= 1, "{backend}: {listed}");
+        let s = d.scrape();
+        let cpu = of_vps(&s, "vpstag_vps_cpu_seconds_total", "gone").expect("a CPU sample");
+        assert!((cpu - listed_cpu).abs() <= 0.05, "{backend}: /metrics says {cpu} s, list --json {listed_cpu} s");
+        assert_eq!(of_vps(&s, "vpstag_vps_forks_total", "gone"), listed["forks"].as_f64(), "{backend}: {s:#?}");
+    }
+}
+
 #[test]
 fn other_paths_get_404_other_methods_405_and_head_gets_no_body() {
     if !is_root() {

@@ -5,6 +5,7 @@
 //! the event thread and how events change the state; `persist` snapshot, restore and the
 //! journal's hooks; `audit` the comparison of the table with the system.
 
+mod accounting;
 mod audit;
 mod persist;
 mod pump;
@@ -14,6 +15,7 @@ mod start;
 #[cfg(test)]
 mod tests;
 
+pub use accounting::{CpuSource, VpsUsage};
 pub use audit::{CheckReport, Divergence};
 pub use persist::{SavedMember, SavedVps};
 use pump::pump_loop;
@@ -70,6 +72,8 @@ struct State {
     /// The system, as the manager sees it (the real one; a scripted one in unit tests).
     view: Box<dyn System>,
     vpses: HashMap<VpsId, VpsRecord>,
+    /// What each VPS has used (see `Manager::usage`).
+    accounts: HashMap<VpsId, accounting::Account>,
     names: HashMap<String, VpsId>,
     next_id: u64,
     subscribers: Vec<crate::subscription::Slot>,
@@ -160,6 +164,7 @@ impl Manager {
             tracking: Tracking::new(),
             view,
             vpses: HashMap::new(),
+            accounts: HashMap::new(),
             names: HashMap::new(),
             next_id: 0,
             subscribers: Vec::new(),
@@ -417,6 +422,7 @@ impl Manager {
             }
             rec.release();
         }
+        accounting::release(&mut st, vps.id);
         st.tracker.forget(vps.id)?;
         Ok(())
     }

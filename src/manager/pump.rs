@@ -54,7 +54,9 @@ impl State {
 
     /// Applies one event: the table, the VPS's lifecycle, the subscribers.
     fn handle(&mut self, ev: &Event) -> Result<()> {
+        self.account_before(ev);
         let tagged = self.tracking.apply(ev, self.view.as_view());
+        self.account_after(ev, tagged.vps);
         self.note_lifecycle(&tagged);
         if !self.subscribers.is_empty() {
             self.subscribers.retain_mut(|s| s.deliver(&tagged));
@@ -175,8 +177,8 @@ impl State {
             }
             match view.try_reap(*pid) {
                 Ok(None) => true,
-                Ok(Some(status)) => {
-                    reaped.push((*pid, status));
+                Ok(Some(r)) => {
+                    reaped.push((*pid, r));
                     false
                 }
                 Err(_) => false,
@@ -185,10 +187,11 @@ impl State {
         // Where the exit event itself was lost, or the backend does not follow the first process
         // (ptrace), the status comes from waitpid; a first process the table still has leaves it
         // by an exit event made from that status, as a backend would have reported it.
-        for (pid, status) in reaped {
-            let status = ExitStatus::from_wait_status(status);
-            let first = self.vpses.values().find(|r| r.first.pid == pid).map(|r| r.first);
-            if let Some(first) = first {
+        for (pid, r) in reaped {
+            let status = ExitStatus::from_wait_status(r.status);
+            let first = self.vpses.values().find(|r| r.first.pid == pid).map(|r| (r.vps.id, r.first));
+            if let Some((vps, first)) = first {
+                self.account_reaped(vps, pid, &r);
                 let tol = self.view.start_tolerance();
                 if self.tracking.table.get(pid).is_some_and(|e| e.same_start(first.start, tol)) {
                     let exit = EventKind::Exit { pid, thread: pid, status, group_dead: Some(true) };

@@ -8,7 +8,7 @@ use std::os::fd::{AsFd, BorrowedFd};
 use vpstag_tracker::{EventKind, LossReason, StartTime, TrackerError};
 
 use super::*;
-use crate::sys::ProcInfo;
+use crate::sys::{ProcInfo, ProcUsage, Reaped};
 use crate::tracking::ProcView;
 
 fn p(pid: i32) -> Pid {
@@ -32,6 +32,10 @@ struct World {
     procs: HashMap<Pid, ProcInfo>,
     /// Children of ours that have exited: their wait status.
     exited: HashMap<Pid, i32>,
+    /// What each process has used: (own CPU, waited-for children's CPU) in ns, resident bytes.
+    used: HashMap<Pid, (u64, u64, u64)>,
+    /// The CPU (ns) `wait4` reports for a child of ours that has exited.
+    reaped_cpu: HashMap<Pid, u64>,
     signalled: Vec<(Pid, i32)>,
     now: u64,
 }
@@ -83,13 +87,25 @@ impl ProcView for FakeSystem {
 }
 
 impl System for FakeSystem {
-    fn try_reap(&mut self, pid: Pid) -> std::io::Result<Option<i32>> {
+    fn try_reap(&mut self, pid: Pid) -> std::io::Result<Option<Reaped>> {
         let mut w = self.world();
         match w.exited.remove(&pid) {
-            Some(status) => Ok(Some(status)),
+            Some(status) => Ok(Some(Reaped { status, cpu_ns: w.reaped_cpu.remove(&pid) })),
             None if w.procs.contains_key(&pid) => Ok(None),
             None => Err(std::io::Error::from_raw_os_error(libc::ECHILD)),
         }
+    }
+    fn usage(&mut self, pid: Pid) -> std::io::Result<Option<ProcUsage>> {
+        let w = self.world();
+        let Some(info) = w.procs.get(&pid) else { return Ok(None) };
+        let (own, children, rss) = w.used.get(&pid).copied().unwrap_or_default();
+        Ok(Some(ProcUsage {
+            id: info.id,
+            ppid: info.ppid,
+            cpu_self_ns: own,
+            cpu_children_ns: children,
+            rss_bytes: rss,
+        }))
     }
     fn signal_exact(&mut self, id: ProcessId, sig: i32) -> std::io::Result<bool> {
         let mut w = self.world();
@@ -319,4 +335,96 @@ fn forget_untags_and_frees_the_name() {
 fn a_vps_is_plain_numbers_in_json() {
     let vps = Vps { id: VpsId(3), name: "web".into(), first: p(1234) };
     assert_eq!(serde_json::to_string(&vps).unwrap(), r#"{"id":3,"name":"web","first":1234}"#);
+}
+
+const MS: u64 = 1_000_000;
+
+impl FakeSystem {
+    /// `pid` has used `own` ms itself and `children` ms in the children it waited for.
+    fn used(&self, pid: i32, own: u64, children: u64, rss: u64) {
+        self.world().used.insert(p(pid), (own * MS, children * MS, rss));
+    }
+}
+
+fn cpu_ms(f: &Fixture, vps: &Vps) -> u128 {
+    f.mgr.usage(vps).unwrap().cpu.as_millis()
+}
+
+#[test]
+fn a_child_reaped_by_a_member_moves_into_its_waited_for_time_and_the_figure_never_dips() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.fork(100, 101, 6);
+    f.sys.used(100, 10, 0, 4096);
+    f.sys.used(101, 500, 0, 8192);
+    let u = f.mgr.usage(&a).unwrap();
+    assert_eq!((u.cpu.as_millis(), u.memory_bytes, u.memory_peak_bytes, u.processes), (510, 12288, 12288, 2));
+    assert_eq!(u.cpu_source, CpuSource::Lineage);
+    // 101 exits; its parent has not collected it yet: its time is nowhere for a moment...
+    f.exit(101, 0);
+    let u = f.mgr.usage(&a).unwrap();
+    assert_eq!(u.cpu.as_millis(), 510, "the figure must not go back while the zombie waits");
+    assert_eq!((u.memory_bytes, u.memory_peak_bytes, u.processes), (4096, 12288, 1));
+    // ...then 100 reaps it, and it is in 100's waited-for time: counted once, not twice.
+    f.sys.used(100, 10, 500, 4096);
+    assert_eq!(cpu_ms(&f, &a), 510);
+    f.sys.used(100, 30, 500, 4096);
+    assert_eq!(cpu_ms(&f, &a), 530);
+}
+
+#[test]
+fn the_first_process_reaped_by_the_manager_brings_its_wait4_time_instead_of_its_last_sample() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.sys.used(100, 10, 500, 0);
+    assert_eq!(cpu_ms(&f, &a), 510);
+    // It reaps more before it exits (unseen: nobody asked meanwhile); wait4 says all of it.
+    f.sys.world().reaped_cpu.insert(p(100), 1_200 * MS);
+    f.exit(100, 0);
+    assert_eq!(f.mgr.wait(&a, Some(Duration::from_secs(10))).unwrap(), Some(ExitStatus::Exited(0)));
+    assert_eq!(cpu_ms(&f, &a), 1_200, "wait4's figure replaces the last sample (510), never adds to it");
+    assert_eq!(cpu_ms(&f, &a), 1_200);
+}
+
+#[test]
+fn a_member_reaped_outside_the_vps_keeps_its_figure_read_at_its_exit() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    sys.add(200, 7, 1); // its parent (1) is not of the VPS
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.mgr.join("a", p(200)).unwrap();
+    f.sys.used(200, 300, 0, 0);
+    assert_eq!(cpu_ms(&f, &a), 300);
+    // It burns 150 ms more and exits: the exit event comes while it is a zombie (read then)...
+    f.sys.used(200, 450, 0, 0);
+    f.push(EventKind::Exit { pid: p(200), thread: p(200), status: None, group_dead: Some(true) });
+    f.mgr.sync().unwrap();
+    // ...and its parent outside collects it: its time is gone from the system, not from the VPS.
+    f.sys.world().procs.remove(&p(200));
+    assert_eq!(cpu_ms(&f, &a), 450);
+    f.sys.used(100, 5, 0, 0);
+    assert_eq!(cpu_ms(&f, &a), 455);
+}
+
+#[test]
+fn forks_are_counted_per_vps_without_threads_and_a_forgotten_vps_starts_afresh() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.fork(100, 101, 6);
+    f.fork(101, 102, 7);
+    f.push(EventKind::Fork { parent: p(101), child: p(101), child_thread: p(150), thread: true, child_start: None });
+    f.fork(999, 500, 8); // not of the VPS
+    assert_eq!(f.mgr.usage(&a).unwrap().forks, 2);
+    f.mgr.forget(&a).unwrap();
+    assert!(matches!(f.mgr.usage(&a), Err(Error::UnknownVps(_))));
+    f.sys.add(300, 9, 1);
+    let b = f.mgr.register_first("a", p(300)).unwrap();
+    assert_eq!(f.mgr.usage(&b).unwrap().forks, 0);
 }

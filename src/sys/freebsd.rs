@@ -214,6 +214,54 @@ pub(crate) fn set_process_name(name: &CStr) {
     }
 }
 
+/// What `pid` has used so far (`kinfo_proc`: `ki_rusage`, its own CPU time; `ki_rusage_ch`, that
+/// of the children it waited for; `ki_rssize` pages resident); `None` when it is gone. A record
+/// too short to hold these fields (a kernel whose `kinfo_proc` is older than this vpstag's) reads
+/// them as zero rather than misreading.
+///
+/// # References
+/// - `kern.proc.pid` ([`sysctl(3)`](https://man.freebsd.org/cgi/man.cgi?query=sysctl&sektion=3)),
+///   `struct kinfo_proc` in `<sys/user.h>`
+pub(crate) fn proc_usage(pid: Pid) -> io::Result<Option<super::ProcUsage>> {
+    let buf = match sysctl_bytes(&[libc::CTL_KERN, libc::KERN_PROC, libc::KERN_PROC_PID, pid.as_raw()]) {
+        Ok(buf) => buf,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let recs = records(&buf)?;
+    let Some(kp) = recs.first() else { return Ok(None) };
+    let Some(info) = info_of(kp).filter(|i| i.id.pid == pid) else { return Ok(None) };
+    // Fields past the record the kernel gave were left zero by `records`.
+    // SAFETY: getpagesize has no preconditions.
+    let page = u64::try_from(unsafe { libc::getpagesize() }).unwrap_or(4096);
+    Ok(Some(super::ProcUsage {
+        id: info.id,
+        ppid: info.ppid,
+        cpu_self_ns: super::rusage_ns(&kp.ki_rusage),
+        cpu_children_ns: super::rusage_ns(&kp.ki_rusage_ch),
+        rss_bytes: u64::try_from(kp.ki_rssize).unwrap_or(0).saturating_mul(page),
+    }))
+}
+
+/// Reaps `pid`, a child of ours, if it has exited (`wait4` with `WNOHANG`): its wait status and
+/// its CPU time together with that of the children it waited for (the kernel's `RUSAGE_BOTH` of
+/// the child); `None` while it runs.
+///
+/// # References
+/// - [`wait4(2)`](https://man7.org/linux/man-pages/man2/wait4.2.html)
+pub(crate) fn try_reap(pid: Pid) -> io::Result<Option<super::Reaped>> {
+    let mut status = 0;
+    // SAFETY: rusage is plain integers: all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on one pid with valid out pointers on this stack.
+    let r = unsafe { libc::wait4(pid.as_raw(), &mut status, libc::WNOHANG, &mut ru) };
+    match r {
+        0 => Ok(None),
+        r if r == pid.as_raw() => Ok(Some(super::Reaped { status, cpu_ns: Some(super::rusage_ns(&ru)) })),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 /// Opens a backend: kqueue is the one FreeBSD has.
 pub(crate) fn open_backend(choice: BackendChoice, notes: &mut Vec<String>) -> Result<Box<dyn ForkTracker>, Error> {
     let _ = notes;
@@ -235,6 +283,12 @@ pub(crate) fn open_backend(choice: BackendChoice, notes: &mut Vec<String>) -> Re
 pub(crate) fn fs_magic(fd: std::os::fd::BorrowedFd<'_>) -> io::Result<u64> {
     let _ = fd;
     Err(io::Error::new(io::ErrorKind::Unsupported, "cgroups are a Linux facility"))
+}
+
+/// Closes every descriptor from `first` on (`closefrom`). Async-signal-safe.
+pub(crate) fn close_from(first: i32, _max_fd: i32) {
+    // SAFETY: closefrom takes an integer only.
+    unsafe { libc::closefrom(first) };
 }
 
 /// These run on FreeBSD only (the vagrant box, the CI VM); here they are only compiled.
@@ -276,10 +330,4 @@ mod tests {
     fn a_process_that_does_not_exist_is_none() {
         assert!(process(Pid::new(i32::MAX).unwrap()).expect("process").is_none());
     }
-}
-
-/// Closes every descriptor from `first` on (`closefrom`). Async-signal-safe.
-pub(crate) fn close_from(first: i32, _max_fd: i32) {
-    // SAFETY: closefrom takes an integer only.
-    unsafe { libc::closefrom(first) };
 }

@@ -331,6 +331,51 @@ pub(crate) fn usage(pid: Pid) -> Option<(u64, u64)> {
     Some(((st.utime + st.stime) * 1000 / tps, st.rss * procfs::page_size()))
 }
 
+/// What `pid` has used so far (`/proc/PID/stat`: `utime + stime` of every thread, `cutime +
+/// cstime` of the children it waited for, `rss`); `None` when it is gone. A zombie (exited, not
+/// yet reaped) still reports its final figures.
+///
+/// # References
+/// - [`proc_pid_stat(5)`](https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html)
+pub(crate) fn proc_usage(pid: Pid) -> io::Result<Option<super::ProcUsage>> {
+    let stat = match procfs::process::Process::new(pid.as_raw()).and_then(|p| p.stat()) {
+        Ok(s) => s,
+        Err(procfs::ProcError::NotFound(_)) => return Ok(None),
+        Err(procfs::ProcError::Io(e, _)) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+        Err(e) => return Err(to_io(e)),
+    };
+    let tick_ns = ns_per_start_unit();
+    let ticks = |t: u64| t.saturating_mul(tick_ns);
+    Ok(Some(super::ProcUsage {
+        id: ProcessId { pid, start: StartTime(stat.starttime) },
+        ppid: Pid::new(stat.ppid),
+        cpu_self_ns: ticks(stat.utime.saturating_add(stat.stime)),
+        cpu_children_ns: ticks(
+            u64::try_from(stat.cutime).unwrap_or(0).saturating_add(u64::try_from(stat.cstime).unwrap_or(0)),
+        ),
+        rss_bytes: stat.rss.saturating_mul(procfs::page_size()),
+    }))
+}
+
+/// Reaps `pid`, a child of ours, if it has exited (`wait4` with `WNOHANG`): its wait status and
+/// its CPU time together with that of the children it waited for (the kernel's `RUSAGE_BOTH` of
+/// the child); `None` while it runs.
+///
+/// # References
+/// - [`wait4(2)`](https://man7.org/linux/man-pages/man2/wait4.2.html)
+pub(crate) fn try_reap(pid: Pid) -> io::Result<Option<super::Reaped>> {
+    let mut status = 0;
+    // SAFETY: rusage is plain integers: all-zero is a valid value.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: wait4 on one pid with valid out pointers on this stack.
+    let r = unsafe { libc::wait4(pid.as_raw(), &mut status, libc::WNOHANG, &mut ru) };
+    match r {
+        0 => Ok(None),
+        r if r == pid.as_raw() => Ok(Some(super::Reaped { status, cpu_ns: Some(super::rusage_ns(&ru)) })),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 /// Closes every descriptor from `first` on (`close_range`, Linux 5.9+; before, one by one up to
 /// `max_fd`). Async-signal-safe.
 pub(crate) fn close_from(first: i32, max_fd: i32) {

@@ -99,6 +99,28 @@ pub(crate) fn open_backend(choice: BackendChoice, notes: &mut Vec<String>) -> Re
     }
 }
 
+/// What a process has used: unsupported here (no process-table reader yet).
+pub(crate) fn proc_usage(pid: Pid) -> io::Result<Option<super::ProcUsage>> {
+    let _ = pid;
+    Err(unsupported())
+}
+
+/// Reaps `pid`, a child of ours, if it has exited (`waitpid` with `WNOHANG`: not every system
+/// here has `wait4`, so the CPU time is not reported); `None` while it runs.
+///
+/// # References
+/// - [`waitpid(2)`](https://man7.org/linux/man-pages/man2/waitpid.2.html)
+pub(crate) fn try_reap(pid: Pid) -> io::Result<Option<super::Reaped>> {
+    let mut status = 0;
+    // SAFETY: waitpid on one pid with a valid out pointer on this stack.
+    let r = unsafe { libc::waitpid(pid.as_raw(), &mut status, libc::WNOHANG) };
+    match r {
+        0 => Ok(None),
+        r if r == pid.as_raw() => Ok(Some(super::Reaped { status, cpu_ns: None })),
+        _ => Err(io::Error::last_os_error()),
+    }
+}
+
 /// Closes every descriptor from `first` to `max_fd`. Async-signal-safe.
 pub(crate) fn close_from(first: i32, max_fd: i32) {
     for fd in first..=max_fd {

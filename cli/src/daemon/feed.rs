@@ -136,9 +136,6 @@ impl Daemon {
             // Each event once, shared by every follower, with its VPS's owner and its size.
             let infos: Vec<(Shared, Option<u32>, usize)> = {
                 let meta = self.meta();
-                if let Some(m) = &self.metrics {
-                    m.count_forks(&batch, |id| meta.contains_key(&id));
-                }
                 batch
                     .iter()
                     .filter_map(|t| {

@@ -353,12 +353,13 @@ impl Daemon {
                     if !self.visible(peer, id) {
                         continue;
                     }
-                    let (mut cpu, mut rss) = (0, 0);
-                    for pid in self.mgr.members(&s.vps).unwrap_or_default() {
-                        let (c, r) = usage(pid);
-                        cpu += c;
-                        rss += r;
-                    }
+                    // Exited processes included (the same figures as /metrics).
+                    let u = match self.mgr.usage(&s.vps) {
+                        Ok(u) => u,
+                        // Forgotten since the list.
+                        Err(Error::UnknownVps(_)) => continue,
+                        Err(e) => return Err(e.into()),
+                    };
                     out.push(VpsInfo {
                         id,
                         name: self.shown(s.vps.clone()).name,
@@ -367,8 +368,10 @@ impl Daemon {
                         first_alive: s.first_alive,
                         members: s.members,
                         started: s.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                        cpu_ms: cpu,
-                        rss_bytes: rss,
+                        cpu_ms: u64::try_from(u.cpu.as_millis()).unwrap_or(u64::MAX),
+                        rss_bytes: u.memory_bytes,
+                        memory_peak_bytes: u.memory_peak_bytes,
+                        forks: u.forks,
                     });
                 }
                 Ok(ok_line(json!({ "vpses": out })))

@@ -2,9 +2,11 @@
 //! daemon, in the Prometheus text exposition format (version 0.0.4) at `/metrics`.
 //!
 //! - Per VPS, labelled `vps="NAME"` and `owner="UID"`: `vpstag_vps_processes` (live members),
-//!   `vpstag_vps_cpu_seconds_total`, `vpstag_vps_memory_bytes` (resident, summed over the
-//!   members), `vpstag_vps_forks_total` (processes created in it, threads not counted, since this
-//!   daemon started). A forgotten VPS leaves the output.
+//!   `vpstag_vps_cpu_seconds_total` (every process that has ever been in it, exited ones
+//!   included), `vpstag_vps_memory_bytes` (resident, summed over the members),
+//!   `vpstag_vps_forks_total` (processes created in it, threads not counted, since this daemon
+//!   knows it). All from [`Manager::usage`](vpstag::Manager::usage), as `vpstag list` shows them.
+//!   A forgotten VPS leaves the output.
 //! - The daemon: `vpstag_events_total`, `vpstag_events_lost_total`,
 //!   `vpstag_event_loss_reports_total`, `vpstag_resyncs_total` (the manager's [`vpstag::Stats`])
 //!   and `vpstag_backend_info{backend="..."} 1`.
@@ -16,8 +18,8 @@
 //! served at once (more are closed as soon as they are accepted, costing no task), a request's
 //! headers must arrive within [`HEADER_TIMEOUT`] and are at most [`MAX_REQUEST_BYTES`], and every
 //! connection is closed [`CONNECTION_DEADLINE`] after it was accepted, reading or not. The
-//! figures are computed at most once per [`MIN_INTERVAL`] (one `Manager::list` and one short
-//! look-up of each VPS's members, then `/proc` outside the manager's lock); scrapes in between get
+//! figures are computed at most once per [`MIN_INTERVAL`] (one `Manager::list` and one
+//! `Manager::usage` per VPS, each reading its members' `/proc/PID/stat`); scrapes in between get
 //! the same text, so even a flood of requests costs the manager at most that.
 //!
 //! Anyone who can connect sees every VPS's name, owner and figures, whoever they belong to: the
@@ -39,7 +41,7 @@ use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::info::Info;
 use prometheus_client::registry::Registry;
-use vpstag::{EventKind, Stats, TaggedEvent};
+use vpstag::Stats;
 
 use super::*;
 
@@ -91,46 +93,11 @@ pub(crate) fn parse_addr(s: &str) -> Result<SocketAddr, String> {
     }
 }
 
-/// The counters kept between scrapes: processes created per VPS, counted from the event feed.
+/// What is kept between scrapes.
 #[derive(Default)]
 pub(super) struct Metrics {
-    /// Processes created per VPS id, since this daemon started.
-    forks: Mutex<HashMap<u64, u64>>,
     /// The last text served (or why there was none), and when it was made.
     last: Mutex<Option<(Instant, Result<Bytes, String>)>>,
-}
-
-impl Metrics {
-    /// Counts the processes created in `batch` (fork events that are not threads), per VPS, for
-    /// the VPSes `known` accepts (the daemon's: a VPS forgotten meanwhile is not brought back).
-    /// Cheap: one pass over the batch, and the lock taken once, only when there is a fork.
-    pub(super) fn count_forks(&self, batch: &[TaggedEvent], known: impl Fn(u64) -> bool) {
-        // Runs of one VPS: a batch is mostly a few VPSes, each in long runs.
-        let mut runs: Vec<(u64, u64)> = Vec::new();
-        for t in batch {
-            let (EventKind::Fork { thread: false, .. }, Some(vps)) = (&t.event.kind, t.vps) else { continue };
-            match runs.last_mut() {
-                Some((id, n)) if *id == vps.0 => *n += 1,
-                _ => runs.push((vps.0, 1)),
-            }
-        }
-        if runs.is_empty() {
-            return;
-        }
-        let mut forks = self.forks.lock().unwrap_or_else(|e| e.into_inner());
-        for (id, n) in runs {
-            if known(id) {
-                *forks.entry(id).or_insert(0) += n;
-            }
-        }
-    }
-
-    /// The fork counts of the VPSes in `live`, dropping every other (forgotten) one.
-    fn forks_of(&self, live: &HashSet<u64>) -> HashMap<u64, u64> {
-        let mut forks = self.forks.lock().unwrap_or_else(|e| e.into_inner());
-        forks.retain(|id, _| live.contains(id));
-        forks.clone()
-    }
 }
 
 /// One VPS's figures, as a scrape found them.
@@ -146,7 +113,7 @@ pub(super) struct VpsFigures {
     pub(super) cpu_ms: u64,
     /// Resident memory, in bytes.
     pub(super) rss_bytes: u64,
-    /// Processes created in it since the daemon started.
+    /// Processes created in it since the daemon knows it.
     pub(super) forks: u64,
 }
 
@@ -179,11 +146,15 @@ pub(super) fn encode(snap: &Snapshot) -> Result<String, std::fmt::Error> {
         forks.get_or_create(&l).inc_by(v.forks);
     }
     reg.register("vpstag_vps_processes", "Live processes (not threads) of the VPS", processes);
-    reg.register("vpstag_vps_cpu_seconds", "User and system CPU time of the VPS's live processes, in seconds", cpu);
+    reg.register(
+        "vpstag_vps_cpu_seconds",
+        "User and system CPU time of every process that has been in the VPS, exited ones included, in seconds",
+        cpu,
+    );
     reg.register("vpstag_vps_memory_bytes", "Resident memory of the VPS's live processes, summed, in bytes", memory);
     reg.register(
         "vpstag_vps_forks",
-        "Processes created in the VPS (fork, vfork, clone of a process; not threads) since the daemon started",
+        "Processes created in the VPS (fork, vfork, clone of a process; not threads) since the daemon knows it",
         forks,
     );
     let counter = |n: u64| {
@@ -218,13 +189,11 @@ pub(super) fn encode(snap: &Snapshot) -> Result<String, std::fmt::Error> {
 }
 
 impl Daemon {
-    /// The figures now: one [`Manager::list`], then each VPS's members (a short look-up each) and
-    /// their usage from `/proc`, outside the manager's lock.
-    fn snapshot(&self, m: &Metrics) -> Result<Snapshot, Error> {
+    /// The figures now: one [`Manager::list`], then [`Manager::usage`] of each VPS (the figures
+    /// `vpstag list` shows).
+    fn snapshot(&self) -> Result<Snapshot, Error> {
         let list = self.mgr.list()?;
         let stats = self.mgr.stats();
-        let live: HashSet<u64> = list.iter().map(|s| s.vps.id.0).collect();
-        let forks = m.forks_of(&live);
         let names: Vec<(String, u32)> = {
             let meta = self.meta();
             list.iter()
@@ -240,30 +209,22 @@ impl Daemon {
         };
         let mut vpses = Vec::with_capacity(list.len());
         for (s, (name, owner)) in list.iter().zip(names) {
-            let (cpu_ms, rss_bytes) = self.usage_of(s)?;
+            let u = match self.mgr.usage(&s.vps) {
+                Ok(u) => u,
+                // Forgotten since the list.
+                Err(Error::UnknownVps(_)) => continue,
+                Err(e) => return Err(e),
+            };
             vpses.push(VpsFigures {
                 name,
                 owner,
-                processes: s.members,
-                cpu_ms,
-                rss_bytes,
-                forks: forks.get(&s.vps.id.0).copied().unwrap_or(0),
+                processes: u.processes,
+                cpu_ms: u64::try_from(u.cpu.as_millis()).unwrap_or(u64::MAX),
+                rss_bytes: u.memory_bytes,
+                forks: u.forks,
             });
         }
         Ok(Snapshot { vpses, stats, backend: self.backend.clone() })
-    }
-
-    /// CPU time (ms) and resident memory (bytes) of `s`'s live members, as `vpstag list` sums
-    /// them. (When the manager's summary carries a VPS's CPU time, exited processes included,
-    /// this is where to take it from.)
-    fn usage_of(&self, s: &vpstag::VpsSummary) -> Result<(u64, u64), Error> {
-        let members = match self.mgr.members(&s.vps) {
-            Ok(m) => m,
-            // Forgotten since the list: it has no members left to count.
-            Err(Error::UnknownVps(_)) => Vec::new(),
-            Err(e) => return Err(e),
-        };
-        Ok(members.into_iter().map(usage).fold((0, 0), |(c, r), (c2, r2)| (c + c2, r + r2)))
     }
 
     /// The text of `/metrics`: the last one (or the last failure) when it is younger than
@@ -276,7 +237,7 @@ impl Daemon {
             }
         }
         let text = self
-            .snapshot(m)
+            .snapshot()
             .map_err(|e| e.to_string())
             .and_then(|snap| encode(&snap).map_err(|e| format!("encoding the metrics: {e}")))
             .map(Bytes::from);
@@ -416,7 +377,6 @@ async fn accept_loop(listener: std::net::TcpListener, d: Arc<Daemon>) {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use vpstag::{Event, Pid, VpsId};
 
     #[test]
     fn a_bare_port_means_loopback_and_other_addresses_only_when_given() {
@@ -437,38 +397,6 @@ mod tests {
         }
         assert!(parse_addr("host:80").unwrap_err().contains("not a numeric IP address"));
         assert!(parse_addr("70000").unwrap_err().contains("at most 65535"));
-    }
-
-    fn fork(vps: Option<u64>, thread: bool) -> TaggedEvent {
-        let p = Pid::new(10).unwrap();
-        TaggedEvent {
-            event: Event::new(EventKind::Fork { parent: p, child: p, child_thread: p, thread, child_start: None }),
-            vps: vps.map(VpsId),
-        }
-    }
-
-    #[test]
-    fn forks_are_counted_per_vps_without_threads_untagged_or_unknown_vpses() {
-        let m = Metrics::default();
-        let p = Pid::new(10).unwrap();
-        let exit = TaggedEvent {
-            event: Event::new(EventKind::Exit { pid: p, thread: p, status: None, group_dead: Some(true) }),
-            vps: Some(VpsId(1)),
-        };
-        let batch = [
-            fork(Some(1), false),
-            fork(Some(1), false),
-            fork(Some(2), false),
-            fork(Some(1), false),
-            fork(Some(1), true),
-        ];
-        m.count_forks(&batch, |_| true);
-        m.count_forks(&[fork(None, false), exit, fork(Some(3), false)], |id| id != 3);
-        let live: HashSet<u64> = [1, 2, 3].into();
-        assert_eq!(m.forks_of(&live), HashMap::from([(1, 3), (2, 1)]));
-        // A VPS no longer listed is dropped.
-        assert_eq!(m.forks_of(&[2].into()), HashMap::from([(2, 1)]));
-        assert_eq!(m.forks_of(&live), HashMap::from([(2, 1)]));
     }
 
     #[test]

@@ -1,0 +1,162 @@
+//! `Manager::usage` counts the CPU of processes that have exited, under every backend, with real
+//! processes: a child reaped by its parent, a setsid-orphaned grandchild reaped by the first
+//! process (the VPS's subreaper), and the first process reaped by the manager (or, under ptrace,
+//! by the backend). What the processes burned is measured by themselves (`getrusage`), never from
+//! wall time: on a busy machine wall time says nothing about CPU time.
+#![cfg(target_os = "linux")]
+
+use std::io::Read;
+use std::process::{Command, Stdio};
+use std::time::{Duration, Instant};
+
+use vpstag::{BackendChoice, CpuSource, Manager, Vps};
+
+/// The backends this machine has; eBPF when built with it and allowed to load it.
+fn managers() -> Vec<(BackendChoice, Manager)> {
+    let mut v = vec![BackendChoice::Cnproc, BackendChoice::Ptrace];
+    if cfg!(feature = "ebpf") {
+        v.push(BackendChoice::Ebpf);
+    }
+    v.into_iter()
+        .filter_map(|b| match Manager::with_backend(b) {
+            Ok(m) => Some((b, m)),
+            // Loading the eBPF program needs privileges (CAP_BPF and CAP_PERFMON, or root).
+            Err(e) if b == BackendChoice::Ebpf => {
+                eprintln!("SKIPPED under {b:?}: {e}");
+                None
+            }
+            Err(e) => panic!("{b:?}: {e}"),
+        })
+        .collect()
+}
+
+const PY: &str = "/usr/bin/python3";
+
+/// The VPS's command: a child that burns ~1 s and is reaped by the command; a child that calls
+/// setsid, forks a grandchild and exits at once, so that the grandchild (which burns ~1 s) is
+/// re-parented to the VPS's first process and reaped by it. The command waits until the
+/// grandchild has been reaped (its /proc entry gone), then prints what was burned: its own time
+/// and its waited-for children's (`getrusage`), and the grandchild's own.
+const BURN: &str = r#"
+import os, resource, time
+def cpu(who):
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+def burn(secs):
+    x = 0
+    while cpu(resource.RUSAGE_SELF) < secs:
+        for i in range(20000):
+            x += i
+pid = os.fork()
+if pid == 0:
+    burn(1.0)
+    os._exit(0)
+os.waitpid(pid, 0)
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.setsid()
+    if os.fork() == 0:
+        os.close(r)
+        burn(1.0)
+        os.write(w, ("%d %.6f\n" % (os.getpid(), cpu(resource.RUSAGE_SELF))).encode())
+        os._exit(0)
+    os._exit(0)
+os.close(w)
+os.waitpid(pid, 0)
+data = b""
+while True:
+    b = os.read(r, 100)
+    if not b:
+        break
+    data += b
+gpid, gcpu = data.split()
+t = time.monotonic()
+while os.path.exists("/proc/%d" % int(gpid)) and time.monotonic() - t < 60:
+    time.sleep(0.01)
+print("%.6f %.6f" % (cpu(resource.RUSAGE_SELF) + cpu(resource.RUSAGE_CHILDREN), float(gcpu)), flush=True)
+"#;
+
+/// Waits until `vps` has ended (first process gone, no member left), calling `usage` every few
+/// milliseconds meanwhile; fails if a figure is lower than the one before. The figures seen.
+fn follow_to_the_end(b: BackendChoice, mgr: &Manager, vps: &Vps) -> Vec<Duration> {
+    let deadline = Instant::now() + Duration::from_secs(120);
+    let mut seen: Vec<Duration> = Vec::new();
+    let mut after_end = 0;
+    while after_end < 5 {
+        let u = mgr.usage(vps).unwrap_or_else(|e| panic!("{b:?}: usage: {e}"));
+        if let Some(last) = seen.last() {
+            assert!(u.cpu >= *last, "{b:?}: the CPU figure went back from {last:?} to {:?}", u.cpu);
+        }
+        seen.push(u.cpu);
+        if !mgr.is_running(vps).unwrap() && mgr.members(vps).unwrap().is_empty() {
+            after_end += 1;
+        }
+        assert!(Instant::now() < deadline, "{b:?}: the VPS did not end within 120 s; figures {seen:?}");
+        std::thread::sleep(Duration::from_millis(5));
+    }
+    seen
+}
+
+/// What the command printed: the seconds it and its children burned, and its grandchild's.
+fn burned(b: BackendChoice, child: &mut vpstag::VpsChild) -> (f64, f64) {
+    let mut out = String::new();
+    child.stdout.take().expect("piped stdout").read_to_string(&mut out).expect("the command's output");
+    let v: Vec<f64> = out.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert_eq!(v.len(), 2, "{b:?}: the command printed {out:?}");
+    (v[0], v[1])
+}
+
+/// Two VPSes run the same command at once: one is watched all along (`usage` every few
+/// milliseconds, which must never go back), the other is not looked at until everything of it
+/// has ended, so its figure can only come from what the exited processes left (the waited-for
+/// times, the first process's rusage): no sample of a live member can stand in for them.
+#[test]
+fn cpu_of_exited_children_and_reaped_orphans_is_counted_and_never_goes_back() {
+    let mut failures = Vec::new();
+    for (b, mgr) in managers() {
+        let spawn = |what: &str| {
+            let name = format!("{what}-{b:?}").to_lowercase();
+            mgr.spawn(&name, Command::new(PY).args(["-c", BURN]).stdout(Stdio::piped()))
+                .unwrap_or_else(|e| panic!("{b:?}: spawn: {e}"))
+        };
+        let mut watched = spawn("watched");
+        let mut unseen = spawn("unseen");
+        let seen = follow_to_the_end(b, &mgr, &watched.vps);
+        mgr.wait(&unseen.vps, Some(Duration::from_secs(120))).unwrap().expect("the unseen VPS ended");
+        assert!(mgr.wait_empty(&unseen.vps, Some(Duration::from_secs(60))).unwrap(), "{b:?}: members left");
+        for (what, child, seen) in [("watched", &mut watched, Some(seen)), ("unseen", &mut unseen, None)] {
+            let (own, grandchild) = burned(b, child);
+            let expected = own + grandchild;
+            assert!(expected >= 1.9, "{b:?}: the processes burned only {expected} s");
+            let u = mgr.usage(&child.vps).unwrap();
+            assert_eq!(u.cpu_source, CpuSource::Lineage);
+            assert_eq!(u.processes, 0);
+            assert!(u.forks >= 3, "{b:?}: {} forks seen", u.forks);
+            let got = u.cpu.as_secs_f64();
+            let line = format!(
+                "{b:?}, {what}: usage().cpu {got:.3} s, the processes burned {expected:.3} s (command and its \
+                 children {own:.3}, grandchild {grandchild:.3}); figures while it ran: {:?}",
+                seen.map(|s| (s.len(), s.first().copied(), s.last().copied()))
+            );
+            eprintln!("{line}");
+            if (got - expected).abs() > 0.1 * expected {
+                failures.push(line);
+            }
+        }
+    }
+    assert!(failures.is_empty(), "not within 10%:\n{}", failures.join("\n"));
+}
+
+#[test]
+fn an_idle_vps_stays_near_zero() {
+    for (b, mgr) in managers() {
+        let name = format!("idle-{b:?}").to_lowercase();
+        let vps = mgr
+            .start(&name, Command::new("/bin/sh").args(["-c", "sleep 0.3; sleep 0.3 & wait"]))
+            .unwrap_or_else(|e| panic!("{b:?}: start: {e}"));
+        let seen = follow_to_the_end(b, &mgr, &vps);
+        let u = mgr.usage(&vps).unwrap();
+        assert!(u.cpu < Duration::from_millis(150), "{b:?}: an idle VPS used {:?} (figures {seen:?})", u.cpu);
+    }
+}
