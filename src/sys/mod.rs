@@ -42,11 +42,15 @@ pub(crate) struct Reaped {
 cfg_if::cfg_if! {
     if #[cfg(target_os = "linux")] {
         mod linux;
+        mod wait4;
         pub use linux::*;
+        pub(crate) use wait4::*;
     } else if #[cfg(target_os = "freebsd")] {
         mod freebsd;
         mod unix_common;
+        mod wait4;
         pub use freebsd::*;
+        pub(crate) use wait4::*;
         pub(crate) use unix_common::*;
     } else {
         mod other;
