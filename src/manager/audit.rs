@@ -1,6 +1,7 @@
 //! The comparison of the table with a fresh scan of the system.
 
 use std::collections::HashMap;
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use vpstag_tracker::{Pid, VpsId};
@@ -9,6 +10,10 @@ use super::Manager;
 use crate::table::Source;
 use crate::tracking::Stats;
 use crate::{Error, Result};
+/// How long a divergence must last for [`Manager::check`] to report it: the time a backend may
+/// take, on a loaded machine, to bring a fork or an exit that already happened into the table.
+const CHECK_CONFIRM: Duration = Duration::from_secs(1);
+
 /// What [`Manager::check`] found wrong between the table and the system now.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize)]
 #[serde(tag = "kind", rename_all = "snake_case")]
@@ -70,7 +75,33 @@ pub struct CheckReport {
 impl Manager {
     /// Compares the table with a fresh scan of the system and reports every divergence
     /// (expected: none), with the loss and resync counters. The table is not changed.
+    ///
+    /// The system moves while it is read: a process forked just before the scan is on the system
+    /// before its fork event reaches the table (under ptrace the tracer sees it a moment later),
+    /// and one that exited is in the table until its exit event is read. So a divergence is
+    /// reported only when it is still there in every comparison over a second; when the
+    /// first comparison finds none, one is all it costs.
     pub fn check(&self) -> Result<CheckReport> {
+        let began = Instant::now();
+        let mut report = self.compare()?;
+        let mut pause = Duration::from_millis(10);
+        while !report.divergences.is_empty() {
+            let elapsed = began.elapsed();
+            if elapsed >= CHECK_CONFIRM {
+                break;
+            }
+            std::thread::sleep(pause.min(CHECK_CONFIRM - elapsed));
+            pause = (pause * 2).min(Duration::from_millis(200));
+            let again = self.compare()?;
+            // Only what every comparison found; the counters and sizes are the latest.
+            report.divergences.retain(|d| again.divergences.contains(d));
+            report = CheckReport { divergences: report.divergences, ..again };
+        }
+        Ok(report)
+    }
+
+    /// One comparison of the table with a scan (what [`Manager::check`] repeats to confirm).
+    fn compare(&self) -> Result<CheckReport> {
         let mut st = self.synced()?;
         let mut fresh = st.tracking.clone();
         let t0 = st.view.now_ns();

@@ -38,6 +38,9 @@ struct World {
     reaped_cpu: HashMap<Pid, u64>,
     signalled: Vec<(Pid, i32)>,
     now: u64,
+    /// Events that reach the tracker's queue just after the next scan: what happened before the
+    /// scan but was not read yet (a fork the tracer handles a moment later).
+    late: Option<(Arc<Mutex<VecDeque<Event>>>, Vec<Event>)>,
 }
 
 #[derive(Clone)]
@@ -68,7 +71,11 @@ impl FakeSystem {
 
 impl ProcView for FakeSystem {
     fn scan(&mut self) -> std::io::Result<Vec<ProcInfo>> {
-        Ok(self.world().procs.values().cloned().collect())
+        let mut w = self.world();
+        if let Some((queue, events)) = w.late.take() {
+            queue.lock().unwrap().extend(events);
+        }
+        Ok(w.procs.values().cloned().collect())
     }
     fn process(&mut self, pid: Pid) -> std::io::Result<Option<ProcInfo>> {
         Ok(self.world().procs.get(&pid).cloned())
@@ -192,6 +199,11 @@ impl Fixture {
             status: Some(ExitStatus::Exited(code)),
             group_dead: Some(true),
         });
+    }
+    /// Moves the events queued since the last read so that they arrive only after the next scan.
+    fn hold_until_next_scan(&self) {
+        let held: Vec<Event> = self.events.lock().unwrap().drain(..).collect();
+        self.sys.world().late = Some((Arc::clone(&self.events), held));
     }
     fn members(&self, vps: &Vps) -> Vec<i32> {
         self.mgr.members(vps).unwrap().into_iter().map(Pid::as_raw).collect()
@@ -427,4 +439,46 @@ fn forks_are_counted_per_vps_without_threads_and_a_forgotten_vps_starts_afresh()
     f.sys.add(300, 9, 1);
     let b = f.mgr.register_first("a", p(300)).unwrap();
     assert_eq!(f.mgr.usage(&b).unwrap().forks, 0);
+}
+
+#[test]
+fn check_does_not_report_a_fork_or_an_exit_whose_event_arrives_just_after_the_scan() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.fork(100, 101, 6);
+    assert_eq!(f.members(&a), vec![100, 101]);
+    // 102 is born and 101 exits; the scan sees both before their events are read.
+    f.fork(100, 102, 7);
+    f.exit(101, 0);
+    f.sys.world().exited.clear();
+    f.hold_until_next_scan();
+    let report = f.mgr.check().unwrap();
+    assert_eq!(report.divergences, vec![], "{report:?}");
+    assert_eq!(f.members(&a), vec![100, 102]);
+}
+
+#[test]
+fn check_reports_a_divergence_that_lasts() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.fork(100, 101, 6);
+    assert_eq!(f.members(&a), vec![100, 101]);
+    // 102 is born and no event ever says so; 101 exits unseen.
+    f.sys.add(102, 7, 100);
+    f.sys.world().procs.remove(&p(101));
+    let report = f.mgr.check().unwrap();
+    let mut d = report.divergences.clone();
+    d.sort_by_key(|d| format!("{d:?}"));
+    assert_eq!(
+        d,
+        vec![
+            Divergence::Extra { pid: p(101), vps: "a".into() },
+            Divergence::Missing { pid: p(102), expected: "a".into() },
+        ],
+        "{report:?}"
+    );
 }
