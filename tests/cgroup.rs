@@ -658,6 +658,16 @@ fn a_spawned_vps_lives_in_its_cgroup_counts_its_dead_and_is_killed_through_it() 
     assert_eq!(inside, members, "the cgroup holds exactly the VPS's members");
     let usage = mgr.cgroup_usage(&vps).unwrap().expect("figures");
     assert!(usage.cpu_usec >= 150_000, "the exited child's CPU counts: {usage:?}");
+    // The VPS's own figure comes from the cgroup: the kernel's, not the lineage's.
+    let u = mgr.usage(&vps).unwrap();
+    assert_eq!(u.cpu_source, vpstag::CpuSource::Cgroup, "{u:?}");
+    let later = mgr.cgroup_usage(&vps).unwrap().expect("figures").cpu_usec;
+    let cpu_us = u.cpu.as_micros() as u64;
+    assert!(
+        (usage.cpu_usec..=later).contains(&cpu_us),
+        "usage() {cpu_us} us, cpu.stat {} then {later} us",
+        usage.cpu_usec
+    );
     assert!(mgr.check().unwrap().divergences.is_empty(), "{:?}", mgr.check().unwrap());
     mgr.kill_all(&vps, DEADLINE).expect("killed");
     assert!(mgr.wait(&vps, Some(DEADLINE)).unwrap().is_some());
