@@ -11,7 +11,6 @@
 
 use std::collections::{BTreeSet, HashMap};
 use std::io::{BufRead, BufReader, Write};
-use std::path::{Path, PathBuf};
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 use std::time::{Duration, Instant};
 
@@ -21,112 +20,15 @@ use vpstag::{Pid, VpsId};
 const PYTHON: &str = "/usr/bin/python3";
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// The cgroup2 mount and this process's own cgroup directory on it, or why there is none.
-fn own_cgroup_dir() -> Result<PathBuf, String> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("no /proc/self/mountinfo: {e}"))?;
-    let point = mounts
-        .lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let f: Vec<&str> = pre.split(' ').collect();
-            (post.starts_with("cgroup2 ") && f.get(3) == Some(&"/")).then(|| PathBuf::from(f[4]))
-        })
-        .ok_or("no cgroup2 filesystem is mounted")?;
-    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("no /proc/self/cgroup: {e}"))?;
-    let own = own.lines().find_map(|l| l.strip_prefix("0::")).ok_or("this process is in no cgroup v2")?;
-    Ok(point.join(own.trim_start_matches('/')))
-}
+#[path = "support/cgroup_tree.rs"]
+mod cgroup_tree;
 
-/// A test's own subtree; killed and removed on drop.
-struct Tree {
-    dir: PathBuf,
-}
+use cgroup_tree::{own_cgroup_dir, pids_below, Tree};
 
-impl Tree {
-    /// `None` (after printing SKIP) when there is no cgroup2 to test on.
-    fn new(name: &str) -> Option<Tree> {
-        let base = match own_cgroup_dir() {
-            Ok(d) => d,
-            Err(why) => {
-                println!("SKIP: {why}");
-                return None;
-            }
-        };
-        let dir = base.join(format!("vpstag-test-{}-{name}", std::process::id()));
-        match std::fs::create_dir(&dir) {
-            Ok(()) => {}
-            Err(e)
-                if matches!(
-                    e.kind(),
-                    std::io::ErrorKind::PermissionDenied | std::io::ErrorKind::ReadOnlyFilesystem
-                ) =>
-            {
-                println!("SKIP: cannot create a test cgroup in {} ({e}): run as root", base.display());
-                return None;
-            }
-            Err(e) => panic!("cannot create the test cgroup {}: {e}", dir.display()),
-        }
-        Some(Tree { dir })
-    }
-
-    fn sub(&self, name: &str) -> PathBuf {
-        let d = self.dir.join(name);
-        std::fs::create_dir(&d).unwrap_or_else(|e| panic!("cannot create {}: {e}", d.display()));
-        d
-    }
-}
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        // cgroup.kill where the kernel has it, else SIGKILL to every listed process, until empty.
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let _ = std::fs::write(self.dir.join("cgroup.kill"), "1");
-        loop {
-            let pids = pids_below(&self.dir);
-            if pids.is_empty() || Instant::now() > deadline {
-                break;
-            }
-            for p in pids {
-                // SAFETY: kill with integer arguments; every pid is in this test's own subtree.
-                unsafe { libc::kill(p, libc::SIGKILL) };
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        remove_below(&self.dir, deadline);
-    }
-}
-
-fn pids_below(dir: &Path) -> Vec<i32> {
-    let mut out: Vec<i32> = std::fs::read_to_string(dir.join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.parse().ok())
-        .collect();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            out.extend(pids_below(&e.path()));
-        }
-    }
-    out
-}
-
-fn remove_below(dir: &Path, deadline: Instant) {
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        if e.file_type().is_ok_and(|t| t.is_dir()) {
-            remove_below(&e.path(), deadline);
-        }
-    }
-    while let Err(e) = std::fs::remove_dir(dir) {
-        if e.kind() == std::io::ErrorKind::NotFound {
-            return;
-        }
-        if Instant::now() > deadline {
-            eprintln!("test cleanup: cannot remove {}: {e}", dir.display());
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
+/// A test's own subtree, `vpstag-test-PID-NAME`; `None` (after printing SKIP) when there is no
+/// cgroup2 to test on.
+fn test_tree(name: &str) -> Option<Tree> {
+    Tree::create("vpstag-test", name).map_err(|why| println!("SKIP: {why}")).ok()
 }
 
 /// A process of a test: killed by pid and reaped on drop.
@@ -259,7 +161,7 @@ fn in_vm() -> bool {
 
 #[test]
 fn a_process_moved_in_is_listed_and_the_cpu_of_its_exited_child_counts() {
-    let Some(tree) = Tree::new("cpu") else { return };
+    let Some(tree) = test_tree("cpu") else { return };
     let root = CgroupRoot::at(&tree.dir).expect("the test tree is a cgroup v2 root");
     let cg = root.create("cpu", VpsId(1), &Limits::default()).expect("a cgroup without limits");
     // Waits for a line; burns 0.3 s of CPU itself, then has a child burn 0.3 s and exit; reports
@@ -325,7 +227,7 @@ while :; do /bin/true; done"#;
 
 #[test]
 fn kill_ends_a_forking_tree_and_the_cgroup_can_be_removed() {
-    let Some(tree) = Tree::new("kill") else { return };
+    let Some(tree) = test_tree("kill") else { return };
     let root = CgroupRoot::at(&tree.dir).expect("the test tree is a cgroup v2 root");
     let has_kill = tree.dir.join("cgroup.kill").exists();
     for method in [KillMethod::CgroupKill, KillMethod::Signals] {
@@ -391,7 +293,7 @@ fn v1_mount_of(controller: &str) -> Option<String> {
 
 #[test]
 fn a_limit_without_its_controller_is_refused_clearly() {
-    let Some(tree) = Tree::new("refuse") else { return };
+    let Some(tree) = test_tree("refuse") else { return };
     // Nothing is enabled in the tree's own cgroup.subtree_control, so `inner` is offered no
     // controller, whatever the host has.
     let inner = tree.sub("inner");
@@ -426,7 +328,7 @@ fn a_limit_without_its_controller_is_refused_clearly() {
 
 #[test]
 fn at_refuses_what_is_not_a_writable_cgroup_v2_directory() {
-    let Some(tree) = Tree::new("at") else { return };
+    let Some(tree) = test_tree("at") else { return };
     let e = CgroupRoot::at(std::env::temp_dir()).unwrap_err();
     let msg = e.to_string();
     assert!(matches!(e, CgroupError::NotCgroup2 { .. }), "{e:?}");
@@ -476,7 +378,7 @@ fn at_as_nobody() {
 
 #[test]
 fn odd_names_get_safe_unique_directories() {
-    let Some(tree) = Tree::new("names") else { return };
+    let Some(tree) = test_tree("names") else { return };
     let root = CgroupRoot::at(&tree.dir).expect("a cgroup v2 root");
     let long = "x".repeat(300);
     let names = ["../../etc", "a/b", "cgroup.procs", "", "x\ny", "é", " -", "web", "web", long.as_str()];
@@ -611,7 +513,7 @@ fn a_root_with_processes_of_its_own_cannot_limit_and_says_why() {
     // The default root enables memory and pids in the VM's root cgroup, so the tree below is
     // offered them.
     default_root.ensure(&[Controller::Memory, Controller::Pids]).expect("memory and pids for the default root");
-    let Some(tree) = Tree::new("internal") else { return };
+    let Some(tree) = test_tree("internal") else { return };
     let root = CgroupRoot::at(&tree.dir).expect("a cgroup v2 root");
     assert!(root.available().expect("cgroup.controllers").iter().any(|c| c == "memory"));
     // A process in the root itself, as when vpstag runs in the cgroup it creates VPSes in.
@@ -640,7 +542,7 @@ fn manager_in(tree: &Tree) -> vpstag::Manager {
 
 #[test]
 fn a_spawned_vps_lives_in_its_cgroup_counts_its_dead_and_is_killed_through_it() {
-    let Some(tree) = Tree::new("mgr-spawn") else { return };
+    let Some(tree) = test_tree("mgr-spawn") else { return };
     let mgr = manager_in(&tree);
     // A child burns 0.2 s of CPU and exits; then the shell waits for a line that never comes.
     let burn = "import time\nt=time.process_time()\nwhile time.process_time()-t<0.2: pass\n";
@@ -682,7 +584,7 @@ fn a_spawned_vps_lives_in_its_cgroup_counts_its_dead_and_is_killed_through_it() 
 
 #[test]
 fn check_reports_a_member_moved_out_of_its_cgroup() {
-    let Some(tree) = Tree::new("mgr-check") else { return };
+    let Some(tree) = test_tree("mgr-check") else { return };
     let elsewhere = tree.sub("elsewhere");
     let mgr = manager_in(&tree);
     let vps = mgr.start("job", Command::new("/bin/sh").args(["-c", "sleep 600 & wait"])).expect("start");
@@ -703,7 +605,7 @@ fn check_reports_a_member_moved_out_of_its_cgroup() {
 
 #[test]
 fn a_limit_this_host_cannot_apply_is_refused_before_anything_runs() {
-    let Some(tree) = Tree::new("mgr-limit") else { return };
+    let Some(tree) = test_tree("mgr-limit") else { return };
     if in_vm() {
         println!("SKIP: in the VM the controllers exist; pids_max_stops_the_fork_beyond_it tests them");
         return;

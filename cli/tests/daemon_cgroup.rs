@@ -21,108 +21,18 @@ use common::*;
 
 const DEADLINE: Duration = Duration::from_secs(60);
 
-/// This process's own cgroup directory on the cgroup2 mount, or why there is none.
-fn own_cgroup_dir() -> Result<PathBuf, String> {
-    let mounts =
-        std::fs::read_to_string("/proc/self/mountinfo").map_err(|e| format!("no /proc/self/mountinfo: {e}"))?;
-    let point = mounts
-        .lines()
-        .find_map(|l| {
-            let (pre, post) = l.split_once(" - ")?;
-            let f: Vec<&str> = pre.split(' ').collect();
-            (post.starts_with("cgroup2 ") && f.get(3) == Some(&"/")).then(|| PathBuf::from(f[4]))
-        })
-        .ok_or("no cgroup2 filesystem is mounted")?;
-    let own = std::fs::read_to_string("/proc/self/cgroup").map_err(|e| format!("no /proc/self/cgroup: {e}"))?;
-    let own = own.lines().find_map(|l| l.strip_prefix("0::")).ok_or("this process is in no cgroup v2")?;
-    Ok(point.join(own.trim_start_matches('/')))
-}
+#[path = "../../tests/support/cgroup_tree.rs"]
+mod cgroup_tree;
 
-/// The test's cgroup subtree: emptied (cgroup.kill, then SIGKILL by pid) and removed on drop.
-struct Tree {
-    dir: PathBuf,
-}
+use cgroup_tree::{pids_in, subdirs, Tree};
 
-impl Tree {
-    fn new(name: &str) -> Option<Tree> {
-        if !is_root() || !cnproc_available() {
-            return None;
-        }
-        let base = match own_cgroup_dir() {
-            Ok(d) => d,
-            Err(why) => {
-                eprintln!("skipping: {why}");
-                return None;
-            }
-        };
-        let dir = base.join(format!("vpstag-clitest-{}-{name}", std::process::id()));
-        if let Err(e) = std::fs::create_dir(&dir) {
-            eprintln!("skipping: cannot create a test cgroup {}: {e}", dir.display());
-            return None;
-        }
-        Some(Tree { dir })
+/// The test's cgroup subtree, `vpstag-clitest-PID-NAME`; `None` (saying why) without root, the
+/// proc connector or a cgroup2 mount.
+fn test_tree(name: &str) -> Option<Tree> {
+    if !is_root() || !cnproc_available() {
+        return None;
     }
-}
-
-fn pids_in(dir: &Path) -> Vec<i32> {
-    std::fs::read_to_string(dir.join("cgroup.procs"))
-        .unwrap_or_default()
-        .lines()
-        .filter_map(|l| l.parse().ok())
-        .collect()
-}
-
-fn subdirs(dir: &Path) -> Vec<PathBuf> {
-    let mut v: Vec<PathBuf> = std::fs::read_dir(dir)
-        .into_iter()
-        .flatten()
-        .flatten()
-        .filter(|e| e.file_type().is_ok_and(|t| t.is_dir()))
-        .map(|e| e.path())
-        .collect();
-    v.sort();
-    v
-}
-
-fn pids_below(dir: &Path) -> Vec<i32> {
-    let mut out = pids_in(dir);
-    for d in subdirs(dir) {
-        out.extend(pids_below(&d));
-    }
-    out
-}
-
-fn remove_below(dir: &Path, deadline: Instant) {
-    for d in subdirs(dir) {
-        remove_below(&d, deadline);
-    }
-    while let Err(e) = std::fs::remove_dir(dir) {
-        if e.kind() == std::io::ErrorKind::NotFound || Instant::now() > deadline {
-            if e.kind() != std::io::ErrorKind::NotFound {
-                eprintln!("test cleanup: cannot remove {}: {e}", dir.display());
-            }
-            return;
-        }
-        std::thread::sleep(Duration::from_millis(10));
-    }
-}
-
-impl Drop for Tree {
-    fn drop(&mut self) {
-        let deadline = Instant::now() + Duration::from_secs(20);
-        let _ = std::fs::write(self.dir.join("cgroup.kill"), "1");
-        loop {
-            let pids = pids_below(&self.dir);
-            if pids.is_empty() || Instant::now() > deadline {
-                break;
-            }
-            for p in pids {
-                kill(p, libc::SIGKILL);
-            }
-            std::thread::sleep(Duration::from_millis(10));
-        }
-        remove_below(&self.dir, deadline);
-    }
+    Tree::create("vpstag-clitest", name).map_err(|why| eprintln!("skipping: {why}")).ok()
 }
 
 /// A daemon (cnproc) with the given extra arguments, on a temporary socket and state directory.
@@ -254,7 +164,7 @@ impl Drop for Stranger {
 
 #[test]
 fn a_vps_lives_in_its_cgroup_check_compares_it_also_after_a_restart_and_stop_removes_it() {
-    let Some(tree) = Tree::new("life") else { return };
+    let Some(tree) = test_tree("life") else { return };
     let root = tree.dir.to_str().expect("a UTF-8 cgroup path").to_string();
     let mut d = Daemon::new("life", &["--cgroup-root", &root]);
     // Two children, one of them setsid'd and orphaned: all must be in the VPS's cgroup.
@@ -314,7 +224,7 @@ fn a_vps_lives_in_its_cgroup_check_compares_it_also_after_a_restart_and_stop_rem
 
 #[test]
 fn a_limit_is_applied_or_refused_before_anything_of_the_vps_runs() {
-    let Some(tree) = Tree::new("limit") else { return };
+    let Some(tree) = test_tree("limit") else { return };
     let root = tree.dir.to_str().expect("a UTF-8 cgroup path").to_string();
     let d = Daemon::new("limit", &["--cgroup-root", &root]);
     let mark = d.dir.join("ran");
