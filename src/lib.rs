@@ -62,7 +62,8 @@ mod tracking;
 pub use backend::{open_backend, open_backend_with_notes, BackendChoice};
 pub use error::{Error, Result};
 pub use manager::{
-    CheckReport, CpuSource, Divergence, Manager, Member, SavedMember, SavedVps, Vps, VpsChild, VpsSummary, VpsUsage,
+    CheckReport, CpuSource, Divergence, JournalEntry, Manager, Member, SavedMember, SavedVps, Vps, VpsChild,
+    VpsSummary, VpsUsage,
 };
 pub use signal::Signal;
 pub use subscription::Subscription;

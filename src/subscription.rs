@@ -84,7 +84,7 @@ impl Slot {
 ///
 /// For an event loop, the descriptor ([`AsFd`]) becomes readable when events are waiting: poll it,
 /// then take them with [`try_iter`](Subscription::try_iter). With the `tokio` feature,
-/// [`into_async`](Subscription::into_async) gives a `Stream`.
+/// `into_async` gives a `Stream`.
 #[derive(Debug)]
 pub struct Subscription {
     rx: Receiver<TaggedEvent>,

@@ -17,6 +17,7 @@ mod tests;
 
 pub use accounting::{CpuSource, VpsUsage};
 pub use audit::{CheckReport, Divergence};
+pub use persist::JournalEntry;
 pub use persist::{SavedMember, SavedVps};
 use pump::pump_loop;
 pub(crate) use registry::validate_name;
@@ -62,8 +63,8 @@ pub struct Member {
 }
 /// Receives batches of table changes (for a journal).
 type Observer = Box<dyn FnMut(&[Change]) + Send>;
-/// Receives the members whose parent exited while they live on (see [`Manager::on_orphans`]).
-type OrphanObserver = Box<dyn FnMut(&[(ProcessId, VpsId)]) + Send>;
+/// Receives what must survive a restart (see [`Manager::on_journal`]).
+type JournalObserver = Box<dyn FnMut(&[JournalEntry]) + Send>;
 
 struct State {
     tracker: Box<dyn ForkTracker>,
@@ -90,7 +91,9 @@ struct State {
     cgroup_root: Option<Arc<crate::cgroup::CgroupRoot>>,
     failed: Option<String>,
     observer: Option<Observer>,
-    orphan_observer: Option<OrphanObserver>,
+    journal: Option<JournalObserver>,
+    /// Journal entries made under the lock, handed to `journal` by `flush_changes`.
+    journal_pending: Vec<JournalEntry>,
     /// [`Capabilities::resync_every`], and when the last periodic resync ran.
     periodic_resync: Option<(Duration, Instant)>,
 }
@@ -176,7 +179,8 @@ impl Manager {
             cgroup_root: None,
             failed: None,
             observer: None,
-            orphan_observer: None,
+            journal: None,
+            journal_pending: Vec::new(),
             periodic_resync: caps.resync_every.map(|every| (every, Instant::now())),
         };
         state.resync()?;
@@ -423,6 +427,8 @@ impl Manager {
             rec.release();
         }
         accounting::release(&mut st, vps.id);
+        st.journal_forgotten(vps.id);
+        st.flush_changes();
         st.tracker.forget(vps.id)?;
         Ok(())
     }

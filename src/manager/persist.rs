@@ -39,6 +39,65 @@ pub struct SavedMember {
     pub source: Source,
 }
 
+/// A change to the state that must survive a restart, as the manager makes it (see
+/// [`Manager::on_journal`]). Replaying them in order (a later `Vps` with the same id replaces an
+/// earlier one; `Forgotten` drops the VPS and its roots) gives what [`Manager::restore`] takes.
+#[derive(Clone, Debug, PartialEq, Eq)]
+#[non_exhaustive]
+pub enum JournalEntry {
+    /// A new VPS; the `Root` of its first process follows.
+    Vps(SavedVps),
+    /// A root of a VPS, from which a scan finds its members: its first process
+    /// ([`Source::First`]), a process that joined it ([`Source::Loader`]), or a member whose
+    /// parent exited while it lives on ([`Source::Event`]). The kernel re-parents such an orphan
+    /// to the nearest child subreaper, which is inside its VPS while the VPS's first process
+    /// lives, or else outside it; so a scan from the other roots may not reach it. Rare in
+    /// practice (double-forked daemons, a root that exits before its descendants).
+    Root(SavedMember),
+    /// The VPS was forgotten ([`Manager::forget`]).
+    Forgotten(VpsId),
+}
+
+impl super::State {
+    /// Journals the VPS `id`, just made, and its first process as its root.
+    pub(super) fn journal_new_vps(&mut self, id: VpsId) {
+        if self.journal.is_none() {
+            return;
+        }
+        let Some(r) = self.vpses.get(&id) else { return };
+        let saved = saved_vps(r);
+        let root = SavedMember { pid: r.first.pid, start: r.first.start, vps: id, source: Source::First };
+        self.journal_pending.push(JournalEntry::Vps(saved));
+        self.journal_pending.push(JournalEntry::Root(root));
+    }
+
+    /// Journals `id` as a root of `vps`.
+    pub(super) fn journal_root(&mut self, id: ProcessId, vps: VpsId, source: Source) {
+        if self.journal.is_some() {
+            self.journal_pending.push(JournalEntry::Root(SavedMember { pid: id.pid, start: id.start, vps, source }));
+        }
+    }
+
+    /// Journals that `vps` was forgotten.
+    pub(super) fn journal_forgotten(&mut self, vps: VpsId) {
+        if self.journal.is_some() {
+            self.journal_pending.push(JournalEntry::Forgotten(vps));
+        }
+    }
+}
+
+/// A VPS as saved.
+fn saved_vps(r: &VpsRecord) -> SavedVps {
+    SavedVps {
+        id: r.vps.id,
+        name: r.vps.name.clone(),
+        first_pid: r.first.pid,
+        first_start: r.first.start,
+        started: r.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+        cgroup: r.cgroup.as_ref().map(|c| c.path().to_path_buf()),
+    }
+}
+
 impl Manager {
     /// Calls `f` with every batch of table changes from now on (for a journal). Called with the
     /// manager's lock held: keep it short (buffer, write, fsync).
@@ -48,32 +107,32 @@ impl Manager {
         st.observer = Some(Box::new(f));
     }
 
-    /// Calls `f` with the members whose parent has exited while they live on, from now on. The
-    /// kernel re-parents such a process to the nearest child subreaper, which is inside its VPS
-    /// while the VPS's root lives, or else outside it; so a journal that records only each VPS's
-    /// roots (first processes and loader joins, which are subreapers) records these too, and a
-    /// restart can rebuild every member from the journal's roots and a scan. Rare in practice
-    /// (double-forked daemons, a root that exits before its descendants). Called with the manager's
-    /// lock held: hand the batch on, do not block.
-    pub fn on_orphans(&self, f: impl FnMut(&[(ProcessId, VpsId)]) + Send + 'static) {
-        self.lock().orphan_observer = Some(Box::new(f));
+    /// Calls `f`, from now on, with every change to what a restart needs, in the order the
+    /// manager makes them: each new VPS, its roots and each VPS forgotten (see [`JournalEntry`]).
+    /// With these and a scan, [`restore`](Manager::restore) rebuilds every member: the manager is
+    /// the one writer of that state, and a journal only appends what it is handed. Called with
+    /// the manager's lock held: hand the batch on (a channel to a writer thread), do not block.
+    ///
+    /// ```
+    /// # fn main() -> vpstag::Result<()> {
+    /// # let Ok(mgr) = vpstag::Manager::with_backend(vpstag::BackendChoice::Auto) else { return Ok(()) };
+    /// let (tx, rx) = std::sync::mpsc::channel();
+    /// mgr.on_journal(move |entries| {
+    ///     let _ = tx.send(entries.to_vec());
+    /// });
+    /// // A writer thread appends what `rx` receives to a file, in order.
+    /// # drop(rx);
+    /// # Ok(())
+    /// # }
+    /// ```
+    pub fn on_journal(&self, f: impl FnMut(&[JournalEntry]) + Send + 'static) {
+        self.lock().journal = Some(Box::new(f));
     }
 
     /// Every VPS and member, for a snapshot.
     pub fn export(&self) -> Result<(Vec<SavedVps>, Vec<SavedMember>)> {
         let st = self.synced()?;
-        let vpses = st
-            .vpses
-            .values()
-            .map(|r| SavedVps {
-                id: r.vps.id,
-                name: r.vps.name.clone(),
-                first_pid: r.first.pid,
-                first_start: r.first.start,
-                started: r.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                cgroup: r.cgroup.as_ref().map(|cg| cg.path().to_path_buf()),
-            })
-            .collect();
+        let vpses = st.vpses.values().map(saved_vps).collect();
         let members = st
             .tracking
             .table

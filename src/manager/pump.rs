@@ -5,9 +5,10 @@ use std::sync::atomic::Ordering;
 use std::sync::Arc;
 use std::time::{Duration, Instant};
 
-use vpstag_tracker::{Event, EventKind, ExitStatus, ForkTracker, Pid, ProcessId, VpsId};
+use vpstag_tracker::{Event, EventKind, ExitStatus, ForkTracker, Pid, VpsId};
 
 use super::{Shared, State};
+use crate::table::Source;
 use crate::tracking::TaggedEvent;
 use crate::{Error, Result};
 impl State {
@@ -119,17 +120,19 @@ impl State {
 
     pub(super) fn flush_changes(&mut self) {
         let orphans = self.tracking.table.take_orphaned();
-        if self.orphan_observer.is_some() && !orphans.is_empty() {
-            // Their identities go to a journal and are compared exactly after a restart: settle
+        if self.journal.is_some() {
+            // Orphans are roots. Their identities are compared exactly after a restart: settle
             // start times estimated from events first.
-            let mut v: Vec<(ProcessId, VpsId)> = Vec::with_capacity(orphans.len());
             for e in &orphans {
                 self.tracking.settle_start(e.id.pid, self.view.as_view());
                 let id = self.tracking.table.get(e.id.pid).map_or(e.id, |now| now.id);
-                v.push((id, e.vps));
+                self.journal_root(id, e.vps, Source::Event);
             }
-            if let Some(obs) = &mut self.orphan_observer {
-                obs(&v);
+            if !self.journal_pending.is_empty() {
+                let entries = std::mem::take(&mut self.journal_pending);
+                if let Some(journal) = &mut self.journal {
+                    journal(&entries);
+                }
             }
         }
         if let Some(obs) = &mut self.observer {

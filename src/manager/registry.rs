@@ -109,10 +109,15 @@ impl Manager {
             Some(id) if st.name_in_use(name) => {
                 st.vpses.get(&id).map(|r| r.vps.clone()).ok_or_else(|| Error::UnknownVps(name.into()))?
             }
-            _ => st.new_vps(name, info.id),
+            _ => {
+                let vps = st.new_vps(name, info.id);
+                st.journal_new_vps(vps.id);
+                vps
+            }
         };
         st.tracker.watch(pid, vps.id)?;
         st.tracking.insert_member(&info, vps.id, Source::Loader);
+        st.journal_root(info.id, vps.id, Source::Loader);
         // Its descendants that already exist are found by a scan; anything born from now on
         // comes as events after the scan's start.
         st.resync()?;
@@ -162,25 +167,21 @@ impl Manager {
         let Some((id, cg)) = self.cgroup_for(name, limits)? else {
             return self.register_first_as(name, pid);
         };
-        let vps = match self.register_first_with(name, pid, Some(id)) {
-            Ok(v) => v,
-            Err(e) => {
-                let _ = cg.remove(std::time::Duration::ZERO);
-                return Err(e);
-            }
-        };
-        if let Err(e) = cg.attach(pid) {
-            let _ = self.forget(&vps);
+        self.register_first_with(name, pid, Some((id, cg.clone()))).inspect_err(|_| {
             let _ = cg.remove(std::time::Duration::ZERO);
-            return Err(e.into());
-        }
-        if let Some(rec) = self.lock().vpses.get_mut(&vps.id) {
-            rec.cgroup = Some(cg);
-        }
-        Ok(vps)
+        })
     }
 
-    fn register_first_with(&self, name: &str, pid: Pid, id: Option<VpsId>) -> Result<Vps> {
+    /// Registers `pid` as the first process of a new VPS `name`, in the cgroup `cg` (made for
+    /// the VPS id given with it) when there is one: one step under the lock, so that what is
+    /// journaled is the whole VPS.
+    fn register_first_with(
+        &self,
+        name: &str,
+        pid: Pid,
+        cg: Option<(VpsId, std::sync::Arc<crate::cgroup::VpsCgroup>)>,
+    ) -> Result<Vps> {
+        let id = cg.as_ref().map(|(id, _)| *id);
         let mut st = self.synced()?;
         if let Some(id) = st.tracking.table.vps_of(pid) {
             let other = st.vpses.get(&id).map_or_else(|| id.to_string(), |r| r.vps.name.clone());
@@ -192,12 +193,21 @@ impl Manager {
         let info =
             st.view.process(pid).map_err(|e| Error::io("reading the process", e))?.ok_or(Error::NoSuchProcess(pid))?;
         let vps = st.new_vps_as(name, info.id, id);
-        if let Err(e) = st.tracker.watch(pid, vps.id) {
+        let entered: Result<()> = match &cg {
+            Some((_, cg)) => cg.attach(pid).map_err(Error::from),
+            None => Ok(()),
+        };
+        if let Err(e) = entered.and_then(|()| st.tracker.watch(pid, vps.id).map_err(Error::from)) {
             st.names.remove(name);
             st.vpses.remove(&vps.id);
-            return Err(e.into());
+            let _ = st.tracker.forget(vps.id);
+            return Err(e);
         }
         st.tracking.insert_member(&info, vps.id, Source::First);
+        if let Some(rec) = st.vpses.get_mut(&vps.id) {
+            rec.cgroup = cg.map(|(_, cg)| cg);
+        }
+        st.journal_new_vps(vps.id);
         st.flush_changes();
         Ok(vps)
     }
@@ -241,6 +251,7 @@ impl Manager {
             st.view.process(pid).map_err(|e| Error::io("reading the process", e))?.ok_or(Error::NoSuchProcess(pid))?;
         st.tracker.watch(pid, vps.id)?;
         st.tracking.insert_member(&info, vps.id, Source::Loader);
+        st.journal_root(info.id, vps.id, Source::Loader);
         st.flush_changes();
         Ok(vps)
     }

@@ -223,6 +223,7 @@ impl Manager {
             rec.command = Some(command);
             rec.cgroup = cgroup.map(|(_, cg)| cg);
         }
+        st.journal_new_vps(vps.id);
         st.spawning.push(first);
         if !follow_first {
             st.to_reap.push(first);

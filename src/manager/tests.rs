@@ -26,6 +26,9 @@ fn info(pid: i32, start: u64, ppid: i32) -> ProcInfo {
     }
 }
 
+/// The scripted tracker's queue of events.
+type Queue = Arc<Mutex<VecDeque<Event>>>;
+
 /// The processes of the scripted system, what a reap returns, and what was signalled.
 #[derive(Default)]
 struct World {
@@ -40,7 +43,7 @@ struct World {
     now: u64,
     /// Events that reach the tracker's queue just after the next scan: what happened before the
     /// scan but was not read yet (a fork the tracer handles a moment later).
-    late: Option<(Arc<Mutex<VecDeque<Event>>>, Vec<Event>)>,
+    late: Option<(Queue, Vec<Event>)>,
 }
 
 #[derive(Clone)]
@@ -480,5 +483,41 @@ fn check_reports_a_divergence_that_lasts() {
             Divergence::Missing { pid: p(102), expected: "a".into() },
         ],
         "{report:?}"
+    );
+}
+
+#[test]
+fn the_journal_hook_gets_every_vps_root_and_forget_in_the_order_they_happen() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    sys.add(300, 9, 1);
+    let f = Fixture::new(sys);
+    let got = Arc::new(Mutex::new(Vec::new()));
+    let g = Arc::clone(&got);
+    f.mgr.on_journal(move |entries| g.lock().unwrap().extend_from_slice(entries));
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.fork(100, 101, 6);
+    f.fork(101, 102, 7);
+    // 101 exits while its child lives on: 102 is an orphan, a root of its own.
+    f.exit(101, 0);
+    f.sys.world().procs.get_mut(&p(102)).unwrap().ppid = Pid::new(100);
+    assert_eq!(f.members(&a), vec![100, 102]);
+    f.mgr.join_vps(&a, p(300)).unwrap();
+    f.mgr.join_vps(&a, p(300)).unwrap(); // already a member: nothing new
+    f.mgr.forget(&a).unwrap();
+    let root = |pid: i32, start: u64, source: Source| {
+        JournalEntry::Root(SavedMember { pid: p(pid), start: StartTime(start), vps: a.id, source })
+    };
+    let got = got.lock().unwrap().clone();
+    let JournalEntry::Vps(saved) = &got[0] else { panic!("first a VPS: {got:?}") };
+    assert_eq!((saved.id, saved.name.as_str(), saved.first_pid, saved.first_start), (a.id, "a", p(100), StartTime(5)));
+    assert_eq!(
+        got[1..].to_vec(),
+        vec![
+            root(100, 5, Source::First),
+            root(102, 7, Source::Event),
+            root(300, 9, Source::Loader),
+            JournalEntry::Forgotten(a.id)
+        ]
     );
 }

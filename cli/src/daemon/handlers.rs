@@ -155,8 +155,10 @@ impl Daemon {
         }
     }
 
-    pub(super) fn journal(&self, records: &[Record]) -> Result<(), Refusal> {
-        self.store.append(records).map_err(|e| {
+    /// Returns once what the manager has journaled so far is durable: a request that changed
+    /// the state answers only then (the manager writes the journal, through its hook).
+    pub(super) fn durable(&self) -> Result<(), Refusal> {
+        self.store.sync().map_err(|e| {
             log!("cannot write the journal in {}: {e}", self.store.dir().display());
             refuse(ErrorKind::Failed, format!("cannot write the journal: {e}"))
         })
@@ -229,17 +231,8 @@ impl Daemon {
                     let _ = self.mgr.forget(&vps);
                     return Err(refuse(ErrorKind::NoSuchProcess, format!("process {pid} exited while registering")));
                 }
-                let saved = SavedVps {
-                    id: vps.id,
-                    name: vps.name.clone(),
-                    first_pid: pid,
-                    first_start: info.id.start,
-                    started: SystemTime::now().duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                    cgroup: self.mgr.cgroup_path(&vps).ok().flatten(),
-                };
                 self.meta().insert(vps.id.0, VpsMeta { name: name.clone(), owner: peer.uid });
-                let root = Record::Root { vps: vps.id, pid, start: info.id.start, source: vpstag::Source::First };
-                if let Err(e) = self.journal(&[Record::Vps { vps: saved, owner: peer.uid }, root]) {
+                if let Err(e) = self.durable() {
                     let _ = self.mgr.forget(&vps);
                     self.meta().remove(&vps.id.0);
                     return Err(e);
@@ -252,21 +245,14 @@ impl Daemon {
                 let info = self.verified_peer(peer, who)?;
                 let pid = info.id.pid;
                 self.refuse_nested(pid, Some(&vps))?;
-                let already = self.mgr.vps_of(pid)?.is_some();
-                // By id: the name may have been stopped and reused since it was looked up.
+                // By id: the name may have been stopped and reused since it was looked up. The
+                // manager journals the process as a root (what it starts is rebuilt from it
+                // after a restart).
                 let vps = self.mgr.join_vps(&vps, pid)?;
                 if !matches!(who.state(), vpstag::process::PeerState::Alive(_)) {
                     return Err(refuse(ErrorKind::NoSuchProcess, format!("process {pid} exited while joining")));
                 }
-                if !already {
-                    // A root: what it starts is rebuilt from it after a restart.
-                    self.journal(&[Record::Root {
-                        vps: vps.id,
-                        pid,
-                        start: info.id.start,
-                        source: vpstag::Source::Loader,
-                    }])?;
-                }
+                self.durable()?;
                 let vps = self.shown(vps);
                 log!(
                     "process {pid} (real uid {}, connected as uid {}) joined VPS {:?} (id {})",
@@ -395,7 +381,7 @@ impl Daemon {
                 }
                 self.mgr.forget(&vps)?;
                 self.meta().remove(&vps.id.0);
-                self.journal(&[Record::Forget { id: vps.id }])?;
+                self.durable()?;
                 log!("VPS {:?} stopped by uid {} ({n} processes signalled) and forgotten", vps.name, peer.uid);
                 Ok(ok_line(json!({ "signalled": n })))
             }

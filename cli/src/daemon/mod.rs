@@ -138,7 +138,7 @@ struct VpsMeta {
 struct Daemon {
     mgr: Manager,
     store: Arc<Store>,
-    /// Members kept as roots because their parent exited (see [`Manager::on_orphans`]).
+    /// Members kept as roots because their parent exited (see [`vpstag::JournalEntry::Root`]).
     orphans: Arc<Mutex<HashSet<vpstag::ProcessId>>>,
     /// Store errors seen in the change callback (which cannot return them).
     store_failed: Arc<AtomicBool>,
@@ -189,8 +189,11 @@ pub fn run(cfg: Config) -> Result<(), Error> {
     }
     let store = Arc::new(store);
     let store_failed = Arc::new(AtomicBool::new(false));
-    // Members whose parent exited while they live on are roots too (a scan from the other roots
-    // may no longer reach them): the manager reports them, a thread journals them.
+    // The manager is the one writer of what a restart needs: it hands each change (a VPS, a root,
+    // a VPS forgotten) to the journal hook under its lock, which queues it in that order; a
+    // thread makes the queue durable, and a request that changed something waits for that
+    // (`Daemon::durable`) before it answers. Members whose parent exited while they live on
+    // are roots too (a scan from the other roots may no longer reach them).
     let orphans: Arc<Mutex<HashSet<vpstag::ProcessId>>> = Arc::new(Mutex::new(
         loaded
             .roots()
@@ -200,33 +203,41 @@ pub fn run(cfg: Config) -> Result<(), Error> {
             .collect(),
     ));
     {
-        let (tx, rx) = mpsc::channel::<Vec<(vpstag::ProcessId, vpstag::VpsId)>>();
-        mgr.on_orphans(move |batch| {
-            let _ = tx.send(batch.to_vec());
+        let (tx, rx) = mpsc::channel::<u64>();
+        let queue = Arc::clone(&store);
+        let failed = Arc::clone(&store_failed);
+        let orphans = Arc::clone(&orphans);
+        mgr.on_journal(move |entries| {
+            let records: Vec<Record> = entries.iter().filter_map(store::record_of).collect();
+            let mut o = orphans.lock().unwrap_or_else(|e| e.into_inner());
+            for e in entries {
+                if let vpstag::JournalEntry::Root(m) = e {
+                    if m.source == vpstag::Source::Event {
+                        o.insert(vpstag::ProcessId { pid: m.pid, start: m.start });
+                    }
+                }
+            }
+            drop(o);
+            match queue.enqueue(&records) {
+                Ok(ticket) => {
+                    let _ = tx.send(ticket);
+                }
+                Err(e) => {
+                    if !failed.swap(true, Ordering::SeqCst) {
+                        log!("cannot write the journal in {}: {e}", queue.dir().display());
+                    }
+                }
+            }
         });
         let store = Arc::clone(&store);
         let failed = Arc::clone(&store_failed);
-        let orphans = Arc::clone(&orphans);
         std::thread::Builder::new()
             .name("vpstag-journal".into())
             .spawn(move || {
-                while let Ok(batch) = rx.recv() {
-                    let records: Vec<Record> = batch
-                        .iter()
-                        .map(|(id, vps)| Record::Root {
-                            vps: *vps,
-                            pid: id.pid,
-                            start: id.start,
-                            source: vpstag::Source::Event,
-                        })
-                        .collect();
-                    orphans.lock().unwrap_or_else(|e| e.into_inner()).extend(batch.iter().map(|(id, _)| *id));
-                    if let Err(e) = store.append(&records) {
+                while let Ok(ticket) = rx.recv() {
+                    if let Err(e) = store.wait_durable(ticket) {
                         if !failed.swap(true, Ordering::SeqCst) {
-                            log!(
-                                "cannot write the journal in {}: {e}; orphaned members are not saved",
-                                store.dir().display()
-                            );
+                            log!("cannot write the journal in {}: {e}", store.dir().display());
                         }
                     }
                 }

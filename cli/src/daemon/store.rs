@@ -97,6 +97,20 @@ enum Line {
     Change { c: Change },
 }
 
+/// The journal record of a manager's journal entry (`None` for a kind this daemon does not
+/// know). The VPS's owner is the uid in its manager key, `uid:name`.
+pub(crate) fn record_of(e: &vpstag::JournalEntry) -> Option<Record> {
+    Some(match e {
+        vpstag::JournalEntry::Vps(v) => Record::Vps {
+            owner: v.name.split_once(':').and_then(|(uid, _)| uid.parse().ok()).unwrap_or(0),
+            vps: v.clone(),
+        },
+        vpstag::JournalEntry::Root(m) => Record::Root { vps: m.vps, pid: m.pid, start: m.start, source: m.source },
+        vpstag::JournalEntry::Forgotten(id) => Record::Forget { id: *id },
+        _ => return None,
+    })
+}
+
 /// Whether a member learned this way is a root (the rest is rebuilt by a scan).
 fn is_root(source: Source) -> bool {
     matches!(source, Source::First | Source::Loader)
@@ -383,10 +397,16 @@ impl Store {
     /// on several threads share syncs: the first to find no sync under way writes and syncs
     /// everything queued so far (the leader); the others wait for it, and the first of them to
     /// find their records not yet durable leads the next batch.
+    #[cfg_attr(not(test), allow(dead_code))] // the daemon enqueues from the manager's hook
     pub(crate) fn append(&self, records: &[Record]) -> io::Result<()> {
-        if records.is_empty() {
-            return Ok(());
-        }
+        let ticket = self.enqueue(records)?;
+        self.wait_durable(ticket)
+    }
+
+    /// Queues `records` after everything queued before, without waiting: the order of the
+    /// journal is the order of these calls (the manager's, when it calls from its journal hook
+    /// under its lock). Returns the ticket to give [`wait_durable`](Store::wait_durable).
+    pub(crate) fn enqueue(&self, records: &[Record]) -> io::Result<u64> {
         let mut buf = Vec::with_capacity(records.len() * 128);
         for r in records {
             serde_json::to_writer(&mut buf, r).map_err(io::Error::other)?;
@@ -396,10 +416,25 @@ impl Store {
         if let Some((kind, msg)) = &j.broken {
             return Err(io::Error::new(*kind, msg.clone()));
         }
+        if records.is_empty() {
+            return Ok(j.queued);
+        }
         j.pending.extend_from_slice(&buf);
         j.pending_records += records.len();
         j.queued += 1;
-        let me = j.queued;
+        Ok(j.queued)
+    }
+
+    /// Returns once everything queued so far is durable (or says why it cannot be).
+    pub(crate) fn sync(&self) -> io::Result<()> {
+        let ticket = self.lock_journal().queued;
+        self.wait_durable(ticket)
+    }
+
+    /// Returns once the records of `ticket` (and all queued before them) are durable.
+    pub(crate) fn wait_durable(&self, ticket: u64) -> io::Result<()> {
+        let mut j = self.lock_journal();
+        let me = ticket;
         loop {
             if j.durable >= me {
                 return Ok(());
