@@ -311,11 +311,15 @@ impl Client {
     }
 
     /// Ends every member of `name` (SIGTERM, SIGKILL after `grace`) and forgets the VPS. The
-    /// daemon answers once it is done: the timeout ([`Client::set_timeout`]) must be longer than
-    /// `grace`, by 10 s or so.
+    /// daemon answers once it is done, so this waits `grace` longer than the timeout
+    /// ([`Client::set_timeout`]).
     pub fn stop(&mut self, name: &str, grace: Duration) -> Result<()> {
         let grace_ms = Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
-        self.call(Op::Stop { name: name.into(), grace_ms }).map_err(named(name)).map(drop)
+        let timeout = self.timeout;
+        self.timeout = timeout.map(|t| t.saturating_add(grace));
+        let r = self.call(Op::Stop { name: name.into(), grace_ms }).map_err(named(name)).map(drop);
+        self.timeout = timeout;
+        r
     }
 
     /// Compares the daemon's table with the system now.

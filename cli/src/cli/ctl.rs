@@ -330,6 +330,8 @@ const STOP_REPORT_EVERY: Duration = Duration::from_secs(1);
 fn stop(a: super::StopArgs, socket: &Path) -> R {
     let grace = Duration::from_secs_f64(a.grace.max(0.0));
     let mut c = Client::connect_to(socket)?;
+    // The daemon answers once the VPS is gone: after the grace period at most, and its SIGKILLs.
+    c.set_timeout(Some(grace.saturating_add(vpstag::client::DEFAULT_TIMEOUT)));
     let began = Instant::now();
     let (tx, rx) = mpsc::channel();
     let op = Op::Stop { name: a.name.clone(), grace_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)) };
