@@ -5,30 +5,53 @@
 //! use vpstag::Pid;
 //!
 //! let mut c = Client::connect()?;
-//! if let Some(name) = c.vps_of(Pid::new(1234).unwrap())? {
-//!     println!("1234 belongs to {name}: {:?}", c.members(&name)?);
+//! if let Some(vps) = c.vps_of(Pid::new(1234).unwrap())? {
+//!     println!("1234 belongs to {} (id {}): {:?}", vps.name, vps.id, c.members(&vps.name)?);
 //! }
-//! for ev in Client::connect()?.events(None, true)? {
+//! let mut events = Client::connect()?.events(None, true)?;
+//! let stopper = events.stopper(); // stopper.stop() from another thread ends the loop
+//! for ev in &mut events {
 //!     println!("{:?}", ev?);
 //! }
-//! # Ok::<(), vpstag::client::ClientError>(())
+//! // Later, on a new connection: what came after, without a gap.
+//! if let Some(seq) = events.last_seq() {
+//!     for ev in Client::connect()?.events_after(None, seq)? {
+//!         println!("{:?}", ev?);
+//!     }
+//! }
+//! # drop(stopper);
+//! # Ok::<(), vpstag::Error>(())
 //! ```
+//!
+//! Errors are the crate's [`Error`]: [`Error::NoDaemon`], [`Error::SocketPermission`],
+//! [`Error::Refused`] (with the daemon's [`ErrorKind`], also from [`Error::kind`]),
+//! [`Error::DaemonTimeout`], [`Error::Protocol`], [`Error::UnknownVps`], [`Error::Spawn`] and
+//! [`Error::Io`]. Every question has a timeout ([`DEFAULT_TIMEOUT`], [`Client::set_timeout`]); a
+//! connection the daemon closed while idle is reopened once, transparently, for the next
+//! question.
 //!
 //! The protocol's requests, replies and error kinds are in [`crate::protocol`] (documented in
 //! `docs/protocol.md`).
 
 use std::ffi::OsString;
 use std::io::{self, BufRead, BufReader, Read, Write};
-use std::os::fd::{AsRawFd, OwnedFd};
+use std::net::Shutdown;
+use std::os::fd::{AsFd, AsRawFd, BorrowedFd, OwnedFd};
 use std::os::unix::net::UnixStream;
 use std::path::{Path, PathBuf};
 use std::process::Command;
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::{
     CheckInfo, ErrorBody, ErrorKind, EventInfo, Hello, Op, ProcessInfo, Request, VpsInfo, VpsRef, PROTOCOL_VERSION,
 };
-use crate::{Pid, Signal};
+use crate::{Error, Pid, Result, Signal};
+
+/// How long a question waits for the daemon's answer unless [`Client::set_timeout`] says
+/// otherwise.
+pub const DEFAULT_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Where the daemon listens unless `--socket` or `VPSTAG_SOCKET` says otherwise.
 pub const DEFAULT_SOCKET: &str = "/run/vpstag/vpstag.sock";
@@ -41,133 +64,87 @@ pub fn default_socket() -> PathBuf {
     }
 }
 
-/// What went wrong talking to the daemon. Each message names the fix where there is one.
-#[derive(Debug, thiserror::Error)]
-#[non_exhaustive]
-pub enum ClientError {
-    /// Nobody listens on the socket.
-    #[error("no vpstag daemon is listening on {}: start it with `vpstag daemon` (or point --socket / VPSTAG_SOCKET at the right socket)", socket.display())]
-    NoDaemon {
-        /// The socket tried.
-        socket: PathBuf,
-    },
-    /// The socket exists but this user may not connect to it.
-    #[error("permission denied connecting to {}: ask root to run the daemon with a socket you can reach (its mode must allow you to write)", socket.display())]
-    SocketPermission {
-        /// The socket tried.
-        socket: PathBuf,
-    },
-    /// The daemon refused: the VPS belongs to another user, or the operation needs root.
-    #[error("permission denied: {0}")]
-    PermissionDenied(String),
-    /// No VPS has that name (or none of yours does).
-    #[error("{0}")]
-    UnknownVps(String),
-    /// A VPS of that name is running.
-    #[error("{0}")]
-    AlreadyRunning(String),
-    /// The daemon turned the connection away: too many are open (this user's share, or all it
-    /// serves). Nothing was done; try again once some have closed.
-    #[error("the daemon is busy: {0}; try again in a moment")]
-    Busy(String),
-    /// Any other refusal by the daemon.
-    #[error("the daemon refused ({kind}): {message}")]
-    Daemon {
-        /// The error kind ([`ErrorKind::Other`] for one this library does not know; the message
-        /// still says what went wrong).
-        kind: ErrorKind,
-        /// What it said.
-        message: String,
-    },
-    /// The daemon said something this library does not understand.
-    #[error("protocol error: {0} (is the daemon the same version as this client?)")]
-    Protocol(String),
-    /// The first process or the command could not be started.
-    #[error("cannot start {program:?}: {message}")]
-    Spawn {
-        /// The program.
-        program: String,
-        /// Why.
-        message: String,
-    },
-    /// A system call failed.
-    #[error("{context}: {source}")]
-    Io {
-        /// What was being done.
-        context: String,
-        /// The system's error.
-        #[source]
-        source: io::Error,
-    },
-}
-
-impl ClientError {
-    fn io(context: impl Into<String>, source: io::Error) -> ClientError {
-        ClientError::Io { context: context.into(), source }
-    }
-
-    /// The error kind the daemon named, if it was a refusal by the daemon.
-    pub fn kind(&self) -> Option<ErrorKind> {
-        match self {
-            ClientError::PermissionDenied(_) => Some(ErrorKind::PermissionDenied),
-            ClientError::UnknownVps(_) => Some(ErrorKind::UnknownVps),
-            ClientError::AlreadyRunning(_) => Some(ErrorKind::AlreadyRunning),
-            ClientError::Busy(_) => Some(ErrorKind::Busy),
-            ClientError::Daemon { kind, .. } => Some(*kind),
-            _ => None,
-        }
-    }
-}
-
-/// `Result` with [`ClientError`].
-pub type Result<T, E = ClientError> = std::result::Result<T, E>;
-
 /// A connection to the daemon.
 pub struct Client {
     reader: BufReader<UnixStream>,
     socket: PathBuf,
+    timeout: Option<Duration>,
+    /// A question timed out: an answer may still come, so the next question reconnects first.
+    stale: bool,
 }
 
-fn connect_error(socket: &Path, e: io::Error) -> ClientError {
+impl std::fmt::Debug for Client {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Client").field("socket", &self.socket).field("timeout", &self.timeout).finish_non_exhaustive()
+    }
+}
+
+fn connect_error(socket: &Path, e: io::Error) -> Error {
     match e.raw_os_error() {
         Some(libc::ENOENT) | Some(libc::ECONNREFUSED) | Some(libc::ENOTDIR) => {
-            ClientError::NoDaemon { socket: socket.to_path_buf() }
+            Error::NoDaemon { socket: socket.to_path_buf() }
         }
-        Some(libc::EACCES) | Some(libc::EPERM) => ClientError::SocketPermission { socket: socket.to_path_buf() },
-        _ => ClientError::io(format!("connecting to {}", socket.display()), e),
+        Some(libc::EACCES) | Some(libc::EPERM) => Error::SocketPermission { socket: socket.to_path_buf() },
+        _ => Error::io(format!("connecting to {}", socket.display()), e),
     }
 }
 
-fn reply_error(v: &serde_json::Value) -> ClientError {
+fn reply_error(v: &serde_json::Value) -> Error {
     match v.get("error").cloned().map(serde_json::from_value::<ErrorBody>) {
         Some(Ok(e)) => match ErrorKind::parse(&e.kind) {
-            ErrorKind::PermissionDenied => ClientError::PermissionDenied(e.message),
-            ErrorKind::UnknownVps => ClientError::UnknownVps(e.message),
-            ErrorKind::AlreadyRunning => ClientError::AlreadyRunning(e.message),
-            ErrorKind::Busy => ClientError::Busy(e.message),
             ErrorKind::Other => {
-                ClientError::Daemon { kind: ErrorKind::Other, message: format!("{}: {}", e.kind, e.message) }
+                Error::Refused { kind: ErrorKind::Other, message: format!("{}: {}", e.kind, e.message) }
             }
-            kind => ClientError::Daemon { kind, message: e.message },
+            kind => Error::Refused { kind, message: e.message },
         },
-        _ => ClientError::Protocol(format!("a refusal without an error object: {v}")),
+        _ => Error::Protocol(format!("a refusal without an error object: {v}")),
     }
 }
 
-/// Parses one reply line: the body of a success, or the refusal.
+/// Parses one reply line: the body of a success, or the refusal ([`Error::Refused`]).
 pub fn parse_reply(line: &str) -> Result<serde_json::Value> {
     let v: serde_json::Value = serde_json::from_str(line.trim_end())
-        .map_err(|e| ClientError::Protocol(format!("a reply that is not JSON ({e}): {line:?}")))?;
+        .map_err(|e| Error::Protocol(format!("a reply that is not JSON ({e}): {line:?}")))?;
     match v.get("ok") {
         Some(serde_json::Value::Bool(true)) => Ok(v),
         Some(serde_json::Value::Bool(false)) => Err(reply_error(&v)),
-        _ => Err(ClientError::Protocol(format!("a reply without \"ok\": {line:?}"))),
+        _ => Err(Error::Protocol(format!("a reply without \"ok\": {line:?}"))),
     }
 }
 
 fn field<T: serde::de::DeserializeOwned>(v: &serde_json::Value, name: &str) -> Result<T> {
     let f = v.get(name).cloned().unwrap_or(serde_json::Value::Null);
-    serde_json::from_value(f).map_err(|e| ClientError::Protocol(format!("field {name:?} of the reply: {e}")))
+    serde_json::from_value(f).map_err(|e| Error::Protocol(format!("field {name:?} of the reply: {e}")))
+}
+
+/// A refusal `unknown_vps` about `name` that says no more than that is [`Error::UnknownVps`];
+/// one that says more (another user has a VPS of that name) stays a refusal, of the same kind.
+fn named(name: &str) -> impl FnOnce(Error) -> Error + '_ {
+    move |e| match e {
+        Error::Refused { kind: ErrorKind::UnknownVps, message }
+            if message == Error::UnknownVps(name.to_string()).to_string() =>
+        {
+            Error::UnknownVps(name.to_string())
+        }
+        e => e,
+    }
+}
+
+/// How one exchange went wrong.
+enum Failed {
+    /// The daemon had closed the connection before reading the request (its idle cut-off): the
+    /// request was not served, and may be sent again on a new connection.
+    Cut(Error),
+    /// Anything else.
+    Other(Error),
+}
+
+fn timed_out(e: &io::Error) -> bool {
+    matches!(e.kind(), io::ErrorKind::WouldBlock | io::ErrorKind::TimedOut)
+}
+
+fn cut(e: &io::Error) -> bool {
+    matches!(e.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET))
 }
 
 impl Client {
@@ -180,7 +157,7 @@ impl Client {
     pub fn connect_to(socket: impl AsRef<Path>) -> Result<Client> {
         let socket = socket.as_ref().to_path_buf();
         let stream = UnixStream::connect(&socket).map_err(|e| connect_error(&socket, e))?;
-        Ok(Client { reader: BufReader::new(stream), socket })
+        Ok(Client { reader: BufReader::new(stream), socket, timeout: Some(DEFAULT_TIMEOUT), stale: false })
     }
 
     /// The socket this client is connected to.
@@ -188,77 +165,135 @@ impl Client {
         &self.socket
     }
 
-    /// The daemon's pid, from the socket's peer credentials.
-    pub fn daemon_pid(&self) -> Option<i32> {
-        crate::sys::peer_pid(self.reader.get_ref().as_raw_fd())
+    /// How long each question waits for the daemon (sending the request and reading the whole
+    /// answer, each read and write at most this long); `None` waits for ever. A daemon that
+    /// does not answer in time gives [`Error::DaemonTimeout`]. [`DEFAULT_TIMEOUT`] unless set.
+    /// The events of a follow ([`Client::events`]) come when they come: only the first answer
+    /// is timed.
+    pub fn set_timeout(&mut self, timeout: Option<Duration>) {
+        self.timeout = timeout.filter(|t| !t.is_zero());
     }
 
-    /// Sends one request and reads one reply (its body, or the refusal).
+    /// The timeout of each question ([`Client::set_timeout`]).
+    pub fn timeout(&self) -> Option<Duration> {
+        self.timeout
+    }
+
+    /// The daemon's pid, from the socket's peer credentials.
+    pub fn daemon_pid(&self) -> Option<Pid> {
+        crate::sys::peer_pid(self.reader.get_ref().as_raw_fd()).and_then(Pid::new)
+    }
+
+    /// Opens a new connection to the same socket in place of this one.
+    fn reconnect(&mut self) -> Result<()> {
+        let stream = UnixStream::connect(&self.socket).map_err(|e| connect_error(&self.socket, e))?;
+        self.reader = BufReader::new(stream);
+        self.stale = false;
+        Ok(())
+    }
+
+    /// Sends one request and reads one reply (its body, or the refusal). When the daemon had
+    /// closed this connection while it was idle, reconnects once and asks again.
     pub fn call(&mut self, op: Op) -> Result<serde_json::Value> {
-        match self.send(op) {
-            Ok(()) => self.read_reply(),
-            Err(ClientError::Io { context, source })
-                if matches!(source.raw_os_error(), Some(libc::EPIPE) | Some(libc::ECONNRESET)) =>
-            {
-                Err(self.refusal_before_request().unwrap_or(ClientError::Io { context, source }))
+        if self.stale {
+            self.reconnect()?;
+        }
+        match self.exchange(&op) {
+            Ok(v) => Ok(v),
+            Err(Failed::Other(e)) => Err(e),
+            Err(Failed::Cut(e)) => {
+                log::debug!("the daemon on {} had closed the connection ({e}); reconnecting", self.socket.display());
+                self.reconnect()?;
+                match self.exchange(&op) {
+                    Ok(v) => Ok(v),
+                    Err(Failed::Cut(e) | Failed::Other(e)) => Err(e),
+                }
             }
-            Err(e) => Err(e),
+        }
+    }
+
+    fn exchange(&mut self, op: &Op) -> std::result::Result<serde_json::Value, Failed> {
+        let stream = self.reader.get_ref();
+        let set = stream.set_read_timeout(self.timeout).and_then(|()| stream.set_write_timeout(self.timeout));
+        set.map_err(|e| Failed::Other(Error::io("setting the connection's timeout", e)))?;
+        let mut line = serde_json::to_vec(&Request { v: PROTOCOL_VERSION, op: op.clone() })
+            .map_err(|e| Failed::Other(Error::Protocol(format!("a request that does not serialise: {e}"))))?;
+        line.push(b'\n');
+        if let Err(e) = self.reader.get_mut().write_all(&line) {
+            if cut(&e) {
+                // The daemon wrote why before closing (`busy`, when it turned the connection
+                // away), or closed it idle: then the request was never read.
+                return Err(match self.refusal_before_request() {
+                    Some(r) => Failed::Other(r),
+                    None => Failed::Cut(Error::io("sending a request to the daemon", e)),
+                });
+            }
+            return Err(Failed::Other(self.io_failure("sending a request to the daemon", e)));
+        }
+        match self.read_line() {
+            Ok(Some(line)) => parse_reply(&line).map_err(Failed::Other),
+            Ok(None) => Err(Failed::Other(Error::Protocol("the daemon closed the connection without a reply".into()))),
+            // Closed with the request unread: cut off while idle, just as it arrived.
+            Err(e) if cut(&e) => Err(Failed::Cut(Error::io("reading the daemon's reply", e))),
+            Err(e) => Err(Failed::Other(self.io_failure("reading the daemon's reply", e))),
+        }
+    }
+
+    /// An I/O error of a question: [`Error::DaemonTimeout`] when it timed out (the connection is
+    /// then not used again), else [`Error::Io`].
+    fn io_failure(&mut self, context: &str, e: io::Error) -> Error {
+        match self.timeout {
+            Some(after) if timed_out(&e) => {
+                self.stale = true;
+                log::warn!("the daemon on {} did not answer within {after:?}", self.socket.display());
+                Error::DaemonTimeout { socket: self.socket.clone(), after }
+            }
+            _ => Error::io(context, e),
         }
     }
 
     /// After a request could not be sent because the daemon had closed the connection: the
     /// refusal it wrote before closing (`busy`, when it turned the connection away), if any.
-    fn refusal_before_request(&mut self) -> Option<ClientError> {
+    fn refusal_before_request(&mut self) -> Option<Error> {
         let _ = self.reader.get_ref().set_read_timeout(Some(Duration::from_secs(1)));
         let line = self.read_line().ok().flatten();
-        let _ = self.reader.get_ref().set_read_timeout(None);
+        let _ = self.reader.get_ref().set_read_timeout(self.timeout);
         parse_reply(&line?).err()
     }
 
-    fn send(&mut self, op: Op) -> Result<()> {
-        let mut line = serde_json::to_vec(&Request { v: PROTOCOL_VERSION, op }).expect("a request serialises");
-        line.push(b'\n');
-        self.reader.get_mut().write_all(&line).map_err(|e| ClientError::io("sending a request to the daemon", e))
-    }
-
-    fn read_line(&mut self) -> Result<Option<String>> {
+    fn read_line(&mut self) -> io::Result<Option<String>> {
         let mut line = String::new();
-        match self.reader.read_line(&mut line) {
-            Ok(0) => Ok(None),
-            Ok(_) => Ok(Some(line)),
-            Err(e) => Err(ClientError::io("reading the daemon's reply", e)),
-        }
-    }
-
-    fn read_reply(&mut self) -> Result<serde_json::Value> {
-        match self.read_line()? {
-            Some(line) => parse_reply(&line),
-            None => Err(ClientError::Protocol("the daemon closed the connection without a reply".into())),
+        match self.reader.read_line(&mut line)? {
+            0 => Ok(None),
+            _ => Ok(Some(line)),
         }
     }
 
     /// Who is there.
     pub fn hello(&mut self) -> Result<Hello> {
         let v = self.call(Op::Hello)?;
-        serde_json::from_value(v).map_err(|e| ClientError::Protocol(format!("hello reply: {e}")))
+        serde_json::from_value(v).map_err(|e| Error::Protocol(format!("hello reply: {e}")))
     }
 
-    /// The name of the VPS `pid` belongs to; `None` when it has no tag.
-    pub fn vps_of(&mut self, pid: Pid) -> Result<Option<String>> {
-        let v = self.call(Op::Which { pid: pid.as_raw() })?;
-        field(&v, "vps")
+    /// The VPS `pid` belongs to (its id and name, and its first process); `None` when it has no
+    /// tag. A thread id stands for its process.
+    pub fn vps_of(&mut self, pid: Pid) -> Result<Option<VpsRef>> {
+        let v = self.call(Op::Which { pid })?;
+        match field::<Option<String>>(&v, "vps")? {
+            None => Ok(None),
+            Some(name) => Ok(Some(VpsRef { id: field(&v, "vps_id")?, name, first: field(&v, "first")? })),
+        }
     }
 
     /// The live members of VPS `name`.
     pub fn members(&mut self, name: &str) -> Result<Vec<Pid>> {
-        let v = self.call(Op::Members { name: name.into() })?;
-        let raw: Vec<i32> = field(&v, "pids")?;
-        Ok(raw.into_iter().filter_map(Pid::new).collect())
+        let v = self.call(Op::Members { name: name.into() }).map_err(named(name))?;
+        field(&v, "pids")
     }
 
     /// Live tagged processes (of `name`, or of every VPS this user may see).
     pub fn ps(&mut self, name: Option<&str>) -> Result<Vec<ProcessInfo>> {
-        let v = self.call(Op::Ps { name: name.map(Into::into) })?;
+        let v = self.call(Op::Ps { name: name.map(Into::into) }).map_err(named(name.unwrap_or_default()))?;
         field(&v, "processes")
     }
 
@@ -271,27 +306,62 @@ impl Client {
     /// Sends `sig` to every member of `name` (for SIGKILL: until none is left); how many
     /// processes were signalled.
     pub fn kill(&mut self, name: &str, sig: Signal) -> Result<usize> {
-        let v = self.call(Op::Kill { name: name.into(), signal: Some(sig.name().to_string()) })?;
+        let v = self.call(Op::Kill { name: name.into(), signal: Some(sig.name().to_string()) }).map_err(named(name))?;
         field(&v, "signalled")
     }
 
-    /// Ends every member of `name` (SIGTERM, SIGKILL after `grace`) and forgets the VPS.
+    /// Ends every member of `name` (SIGTERM, SIGKILL after `grace`) and forgets the VPS. The
+    /// daemon answers once it is done, so this waits `grace` longer than the timeout
+    /// ([`Client::set_timeout`]).
     pub fn stop(&mut self, name: &str, grace: Duration) -> Result<()> {
-        self.call(Op::Stop { name: name.into(), grace_ms: Some(grace.as_millis() as u64) }).map(drop)
+        let grace_ms = Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
+        let timeout = self.timeout;
+        self.timeout = timeout.map(|t| t.saturating_add(grace));
+        let r = self.call(Op::Stop { name: name.into(), grace_ms }).map_err(named(name)).map(drop);
+        self.timeout = timeout;
+        r
     }
 
     /// Compares the daemon's table with the system now.
     pub fn check(&mut self) -> Result<CheckInfo> {
         let v = self.call(Op::Check)?;
-        serde_json::from_value(v).map_err(|e| ClientError::Protocol(format!("check reply: {e}")))
+        serde_json::from_value(v).map_err(|e| Error::Protocol(format!("check reply: {e}")))
     }
 
     /// The recent events (of `name`, or of every VPS this user may see); with `follow`, the
-    /// iterator then goes on with every new event until the daemon goes away.
-    pub fn events(mut self, name: Option<&str>, follow: bool) -> Result<Events> {
-        let v = self.call(Op::Events { name: name.map(Into::into), follow })?;
+    /// iterator then goes on with every new event until the daemon goes away or
+    /// [`Events::stopper`] stops it.
+    pub fn events(self, name: Option<&str>, follow: bool) -> Result<Events> {
+        self.events_op(name, follow, None)
+    }
+
+    /// Resumes a follow: the events (of `name`, or of every VPS this user may see) after
+    /// [`EventInfo::seq`] `seq` (e.g. [`Events::last_seq`] of a follow that ended), then every
+    /// new one, none twice and none left out. When some of those after `seq` are no longer kept
+    /// by the daemon, a `lost` event with reason `expired` comes first, saying how many.
+    pub fn events_after(self, name: Option<&str>, seq: u64) -> Result<Events> {
+        self.events_op(name, true, Some(seq))
+    }
+
+    fn events_op(mut self, name: Option<&str>, follow: bool, after: Option<u64>) -> Result<Events> {
+        let v = self
+            .call(Op::Events { name: name.map(Into::into), follow, after })
+            .map_err(named(name.unwrap_or_default()))?;
         let recent: Vec<EventInfo> = field(&v, "events")?;
-        Ok(Events { recent: recent.into_iter(), client: follow.then_some(self) })
+        let stream = self.reader.get_ref();
+        // Events come when they come.
+        stream.set_read_timeout(None).map_err(|e| Error::io("setting the connection's timeout", e))?;
+        let handle = if follow {
+            Some(stream.try_clone().map_err(|e| Error::io("duplicating the connection's descriptor", e))?)
+        } else {
+            None
+        };
+        Ok(Events {
+            recent: recent.into_iter(),
+            client: follow.then_some(self),
+            last_seq: after,
+            stop: Stopper { inner: Arc::new(StopInner { stopped: AtomicBool::new(false), stream: handle }) },
+        })
     }
 
     /// Registers the calling process as a member of the running VPS `name` and returns once the
@@ -299,9 +369,9 @@ impl Client {
     /// The process should have no children and no other threads that fork.
     pub fn join(&mut self, name: &str) -> Result<VpsRef> {
         if let Some(pid) = self.daemon_pid() {
-            crate::sys::allow_ptracer(pid);
+            crate::sys::allow_ptracer(pid.as_raw());
         }
-        let v = self.call(Op::Join { name: name.into() })?;
+        let v = self.call(Op::Join { name: name.into() }).map_err(named(name))?;
         field(&v, "vps")
     }
 
@@ -330,30 +400,120 @@ impl Client {
     }
 }
 
-/// The events of [`Client::events`].
+/// The connection's descriptor (to poll it, say); a reconnect replaces it.
+impl AsFd for Client {
+    fn as_fd(&self) -> BorrowedFd<'_> {
+        self.reader.get_ref().as_fd()
+    }
+}
+
+/// The events of [`Client::events`] and [`Client::events_after`].
 pub struct Events {
     recent: std::vec::IntoIter<EventInfo>,
     client: Option<Client>,
+    last_seq: Option<u64>,
+    stop: Stopper,
+}
+
+impl std::fmt::Debug for Events {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Events")
+            .field("following", &self.client.is_some())
+            .field("last_seq", &self.last_seq)
+            .finish_non_exhaustive()
+    }
+}
+
+impl Events {
+    /// A handle that ends this iterator from another thread: after [`Stopper::stop`], `next`
+    /// returns `None` (a `next` blocked waiting for an event returns at once).
+    pub fn stopper(&self) -> Stopper {
+        self.stop.clone()
+    }
+
+    /// The [`EventInfo::seq`] of the last event returned (or the `seq` given to
+    /// [`Client::events_after`] while none has been): resume from there with
+    /// [`Client::events_after`]. `None` while nothing numbered has been seen.
+    pub fn last_seq(&self) -> Option<u64> {
+        self.last_seq
+    }
+
+    fn seen(&mut self, e: &EventInfo) {
+        if e.seq > 0 {
+            self.last_seq = Some(e.seq);
+        }
+    }
 }
 
 impl Iterator for Events {
     type Item = Result<EventInfo>;
     fn next(&mut self) -> Option<Self::Item> {
+        if self.stop.stopped() {
+            self.client = None;
+            return None;
+        }
         if let Some(e) = self.recent.next() {
+            self.seen(&e);
             return Some(Ok(e));
         }
         let c = self.client.as_mut()?;
-        match c.read_line() {
+        let got = c.read_line();
+        if self.stop.stopped() {
+            self.client = None;
+            return None;
+        }
+        match got {
             Ok(None) => {
                 self.client = None;
                 None
             }
-            Ok(Some(line)) => Some(parse_reply(&line).and_then(|v| field::<EventInfo>(&v, "next"))),
+            Ok(Some(line)) => {
+                let e = parse_reply(&line).and_then(|v| field::<EventInfo>(&v, "next"));
+                if let Ok(e) = &e {
+                    self.seen(e);
+                }
+                Some(e)
+            }
             Err(e) => {
                 self.client = None;
-                Some(Err(e))
+                Some(Err(Error::io("reading the daemon's events", e)))
             }
         }
+    }
+}
+
+/// Ends an [`Events`] iterator, from any thread ([`Events::stopper`]); clones stop the same one.
+#[derive(Clone)]
+pub struct Stopper {
+    inner: Arc<StopInner>,
+}
+
+struct StopInner {
+    stopped: AtomicBool,
+    /// The follow's connection (a duplicate of its descriptor), to shut down.
+    stream: Option<UnixStream>,
+}
+
+impl std::fmt::Debug for Stopper {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("Stopper").field("stopped", &self.stopped()).finish()
+    }
+}
+
+impl Stopper {
+    /// Ends the iterator: its next `next` (or the one waiting now) returns `None`, and the
+    /// connection is shut down (the daemon forgets the follower). Stopping twice does nothing
+    /// more.
+    pub fn stop(&self) {
+        self.inner.stopped.store(true, Ordering::SeqCst);
+        if let Some(s) = &self.inner.stream {
+            let _ = s.shutdown(Shutdown::Both);
+        }
+    }
+
+    /// Whether [`stop`](Stopper::stop) was called.
+    pub fn stopped(&self) -> bool {
+        self.inner.stopped.load(Ordering::SeqCst)
     }
 }
 
@@ -400,43 +560,40 @@ pub fn start_first_process(
     limits: Option<&crate::cgroup::Limits>,
 ) -> Result<Pid> {
     let spawn_err =
-        |message: String| ClientError::Spawn { program: cmd.get_program().to_string_lossy().into_owned(), message };
-    let plan = crate::init::Plan::new(cmd).map_err(|e| spawn_err(e.to_string()))?;
+        |source: io::Error| Error::Spawn { program: cmd.get_program().to_string_lossy().into_owned(), source };
+    let plan = crate::init::Plan::new(cmd).map_err(spawn_err)?;
     let mut line = serde_json::to_vec(&Request {
         v: PROTOCOL_VERSION,
         op: Op::RegisterFirst { name: name.into(), limits: limits.filter(|l| !l.is_empty()).copied() },
     })
-    .expect("a request serialises");
+    .map_err(|e| Error::Protocol(format!("a request that does not serialise: {e}")))?;
     line.push(b'\n');
-    let null = std::fs::OpenOptions::new()
-        .read(true)
-        .open("/dev/null")
-        .map_err(|e| ClientError::io("opening /dev/null", e))?;
+    let null =
+        std::fs::OpenOptions::new().read(true).open("/dev/null").map_err(|e| Error::io("opening /dev/null", e))?;
     let out = match output {
         Some(p) => std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(p)
-            .map_err(|e| ClientError::io(format!("opening {}", p.display()), e))?,
-        None => std::fs::OpenOptions::new()
-            .write(true)
-            .open("/dev/null")
-            .map_err(|e| ClientError::io("opening /dev/null", e))?,
+            .map_err(|e| Error::io(format!("opening {}", p.display()), e))?,
+        None => {
+            std::fs::OpenOptions::new().write(true).open("/dev/null").map_err(|e| Error::io("opening /dev/null", e))?
+        }
     };
     let gate = crate::init::SocketGate::new(socket, line, OwnedFd::from(null), OwnedFd::from(out))
-        .map_err(|e| ClientError::io(format!("socket path {}", socket.display()), e))?;
-    let (reply_read, reply_write) = pipe().map_err(|e| ClientError::io("creating a pipe", e))?;
-    let (err_read, err_write) = pipe().map_err(|e| ClientError::io("creating a pipe", e))?;
+        .map_err(|e| Error::io(format!("socket path {}", socket.display()), e))?;
+    let (reply_read, reply_write) = pipe().map_err(|e| Error::io("creating a pipe", e))?;
+    let (err_read, err_write) = pipe().map_err(|e| Error::io("creating a pipe", e))?;
     let pid = crate::init::fork_first_process_socket(&plan, &gate, reply_write.as_raw_fd(), err_write.as_raw_fd())
-        .map_err(|e| ClientError::io("fork", e))?;
+        .map_err(|e| Error::io("fork", e))?;
     drop(reply_write);
     drop(err_write);
     drop(gate);
     let reap = || {
         let _ = crate::sys::reap(pid);
     };
-    let reply = read_all(reply_read).map_err(|e| ClientError::io("reading the first process's reply", e))?;
-    let failure = read_all(err_read).map_err(|e| ClientError::io("waiting for the command to start", e))?;
+    let reply = read_all(reply_read).map_err(|e| Error::io("reading the first process's reply", e))?;
+    let failure = read_all(err_read).map_err(|e| Error::io("waiting for the command to start", e))?;
     let staged = |failure: &[u8]| -> Option<(i32, i32)> {
         (failure.len() >= 8).then(|| {
             (
@@ -456,7 +613,7 @@ pub fn start_first_process(
         None if !reply.is_empty() => {}
         None => {
             reap();
-            return Err(spawn_err("the first process ended before registering".into()));
+            return Err(spawn_err(io::Error::other("the first process ended before registering")));
         }
         Some((stage, errno)) => {
             reap();
@@ -466,14 +623,15 @@ pub fn start_first_process(
             if stage == crate::init::stage::SEND && (errno == libc::EPIPE || errno == libc::ECONNRESET) {
                 // The daemon closed the connection before reading anything: it turns away
                 // connections beyond its limits that way (its refusal went to the first process).
-                return Err(ClientError::Busy(
-                    "it closed the first process's connection before reading the registration (too many \
-                     connections open?)"
+                return Err(Error::Refused {
+                    kind: ErrorKind::Busy,
+                    message: "it closed the first process's connection before reading the registration (too many \
+                              connections open?)"
                         .into(),
-                ));
+                });
             }
             let what = if errno == 0 { "failed".to_string() } else { io::Error::from_raw_os_error(errno).to_string() };
-            let e = spawn_err(format!("{}: {what}", stage_name(stage)));
+            let e = spawn_err(io::Error::other(format!("{}: {what}", stage_name(stage))));
             if stage == crate::init::stage::FORK || stage == crate::init::stage::EXEC {
                 // Registered, but the command never ran: free the name again.
                 if let Ok(mut c) = Client::connect_to(socket) {
@@ -496,17 +654,17 @@ pub fn start_first_process(
 ///
 /// Returns only on failure. The calling process must be single-threaded and should have no
 /// other children.
-pub fn exec_in(socket: &Path, name: &str, program: &OsString, args: &[OsString]) -> ClientError {
-    let spawn_err = |message: String| ClientError::Spawn { program: program.to_string_lossy().into_owned(), message };
+pub fn exec_in(socket: &Path, name: &str, program: &OsString, args: &[OsString]) -> Error {
+    let spawn_err = |source: io::Error| Error::Spawn { program: program.to_string_lossy().into_owned(), source };
     let mut cmd = Command::new(program);
     cmd.args(args);
     // Resolve the command first, so "not found" is said before joining anything.
     let plan = match crate::init::Plan::new(&cmd) {
         Ok(p) => p,
-        Err(e) => return spawn_err(e.to_string()),
+        Err(e) => return spawn_err(e),
     };
     if let Err(e) = crate::process::become_subreaper() {
-        return ClientError::io("becoming the reaper of the command's orphans", e);
+        return Error::io("becoming the reaper of the command's orphans", e);
     }
     let mut c = match Client::connect_to(socket) {
         Ok(c) => c,
@@ -516,8 +674,7 @@ pub fn exec_in(socket: &Path, name: &str, program: &OsString, args: &[OsString])
         return e;
     }
     drop(c);
-    let e = crate::init::run_loader_shim(&plan);
-    spawn_err(e.to_string())
+    spawn_err(crate::init::run_loader_shim(&plan))
 }
 
 #[cfg(test)]
@@ -528,10 +685,52 @@ mod tests {
     fn a_busy_refusal_says_so_and_to_retry() {
         let e = parse_reply(r#"{"ok":false,"error":{"kind":"busy","message":"uid 7 has 16 connections open"}}"#)
             .unwrap_err();
-        assert!(matches!(e, ClientError::Busy(_)), "{e:?}");
+        assert!(matches!(e, Error::Refused { kind: ErrorKind::Busy, .. }), "{e:?}");
         assert_eq!(e.kind(), Some(ErrorKind::Busy));
         let text = e.to_string();
         assert!(text.contains("busy") && text.contains("uid 7") && text.contains("try again"), "{text}");
+    }
+
+    fn over(stream: UnixStream) -> Client {
+        Client {
+            reader: BufReader::new(stream),
+            socket: PathBuf::from("/x.sock"),
+            timeout: Some(DEFAULT_TIMEOUT),
+            stale: false,
+        }
+    }
+
+    #[test]
+    fn a_daemon_that_says_nothing_times_out_naming_the_socket_and_the_wait() {
+        let (a, _b) = UnixStream::pair().unwrap();
+        let mut c = over(a);
+        c.set_timeout(Some(Duration::from_millis(200)));
+        let t = std::time::Instant::now();
+        let e = c.list().unwrap_err();
+        assert!(t.elapsed() < Duration::from_secs(5), "{:?}", t.elapsed());
+        assert!(matches!(e, Error::DaemonTimeout { after, .. } if after == Duration::from_millis(200)), "{e:?}");
+        assert!(e.to_string().contains("/x.sock") && e.to_string().contains("200ms"), "{e}");
+    }
+
+    #[test]
+    fn refusals_keep_their_kind_and_a_plain_unknown_vps_is_the_librarys() {
+        let refusal = |kind: &str, msg: &str| {
+            parse_reply(&format!(r#"{{"ok":false,"error":{{"kind":"{kind}","message":{msg:?}}}}}"#)).unwrap_err()
+        };
+        let plain = Error::UnknownVps("web".into()).to_string();
+        let e = named("web")(refusal("unknown_vps", &plain));
+        assert!(matches!(&e, Error::UnknownVps(n) if n == "web"), "{e:?}");
+        assert_eq!(e.kind(), Some(ErrorKind::UnknownVps));
+        let hint = "you have no VPS named \"web\"; other users do: say 1000:web";
+        let e = named("web")(refusal("unknown_vps", hint));
+        assert!(matches!(&e, Error::Refused { kind: ErrorKind::UnknownVps, .. }), "{e:?}");
+        assert_eq!(e.to_string(), hint, "the daemon's words, whole");
+        let e = refusal("permission_denied", "VPS \"a\" belongs to uid 5");
+        assert_eq!(e.kind(), Some(ErrorKind::PermissionDenied));
+        assert_eq!(e.to_string(), "permission denied: VPS \"a\" belongs to uid 5");
+        let e = refusal("something_new", "what happened");
+        assert_eq!(e.kind(), Some(ErrorKind::Other));
+        assert_eq!(e.to_string(), "the daemon refused (other): something_new: what happened");
     }
 
     #[test]
@@ -539,7 +738,12 @@ mod tests {
         let (a, b) = UnixStream::pair().unwrap();
         (&b).write_all(b"{\"ok\":false,\"error\":{\"kind\":\"busy\",\"message\":\"full\"}}\n").unwrap();
         drop(b);
-        let mut c = Client { reader: BufReader::new(a), socket: PathBuf::from("/nonexistent") };
+        let mut c = Client {
+            reader: BufReader::new(a),
+            socket: PathBuf::from("/nonexistent"),
+            timeout: Some(DEFAULT_TIMEOUT),
+            stale: false,
+        };
         let e = c.list().unwrap_err();
         assert_eq!(e.kind(), Some(ErrorKind::Busy), "{e}");
     }

@@ -1,8 +1,12 @@
 //! The one error type of the `vpstag` crate.
 
 use std::io;
+use std::path::PathBuf;
+use std::time::Duration;
 
 use vpstag_tracker::{Pid, TrackerError};
+
+use crate::protocol::ErrorKind;
 
 /// What went wrong. Each variant says what to do about it where there is something to do.
 #[derive(Debug, thiserror::Error)]
@@ -73,6 +77,42 @@ pub enum Error {
     /// ([`crate::cgroup`]).
     #[error(transparent)]
     Cgroup(#[from] crate::cgroup::CgroupError),
+    /// Nobody listens on the daemon's socket ([`crate::client`]).
+    #[error("no vpstag daemon is listening on {}: start it with `vpstag daemon` (or point --socket / VPSTAG_SOCKET at the right socket)", socket.display())]
+    NoDaemon {
+        /// The socket tried.
+        socket: PathBuf,
+    },
+    /// The daemon's socket exists but this user may not connect to it ([`crate::client`]).
+    #[error("permission denied connecting to {}: ask root to run the daemon with a socket you can reach (its mode must allow you to write)", socket.display())]
+    SocketPermission {
+        /// The socket tried.
+        socket: PathBuf,
+    },
+    /// The daemon refused a request ([`crate::client`]): `kind` says why (the table in
+    /// `docs/protocol.md`), the message what to do. A VPS of another user or an operation that
+    /// needs root is [`ErrorKind::PermissionDenied`]; too many connections open is
+    /// [`ErrorKind::Busy`] (nothing was done: try again once some have closed). An unknown VPS
+    /// named in the request is [`Error::UnknownVps`] when the daemon said no more than that.
+    #[error("{}", refusal_text(*kind, message))]
+    Refused {
+        /// Why ([`ErrorKind::Other`] for a kind this library does not know: the message then
+        /// begins with the kind's name).
+        kind: ErrorKind,
+        /// What the daemon said.
+        message: String,
+    },
+    /// The daemon said something this library does not understand ([`crate::client`]).
+    #[error("protocol error: {0} (is the daemon the same version as this client?)")]
+    Protocol(String),
+    /// The daemon did not answer a request in time ([`crate::client::Client::set_timeout`]).
+    #[error("the vpstag daemon on {} did not answer within {after:?}: it may be stuck or overloaded (see its log), or allow it longer (Client::set_timeout)", socket.display())]
+    DaemonTimeout {
+        /// The socket.
+        socket: PathBuf,
+        /// How long the client waited.
+        after: Duration,
+    },
     /// A system call failed.
     #[error("{context}: {source}")]
     Io {
@@ -88,6 +128,36 @@ impl Error {
     /// An [`Error::Io`] with what was being done.
     pub fn io(context: impl Into<String>, source: io::Error) -> Error {
         Error::Io { context: context.into(), source }
+    }
+
+    /// The protocol's kind of this error: for a refusal by the daemon ([`Error::Refused`]) the
+    /// kind it named; [`ErrorKind::UnknownVps`] for [`Error::UnknownVps`]; `None` for the rest.
+    ///
+    /// ```
+    /// use vpstag::protocol::ErrorKind;
+    /// use vpstag::Error;
+    ///
+    /// let e = Error::Refused { kind: ErrorKind::Busy, message: "uid 7 has 16 connections open".into() };
+    /// assert_eq!(e.kind(), Some(ErrorKind::Busy));
+    /// assert_eq!(e.to_string(), "the daemon is busy: uid 7 has 16 connections open; try again in a moment");
+    /// ```
+    pub fn kind(&self) -> Option<ErrorKind> {
+        match self {
+            Error::Refused { kind, .. } => Some(*kind),
+            Error::UnknownVps(_) => Some(ErrorKind::UnknownVps),
+            _ => None,
+        }
+    }
+}
+
+/// How a refusal by the daemon reads: the daemon's own message names the fix; some kinds say
+/// more.
+fn refusal_text(kind: ErrorKind, message: &str) -> String {
+    match kind {
+        ErrorKind::PermissionDenied => format!("permission denied: {message}"),
+        ErrorKind::UnknownVps | ErrorKind::AlreadyRunning => message.to_string(),
+        ErrorKind::Busy => format!("the daemon is busy: {message}; try again in a moment"),
+        kind => format!("the daemon refused ({kind}): {message}"),
     }
 }
 

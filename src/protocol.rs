@@ -57,8 +57,8 @@ pub enum Op {
     },
     /// The VPS of a process.
     Which {
-        /// The process id.
-        pid: i32,
+        /// The process id (a plain integer on the wire).
+        pid: Pid,
     },
     /// Live tagged processes, of one VPS or of all the caller may see.
     Ps {
@@ -97,6 +97,11 @@ pub enum Op {
         /// Keep the connection open and stream events.
         #[serde(default)]
         follow: bool,
+        /// Only the events after this [`EventInfo::seq`] (to resume a stream without a gap):
+        /// when some of them are no longer kept, a `lost` event with reason `expired` comes
+        /// first.
+        #[serde(default, skip_serializing_if = "Option::is_none")]
+        after: Option<u64>,
     },
     /// Compares the table with a fresh scan of the system.
     Check,
@@ -108,7 +113,7 @@ pub struct Hello {
     /// The protocol version the daemon speaks.
     pub version: u32,
     /// The daemon's process id.
-    pub daemon_pid: i32,
+    pub daemon_pid: Pid,
     /// Its backend (`cnproc`, `ptrace`, ...).
     pub backend: String,
     /// The caller's uid, as the daemon sees it.
@@ -130,9 +135,10 @@ pub struct VpsRef {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct ProcessInfo {
     /// Process id.
-    pub pid: i32,
-    /// Parent process id (0 when unknown).
-    pub ppid: i32,
+    pub pid: Pid,
+    /// Parent process id, when known (0 on the wire when not).
+    #[serde(with = "pid_or_zero")]
+    pub ppid: Option<Pid>,
     /// Its VPS.
     pub vps: String,
     /// Its command line (`[comm]` for a kernel-style name without arguments).
@@ -149,13 +155,13 @@ pub struct ProcessInfo {
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VpsInfo {
     /// Its id.
-    pub id: u64,
+    pub id: VpsId,
     /// Its name.
     pub name: String,
     /// The uid that started it.
     pub owner: u32,
     /// Its first process.
-    pub first: i32,
+    pub first: Pid,
     /// Whether the first process is alive.
     pub first_alive: bool,
     /// Live members.
@@ -185,11 +191,23 @@ pub struct EventInfo {
     pub event: String,
     /// The VPS; for `lost`, the VPS the stream is about, or `""` when it covers several.
     pub vps: String,
-    /// The process (for a fork: the child; 0 for `lost`).
-    pub pid: i32,
+    /// Its place in the daemon's stream: increases by one with each event the daemon records
+    /// (of any VPS, so a stream of one VPS skips numbers), and from one run of the daemon to the
+    /// next (it starts at the daemon's start time in microseconds). Resume a stream after the
+    /// last one seen with [`Client::events_after`](crate::client::Client::events_after). 0 (and
+    /// absent on the wire) where there is no such stream (`vpstag run --json-events` numbers its
+    /// own events from 1).
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub seq: u64,
+    /// The VPS's id: tells a VPS from a later one of the same name. Absent for `lost`.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vps_id: Option<VpsId>,
+    /// The process (for a fork: the child); `None` for `lost` (0 on the wire).
+    #[serde(with = "pid_or_zero")]
+    pub pid: Option<Pid>,
     /// For a fork: the parent.
     #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub parent: Option<i32>,
+    pub parent: Option<Pid>,
     /// For an exec: the new command line, when it could be read.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub cmd: Option<String>,
@@ -199,9 +217,15 @@ pub struct EventInfo {
     /// For an exit: the signal that ended it.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub signal: Option<i32>,
-    /// For `lost`: how many events were lost, when the backend could count them.
+    /// For `lost`: how many events were lost, when the backend could count them (for reason
+    /// `expired`: how many numbers of [`seq`](EventInfo::seq) were skipped, of every VPS, so at
+    /// most that many of this stream).
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub count: Option<u64>,
+    /// For `lost`: absent when the backend lost events (the table was repaired from a scan);
+    /// `expired` when a stream resumed with `after` asked for events the daemon no longer keeps.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub reason: Option<String>,
     /// When (nanoseconds of the boot clock), if the backend knows.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub time_ns: Option<u64>,
@@ -247,7 +271,7 @@ pub struct ErrorBody {
 
 /// Why the daemon refused a request (`"kind"` of a refusal; the table in `docs/protocol.md`).
 ///
-/// The daemon's refusals and [`ClientError::kind`](crate::client::ClientError::kind) both use it.
+/// The daemon's refusals and [`Error::kind`](crate::Error::kind) both use it.
 /// New kinds are compatible additions to the protocol.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash)]
 #[non_exhaustive]
@@ -344,8 +368,9 @@ impl EventInfo {
     /// (thread births and exits). `cmd` reads an exec's command line (it is called for exec
     /// events only). An exit carries `code` when the process exited and `signal` when a signal
     /// ended it, never both. A loss report (which belongs to no VPS) becomes a `lost` event with
-    /// pid 0, `count` when known, and `vps` as given (the VPS of the stream it is written into,
-    /// or `""` for a stream of several VPSes).
+    /// no pid, `count` when known, and `vps` as given (the VPS of the stream it is written into,
+    /// or `""` for a stream of several VPSes). `vps_id` is the event's VPS; `seq` is 0, for the
+    /// caller to number.
     ///
     /// ```
     /// use vpstag::protocol::EventInfo;
@@ -360,23 +385,26 @@ impl EventInfo {
     /// assert_eq!((info.event.as_str(), info.code, info.signal), ("exit", Some(3), None));
     /// ```
     pub fn from_event(ev: &TaggedEvent, vps: &str, cmd: impl FnOnce(Pid) -> Option<String>) -> Option<EventInfo> {
-        let base = |event: &str, pid: i32| EventInfo {
+        let base = |event: &str, pid: Option<Pid>| EventInfo {
             event: event.into(),
             vps: vps.into(),
+            seq: 0,
+            vps_id: ev.vps,
             pid,
             parent: None,
             cmd: None,
             code: None,
             signal: None,
             count: None,
+            reason: None,
             time_ns: ev.event.time_ns,
         };
         match ev.event.kind {
             EventKind::Fork { thread: true, .. } => None,
             EventKind::Fork { parent, child, .. } => {
-                Some(EventInfo { parent: Some(parent.as_raw()), ..base("fork", child.as_raw()) })
+                Some(EventInfo { parent: Some(parent), ..base("fork", Some(child)) })
             }
-            EventKind::Exec { pid, .. } => Some(EventInfo { cmd: cmd(pid), ..base("exec", pid.as_raw()) }),
+            EventKind::Exec { pid, .. } => Some(EventInfo { cmd: cmd(pid), ..base("exec", Some(pid)) }),
             EventKind::Exit { pid, thread, .. } if pid != thread => None,
             EventKind::Exit { pid, status, .. } => Some(EventInfo {
                 code: match status {
@@ -387,10 +415,55 @@ impl EventInfo {
                     Some(ExitStatus::Signaled { signal, .. }) => Some(signal),
                     _ => None,
                 },
-                ..base("exit", pid.as_raw())
+                ..base("exit", Some(pid))
             }),
-            EventKind::Lost { count, .. } => Some(EventInfo { count, ..base("lost", 0) }),
+            EventKind::Lost { count, .. } => Some(EventInfo { count, vps_id: None, ..base("lost", None) }),
             _ => None,
+        }
+    }
+
+    /// The `lost` event (reason `expired`) that begins a stream resumed after `seq` `after` when
+    /// `count` events after it are no longer kept (`None`: an unknown number, when `after` is
+    /// from a stream this daemon did not write). It carries the last `seq` it stands for.
+    pub fn expired(vps: &str, count: Option<u64>, seq: u64) -> EventInfo {
+        EventInfo {
+            event: "lost".into(),
+            vps: vps.into(),
+            seq,
+            vps_id: None,
+            pid: None,
+            parent: None,
+            cmd: None,
+            code: None,
+            signal: None,
+            count,
+            reason: Some("expired".into()),
+            time_ns: None,
+        }
+    }
+}
+
+fn is_zero(n: &u64) -> bool {
+    *n == 0
+}
+
+/// An optional pid as a plain integer, 0 for none (as the protocol has always sent it).
+mod pid_or_zero {
+    use serde::{Deserialize, Deserializer, Serializer};
+
+    use crate::Pid;
+
+    pub(super) fn serialize<S: Serializer>(pid: &Option<Pid>, s: S) -> Result<S::Ok, S::Error> {
+        s.serialize_i32(pid.map_or(0, Pid::as_raw))
+    }
+
+    pub(super) fn deserialize<'de, D: Deserializer<'de>>(d: D) -> Result<Option<Pid>, D::Error> {
+        let raw = i32::deserialize(d)?;
+        match raw {
+            0 => Ok(None),
+            raw => Pid::new(raw).map(Some).ok_or_else(|| {
+                serde::de::Error::invalid_value(serde::de::Unexpected::Signed(raw.into()), &"a process id or 0")
+            }),
         }
     }
 }
@@ -433,7 +506,7 @@ mod tests {
             vps: None,
         };
         let info = EventInfo::from_event(&lost(Some(12)), "web", |_| panic!("no command line for a loss")).unwrap();
-        assert_eq!((info.event.as_str(), info.vps.as_str(), info.pid, info.count), ("lost", "web", 0, Some(12)));
+        assert_eq!((info.event.as_str(), info.vps.as_str(), info.pid, info.count), ("lost", "web", None, Some(12)));
         let json = serde_json::to_string(&info).unwrap();
         assert_eq!(json, r#"{"event":"lost","vps":"web","pid":0,"count":12}"#);
         let uncounted = EventInfo::from_event(&lost(None), "", |_| None).unwrap();
@@ -454,5 +527,29 @@ mod tests {
         assert_eq!(d.pid.as_raw(), 77);
         assert_eq!(serde_json::to_string(&d).unwrap(), line);
         assert!(serde_json::from_str::<VpsRef>(r#"{"id":3,"name":"web","first":0}"#).is_err());
+        // A process whose parent is unknown: ppid 0, as ever.
+        let line = r#"{"pid":5,"ppid":0,"vps":"web","cmd":"sh","uid":0,"source":"event","start":9}"#;
+        let p: ProcessInfo = serde_json::from_str(line).unwrap();
+        assert_eq!((p.pid.as_raw(), p.ppid), (5, None));
+        assert_eq!(serde_json::to_string(&p).unwrap(), line);
+        assert!(serde_json::from_str::<ProcessInfo>(&line.replace("\"ppid\":0", "\"ppid\":-4")).is_err());
+    }
+
+    #[test]
+    fn events_carry_seq_and_vps_id_as_plain_integers_and_old_events_still_read() {
+        let line = r#"{"event":"fork","vps":"web","seq":1700000000000001,"vps_id":3,"pid":11,"parent":10}"#;
+        let e: EventInfo = serde_json::from_str(line).unwrap();
+        assert_eq!(
+            (e.seq, e.vps_id, e.pid.map(Pid::as_raw), e.parent.map(Pid::as_raw)),
+            (1700000000000001, Some(VpsId(3)), Some(11), Some(10))
+        );
+        assert_eq!(serde_json::to_string(&e).unwrap(), line);
+        let old: EventInfo = serde_json::from_str(r#"{"event":"exec","vps":"a","pid":3}"#).unwrap();
+        assert_eq!((old.seq, old.vps_id), (0, None));
+        let x = EventInfo::expired("web", Some(5), 41);
+        assert_eq!(
+            serde_json::to_string(&x).unwrap(),
+            r#"{"event":"lost","vps":"web","seq":41,"pid":0,"count":5,"reason":"expired"}"#
+        );
     }
 }

@@ -469,7 +469,7 @@ impl DaemonProc {
                 return Err(format!("the daemon ended ({}) before answering; its log: {}", describe(st), tail(&d.log)));
             }
             match Client::connect_to(&d.socket).and_then(|mut c| c.hello()) {
-                Ok(h) if h.backend == backend && h.daemon_pid == d.pid => break,
+                Ok(h) if h.backend == backend && h.daemon_pid.as_raw() == d.pid => break,
                 Ok(h) => {
                     return Err(format!(
                         "the socket {} answered as daemon pid {} with backend {}, not ours (pid {}, {backend})",
@@ -593,7 +593,7 @@ fn run_in_vps(
     cmd: &[String],
     vps_out: &Path,
 ) -> Result<Span, String> {
-    let cerr = |e: vpstag::client::ClientError| format!("asking the daemon: {e}");
+    let cerr = |e: vpstag::Error| format!("asking the daemon: {e}");
     let start_out = d.dir.join(format!("{name}.start.out"));
     let so = std::fs::File::create(&start_out).map_err(|e| format!("creating {}: {e}", start_out.display()))?;
     let se = so.try_clone().map_err(|e| e.to_string())?;
@@ -673,7 +673,7 @@ fn measure_in(
     count: u64,
     startup: f64,
 ) -> Result<(f64, DaemonRun), String> {
-    let cerr = |e: vpstag::client::ClientError| format!("asking the daemon: {e}");
+    let cerr = |e: vpstag::Error| format!("asking the daemon: {e}");
     // One connection for every question: no thread started in the daemon per question.
     let mut client = Client::connect_to(&d.socket).map_err(cerr)?;
     let idle = run_in_vps(ctx, d, &mut client, "bench-idle", &["/bin/true".to_string()], &d.dir.join("idle.out"))?;

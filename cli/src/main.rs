@@ -3,6 +3,7 @@
 
 mod cli;
 mod daemon;
+mod logger;
 
 fn main() {
     std::process::exit(cli::main());

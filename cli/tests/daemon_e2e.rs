@@ -546,10 +546,10 @@ fn the_library_client_answers_and_follows_events() {
     let first = d.start_vps("lib", &["sh", "-c", "sleep 701 & wait"]);
     let mut c = vpstag::client::Client::connect_to(&d.socket).unwrap();
     let pid = vpstag::Pid::new(first).unwrap();
-    assert_eq!(c.vps_of(pid).unwrap().as_deref(), Some("lib"));
+    assert_eq!(c.vps_of(pid).unwrap().map(|v| v.name).as_deref(), Some("lib"));
     wait_until("the sleep", Duration::from_secs(10), || d.pids_of("lib", "sleep 701").len() == 1);
     assert!(c.members("lib").unwrap().contains(&pid));
-    assert_eq!(c.hello().unwrap().daemon_pid, d.pid());
+    assert_eq!(c.hello().unwrap().daemon_pid.as_raw(), d.pid());
     let err = c.members("nope").unwrap_err();
     assert_eq!(err.kind(), Some(vpstag::protocol::ErrorKind::UnknownVps), "{err}");
 

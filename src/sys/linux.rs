@@ -313,15 +313,16 @@ pub(crate) fn allow_ptracer(pid: i32) {
 }
 
 /// Whether a user with uid `uid` could signal `pid` itself (kill(2): the sender's uid is the
-/// target's real or saved uid; root may signal anyone). `/proc/PID/status`, `Uid:` line.
+/// target's real or saved uid; root may signal anyone), from `/proc/PID/status` (procfs).
 pub(crate) fn may_signal(uid: u32, pid: Pid) -> bool {
     if uid == 0 {
         return true;
     }
-    let Ok(s) = std::fs::read_to_string(format!("/proc/{pid}/status")) else { return false };
-    let Some(line) = s.lines().find(|l| l.starts_with("Uid:")) else { return false };
-    let ids: Vec<u32> = line[4..].split_whitespace().filter_map(|x| x.parse().ok()).collect();
-    ids.first() == Some(&uid) || ids.get(2) == Some(&uid)
+    // Real or saved uid, as kill(2) checks them.
+    match procfs::process::Process::new(pid.as_raw()).and_then(|p| p.status()) {
+        Ok(s) => s.ruid == uid || s.suid == uid,
+        Err(_) => false,
+    }
 }
 
 /// User + system CPU time (ms) and resident memory (bytes) of a process.
@@ -404,6 +405,19 @@ mod tests {
 
     fn is_root() -> bool {
         rustix::process::geteuid().is_root()
+    }
+
+    #[test]
+    fn may_signal_reads_the_real_and_saved_uid_from_proc() {
+        let me = Pid::new(std::process::id() as i32).unwrap();
+        let uid = rustix::process::getuid().as_raw();
+        assert!(may_signal(uid, me), "a process may signal itself");
+        assert!(may_signal(0, me), "root may signal anyone");
+        let other = if uid == 4242 { 4243 } else { 4242 };
+        assert!(!may_signal(other, me), "uid {other} may not signal a process of uid {uid}");
+        // A pid that does not exist: nobody but root.
+        let gone = Pid::new(i32::MAX - 1).unwrap();
+        assert!(!may_signal(other, gone));
     }
 
     /// Starts `/bin/sleep 30` on exactly pid `pid` (clone3 with `set_tid`; root only). `None` when

@@ -11,7 +11,7 @@ use std::time::{Duration, Instant, SystemTime};
 
 use clap::CommandFactory;
 use serde_json::json;
-use vpstag::client::{Client, ClientError};
+use vpstag::client::Client;
 use vpstag::protocol::{EventInfo, Op, ProcessInfo};
 use vpstag::Pid;
 
@@ -50,15 +50,8 @@ fn out_or_exit(r: std::io::Result<()>) {
 }
 
 enum Failure {
-    Client(ClientError),
     Lib(vpstag::Error),
     Other(String),
-}
-
-impl From<ClientError> for Failure {
-    fn from(e: ClientError) -> Failure {
-        Failure::Client(e)
-    }
 }
 
 impl From<vpstag::Error> for Failure {
@@ -70,7 +63,6 @@ impl From<vpstag::Error> for Failure {
 impl std::fmt::Display for Failure {
     fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
         match self {
-            Failure::Client(e) => write!(f, "{e}"),
             Failure::Lib(e) => write!(f, "{e}"),
             Failure::Other(s) => f.write_str(s),
         }
@@ -166,7 +158,7 @@ fn exec(a: super::ExecArgs, socket: &Path) -> R {
 
 fn which(a: super::WhichArgs, socket: &Path) -> R {
     let pid: Pid = a.pid.parse().map_err(Failure::Other)?;
-    let vps = Client::connect_to(socket)?.vps_of(pid)?;
+    let vps = Client::connect_to(socket)?.vps_of(pid)?.map(|v| v.name);
     if a.json {
         print_json(&json!({ "pid": pid.as_raw(), "vps": vps }));
     } else if let Some(name) = &vps {
@@ -214,7 +206,7 @@ fn ps(a: super::PsArgs, socket: &Path) -> R {
                 "{:<16} {:>7} {:>7} {:>6} {:<7} {}",
                 printable(&p.vps),
                 p.pid,
-                p.ppid,
+                p.ppid.map_or(0, Pid::as_raw),
                 p.uid,
                 printable(&p.source),
                 printable(&p.cmd)
@@ -234,14 +226,13 @@ fn draw_trees(procs: &[ProcessInfo]) -> String {
     let mut out = String::new();
     for (vps, members) in by_vps {
         out.push_str(&format!("VPS {} ({} processes)\n", printable(vps), members.len()));
-        let pids: HashSet<i32> = members.iter().map(|p| p.pid).collect();
-        let mut children: HashMap<i32, Vec<&ProcessInfo>> = HashMap::new();
+        let pids: HashSet<Pid> = members.iter().map(|p| p.pid).collect();
+        let mut children: HashMap<Pid, Vec<&ProcessInfo>> = HashMap::new();
         let mut roots = Vec::new();
         for p in &members {
-            if p.ppid != p.pid && pids.contains(&p.ppid) {
-                children.entry(p.ppid).or_default().push(p);
-            } else {
-                roots.push(*p);
+            match p.ppid {
+                Some(pp) if pp != p.pid && pids.contains(&pp) => children.entry(pp).or_default().push(p),
+                _ => roots.push(*p),
             }
         }
         fn walk(
@@ -249,7 +240,7 @@ fn draw_trees(procs: &[ProcessInfo]) -> String {
             p: &ProcessInfo,
             prefix: &str,
             last: bool,
-            children: &HashMap<i32, Vec<&ProcessInfo>>,
+            children: &HashMap<Pid, Vec<&ProcessInfo>>,
         ) {
             out.push_str(&format!("{prefix}{}{} {}\n", if last { "└─" } else { "├─" }, p.pid, printable(&p.cmd)));
             let kids = children.get(&p.pid).map(Vec::as_slice).unwrap_or(&[]);
@@ -339,6 +330,8 @@ const STOP_REPORT_EVERY: Duration = Duration::from_secs(1);
 fn stop(a: super::StopArgs, socket: &Path) -> R {
     let grace = Duration::from_secs_f64(a.grace.max(0.0));
     let mut c = Client::connect_to(socket)?;
+    // The daemon answers once the VPS is gone: after the grace period at most, and its SIGKILLs.
+    c.set_timeout(Some(grace.saturating_add(vpstag::client::DEFAULT_TIMEOUT)));
     let began = Instant::now();
     let (tx, rx) = mpsc::channel();
     let op = Op::Stop { name: a.name.clone(), grace_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)) };
@@ -405,23 +398,30 @@ fn stop_progress(name: &str, left: &[Pid], elapsed: Duration, grace: Duration) -
 /// An event as one line of text (`vpstag events`, `vpstag run`), control characters escaped.
 pub(super) fn event_text(e: &EventInfo) -> String {
     let vps = if e.vps.is_empty() { Cow::Borrowed("*") } else { printable(&e.vps) };
+    let num = |p: Option<Pid>| p.map_or(0, Pid::as_raw);
+    let pid = num(e.pid);
+    let count = || match e.count {
+        Some(1) => "1 event".to_string(),
+        Some(n) => format!("{n} events"),
+        None => "events".to_string(),
+    };
     match e.event.as_str() {
-        "fork" => format!("[{vps}] fork {} -> {}", e.parent.unwrap_or(0), e.pid),
-        "exec" => format!("[{vps}] exec {} {}", e.pid, printable(e.cmd.as_deref().unwrap_or("?"))),
+        "fork" => format!("[{vps}] fork {} -> {pid}", num(e.parent)),
+        "exec" => format!("[{vps}] exec {pid} {}", printable(e.cmd.as_deref().unwrap_or("?"))),
         "exit" => match (e.code, e.signal) {
-            (Some(c), _) => format!("[{vps}] exit {} (exit code {c})", e.pid),
-            (_, Some(s)) => format!("[{vps}] exit {} (killed by signal {s})", e.pid),
-            _ => format!("[{vps}] exit {}", e.pid),
+            (Some(c), _) => format!("[{vps}] exit {pid} (exit code {c})"),
+            (_, Some(s)) => format!("[{vps}] exit {pid} (killed by signal {s})"),
+            _ => format!("[{vps}] exit {pid}"),
         },
-        "lost" => format!(
-            "[{vps}] lost {} (the table was repaired from a scan, but events are missing here)",
-            match e.count {
-                Some(1) => "1 event".to_string(),
-                Some(n) => format!("{n} events"),
+        "lost" if e.reason.as_deref() == Some("expired") => {
+            let n = match e.count {
+                Some(_) => format!("up to {}", count()),
                 None => "events".to_string(),
-            }
-        ),
-        other => format!("[{vps}] {} {}", printable(other), e.pid),
+            };
+            format!("[{vps}] lost {n} (no longer kept by the daemon when this stream resumed)")
+        }
+        "lost" => format!("[{vps}] lost {} (the table was repaired from a scan, but events are missing here)", count()),
+        other => format!("[{vps}] {} {pid}", printable(other)),
     }
 }
 
@@ -483,7 +483,15 @@ mod tests {
     use super::*;
 
     fn p(pid: i32, ppid: i32, vps: &str) -> ProcessInfo {
-        ProcessInfo { pid, ppid, vps: vps.into(), cmd: format!("c{pid}"), uid: 0, source: "event".into(), start: 0 }
+        ProcessInfo {
+            pid: Pid::new(pid).unwrap(),
+            ppid: Pid::new(ppid),
+            vps: vps.into(),
+            cmd: format!("c{pid}"),
+            uid: 0,
+            source: "event".into(),
+            start: 0,
+        }
     }
 
     #[test]
@@ -527,12 +535,15 @@ mod tests {
         let lost = |vps: &str, count| EventInfo {
             event: "lost".into(),
             vps: vps.into(),
-            pid: 0,
+            seq: 0,
+            vps_id: None,
+            pid: None,
             parent: None,
             cmd: None,
             code: None,
             signal: None,
             count,
+            reason: None,
             time_ns: None,
         };
         assert_eq!(
@@ -542,6 +553,10 @@ mod tests {
         assert_eq!(
             event_text(&lost("web", None)),
             "[web] lost events (the table was repaired from a scan, but events are missing here)"
+        );
+        assert_eq!(
+            event_text(&EventInfo::expired("web", Some(4), 99)),
+            "[web] lost up to 4 events (no longer kept by the daemon when this stream resumed)"
         );
     }
 

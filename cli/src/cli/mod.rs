@@ -18,6 +18,10 @@ pub(crate) struct Cli {
     /// The daemon's socket (default: $VPSTAG_SOCKET, else /run/vpstag/vpstag.sock).
     #[arg(long, global = true, value_name = "PATH")]
     pub socket: Option<PathBuf>,
+    /// Say more about what the library does (repeat for more: -v info, -vv debug); without
+    /// it, $VPSTAG_LOG (warn, info, debug) sets the level, else warnings only.
+    #[arg(short = 'v', long = "verbose", global = true, action = clap::ArgAction::Count)]
+    pub verbose: u8,
     #[command(subcommand)]
     pub command: Cmd,
 }
@@ -416,6 +420,7 @@ pub(crate) fn main() -> i32 {
             return usage_error_code(&e, std::env::args_os());
         }
     };
+    crate::logger::install(crate::logger::level(cli.verbose, std::env::var("VPSTAG_LOG").ok().as_deref()));
     let socket = cli.socket();
     let r = match cli.command {
         Cmd::Run(a) => run::run(a),

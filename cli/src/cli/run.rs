@@ -23,6 +23,8 @@ enum Sink {
 struct Printer {
     sink: Sink,
     vps: Vps,
+    /// The `seq` of the last event shown (this run numbers its own events from 1).
+    seq: u64,
 }
 
 /// The event `t` as `vpstag run` shows it for `vps`, in the schema of `vpstag events`: `None` for
@@ -41,7 +43,9 @@ impl Printer {
         if matches!(self.sink, Sink::Quiet) {
             return;
         }
-        let Some(info) = shown_event(t, &self.vps, vpstag::process::cmdline) else { return };
+        let Some(mut info) = shown_event(t, &self.vps, vpstag::process::cmdline) else { return };
+        self.seq += 1;
+        info.seq = self.seq;
         match &mut self.sink {
             Sink::Text => eprintln!("{}", super::ctl::event_text(&info)),
             Sink::Json(w) => {
@@ -131,7 +135,7 @@ pub(crate) fn run(a: RunArgs) -> vpstag::Result<i32> {
         (None, true) => Sink::Quiet,
         (None, false) => Sink::Text,
     };
-    let mut out = Printer { sink, vps: vps.clone() };
+    let mut out = Printer { sink, vps: vps.clone(), seq: 0 };
     let tick = |out: &mut Printer| -> vpstag::Result<()> {
         out.drain(&rx, Duration::from_millis(50));
         if let Some(sig) = signals.take() {
@@ -226,7 +230,8 @@ mod tests {
             }),
             vps,
         };
-        assert_eq!(shown_event(&fork(Some(VpsId(7))), &vps(), |_| None).map(|i| i.pid), Some(101));
+        let f = shown_event(&fork(Some(VpsId(7))), &vps(), |_| None).expect("a member's fork");
+        assert_eq!((f.pid.map(Pid::as_raw), f.vps_id), (Some(101), Some(VpsId(7))));
         assert!(shown_event(&fork(Some(VpsId(8))), &vps(), |_| None).is_none(), "another VPS's fork");
         assert!(shown_event(&fork(None), &vps(), |_| None).is_none(), "an untagged fork");
     }

@@ -62,12 +62,68 @@ pub(super) fn event_bytes(e: &EventInfo) -> usize {
 /// An event of a VPS (by id), stored once for every follower.
 pub(super) type Shared = Arc<(u64, EventInfo)>;
 
-/// The recent events (for `vpstag events` without `--follow`): the same shared copies the
-/// followers get, with their total size kept as they come and go.
-#[derive(Default)]
+/// The recent events (for `vpstag events` and for a follow that resumes `after` a seq): the
+/// same shared copies the followers get, with their total size kept as they come and go, and
+/// the next event's number.
 pub(super) struct Recent {
     pub(super) items: VecDeque<(Shared, usize)>,
     bytes: usize,
+    /// The `seq` of the next event recorded.
+    next_seq: u64,
+    /// The `seq` of this run's first event.
+    first_seq: u64,
+}
+
+impl Recent {
+    /// An empty ring whose first event is numbered `first_seq`.
+    pub(super) fn new(first_seq: u64) -> Recent {
+        let first_seq = first_seq.max(1);
+        Recent { items: VecDeque::new(), bytes: 0, next_seq: first_seq, first_seq }
+    }
+
+    /// Where a new daemon's `seq` begins: its start time in microseconds, so that the numbers go
+    /// on increasing from one run of the daemon to the next (a follower that resumes with a
+    /// `seq` of an earlier run is told what it may have missed).
+    pub(super) fn first_seq_now() -> u64 {
+        SystemTime::now()
+            .duration_since(SystemTime::UNIX_EPOCH)
+            .map(|d| u64::try_from(d.as_micros()).unwrap_or(u64::MAX / 2))
+            .unwrap_or(1)
+    }
+
+    /// The events after `after` (all of them for `None`) that `wanted` keeps, as `shown` shows
+    /// them; first a `lost` event (reason `expired`, named `vps`) when some after `after` are no
+    /// longer kept: how many seqs were skipped, or an unknown number when `after` is not a seq
+    /// this ring has given yet (a number of an earlier run of the daemon).
+    fn replay(
+        &self,
+        after: Option<u64>,
+        vps: &str,
+        mut wanted: impl FnMut(&Shared) -> Option<EventInfo>,
+    ) -> Vec<EventInfo> {
+        let mut out = Vec::new();
+        if let Some(after) = after {
+            let oldest = self.items.front().map_or(self.next_seq, |(i, _)| i.1.seq);
+            if after >= self.next_seq || after + 1 < self.first_seq {
+                // Not a number of this run: how many were missed is not known.
+                out.push(EventInfo::expired(vps, None, oldest.saturating_sub(1)));
+            } else if after + 1 < oldest {
+                out.push(EventInfo::expired(vps, Some(oldest - after - 1), oldest - 1));
+            }
+        }
+        let from = match after {
+            Some(a) if a < self.next_seq => a,
+            _ => 0,
+        };
+        out.extend(self.items.iter().filter(|(i, _)| i.1.seq > from).filter_map(|(i, _)| wanted(i)));
+        out
+    }
+}
+
+/// A follower's end of its queue (see [`Daemon::replay`]).
+pub(super) struct Subscription {
+    rx: mpsc::Receiver<Shared>,
+    queued: Arc<AtomicUsize>,
 }
 
 /// One follower of `events --follow`: whom it serves, and its queue.
@@ -102,14 +158,14 @@ pub(super) fn event_info(ev: &vpstag::TaggedEvent, name: &str) -> Option<EventIn
     EventInfo::from_event(ev, name, event_cmd)
 }
 
-/// What the feed keeps of `t`, with the owner of its VPS and its size: an event of a tagged
-/// process (`vps` gives its VPS's name and owner), or a loss report (under [`EVERY_VPS`], with
-/// the empty name: every follower may have missed something); `None` for the rest (untagged
-/// processes, threads).
+/// What the feed keeps of `t` (not numbered yet), with the id and owner of its VPS and its
+/// size: an event of a tagged process (`vps` gives its VPS's name and owner), or a loss report
+/// (under [`EVERY_VPS`], with the empty name: every follower may have missed something); `None`
+/// for the rest (untagged processes, threads).
 fn feed_item(
     t: &vpstag::TaggedEvent,
     vps: impl FnOnce(vpstag::VpsId) -> Option<(String, Option<u32>)>,
-) -> Option<(Shared, Option<u32>, usize)> {
+) -> Option<(u64, EventInfo, Option<u32>, usize)> {
     let (id, name, owner) = match t.vps {
         Some(id) => {
             let (name, owner) = vps(id)?;
@@ -120,7 +176,7 @@ fn feed_item(
     };
     let info = event_info(t, &name)?;
     let bytes = event_bytes(&info);
-    Some((Arc::new((id, info)), owner, bytes))
+    Some((id, info, owner, bytes))
 }
 
 impl Daemon {
@@ -134,7 +190,7 @@ impl Daemon {
                 Err(RecvTimeoutError::Disconnected) => return,
             };
             // Each event once, shared by every follower, with its VPS's owner and its size.
-            let infos: Vec<(Shared, Option<u32>, usize)> = {
+            let infos: Vec<(u64, EventInfo, Option<u32>, usize)> = {
                 let meta = self.meta();
                 batch
                     .iter()
@@ -149,16 +205,25 @@ impl Daemon {
             if infos.is_empty() {
                 continue;
             }
-            {
-                let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
-                for (item, _, bytes) in &infos {
-                    r.items.push_back((Arc::clone(item), *bytes));
-                    r.bytes += bytes;
-                }
-                while r.items.len() > RECENT_EVENTS || (r.bytes > RECENT_BYTES && r.items.len() > 1) {
-                    if let Some((_, b)) = r.items.pop_front() {
-                        r.bytes -= b;
-                    }
+            // Numbered, kept and offered under the ring's lock: a follower registers under it
+            // too (`replay`), so it gets each event either in its replay or in its queue, never
+            // both and never neither.
+            let mut r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+            let infos: Vec<(Shared, Option<u32>, usize)> = infos
+                .into_iter()
+                .map(|(id, mut info, owner, bytes)| {
+                    info.seq = r.next_seq;
+                    r.next_seq += 1;
+                    (Arc::new((id, info)), owner, bytes)
+                })
+                .collect();
+            for (item, _, bytes) in &infos {
+                r.items.push_back((Arc::clone(item), *bytes));
+                r.bytes += bytes;
+            }
+            while r.items.len() > RECENT_EVENTS || (r.bytes > RECENT_BYTES && r.items.len() > 1) {
+                if let Some((_, b)) = r.items.pop_front() {
+                    r.bytes -= b;
                 }
             }
             let mut f = self.followers.lock().unwrap_or_else(|e| e.into_inner());
@@ -166,17 +231,54 @@ impl Daemon {
         }
     }
 
-    /// Streams every new event `peer` may see (of the one VPS `only`, id and name, when given) on
-    /// `stream`, loss reports included, until either side goes.
-    pub(super) fn follow(&self, peer: Peer, only: Option<(u64, String)>, stream: &UnixStream) {
-        let (tx, rx) = mpsc::sync_channel(FOLLOWER_QUEUE);
-        let queued = Arc::new(AtomicUsize::new(0));
-        self.followers.lock().unwrap_or_else(|e| e.into_inner()).push(Follower {
-            tx,
-            queued: Arc::clone(&queued),
-            uid: peer.uid,
-            only: only.as_ref().map(|(id, _)| *id),
+    /// The VPS (id and name) an `events` request of `peer` names, if any.
+    pub(super) fn events_of(&self, peer: Peer, name: Option<String>) -> Result<Option<(u64, String)>, Refusal> {
+        match name {
+            Some(n) => {
+                let v = self.lookup(peer, &n, "see")?;
+                Ok(Some((v.id.0, v.name)))
+            }
+            None => Ok(None),
+        }
+    }
+
+    /// The kept events `peer` may see (of the one VPS `only`, when given) after `after` (all of
+    /// them for `None`; see [`Recent::replay`]); with `follow`, also a subscription to every
+    /// later one, taken under the same lock as the replay, so that no event falls between them
+    /// and none is in both.
+    pub(super) fn replay(
+        &self,
+        peer: Peer,
+        only: Option<&(u64, String)>,
+        after: Option<u64>,
+        follow: bool,
+    ) -> (Vec<EventInfo>, Option<Subscription>) {
+        let r = self.recent.lock().unwrap_or_else(|e| e.into_inner());
+        let vps = only.map_or("", |(_, n)| n.as_str());
+        let events = r.replay(after, vps, |item| {
+            let (id, e) = &**item;
+            let wanted = *id == EVERY_VPS || (only.is_none_or(|(o, _)| o == id) && self.visible(peer, *id));
+            wanted.then(|| as_shown(*id, e, only).into_owned())
         });
+        let sub = follow.then(|| {
+            let (tx, rx) = mpsc::sync_channel(FOLLOWER_QUEUE);
+            let queued = Arc::new(AtomicUsize::new(0));
+            self.followers.lock().unwrap_or_else(|e| e.into_inner()).push(Follower {
+                tx,
+                queued: Arc::clone(&queued),
+                uid: peer.uid,
+                only: only.map(|(id, _)| *id),
+            });
+            Subscription { rx, queued }
+        });
+        drop(r);
+        (events, sub)
+    }
+
+    /// Streams every event of `sub` that `peer` may see (of the one VPS `only`, id and name, when
+    /// given) on `stream`, loss reports included, until either side goes.
+    pub(super) fn follow(&self, peer: Peer, only: Option<(u64, String)>, sub: Subscription, stream: &UnixStream) {
+        let Subscription { rx, queued } = sub;
         while !self.stop.load(Ordering::SeqCst) {
             match rx.recv_timeout(Duration::from_millis(500)) {
                 Ok(item) => {
@@ -226,12 +328,15 @@ mod tests {
         EventInfo {
             event: "exec".into(),
             vps: "v".into(),
-            pid: 1,
+            seq: 0,
+            vps_id: None,
+            pid: Pid::new(1),
             parent: None,
             cmd: Some(cmd.into()),
             code: None,
             signal: None,
             count: None,
+            reason: None,
             time_ns: None,
         }
     }
@@ -276,7 +381,8 @@ mod tests {
             }),
             vps: None,
         };
-        let (item, owner, bytes) = feed_item(&lost, |_| panic!("a loss has no VPS")).expect("a loss is kept");
+        let (id, info, owner, bytes) = feed_item(&lost, |_| panic!("a loss has no VPS")).expect("a loss is kept");
+        let item = Arc::new((id, info));
         assert_eq!((item.0, item.1.vps.as_str(), owner), (EVERY_VPS, "", None));
         assert!(one.offer(&item, owner, bytes));
         let got = rx.try_recv().expect("a follower of one VPS, not root, gets the loss");
@@ -306,10 +412,50 @@ mod tests {
             vps,
         };
         let named = |_| Some(("web".to_string(), Some(1000)));
-        let (item, owner, _) = feed_item(&fork(Some(vpstag::VpsId(5))), named).expect("a member's fork");
-        assert_eq!((item.0, item.1.vps.as_str(), item.1.pid, owner), (5, "web", 11, Some(1000)));
+        let (id, info, owner, _) = feed_item(&fork(Some(vpstag::VpsId(5))), named).expect("a member's fork");
+        assert_eq!((id, info.vps.as_str(), info.pid, owner), (5, "web", Some(c), Some(1000)));
+        assert_eq!(info.vps_id, Some(vpstag::VpsId(5)));
         assert!(feed_item(&fork(None), named).is_none(), "an untagged process's fork");
         assert!(feed_item(&fork(Some(vpstag::VpsId(6))), |_| None).is_none(), "a VPS already forgotten");
+    }
+
+    /// A ring of events numbered `seqs` (all of VPS 1).
+    fn ring(first: u64, seqs: &[u64]) -> Recent {
+        let mut r = Recent::new(first);
+        for &seq in seqs {
+            let mut e = exec("a");
+            e.seq = seq;
+            r.items.push_back((Arc::new((1, e)), 10));
+            r.next_seq = seq + 1;
+        }
+        r
+    }
+
+    fn seqs(events: &[EventInfo]) -> Vec<(String, u64, Option<u64>)> {
+        events.iter().map(|e| (e.event.clone(), e.seq, e.count)).collect()
+    }
+
+    #[test]
+    fn a_replay_after_a_seq_sends_what_came_after_and_says_what_is_no_longer_kept() {
+        let all = |i: &Shared| Some(i.1.clone());
+        let r = ring(100, &[105, 106, 107]);
+        let exec = |s| ("exec".to_string(), s, None);
+        assert_eq!(seqs(&r.replay(None, "a", all)), [exec(105), exec(106), exec(107)]);
+        assert_eq!(seqs(&r.replay(Some(105), "a", all)), [exec(106), exec(107)]);
+        assert_eq!(seqs(&r.replay(Some(107), "a", all)), [], "nothing new");
+        assert_eq!(seqs(&r.replay(Some(104), "a", all)), [exec(105), exec(106), exec(107)], "no gap: no marker");
+        // 102..=104 fell out of the ring: a marker first, standing for the last of them.
+        let got = r.replay(Some(101), "a", all);
+        assert_eq!(seqs(&got), [("lost".to_string(), 104, Some(3)), exec(105), exec(106), exec(107)]);
+        assert_eq!((got[0].reason.as_deref(), got[0].vps.as_str()), (Some("expired"), "a"));
+        // A seq of another run (earlier: below this run's first; or one never given): how many
+        // is not known, and everything kept comes.
+        for other_run in [7, 500] {
+            let got = r.replay(Some(other_run), "", all);
+            assert_eq!(seqs(&got), [("lost".to_string(), 104, None), exec(105), exec(106), exec(107)], "{other_run}");
+        }
+        // What the filter leaves out is not sent, and the marker still is.
+        assert_eq!(seqs(&r.replay(Some(101), "a", |_| None)), [("lost".to_string(), 104, Some(3))]);
     }
 
     #[test]

@@ -264,8 +264,6 @@ impl Daemon {
                 Ok(ok_line(json!({ "vps": vps })))
             }
             Op::Which { pid } => {
-                let pid =
-                    Pid::new(pid).ok_or_else(|| refuse(ErrorKind::BadRequest, format!("not a process id: {pid}")))?;
                 // A thread id stands for its process (the table holds processes).
                 let (pid, vps) = match self.mgr.vps_of(pid)? {
                     Some(v) => (pid, Some(v)),
@@ -278,7 +276,8 @@ impl Daemon {
                     None => Ok(ok_line(json!({ "vps": null }))),
                     // A process may always ask about itself.
                     Some(v) if self.visible(peer, v.id.0) || pid.as_raw() == peer.pid => {
-                        Ok(ok_line(json!({ "vps": self.shown(v).name })))
+                        let v = self.shown(v);
+                        Ok(ok_line(json!({ "vps": v.name, "vps_id": v.id, "first": v.first })))
                     }
                     Some(_) => Err(refuse(
                         ErrorKind::PermissionDenied,
@@ -288,7 +287,7 @@ impl Daemon {
             }
             Op::Members { name } => {
                 let vps = self.lookup(peer, &name, "see")?;
-                let pids: Vec<i32> = self.mgr.members(&vps)?.into_iter().map(Pid::as_raw).collect();
+                let pids: Vec<Pid> = self.mgr.members(&vps)?;
                 Ok(ok_line(json!({ "pids": pids })))
             }
             Op::Ps { name } => {
@@ -316,8 +315,8 @@ impl Daemon {
                             continue;
                         }
                         out.push(ProcessInfo {
-                            pid: m.id.pid.as_raw(),
-                            ppid: info.ppid.map_or(0, Pid::as_raw),
+                            pid: m.id.pid,
+                            ppid: info.ppid,
                             vps: vps.name.clone(),
                             cmd: vpstag::process::cmdline(m.id.pid).unwrap_or_else(|| format!("[{}]", info.name)),
                             uid: info.uid,
@@ -347,10 +346,10 @@ impl Daemon {
                         Err(e) => return Err(e.into()),
                     };
                     out.push(VpsInfo {
-                        id,
+                        id: s.vps.id,
                         name: self.shown(s.vps.clone()).name,
                         owner: self.owner(id).unwrap_or(0),
-                        first: s.vps.first.as_raw(),
+                        first: s.vps.first,
                         first_alive: s.first_alive,
                         members: s.members,
                         started: s.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
@@ -385,27 +384,9 @@ impl Daemon {
                 log!("VPS {:?} stopped by uid {} ({n} processes signalled) and forgotten", vps.name, peer.uid);
                 Ok(ok_line(json!({ "signalled": n })))
             }
-            Op::Events { name, .. } => {
-                let only = match name {
-                    Some(n) => {
-                        let v = self.lookup(peer, &n, "see")?;
-                        Some((v.id.0, v.name))
-                    }
-                    None => None,
-                };
-                let recent: Vec<EventInfo> = self
-                    .recent
-                    .lock()
-                    .unwrap_or_else(|e| e.into_inner())
-                    .items
-                    .iter()
-                    .map(|(item, _)| &**item)
-                    .filter(|(id, _)| {
-                        *id == feed::EVERY_VPS
-                            || (only.as_ref().is_none_or(|(o, _)| o == id) && self.visible(peer, *id))
-                    })
-                    .map(|(id, e)| feed::as_shown(*id, e, only.as_ref()).into_owned())
-                    .collect();
+            Op::Events { name, after, .. } => {
+                let only = self.events_of(peer, name)?;
+                let (recent, _) = self.replay(peer, only.as_ref(), after, false);
                 Ok(ok_line(json!({ "events": recent })))
             }
             Op::Check => {

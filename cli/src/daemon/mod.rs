@@ -271,7 +271,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         store_failed,
         orphans,
         meta: Mutex::new(meta),
-        recent: Mutex::new(feed::Recent::default()),
+        recent: Mutex::new(feed::Recent::new(feed::Recent::first_seq_now())),
         followers: Mutex::new(Vec::new()),
         stop: Arc::clone(&stop),
         connections: AtomicUsize::new(0),
@@ -350,9 +350,10 @@ mod tests {
     fn requests_parse_and_bad_ones_are_refused() {
         assert!(matches!(
             parse_request(br#"{"v":1,"op":"which","pid":3}"#),
-            Ok(Request { op: Op::Which { pid: 3 }, .. })
+            Ok(Request { op: Op::Which { pid }, .. }) if pid.as_raw() == 3
         ));
         assert_eq!(parse_request(b"garbage").unwrap_err().kind, ErrorKind::BadRequest);
+        assert_eq!(parse_request(br#"{"v":1,"op":"which","pid":0}"#).unwrap_err().kind, ErrorKind::BadRequest);
         assert_eq!(parse_request(br#"{"op":"list"}"#).unwrap_err().kind, ErrorKind::BadRequest);
         assert_eq!(parse_request(br#"{"v":9,"op":"list"}"#).unwrap_err().kind, ErrorKind::UnsupportedVersion);
         assert_eq!(parse_request(br#"{"v":1,"op":"nope"}"#).unwrap_err().kind, ErrorKind::BadRequest);

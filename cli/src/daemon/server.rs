@@ -16,8 +16,22 @@ pub const ROOT_RESERVED_CONNECTIONS: usize = 16;
 /// A request line must arrive whole (newline included) within this time of its first byte;
 /// otherwise it gets a `too_slow` error and the connection is closed.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
-/// A connection with no request under way is closed after this long.
+/// A connection with no request under way is closed after this long (tests may shorten it with
+/// `VPSTAG_TEST_IDLE_TIMEOUT_MS`: see [`idle_timeout`]).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
+
+/// [`IDLE_TIMEOUT`], or `VPSTAG_TEST_IDLE_TIMEOUT_MS` milliseconds when that is set (for tests
+/// of clients that must reconnect).
+fn idle_timeout() -> Duration {
+    static IDLE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
+    *IDLE.get_or_init(|| {
+        std::env::var("VPSTAG_TEST_IDLE_TIMEOUT_MS")
+            .ok()
+            .and_then(|v| v.parse::<u64>().ok())
+            .filter(|ms| *ms > 0)
+            .map_or(IDLE_TIMEOUT, Duration::from_millis)
+    })
+}
 /// The client must take a whole reply (or one followed event) within this time; otherwise the
 /// connection is closed.
 pub(super) const REPLY_DEADLINE: Duration = Duration::from_secs(30);
@@ -267,7 +281,7 @@ impl Daemon {
         let mut reader = BufReader::with_capacity(8192, stream);
         let reply = |line: &[u8]| write_within(stream, line, REPLY_DEADLINE).is_ok();
         loop {
-            let line = match read_line(&mut reader, IDLE_TIMEOUT, REQUEST_DEADLINE) {
+            let line = match read_line(&mut reader, idle_timeout(), REQUEST_DEADLINE) {
                 Line::Eof | Line::Failed | Line::Idle => return,
                 Line::TooSlow => {
                     let r = refuse(
@@ -292,34 +306,40 @@ impl Daemon {
             if line.iter().all(u8::is_ascii_whitespace) {
                 continue;
             }
-            let (answer, follow) = match parse_request(&line) {
-                Err(r) => (error_line(&r), None),
-                Ok(req) => {
-                    let follow = match &req.op {
-                        Op::Events { follow: true, name } => Some(name.clone()),
-                        _ => None,
-                    };
-                    match self.handle(peer, who, req.op) {
-                        Ok(l) => (l, follow),
-                        Err(r) => (error_line(&r), None),
+            let req = match parse_request(&line) {
+                Ok(req) => req,
+                Err(r) => {
+                    if !reply(&error_line(&r)) {
+                        return;
                     }
+                    continue;
                 }
             };
-            if !reply(&answer) {
-                return;
-            }
-            if let Some(name) = follow {
-                // The VPS as the request named it (it was found when the recent events were
-                // sent: a bare name is the caller's own, UID:NAME another user's).
-                let only = match name.map(|n| self.lookup(peer, &n, "see")) {
-                    Some(Ok(v)) => Some((v.id.0, v.name)),
-                    Some(Err(r)) => {
+            if let Op::Events { name, follow: true, after } = req.op {
+                // The replay and the subscription are taken together (no event between them is
+                // lost or sent twice); the VPS as the request named it (a bare name is the
+                // caller's own, UID:NAME another user's).
+                let only = match self.events_of(peer, name) {
+                    Ok(o) => o,
+                    Err(r) => {
                         reply(&error_line(&r));
                         return;
                     }
-                    None => None,
                 };
-                self.follow(peer, only, stream);
+                let (events, sub) = self.replay(peer, only.as_ref(), after, true);
+                if !reply(&ok_line(json!({ "events": events }))) {
+                    return;
+                }
+                if let Some(sub) = sub {
+                    self.follow(peer, only, sub, stream);
+                }
+                return;
+            }
+            let answer = match self.handle(peer, who, req.op) {
+                Ok(l) => l,
+                Err(r) => error_line(&r),
+            };
+            if !reply(&answer) {
                 return;
             }
         }
