@@ -120,6 +120,61 @@ pub struct Hello {
     pub uid: u32,
 }
 
+/// The reply to `register_first` and `join`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct VpsReply {
+    /// The VPS started or joined.
+    pub vps: VpsRef,
+}
+
+/// The reply to `which`: all `None` when the process is in no VPS.
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct WhichReply {
+    /// Its VPS's name (`null` on the wire when none).
+    pub vps: Option<String>,
+    /// Its VPS's id.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub vps_id: Option<VpsId>,
+    /// Its VPS's first process.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub first: Option<Pid>,
+}
+
+/// The reply to `members`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PidsReply {
+    /// The live members.
+    pub pids: Vec<Pid>,
+}
+
+/// The reply to `ps`.
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct PsReply {
+    /// The live members, by pid.
+    pub processes: Vec<ProcessInfo>,
+}
+
+/// The reply to `list`.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct ListReply {
+    /// Every VPS the caller may see.
+    pub vpses: Vec<VpsInfo>,
+}
+
+/// The reply to `kill` and `stop`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct SignalledReply {
+    /// How many processes were signalled.
+    pub signalled: usize,
+}
+
+/// The reply to `events` (without `follow`, or its first line with it).
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct EventsReply {
+    /// The recent events.
+    pub events: Vec<EventInfo>,
+}
+
 /// A VPS as the daemon names it in replies.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VpsRef {

@@ -1,6 +1,11 @@
-//! One handler per operation, with authorisation.
+//! One handler per operation, with authorisation, each returning its typed reply.
 
 use super::*;
+
+/// A VPS as replies name it.
+fn vps_ref(v: Vps) -> VpsRef {
+    VpsRef { id: v.id, name: v.name, first: v.first }
+}
 
 /// The manager's name for VPS `name` of user `owner`: names are per owner.
 pub(super) fn key(owner: u32, name: &str) -> String {
@@ -191,236 +196,274 @@ impl Daemon {
         self.store.write_snapshot(owned, members)
     }
 
+    /// Answers one request: authorisation and the work are in the operation's own handler,
+    /// which returns its typed reply (`vpstag::protocol`); this only dispatches and frames.
     pub(super) fn handle(&self, peer: Peer, who: &vpstag::process::Peer, op: Op) -> Result<Vec<u8>, Refusal> {
-        match op {
-            Op::Hello => Ok(ok_line(json!({
-                "version": PROTOCOL_VERSION,
-                "daemon_pid": std::process::id(),
-                "backend": self.backend,
-                "uid": peer.uid,
-            }))),
-            Op::RegisterFirst { name, limits } => {
-                Manager::validate_name(&name)?;
-                let limits = limits.filter(|l| !l.is_empty());
-                if limits.is_some() && self.no_cgroups {
-                    return Err(refuse(
-                        ErrorKind::LimitRefused,
-                        "this daemon runs with `--cgroup-root none`: it applies no resource limits",
-                    ));
-                }
-                let info = self.verified_peer(peer, who)?;
-                let pid = info.id.pid;
-                self.refuse_nested(pid, None)?;
-                if peer.uid != 0 {
-                    let mine = self.meta().values().filter(|m| m.owner == peer.uid).count();
-                    if mine >= MAX_VPSES_PER_USER {
-                        return Err(refuse(
-                            ErrorKind::Quota,
-                            format!(
-                                "uid {} has {mine} VPSes, the most one user may have ({MAX_VPSES_PER_USER}); stop one \
-                                 first (`vpstag list`, `vpstag stop NAME`)",
-                                peer.uid
-                            ),
-                        ));
-                    }
-                }
-                let vps = self.mgr.register_first_limited(&key(peer.uid, &name), pid, limits.as_ref())?;
-                // The peer may have exited between the check and the registration (and its pid
-                // been reused): then nothing stays registered.
-                if !matches!(who.state(), vpstag::process::PeerState::Alive(_)) {
-                    let _ = self.mgr.forget(&vps);
-                    return Err(refuse(ErrorKind::NoSuchProcess, format!("process {pid} exited while registering")));
-                }
-                self.meta().insert(vps.id.0, VpsMeta { name: name.clone(), owner: peer.uid });
-                if let Err(e) = self.durable() {
-                    let _ = self.mgr.forget(&vps);
-                    self.meta().remove(&vps.id.0);
-                    return Err(e);
-                }
-                log!("VPS {name:?} (id {}) started by uid {}: first process {pid}", vps.id, peer.uid);
-                Ok(ok_line(json!({ "vps": self.shown(vps) })))
-            }
-            Op::Join { name } => {
-                let vps = self.lookup(peer, &name, "join")?;
-                let info = self.verified_peer(peer, who)?;
-                let pid = info.id.pid;
-                self.refuse_nested(pid, Some(&vps))?;
-                // By id: the name may have been stopped and reused since it was looked up. The
-                // manager journals the process as a root (what it starts is rebuilt from it
-                // after a restart).
-                let vps = self.mgr.join_vps(&vps, pid)?;
-                if !matches!(who.state(), vpstag::process::PeerState::Alive(_)) {
-                    return Err(refuse(ErrorKind::NoSuchProcess, format!("process {pid} exited while joining")));
-                }
-                self.durable()?;
-                let vps = self.shown(vps);
-                log!(
-                    "process {pid} (real uid {}, connected as uid {}) joined VPS {:?} (id {})",
-                    info.uid,
-                    peer.uid,
-                    vps.name,
-                    vps.id
-                );
-                Ok(ok_line(json!({ "vps": vps })))
-            }
-            Op::Which { pid } => {
-                // A thread id stands for its process (the table holds processes).
-                let (pid, vps) = match self.mgr.vps_of(pid)? {
-                    Some(v) => (pid, Some(v)),
-                    None => match vpstag::process::thread_group(pid).filter(|g| *g != pid) {
-                        Some(process) => (process, self.mgr.vps_of(process)?),
-                        None => (pid, None),
-                    },
-                };
-                match vps {
-                    None => Ok(ok_line(json!({ "vps": null }))),
-                    // A process may always ask about itself.
-                    Some(v) if self.visible(peer, v.id.0) || pid.as_raw() == peer.pid => {
-                        let v = self.shown(v);
-                        Ok(ok_line(json!({ "vps": v.name, "vps_id": v.id, "first": v.first })))
-                    }
-                    Some(_) => Err(refuse(
-                        ErrorKind::PermissionDenied,
-                        format!("process {pid} belongs to a VPS of another user"),
-                    )),
-                }
-            }
-            Op::Members { name } => {
-                let vps = self.lookup(peer, &name, "see")?;
-                let pids: Vec<Pid> = self.mgr.members(&vps)?;
-                Ok(ok_line(json!({ "pids": pids })))
-            }
-            Op::Ps { name } => {
-                let vpses: Vec<Vps> = match name {
-                    Some(n) => vec![self.lookup(peer, &n, "see")?],
-                    None => self
-                        .mgr
-                        .list()?
-                        .into_iter()
-                        .map(|s| s.vps)
-                        .filter(|v| self.visible(peer, v.id.0))
-                        .map(|v| self.shown(v))
-                        .collect(),
-                };
-                let mut out = Vec::new();
-                for vps in vpses {
-                    let members = match self.mgr.member_details(&vps) {
-                        Ok(m) => m,
-                        Err(Error::UnknownVps(_)) => continue,
-                        Err(e) => return Err(e.into()),
-                    };
-                    for m in members {
-                        let Ok(Some(info)) = vpstag::process::process(m.id.pid) else { continue };
-                        if info.id.start != m.id.start {
-                            continue;
-                        }
-                        out.push(ProcessInfo {
-                            pid: m.id.pid,
-                            ppid: info.ppid,
-                            vps: vps.name.clone(),
-                            cmd: vpstag::process::cmdline(m.id.pid).unwrap_or_else(|| format!("[{}]", info.name)),
-                            uid: info.uid,
-                            source: serde_json::to_value(m.source)
-                                .ok()
-                                .and_then(|v| v.as_str().map(String::from))
-                                .unwrap_or_default(),
-                            start: m.id.start.0,
-                        });
-                    }
-                }
-                out.sort_by_key(|p| p.pid);
-                Ok(ok_line(json!({ "processes": out })))
-            }
-            Op::List => {
-                let mut out = Vec::new();
-                for s in self.mgr.list()? {
-                    let id = s.vps.id.0;
-                    if !self.visible(peer, id) {
-                        continue;
-                    }
-                    // Exited processes included (the same figures as /metrics).
-                    let u = match self.mgr.usage(&s.vps) {
-                        Ok(u) => u,
-                        // Forgotten since the list.
-                        Err(Error::UnknownVps(_)) => continue,
-                        Err(e) => return Err(e.into()),
-                    };
-                    out.push(VpsInfo {
-                        id: s.vps.id,
-                        name: self.shown(s.vps.clone()).name,
-                        owner: self.owner(id).unwrap_or(0),
-                        first: s.vps.first,
-                        first_alive: s.first_alive,
-                        members: s.members,
-                        started: s.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
-                        cpu_ms: u64::try_from(u.cpu.as_millis()).unwrap_or(u64::MAX),
-                        rss_bytes: u.memory_bytes,
-                        memory_peak_bytes: u.memory_peak_bytes,
-                        forks: u.forks,
-                    });
-                }
-                Ok(ok_line(json!({ "vpses": out })))
-            }
-            Op::Kill { name, signal } => {
-                let vps = self.lookup(peer, &name, "signal")?;
-                let sig: Signal = signal.as_deref().unwrap_or("TERM").parse()?;
-                let n = self.signal_all(peer, &vps, sig, Duration::from_secs(10))?;
-                log!("uid {} sent {sig} to {n} processes of VPS {:?}", peer.uid, vps.name);
-                Ok(ok_line(json!({ "signalled": n })))
-            }
-            Op::Stop { name, grace_ms } => {
-                let vps = self.lookup(peer, &name, "stop")?;
-                let grace = Duration::from_millis(grace_ms.unwrap_or(5000).min(600_000));
-                let mut n = 0;
-                if !self.mgr.members(&vps)?.is_empty() {
-                    n = self.signal_all(peer, &vps, Signal::TERM, grace)?;
-                    if !self.mgr.wait_empty(&vps, Some(grace))? {
-                        n += self.signal_all(peer, &vps, Signal::KILL, Duration::from_secs(10))?;
-                    }
-                }
-                self.mgr.forget(&vps)?;
-                self.meta().remove(&vps.id.0);
-                self.durable()?;
-                log!("VPS {:?} stopped by uid {} ({n} processes signalled) and forgotten", vps.name, peer.uid);
-                Ok(ok_line(json!({ "signalled": n })))
-            }
-            Op::Events { name, after, .. } => {
-                let only = self.events_of(peer, name)?;
-                let (recent, _) = self.replay(peer, only.as_ref(), after, false);
-                Ok(ok_line(json!({ "events": recent })))
-            }
-            Op::Check => {
-                let mut report = self.mgr.check()?;
-                // The manager names VPSes by key (uid:name): keep what the caller may see, named
-                // as it knows them.
-                let prefix = format!("{}:", peer.uid);
-                let mine = |k: &str| peer.uid == 0 || k.starts_with(&prefix);
-                report.divergences.retain(|d| match d {
-                    vpstag::Divergence::Missing { expected, .. } => mine(expected),
-                    vpstag::Divergence::Extra { vps, .. } => mine(vps),
-                    vpstag::Divergence::WrongTag { vps, expected, .. } => mine(vps) || mine(expected),
-                    vpstag::Divergence::OutOfCgroup { vps, .. } => mine(vps),
-                    vpstag::Divergence::InCgroupUntagged { vps, .. } => mine(vps),
-                    // A kind this daemon does not know how to attribute: root only.
-                    _ => peer.uid == 0,
-                });
-                for d in &mut report.divergences {
-                    match d {
-                        vpstag::Divergence::Missing { expected, .. } => *expected = self.shown_key(peer, expected),
-                        vpstag::Divergence::Extra { vps, .. }
-                        | vpstag::Divergence::OutOfCgroup { vps, .. }
-                        | vpstag::Divergence::InCgroupUntagged { vps, .. } => *vps = self.shown_key(peer, vps),
-                        vpstag::Divergence::WrongTag { vps, expected, .. } => {
-                            *vps = self.shown_key(peer, vps);
-                            *expected = self.shown_key(peer, expected);
-                        }
-                        _ => {}
-                    }
-                }
-                Ok(ok_line(report))
-            }
-            _ => Err(refuse(ErrorKind::BadRequest, "this daemon does not serve that operation")),
+        Ok(match op {
+            Op::Hello => ok_line(Hello {
+                version: PROTOCOL_VERSION,
+                daemon_pid: self.pid,
+                backend: self.backend.clone(),
+                uid: peer.uid,
+            }),
+            Op::RegisterFirst { name, limits } => ok_line(self.register_first(name, limits, peer, who)?),
+            Op::Join { name } => ok_line(self.join(name, peer, who)?),
+            Op::Which { pid } => ok_line(self.which(pid, peer)?),
+            Op::Members { name } => ok_line(self.members(name, peer)?),
+            Op::Ps { name } => ok_line(self.ps(name, peer)?),
+            Op::List => ok_line(self.list(peer)?),
+            Op::Kill { name, signal } => ok_line(self.kill(name, signal, peer)?),
+            Op::Stop { name, grace_ms } => ok_line(self.stop(name, grace_ms, peer)?),
+            Op::Events { name, after, .. } => ok_line(self.events(name, after, peer)?),
+            Op::Check => ok_line(self.check(peer)?),
+            _ => return Err(refuse(ErrorKind::BadRequest, "this daemon does not serve that operation")),
+        })
+    }
+
+    /// Starts a VPS: registers the caller, held at its start gate, as the first process of a new
+    /// VPS `name` of its user.
+    fn register_first(
+        &self,
+        name: String,
+        limits: Option<vpstag::cgroup::Limits>,
+        peer: Peer,
+        who: &vpstag::process::Peer,
+    ) -> Result<VpsReply, Refusal> {
+        Manager::validate_name(&name)?;
+        let limits = limits.filter(|l| !l.is_empty());
+        if limits.is_some() && self.no_cgroups {
+            return Err(refuse(
+                ErrorKind::LimitRefused,
+                "this daemon runs with `--cgroup-root none`: it applies no resource limits",
+            ));
         }
+        let info = self.verified_peer(peer, who)?;
+        let pid = info.id.pid;
+        self.refuse_nested(pid, None)?;
+        if peer.uid != 0 {
+            let mine = self.meta().values().filter(|m| m.owner == peer.uid).count();
+            if mine >= MAX_VPSES_PER_USER {
+                return Err(refuse(
+                    ErrorKind::Quota,
+                    format!(
+                        "uid {} has {mine} VPSes, the most one user may have ({MAX_VPSES_PER_USER}); stop one \
+                         first (`vpstag list`, `vpstag stop NAME`)",
+                        peer.uid
+                    ),
+                ));
+            }
+        }
+        let vps = self.mgr.register_first_limited(&key(peer.uid, &name), pid, limits.as_ref())?;
+        // The peer may have exited between the check and the registration (and its pid
+        // been reused): then nothing stays registered.
+        if !matches!(who.state(), vpstag::process::PeerState::Alive(_)) {
+            let _ = self.mgr.forget(&vps);
+            return Err(refuse(ErrorKind::NoSuchProcess, format!("process {pid} exited while registering")));
+        }
+        self.meta().insert(vps.id.0, VpsMeta { name: name.clone(), owner: peer.uid });
+        if let Err(e) = self.durable() {
+            let _ = self.mgr.forget(&vps);
+            self.meta().remove(&vps.id.0);
+            return Err(e);
+        }
+        log!("VPS {name:?} (id {}) started by uid {}: first process {pid}", vps.id, peer.uid);
+        Ok(VpsReply { vps: vps_ref(self.shown(vps)) })
+    }
+
+    /// The loader: the caller joins the VPS `name`.
+    fn join(&self, name: String, peer: Peer, who: &vpstag::process::Peer) -> Result<VpsReply, Refusal> {
+        let vps = self.lookup(peer, &name, "join")?;
+        let info = self.verified_peer(peer, who)?;
+        let pid = info.id.pid;
+        self.refuse_nested(pid, Some(&vps))?;
+        // By id: the name may have been stopped and reused since it was looked up. The
+        // manager journals the process as a root (what it starts is rebuilt from it
+        // after a restart).
+        let vps = self.mgr.join_vps(&vps, pid)?;
+        if !matches!(who.state(), vpstag::process::PeerState::Alive(_)) {
+            return Err(refuse(ErrorKind::NoSuchProcess, format!("process {pid} exited while joining")));
+        }
+        self.durable()?;
+        let vps = self.shown(vps);
+        log!(
+            "process {pid} (real uid {}, connected as uid {}) joined VPS {:?} (id {})",
+            info.uid,
+            peer.uid,
+            vps.name,
+            vps.id
+        );
+        Ok(VpsReply { vps: vps_ref(vps) })
+    }
+
+    /// The VPS of `pid` (a thread id stands for its process), if the caller may see it.
+    fn which(&self, pid: Pid, peer: Peer) -> Result<WhichReply, Refusal> {
+        // A thread id stands for its process (the table holds processes).
+        let (pid, vps) = match self.mgr.vps_of(pid)? {
+            Some(v) => (pid, Some(v)),
+            None => match vpstag::process::thread_group(pid).filter(|g| *g != pid) {
+                Some(process) => (process, self.mgr.vps_of(process)?),
+                None => (pid, None),
+            },
+        };
+        match vps {
+            None => Ok(WhichReply::default()),
+            // A process may always ask about itself.
+            Some(v) if self.visible(peer, v.id.0) || pid.as_raw() == peer.pid => {
+                let v = self.shown(v);
+                Ok(WhichReply { vps: Some(v.name), vps_id: Some(v.id), first: Some(v.first) })
+            }
+            Some(_) => {
+                Err(refuse(ErrorKind::PermissionDenied, format!("process {pid} belongs to a VPS of another user")))
+            }
+        }
+    }
+
+    /// The live members of `name`.
+    fn members(&self, name: String, peer: Peer) -> Result<PidsReply, Refusal> {
+        let vps = self.lookup(peer, &name, "see")?;
+        let pids: Vec<Pid> = self.mgr.members(&vps)?;
+        Ok(PidsReply { pids })
+    }
+
+    /// The live members of `name` (or of every VPS the caller may see), described.
+    fn ps(&self, name: Option<String>, peer: Peer) -> Result<PsReply, Refusal> {
+        let vpses: Vec<Vps> = match name {
+            Some(n) => vec![self.lookup(peer, &n, "see")?],
+            None => self
+                .mgr
+                .list()?
+                .into_iter()
+                .map(|s| s.vps)
+                .filter(|v| self.visible(peer, v.id.0))
+                .map(|v| self.shown(v))
+                .collect(),
+        };
+        let mut out = Vec::new();
+        for vps in vpses {
+            let members = match self.mgr.member_details(&vps) {
+                Ok(m) => m,
+                Err(Error::UnknownVps(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            for m in members {
+                let Ok(Some(info)) = vpstag::process::process(m.id.pid) else { continue };
+                if info.id.start != m.id.start {
+                    continue;
+                }
+                out.push(ProcessInfo {
+                    pid: m.id.pid,
+                    ppid: info.ppid,
+                    vps: vps.name.clone(),
+                    cmd: vpstag::process::cmdline(m.id.pid).unwrap_or_else(|| format!("[{}]", info.name)),
+                    uid: info.uid,
+                    source: serde_json::to_value(m.source)
+                        .ok()
+                        .and_then(|v| v.as_str().map(String::from))
+                        .unwrap_or_default(),
+                    start: m.id.start.0,
+                });
+            }
+        }
+        out.sort_by_key(|p| p.pid);
+        Ok(PsReply { processes: out })
+    }
+
+    /// Every VPS the caller may see, with its figures.
+    fn list(&self, peer: Peer) -> Result<ListReply, Refusal> {
+        let mut out = Vec::new();
+        for s in self.mgr.list()? {
+            let id = s.vps.id.0;
+            if !self.visible(peer, id) {
+                continue;
+            }
+            // Exited processes included (the same figures as /metrics).
+            let u = match self.mgr.usage(&s.vps) {
+                Ok(u) => u,
+                // Forgotten since the list.
+                Err(Error::UnknownVps(_)) => continue,
+                Err(e) => return Err(e.into()),
+            };
+            out.push(VpsInfo {
+                id: s.vps.id,
+                name: self.shown(s.vps.clone()).name,
+                owner: self.owner(id).unwrap_or(0),
+                first: s.vps.first,
+                first_alive: s.first_alive,
+                members: s.members,
+                started: s.started.duration_since(SystemTime::UNIX_EPOCH).map(|d| d.as_secs()).unwrap_or(0),
+                cpu_ms: u64::try_from(u.cpu.as_millis()).unwrap_or(u64::MAX),
+                rss_bytes: u.memory_bytes,
+                memory_peak_bytes: u.memory_peak_bytes,
+                forks: u.forks,
+            });
+        }
+        Ok(ListReply { vpses: out })
+    }
+
+    /// Sends a signal (default TERM) to every member of `name` the caller may signal.
+    fn kill(&self, name: String, signal: Option<String>, peer: Peer) -> Result<SignalledReply, Refusal> {
+        let vps = self.lookup(peer, &name, "signal")?;
+        let sig: Signal = signal.as_deref().unwrap_or("TERM").parse()?;
+        let n = self.signal_all(peer, &vps, sig, Duration::from_secs(10))?;
+        log!("uid {} sent {sig} to {n} processes of VPS {:?}", peer.uid, vps.name);
+        Ok(SignalledReply { signalled: n })
+    }
+
+    /// TERM, then KILL after the grace period, then forgets the VPS.
+    fn stop(&self, name: String, grace_ms: Option<u64>, peer: Peer) -> Result<SignalledReply, Refusal> {
+        let vps = self.lookup(peer, &name, "stop")?;
+        let grace = Duration::from_millis(grace_ms.unwrap_or(5000).min(600_000));
+        let mut n = 0;
+        if !self.mgr.members(&vps)?.is_empty() {
+            n = self.signal_all(peer, &vps, Signal::TERM, grace)?;
+            if !self.mgr.wait_empty(&vps, Some(grace))? {
+                n += self.signal_all(peer, &vps, Signal::KILL, Duration::from_secs(10))?;
+            }
+        }
+        self.mgr.forget(&vps)?;
+        self.meta().remove(&vps.id.0);
+        self.durable()?;
+        log!("VPS {:?} stopped by uid {} ({n} processes signalled) and forgotten", vps.name, peer.uid);
+        Ok(SignalledReply { signalled: n })
+    }
+
+    /// The recent events the caller may see (after `after`).
+    fn events(&self, name: Option<String>, after: Option<u64>, peer: Peer) -> Result<EventsReply, Refusal> {
+        let only = self.events_of(peer, name)?;
+        let (recent, _) = self.replay(peer, only.as_ref(), after, false);
+        Ok(EventsReply { events: recent })
+    }
+
+    /// The divergences between the table and the system that concern the caller, named as it knows them.
+    fn check(&self, peer: Peer) -> Result<vpstag::CheckReport, Refusal> {
+        let mut report = self.mgr.check()?;
+        // The manager names VPSes by key (uid:name): keep what the caller may see, named
+        // as it knows them.
+        let prefix = format!("{}:", peer.uid);
+        let mine = |k: &str| peer.uid == 0 || k.starts_with(&prefix);
+        report.divergences.retain(|d| match d {
+            vpstag::Divergence::Missing { expected, .. } => mine(expected),
+            vpstag::Divergence::Extra { vps, .. } => mine(vps),
+            vpstag::Divergence::WrongTag { vps, expected, .. } => mine(vps) || mine(expected),
+            vpstag::Divergence::OutOfCgroup { vps, .. } => mine(vps),
+            vpstag::Divergence::InCgroupUntagged { vps, .. } => mine(vps),
+            // A kind this daemon does not know how to attribute: root only.
+            _ => peer.uid == 0,
+        });
+        for d in &mut report.divergences {
+            match d {
+                vpstag::Divergence::Missing { expected, .. } => *expected = self.shown_key(peer, expected),
+                vpstag::Divergence::Extra { vps, .. }
+                | vpstag::Divergence::OutOfCgroup { vps, .. }
+                | vpstag::Divergence::InCgroupUntagged { vps, .. } => *vps = self.shown_key(peer, vps),
+                vpstag::Divergence::WrongTag { vps, expected, .. } => {
+                    *vps = self.shown_key(peer, vps);
+                    *expected = self.shown_key(peer, expected);
+                }
+                _ => {}
+            }
+        }
+        Ok(report)
     }
 
     /// Sends `sig` to every member of `vps` that `peer` may signal, without racing new forks:

@@ -34,7 +34,10 @@ use serde::Serialize;
 use serde_json::{json, Value};
 
 use store::{OwnedVps, Record, Store};
-use vpstag::protocol::{ErrorKind, EventInfo, Op, ProcessInfo, Request, VpsInfo, MAX_REQUEST, PROTOCOL_VERSION};
+use vpstag::protocol::{
+    ErrorKind, EventInfo, EventsReply, Hello, ListReply, Op, PidsReply, ProcessInfo, PsReply, Request, SignalledReply,
+    VpsInfo, VpsRef, VpsReply, WhichReply, MAX_REQUEST, PROTOCOL_VERSION,
+};
 use vpstag::{BackendChoice, Error, Manager, Pid, SavedVps, Signal, Vps};
 
 /// At most this many connections of users other than root are served at once; more get a `busy`
@@ -149,6 +152,8 @@ struct Daemon {
     /// Connections open (kept by the accept loop).
     connections: AtomicUsize,
     backend: String,
+    /// This process's id (`hello`).
+    pid: Pid,
     /// The counters of `--metrics` (none without it: nothing is counted).
     metrics: Option<Arc<metrics::Metrics>>,
     /// `--cgroup-root none`: limits are refused.
@@ -276,6 +281,8 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         stop: Arc::clone(&stop),
         connections: AtomicUsize::new(0),
         backend: backend.clone(),
+        pid: Pid::new(std::process::id() as i32)
+            .ok_or_else(|| Error::io("reading the daemon's process id", io::Error::other("not a process id")))?,
         metrics: endpoint.as_ref().map(|_| Arc::default()),
         no_cgroups: cfg.cgroups == Cgroups::Off,
     });
