@@ -45,7 +45,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::{
-    CheckInfo, ErrorBody, ErrorKind, EventInfo, Hello, Op, ProcessInfo, Request, VpsInfo, VpsRef, PROTOCOL_VERSION,
+    CheckInfo, ErrorBody, ErrorKind, EventInfo, EventsReply, Hello, ListReply, Op, PidsReply, ProcessInfo, PsReply,
+    Request, SignalledReply, VpsInfo, VpsRef, VpsReply, WhichReply, PROTOCOL_VERSION,
 };
 use crate::{Error, Pid, Result, Signal};
 
@@ -110,6 +111,11 @@ pub fn parse_reply(line: &str) -> Result<serde_json::Value> {
         Some(serde_json::Value::Bool(false)) => Err(reply_error(&v)),
         _ => Err(Error::Protocol(format!("a reply without \"ok\": {line:?}"))),
     }
+}
+
+/// A reply's body as its protocol type.
+fn reply<T: serde::de::DeserializeOwned>(v: serde_json::Value, op: &str) -> Result<T> {
+    serde_json::from_value(v).map_err(|e| Error::Protocol(format!("{op} reply: {e}")))
 }
 
 fn field<T: serde::de::DeserializeOwned>(v: &serde_json::Value, name: &str) -> Result<T> {
@@ -278,36 +284,36 @@ impl Client {
     /// The VPS `pid` belongs to (its id and name, and its first process); `None` when it has no
     /// tag. A thread id stands for its process.
     pub fn vps_of(&mut self, pid: Pid) -> Result<Option<VpsRef>> {
-        let v = self.call(Op::Which { pid })?;
-        match field::<Option<String>>(&v, "vps")? {
-            None => Ok(None),
-            Some(name) => Ok(Some(VpsRef { id: field(&v, "vps_id")?, name, first: field(&v, "first")? })),
+        let r: WhichReply = reply(self.call(Op::Which { pid })?, "which")?;
+        match (r.vps, r.vps_id, r.first) {
+            (None, ..) => Ok(None),
+            (Some(name), Some(id), Some(first)) => Ok(Some(VpsRef { id, name, first })),
+            (Some(_), ..) => Err(Error::Protocol("which reply: a VPS name without its id and first process".into())),
         }
     }
 
     /// The live members of VPS `name`.
     pub fn members(&mut self, name: &str) -> Result<Vec<Pid>> {
-        let v = self.call(Op::Members { name: name.into() }).map_err(named(name))?;
-        field(&v, "pids")
+        let r: PidsReply = reply(self.call(Op::Members { name: name.into() }).map_err(named(name))?, "members")?;
+        Ok(r.pids)
     }
 
     /// Live tagged processes (of `name`, or of every VPS this user may see).
     pub fn ps(&mut self, name: Option<&str>) -> Result<Vec<ProcessInfo>> {
         let v = self.call(Op::Ps { name: name.map(Into::into) }).map_err(named(name.unwrap_or_default()))?;
-        field(&v, "processes")
+        Ok(reply::<PsReply>(v, "ps")?.processes)
     }
 
     /// Every VPS this user may see.
     pub fn list(&mut self) -> Result<Vec<VpsInfo>> {
-        let v = self.call(Op::List)?;
-        field(&v, "vpses")
+        Ok(reply::<ListReply>(self.call(Op::List)?, "list")?.vpses)
     }
 
     /// Sends `sig` to every member of `name` (for SIGKILL: until none is left); how many
     /// processes were signalled.
     pub fn kill(&mut self, name: &str, sig: Signal) -> Result<usize> {
         let v = self.call(Op::Kill { name: name.into(), signal: Some(sig.name().to_string()) }).map_err(named(name))?;
-        field(&v, "signalled")
+        Ok(reply::<SignalledReply>(v, "kill")?.signalled)
     }
 
     /// Ends every member of `name` (SIGTERM, SIGKILL after `grace`) and forgets the VPS. The
@@ -347,7 +353,7 @@ impl Client {
         let v = self
             .call(Op::Events { name: name.map(Into::into), follow, after })
             .map_err(named(name.unwrap_or_default()))?;
-        let recent: Vec<EventInfo> = field(&v, "events")?;
+        let recent = reply::<EventsReply>(v, "events")?.events;
         let stream = self.reader.get_ref();
         // Events come when they come.
         stream.set_read_timeout(None).map_err(|e| Error::io("setting the connection's timeout", e))?;
@@ -372,7 +378,7 @@ impl Client {
             crate::sys::allow_ptracer(pid.as_raw());
         }
         let v = self.call(Op::Join { name: name.into() }).map_err(named(name))?;
-        field(&v, "vps")
+        Ok(reply::<VpsReply>(v, "join")?.vps)
     }
 
     /// Starts VPS `name` running `cmd`: forks the first process with this process's credentials;
