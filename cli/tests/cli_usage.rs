@@ -17,7 +17,7 @@ fn text(b: &[u8]) -> String {
 /// `vpstag run`'s statuses 1-124 belong to CMD: a command line clap refuses exits 125 there,
 /// and 2 (clap's usual) for every other command; help and version exit 0.
 #[test]
-fn usage_errors_exit_125_for_run_and_2_elsewhere() {
+fn usage_errors_exit_125_for_run_and_exec_and_2_elsewhere() {
     for args in [
         &["run"][..],
         &["run", "name"],
@@ -25,6 +25,9 @@ fn usage_errors_exit_125_for_run_and_2_elsewhere() {
         &["run", "--backend", "nope", "name", "--", "true"],
         &["run", "--grace", "inf", "name", "--", "true"],
         &["--socket", "/nonexistent", "run", "name"],
+        &["exec"],
+        &["exec", "name"],
+        &["exec", "--no-such-option", "name", "--", "true"],
     ] {
         let out = vpstag(args);
         let err = text(&out.stderr);

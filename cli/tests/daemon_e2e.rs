@@ -248,8 +248,18 @@ fn two_vpses_an_untracked_tree_ps_which_and_exec() {
     assert_eq!(sh["ppid"], loader_pid, "the command runs below the loader: {procs:?}");
     assert_eq!(sh["source"], "event", "{procs:?}");
     // exec into an unknown VPS is refused.
+    // Like `run` (and `env`): vpstag's own failure is 125, a CMD not found 127, one that cannot
+    // be executed 126, so that none is taken for CMD's own status.
     let bad = d.run(&["exec", "nope", "--", "true"]);
-    assert!(!bad.status.success() && text(&bad.stderr).contains("unknown VPS"), "{}", text(&bad.stderr));
+    assert!(text(&bad.stderr).contains("unknown VPS"), "{}", text(&bad.stderr));
+    assert_eq!(bad.status.code(), Some(125), "{}", text(&bad.stderr));
+    let missing = d.run(&["exec", "beta", "--", "/nonexistent/vpstag-no-such-command"]);
+    assert_eq!(missing.status.code(), Some(127), "{}", text(&missing.stderr));
+    let plain = std::env::temp_dir().join(format!("vpstag-e2e-not-executable-{}", std::process::id()));
+    std::fs::write(&plain, "not a program\n").unwrap();
+    let not_exec = d.run(&["exec", "beta", "--", plain.to_str().unwrap()]);
+    let _ = std::fs::remove_file(&plain);
+    assert_eq!(not_exec.status.code(), Some(126), "{}", text(&not_exec.stderr));
 
     // list: first PID, member count, start time, CPU and memory.
     let out = d.run(&["list", "--json"]);

@@ -76,7 +76,19 @@ pub(crate) fn main(cmd: Cmd, socket: &Path) -> i32 {
         Cmd::Run(_) => unreachable!("handled by run"),
         Cmd::Daemon(a) => daemon(a, socket),
         Cmd::Start(a) => start(a, socket),
-        Cmd::Exec(a) => exec(a, socket),
+        // Like `run`: CMD's status is its own, so vpstag's failures are 125, 126 and 127.
+        Cmd::Exec(a) => {
+            return match exec(a, socket) {
+                Ok(code) => code,
+                Err(e) => {
+                    eprintln!("vpstag: error: {e}");
+                    match &e {
+                        Failure::Lib(e) => super::run_failure_code(e),
+                        Failure::Other(_) => 125,
+                    }
+                }
+            }
+        }
         Cmd::Ps(a) => ps(a, socket),
         Cmd::Which(a) => which(a, socket),
         Cmd::List(a) => list(a, socket),

@@ -18,25 +18,24 @@ fn exit_status(cmd: Option<&str>) -> Vec<Item> {
         None => vec![
             ("0", "Success."),
             ("1", "which: the process has no tag. check: the daemon's table and the system diverge."),
-            ("2", "An error, a usage error included (every command but run)."),
+            ("2", "An error, a usage error included (every command but run and exec)."),
             (
-                "run",
+                "run, exec",
                 "The status of CMD (128 + N when signal N ended it). When vpstag itself fails it exits 125 \
                  (a usage error included), 126 when CMD was found but cannot be executed, 127 when CMD is \
                  not found, as env(1), timeout(1) and docker run do, so that it is never taken for CMD's own \
                  status.",
             ),
-            ("exec", "The status of CMD (128 + N when signal N ended it); 2 when vpstag itself fails."),
         ],
-        Some("run") => vec![
+        Some("run" | "exec") => vec![
             ("CMD's status", "When CMD exits: its exit code, or 128 + N when signal N ended it."),
-            ("125", "vpstag itself failed (a bad or missing argument included; 1-124 belong to CMD)."),
+            (
+                "125",
+                "vpstag itself failed (a bad or missing argument, no daemon, an unknown VPS...; 1-124 belong \
+                 to CMD).",
+            ),
             ("126", "CMD was found but cannot be executed (permission denied, not an executable...)."),
             ("127", "CMD was not found."),
-        ],
-        Some("exec") => vec![
-            ("CMD's status", "When CMD exits: its exit code, or 128 + N when signal N ended it."),
-            ("2", "vpstag itself failed (no daemon, unknown VPS, CMD not found, a usage error...)."),
         ],
         Some("which") => vec![("0", "PID has a tag: its VPS is printed."), ("1", "PID has no tag."), ERROR],
         Some("check") => vec![

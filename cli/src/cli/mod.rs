@@ -386,22 +386,22 @@ fn signal_names() -> Vec<&'static str> {
     nix::sys::signal::Signal::iterator().map(|s| s.as_str().trim_start_matches("SIG")).collect()
 }
 
-/// Whether the command line names the `run` subcommand: its first word that is neither an
-/// option nor the value of the global `--socket`.
+/// Whether the command line names `run` or `exec` (the subcommands that run a CMD, whose status
+/// they return): its first word that is neither an option nor the value of the global `--socket`.
 fn names_run(args: impl IntoIterator<Item = OsString>) -> bool {
     let mut args = args.into_iter().skip(1);
     while let Some(a) = args.next() {
         if a == "--socket" {
             args.next();
         } else if !a.as_encoded_bytes().starts_with(b"-") {
-            return a == "run";
+            return a == "run" || a == "exec";
         }
     }
     false
 }
 
-/// The exit status of a command line clap refused: 0 for `--help` and `--version`; for `run`,
-/// 125 (vpstag's own failure: 1-124 belong to CMD, see [`run_failure_code`]); clap's usual 2
+/// The exit status of a command line clap refused: 0 for `--help` and `--version`; for `run`
+/// and `exec`, 125 (vpstag's own failure: 1-124 belong to CMD, see [`run_failure_code`]); clap's usual 2
 /// for every other command.
 fn usage_error_code(e: &clap::Error, args: impl IntoIterator<Item = OsString>) -> i32 {
     match e.exit_code() {
@@ -435,10 +435,10 @@ pub(crate) fn main() -> i32 {
     }
 }
 
-/// The exit status of a `vpstag run` that failed itself, in the convention of `env`, `timeout`
+/// The exit status of a `vpstag run` (or `vpstag exec`) that failed itself, in the convention of `env`, `timeout`
 /// and `docker run`, so that it is never taken for CMD's own status: 127 when CMD was not found,
 /// 126 when it was found but could not be executed, 125 for any other failure of vpstag.
-fn run_failure_code(e: &vpstag::Error) -> i32 {
+pub(super) fn run_failure_code(e: &vpstag::Error) -> i32 {
     match e {
         vpstag::Error::Spawn { source, .. }
             if source.kind() == std::io::ErrorKind::NotFound || source.raw_os_error() == Some(libc::ENOENT) =>
