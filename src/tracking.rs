@@ -541,7 +541,7 @@ mod tests {
     const TICK: u64 = 10_000_000;
 
     fn at(kind: EventKind, t_ticks: u64) -> Event {
-        Event { kind, time_ns: Some(t_ticks * TICK + 1), tag: None, cpu: Some(0) }
+        Event { time_ns: Some(t_ticks * TICK + 1), cpu: Some(0), ..Event::new(kind) }
     }
 
     fn fork(parent: i32, child: i32, t: u64) -> Event {

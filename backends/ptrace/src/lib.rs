@@ -169,8 +169,10 @@ cfg_if::cfg_if! {
     }
 }
 
-/// What this backend promises.
-pub const CAPABILITIES: Capabilities = Capabilities::new().synchronous(true).thread_events(true).reaps(true);
+/// What this backend promises with the default [`Config`]; with [`Config::exit_stops`] off,
+/// [`Ptrace`]'s `capabilities()` says `exit_usage: false`.
+pub const CAPABILITIES: Capabilities =
+    Capabilities::new().synchronous(true).thread_events(true).reaps(true).exit_usage(true);
 
 /// [`BackendKind::Ptrace`].
 pub const KIND: BackendKind = BackendKind::Ptrace;
