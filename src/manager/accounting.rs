@@ -310,31 +310,63 @@ impl Manager {
     ///   [`adopt`](Manager::adopt) or [`join`](Manager::join), a first process registered by
     ///   someone else, an orphan re-parented outside after its VPS's first process ended), the
     ///   last figure read of it: at every call of this method and once more when its exit event
-    ///   is applied (a zombie still shows its final figure until its reaper collects it).
+    ///   is applied (a zombie still shows its final figure until its reaper collects it);
+    /// - but, with a backend that reads each process's CPU as it exits, before anyone can reap it
+    ///   ([`Capabilities::exit_usage`](vpstag_tracker::Capabilities#structfield.exit_usage): the
+    ///   ptrace backend, at the `PTRACE_EVENT_EXIT` stop of a process's last thread), that exit
+    ///   figure ([`Event::exit_cpu_ns`]: its own time and its waited-for children's) for a member
+    ///   whose reaper is outside the VPS, instead of its last sample; and for a member whose parent,
+    ///   a member, ignores `SIGCHLD` (the kernel reaps such a child itself and gives its time to
+    ///   nobody). A member whose parent, a member, waits for it is left to that parent's
+    ///   waited-for time: its exit figure is not added (that would count it twice).
     ///
     /// The figure is the highest ever reported, so it never decreases, not even in the instant
     /// when a member has exited and its reaper has not yet collected it.
+    ///
+    /// ## What is exact with an exit figure, and what is not
+    ///
+    /// The figure itself misses what the process does after its last exit stop (the rest of
+    /// `exit`, in the kernel: microseconds as a rule) and is in whole clock ticks. Who the reaper
+    /// is, is decided when the exit is applied:
+    /// - the process is still there (a zombie): its parent then is its reaper, exactly. Under
+    ///   ptrace the kernel has already decided whether to auto-reap it (when the tracer collected
+    ///   it, before reporting the exit), so a zombie will be waited for: no disposition read.
+    /// - it is gone: its birth parent if that is still a member; then it was either collected by
+    ///   that parent or auto-reaped, and the parent's `SIGCHLD` disposition *now* (Linux `SigIgn` of
+    ///   `/proc/PID/status`, FreeBSD `ki_sigignore`) tells which. Not exact: a parent that changes
+    ///   its disposition between the kernel's decision and this read is judged on the new one, a
+    ///   parent that has exited meanwhile is taken for one that waited (the child's time lost, never
+    ///   doubled), and `SA_NOCLDWAIT` with a handler is not shown by the system (taken for a parent
+    ///   that waits).
+    /// - gone, and a first process: its reaper is the manager or whoever registered it, outside.
+    ///   When the manager reaps it itself, `wait4`'s figure adds only what the exit figure lacks.
+    /// - gone, and a query saw its parent outside: outside. Otherwise (an orphan re-parented, a
+    ///   process brought in by [`join`](Manager::join) that no query saw) the reaper is not known
+    ///   and the exit figure is not used: its last sample stays, as without one.
     ///
     /// # Where it falls short
     ///
     /// - **A parent that ignores `SIGCHLD`** (`SIG_IGN`, or `SA_NOCLDWAIT`): the kernel reaps
     ///   its children itself and adds their time to nobody. A child that exits between two reads
-    ///   is lost; its own children, waited for before, with it.
+    ///   is lost; its own children, waited for before, with it. Closed with an exit figure
+    ///   (ptrace) for `SIG_IGN`, within the limits above.
     /// - **A member reaped from outside the VPS** (see above): only its last read figure counts;
     ///   what it did after it (and what the children it waited for in between did) is lost. The
     ///   read at its exit event closes most of this gap, but the reaper may collect it before the
-    ///   manager reads (a race the manager loses under load).
+    ///   manager reads (a race the manager loses under load). Closed with an exit figure (ptrace)
+    ///   where the reaper is known (above).
     /// - **A child whose parent exits first** and that is a zombie at that moment is reaped by
     ///   the new reaper without its time reaching the old parent: inside the VPS that is the first
     ///   process (fine); after the first process has gone, it is whoever the system re-parents it
     ///   to.
     /// - The peak memory without a cgroup is sampled at calls, not kept by the kernel.
     ///
-    /// What closes these holes: an eBPF program on `sched_process_exit` can add the exiting
-    /// thread group's time to a per-VPS counter in the kernel, whoever reaps it, and a ptrace
-    /// backend can read `/proc/PID/stat` at the `PTRACE_EVENT_EXIT` stop, before anyone can reap
-    /// the process. Neither is done in this version (the ptrace backend reports exits after it has
-    /// collected them). A cgroup closes them all. On FreeBSD, `rctl(8)` (RACCT) keeps per-jail
+    /// What closes these holes under the other backends: an eBPF program on `sched_process_exit`
+    /// could report the exiting thread group's time with its exit event (or add it to a per-VPS
+    /// counter in the kernel), whoever reaps it; not done in this version. A ptrace backend built
+    /// without exit stops (`Config::exit_stops(false)`), or a process whose exit stop the kernel
+    /// skips (a second `SIGKILL` already pending), gives no exit figure: the reads above are all
+    /// there is. A cgroup closes them all. On FreeBSD, `rctl(8)` (RACCT) keeps per-jail
     /// and per-login-class CPU, memory and process counts in the kernel, and could later give
     /// exact figures (and limits) for a VPS placed in a jail or login class of its own.
     ///
