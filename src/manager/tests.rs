@@ -26,6 +26,9 @@ fn info(pid: i32, start: u64, ppid: i32) -> ProcInfo {
     }
 }
 
+/// The scripted tracker's queue of events.
+type Queue = Arc<Mutex<VecDeque<Event>>>;
+
 /// The processes of the scripted system, what a reap returns, and what was signalled.
 #[derive(Default)]
 struct World {
@@ -42,7 +45,7 @@ struct World {
     now: u64,
     /// Events that reach the tracker's queue just after the next scan: what happened before the
     /// scan but was not read yet (a fork the tracer handles a moment later).
-    late: Option<(Arc<Mutex<VecDeque<Event>>>, Vec<Event>)>,
+    late: Option<(Queue, Vec<Event>)>,
 }
 
 #[derive(Clone)]
