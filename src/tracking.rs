@@ -47,6 +47,9 @@ pub(crate) trait System: ProcView + Send {
     /// What `pid` has used so far (CPU of its own and of the children it waited for, resident
     /// memory); `None` when it is gone.
     fn usage(&mut self, pid: Pid) -> io::Result<Option<ProcUsage>>;
+    /// Whether `pid` ignores `SIGCHLD` (its exited children are reaped by the kernel and their
+    /// time added to nobody); `None` when it is gone (see `sys::sigchld_ignored`).
+    fn sigchld_ignored(&mut self, pid: Pid) -> io::Result<Option<bool>>;
     /// Sends `sig` to the process `id` only if that very process still lives (see
     /// `sys::signal_exact`); whether it was sent.
     fn signal_exact(&mut self, id: ProcessId, sig: i32) -> io::Result<bool>;
@@ -90,6 +93,9 @@ impl System for SystemView {
     }
     fn usage(&mut self, pid: Pid) -> io::Result<Option<ProcUsage>> {
         crate::sys::proc_usage(pid)
+    }
+    fn sigchld_ignored(&mut self, pid: Pid) -> io::Result<Option<bool>> {
+        crate::sys::sigchld_ignored(pid)
     }
     fn signal_exact(&mut self, id: ProcessId, sig: i32) -> io::Result<bool> {
         crate::sys::signal_exact(id, sig)
@@ -541,7 +547,7 @@ mod tests {
     const TICK: u64 = 10_000_000;
 
     fn at(kind: EventKind, t_ticks: u64) -> Event {
-        Event { kind, time_ns: Some(t_ticks * TICK + 1), tag: None, cpu: Some(0) }
+        Event { time_ns: Some(t_ticks * TICK + 1), cpu: Some(0), ..Event::new(kind) }
     }
 
     fn fork(parent: i32, child: i32, t: u64) -> Event {

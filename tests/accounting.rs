@@ -160,3 +160,144 @@ fn an_idle_vps_stays_near_zero() {
         assert!(u.cpu < Duration::from_millis(150), "{b:?}: an idle VPS used {:?} (figures {seen:?})", u.cpu);
     }
 }
+
+/// Kills and reaps a helper process the test started (by pid, through its `Child`) when the
+/// test ends, whatever happened.
+struct Helper(std::process::Child);
+
+impl Drop for Helper {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
+
+/// The seconds a VPS's processes reported burning, one figure per line of `out`, summed.
+fn reported(b: BackendChoice, out: &str, lines: usize) -> f64 {
+    let v: Vec<f64> = out.split_whitespace().filter_map(|w| w.parse().ok()).collect();
+    assert_eq!(v.len(), lines, "{b:?}: the processes printed {out:?}");
+    v.iter().sum()
+}
+
+/// The VPS's command ignores SIGCHLD, so the kernel reaps its child itself (auto-reap) and adds
+/// the child's time to nobody. The child burns 0.3 s and prints it; the command waits until the
+/// child is gone, then prints its own time.
+const AUTO_REAP: &str = r#"
+import os, resource, signal, time
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+signal.signal(signal.SIGCHLD, signal.SIG_IGN)
+pid = os.fork()
+if pid == 0:
+    x = 0
+    while cpu() < 0.3:
+        for i in range(20000):
+            x += i
+    print("%.6f" % cpu(), flush=True)
+    os._exit(0)
+t = time.monotonic()
+while os.path.exists("/proc/%d" % pid) and time.monotonic() - t < 60:
+    time.sleep(0.01)
+print("%.6f" % cpu(), flush=True)
+"#;
+
+/// A child auto-reaped because its parent ignores SIGCHLD: under ptrace its time is read at its
+/// exit stop and counted (within 10%); the other backends lose it (a hole `Manager::usage`
+/// documents) unless a call of `usage` happened to sample it while it ran, and none does here.
+#[test]
+fn cpu_of_a_child_auto_reaped_by_a_parent_that_ignores_sigchld() {
+    for (b, mgr) in managers() {
+        let name = format!("autoreap-{b:?}").to_lowercase();
+        let mut child = mgr
+            .spawn(&name, Command::new(PY).args(["-c", AUTO_REAP]).stdout(Stdio::piped()))
+            .unwrap_or_else(|e| panic!("{b:?}: spawn: {e}"));
+        mgr.wait(&child.vps, Some(Duration::from_secs(120))).unwrap().expect("the VPS ended");
+        assert!(mgr.wait_empty(&child.vps, Some(Duration::from_secs(60))).unwrap(), "{b:?}: members left");
+        let mut out = String::new();
+        child.stdout.take().expect("piped stdout").read_to_string(&mut out).expect("the output");
+        let expected = reported(b, &out, 2);
+        assert!(expected >= 0.3, "{b:?}: the processes burned only {expected} s");
+        let got = mgr.usage(&child.vps).unwrap().cpu.as_secs_f64();
+        eprintln!("{b:?}: usage().cpu {got:.3} s, the processes burned {expected:.3} s ({out:?})");
+        match b {
+            BackendChoice::Ptrace => {
+                assert!(
+                    (got - expected).abs() <= 0.1 * expected,
+                    "{b:?}: {got:.3} s, not within 10% of {expected:.3} s"
+                )
+            }
+            // The hole: the child's 0.3 s are nowhere once the kernel has reaped it.
+            _ => assert!(
+                got < expected - 0.2,
+                "{b:?}: {got:.3} s of {expected:.3} s: the hole is closed, update the docs"
+            ),
+        }
+    }
+}
+
+/// A process outside any VPS that forks the future member, registers nothing itself, and reaps
+/// it as soon as it exits (it sits in `waitpid`). It prints the member's pid, waits for a line on
+/// stdin, then opens the member's gate; the member burns 0.3 s and prints it.
+const OUTSIDE_PARENT: &str = r#"
+import os, resource, sys
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+r, w = os.pipe()
+pid = os.fork()
+if pid == 0:
+    os.close(w)
+    os.read(r, 1)
+    x = 0
+    while cpu() < 0.3:
+        for i in range(20000):
+            x += i
+    print("%.6f" % cpu(), flush=True)
+    os._exit(0)
+os.close(r)
+print(pid, flush=True)
+sys.stdin.readline()
+os.write(w, b"g")
+os.waitpid(pid, 0)
+"#;
+
+/// A first process registered by someone else, whose parent (outside the VPS) reaps it the
+/// moment it exits: under ptrace the VPS keeps exactly the time read at its exit stop; under the
+/// other backends only what was read of it before its parent collected it (here, with no call of
+/// `usage` while it ran, often nothing: the documented hole).
+#[test]
+fn cpu_of_a_member_reaped_at_once_by_a_parent_outside_the_vps() {
+    use std::io::{BufRead, BufReader, Write};
+    for (b, mgr) in managers() {
+        let name = format!("outside-{b:?}").to_lowercase();
+        let mut helper = Helper(
+            Command::new(PY)
+                .args(["-c", OUTSIDE_PARENT])
+                .stdin(Stdio::piped())
+                .stdout(Stdio::piped())
+                .spawn()
+                .expect("python3"),
+        );
+        let mut stdout = BufReader::new(helper.0.stdout.take().expect("piped stdout"));
+        let mut line = String::new();
+        stdout.read_line(&mut line).expect("the member's pid");
+        let pid: vpstag::Pid = line.trim().parse().unwrap_or_else(|e| panic!("{b:?}: {line:?}: {e}"));
+        let vps = mgr.register_first(&name, pid).unwrap_or_else(|e| panic!("{b:?}: register_first: {e}"));
+        helper.0.stdin.take().expect("piped stdin").write_all(b"go\n").expect("opening the gate");
+        mgr.wait(&vps, Some(Duration::from_secs(120))).unwrap_or_else(|e| panic!("{b:?}: wait: {e}"));
+        assert!(mgr.wait_empty(&vps, Some(Duration::from_secs(60))).unwrap(), "{b:?}: members left");
+        let mut out = String::new();
+        stdout.read_to_string(&mut out).expect("the member's output");
+        let expected = reported(b, &out, 1);
+        assert!(helper.0.wait().expect("the outside parent").success());
+        let got = mgr.usage(&vps).unwrap().cpu.as_secs_f64();
+        eprintln!("{b:?}: usage().cpu {got:.3} s, the member burned {expected:.3} s");
+        if b == BackendChoice::Ptrace {
+            assert!((got - expected).abs() <= 0.1 * expected, "{b:?}: {got:.3} s, not within 10% of {expected:.3} s");
+        }
+        // Other backends: the read at the exit event races with the parent's waitpid; nothing to
+        // assert but that the figure is not above what was burned.
+        assert!(got <= expected * 1.1, "{b:?}: {got:.3} s, above the {expected:.3} s burned");
+    }
+}

@@ -66,6 +66,9 @@ pub(super) struct Account {
     /// waited-for children had used at the last sample. When such a member goes, its time goes to
     /// its reaper, outside: this sample is what the VPS keeps of it.
     outside: HashMap<Pid, (StartTime, u64)>,
+    /// First processes whose exit figure ([`Event::exit_cpu_ns`]) was counted: what `wait4` gives
+    /// for them when the manager reaps them adds only what the figure lacks.
+    exit_counted: HashMap<Pid, u64>,
 }
 
 impl Account {
@@ -84,26 +87,87 @@ impl State {
         self.accounts.entry(vps).or_default()
     }
 
-    /// Before an event is applied: a member whose reaper is outside the VPS is read once more as
-    /// it exits (still there, a zombie, until that reaper collects it), so the VPS keeps its final
-    /// time rather than the last query's.
+    /// Before an event is applied: the exit of a member.
+    ///
+    /// With the process's CPU at its exit ([`Event::exit_cpu_ns`]), see [`State::account_exit`].
+    /// Without it, a member whose reaper is outside the VPS is read once more as it exits (still
+    /// there, a zombie, until that reaper collects it), so the VPS keeps its final time rather
+    /// than the last query's.
     pub(super) fn account_before(&mut self, ev: &Event) {
         let EventKind::Exit { pid, group_dead, .. } = ev.kind else { return };
         if group_dead == Some(false) {
             return;
         }
         let Some(e) = self.tracking.table.get(pid) else { return };
-        let (vps, start) = (e.vps, e.id.start);
-        let born_inside =
-            e.source == Source::Event && e.parent.and_then(|p| self.tracking.table.vps_of(p)).is_some_and(|v| v == vps);
+        let (vps, start, first) = (e.vps, e.id.start, e.source == Source::First);
+        // Its parent at birth, if that is still a member of the VPS: then it is its reaper.
+        let birth_parent = e.parent.filter(|p| self.tracking.table.vps_of(*p) == Some(vps));
+        let born_inside = e.source == Source::Event && birth_parent.is_some();
         let known_outside = self.accounts.get(&vps).is_some_and(|a| a.outside.contains_key(&pid));
+        if let Some(ns) = ev.exit_cpu_ns {
+            self.account_exit(vps, pid, start, ns, first, birth_parent, known_outside);
+            return;
+        }
         if born_inside && !known_outside {
             return;
         }
-        let tol = self.view.start_tolerance();
-        if let Ok(Some(u)) = self.view.usage(pid) {
-            if u.id.start.0.abs_diff(start.0) <= tol.max(1) && !self.reaper_inside(&u, vps) {
+        if let Some(u) = self.still_there(pid, start) {
+            if !self.reaper_inside(&u, vps) {
                 self.account(vps).sample_outside(&u);
+            }
+        }
+    }
+
+    /// `pid` as the system shows it now, if it is still the process that started at `start` (a
+    /// zombie until its reaper collects it).
+    fn still_there(&mut self, pid: Pid, start: StartTime) -> Option<ProcUsage> {
+        let tol = self.view.start_tolerance();
+        match self.view.usage(pid) {
+            // A start time estimated from an event may be off by a tick.
+            Ok(Some(u)) if u.id.start.0.abs_diff(start.0) <= tol.max(1) => Some(u),
+            _ => None,
+        }
+    }
+
+    /// A member `pid` of `vps` exited having used `ns` of CPU (its own and its waited-for
+    /// children's), as its backend read it before anyone could reap it. Where that time goes:
+    /// - its reaper is outside the VPS: the VPS keeps exactly `ns` (instead of its last sample);
+    /// - its reaper is a member that will wait for it: into that member's waited-for time, so
+    ///   nothing is added here (adding `ns` would count it twice);
+    /// - its reaper is a member that ignores `SIGCHLD`: the kernel reaped it and gave its time to
+    ///   nobody; the VPS keeps `ns`.
+    ///
+    /// Who the reaper is: the parent the system shows while the process is still there (a
+    /// zombie waiting for that parent: then it was not auto-reaped, since the backends that read
+    /// the figure report the exit after the kernel decided, see [`Manager::usage`]); once it is
+    /// gone, its birth parent if that is still a member, the manager (or whoever registered it)
+    /// for a first process, an outside reaper if the last sample saw one; otherwise it is not
+    /// known, and the figure is not used (its last sample stays, as without a figure).
+    #[allow(clippy::too_many_arguments)]
+    fn account_exit(
+        &mut self,
+        vps: VpsId,
+        pid: Pid,
+        start: StartTime,
+        ns: u64,
+        first: bool,
+        birth_parent: Option<Pid>,
+        known_outside: bool,
+    ) {
+        let keep = match (self.still_there(pid, start), birth_parent) {
+            (Some(u), _) => !self.reaper_inside(&u, vps),
+            // Gone: its parent collected it already, or the kernel did because that parent
+            // ignores SIGCHLD. Its disposition now tells which (see `Manager::usage`).
+            (None, Some(parent)) if !first => matches!(self.view.sigchld_ignored(parent), Ok(Some(true))),
+            (None, _) if first || known_outside => true,
+            (None, _) => return,
+        };
+        let a = self.account(vps);
+        a.outside.remove(&pid);
+        if keep {
+            a.dead_ns = a.dead_ns.saturating_add(ns);
+            if first {
+                a.exit_counted.insert(pid, ns);
             }
         }
     }
@@ -124,7 +188,9 @@ impl State {
         let Some(ns) = reaped.cpu_ns else { return };
         let a = self.account(vps);
         a.outside.remove(&pid);
-        a.dead_ns = a.dead_ns.saturating_add(ns);
+        // Its exit figure was counted already: only what wait4 has beyond it.
+        let counted = a.exit_counted.remove(&pid).unwrap_or(0);
+        a.dead_ns = a.dead_ns.saturating_add(ns.saturating_sub(counted));
     }
 
     fn reaper_inside(&self, u: &ProcUsage, vps: VpsId) -> bool {
@@ -244,31 +310,63 @@ impl Manager {
     ///   [`adopt`](Manager::adopt) or [`join`](Manager::join), a first process registered by
     ///   someone else, an orphan re-parented outside after its VPS's first process ended), the
     ///   last figure read of it: at every call of this method and once more when its exit event
-    ///   is applied (a zombie still shows its final figure until its reaper collects it).
+    ///   is applied (a zombie still shows its final figure until its reaper collects it);
+    /// - but, with a backend that reads each process's CPU as it exits, before anyone can reap it
+    ///   ([`Capabilities::exit_usage`](vpstag_tracker::Capabilities#structfield.exit_usage): the
+    ///   ptrace backend, at the `PTRACE_EVENT_EXIT` stop of a process's last thread), that exit
+    ///   figure ([`Event::exit_cpu_ns`]: its own time and its waited-for children's) for a member
+    ///   whose reaper is outside the VPS, instead of its last sample; and for a member whose parent,
+    ///   a member, ignores `SIGCHLD` (the kernel reaps such a child itself and gives its time to
+    ///   nobody). A member whose parent, a member, waits for it is left to that parent's
+    ///   waited-for time: its exit figure is not added (that would count it twice).
     ///
     /// The figure is the highest ever reported, so it never decreases, not even in the instant
     /// when a member has exited and its reaper has not yet collected it.
+    ///
+    /// ## What is exact with an exit figure, and what is not
+    ///
+    /// The figure itself misses what the process does after its last exit stop (the rest of
+    /// `exit`, in the kernel: microseconds as a rule) and is in whole clock ticks. Who the reaper
+    /// is, is decided when the exit is applied:
+    /// - the process is still there (a zombie): its parent then is its reaper, exactly. Under
+    ///   ptrace the kernel has already decided whether to auto-reap it (when the tracer collected
+    ///   it, before reporting the exit), so a zombie will be waited for: no disposition read.
+    /// - it is gone: its birth parent if that is still a member; then it was either collected by
+    ///   that parent or auto-reaped, and the parent's `SIGCHLD` disposition *now* (Linux `SigIgn` of
+    ///   `/proc/PID/status`, FreeBSD `ki_sigignore`) tells which. Not exact: a parent that changes
+    ///   its disposition between the kernel's decision and this read is judged on the new one, a
+    ///   parent that has exited meanwhile is taken for one that waited (the child's time lost, never
+    ///   doubled), and `SA_NOCLDWAIT` with a handler is not shown by the system (taken for a parent
+    ///   that waits).
+    /// - gone, and a first process: its reaper is the manager or whoever registered it, outside.
+    ///   When the manager reaps it itself, `wait4`'s figure adds only what the exit figure lacks.
+    /// - gone, and a query saw its parent outside: outside. Otherwise (an orphan re-parented, a
+    ///   process brought in by [`join`](Manager::join) that no query saw) the reaper is not known
+    ///   and the exit figure is not used: its last sample stays, as without one.
     ///
     /// # Where it falls short
     ///
     /// - **A parent that ignores `SIGCHLD`** (`SIG_IGN`, or `SA_NOCLDWAIT`): the kernel reaps
     ///   its children itself and adds their time to nobody. A child that exits between two reads
-    ///   is lost; its own children, waited for before, with it.
+    ///   is lost; its own children, waited for before, with it. Closed with an exit figure
+    ///   (ptrace) for `SIG_IGN`, within the limits above.
     /// - **A member reaped from outside the VPS** (see above): only its last read figure counts;
     ///   what it did after it (and what the children it waited for in between did) is lost. The
     ///   read at its exit event closes most of this gap, but the reaper may collect it before the
-    ///   manager reads (a race the manager loses under load).
+    ///   manager reads (a race the manager loses under load). Closed with an exit figure (ptrace)
+    ///   where the reaper is known (above).
     /// - **A child whose parent exits first** and that is a zombie at that moment is reaped by
     ///   the new reaper without its time reaching the old parent: inside the VPS that is the first
     ///   process (fine); after the first process has gone, it is whoever the system re-parents it
     ///   to.
     /// - The peak memory without a cgroup is sampled at calls, not kept by the kernel.
     ///
-    /// What closes these holes: an eBPF program on `sched_process_exit` can add the exiting
-    /// thread group's time to a per-VPS counter in the kernel, whoever reaps it, and a ptrace
-    /// backend can read `/proc/PID/stat` at the `PTRACE_EVENT_EXIT` stop, before anyone can reap
-    /// the process. Neither is done in this version (the ptrace backend reports exits after it has
-    /// collected them). A cgroup closes them all. On FreeBSD, `rctl(8)` (RACCT) keeps per-jail
+    /// What closes these holes under the other backends: an eBPF program on `sched_process_exit`
+    /// could report the exiting thread group's time with its exit event (or add it to a per-VPS
+    /// counter in the kernel), whoever reaps it; not done in this version. A ptrace backend built
+    /// without exit stops (`Config::exit_stops(false)`), or a process whose exit stop the kernel
+    /// skips (a second `SIGKILL` already pending), gives no exit figure: the reads above are all
+    /// there is. A cgroup closes them all. On FreeBSD, `rctl(8)` (RACCT) keeps per-jail
     /// and per-login-class CPU, memory and process counts in the kernel, and could later give
     /// exact figures (and limits) for a VPS placed in a jail or login class of its own.
     ///

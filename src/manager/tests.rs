@@ -2,7 +2,7 @@
 //! and reused members, a first process whose exit event was lost, a name used again, refusals,
 //! the order of signals. (Starting a process needs a real fork: tests/spawn.rs does that.)
 
-use std::collections::VecDeque;
+use std::collections::{HashSet, VecDeque};
 use std::os::fd::{AsFd, BorrowedFd};
 
 use vpstag_tracker::{EventKind, LossReason, StartTime, TrackerError};
@@ -39,6 +39,8 @@ struct World {
     used: HashMap<Pid, (u64, u64, u64)>,
     /// The CPU (ns) `wait4` reports for a child of ours that has exited.
     reaped_cpu: HashMap<Pid, u64>,
+    /// Processes that ignore SIGCHLD.
+    ignore_sigchld: HashSet<Pid>,
     signalled: Vec<(Pid, i32)>,
     now: u64,
     /// Events that reach the tracker's queue just after the next scan: what happened before the
@@ -116,6 +118,10 @@ impl System for FakeSystem {
             cpu_children_ns: children,
             rss_bytes: rss,
         }))
+    }
+    fn sigchld_ignored(&mut self, pid: Pid) -> std::io::Result<Option<bool>> {
+        let w = self.world();
+        Ok(w.procs.contains_key(&pid).then(|| w.ignore_sigchld.contains(&pid)))
     }
     fn signal_exact(&mut self, id: ProcessId, sig: i32) -> std::io::Result<bool> {
         let mut w = self.world();
@@ -202,6 +208,19 @@ impl Fixture {
             status: Some(ExitStatus::Exited(code)),
             group_dead: Some(true),
         });
+    }
+    /// `pid` exits having used `cpu_ms` (own and waited-for children's), the figure its backend
+    /// read before anyone could reap it; what the system still shows of it is the test's business.
+    fn exit_with_cpu(&self, pid: i32, cpu_ms: u64) {
+        let mut ev = Event::new(EventKind::Exit {
+            pid: p(pid),
+            thread: p(pid),
+            status: Some(ExitStatus::Exited(0)),
+            group_dead: Some(true),
+        });
+        ev.time_ns = Some(self.sys.world().now + 1);
+        ev.exit_cpu_ns = Some(cpu_ms * MS);
+        self.events.lock().unwrap().push_back(ev);
     }
     /// Moves the events queued since the last read so that they arrive only after the next scan.
     fn hold_until_next_scan(&self) {
@@ -520,4 +539,93 @@ fn the_journal_hook_gets_every_vps_root_and_forget_in_the_order_they_happen() {
             JournalEntry::Forgotten(a.id)
         ]
     );
+}
+
+#[test]
+fn a_member_reaped_outside_the_vps_counts_exactly_its_exit_figure_even_when_gone_before_the_event() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    sys.add(200, 7, 1); // its parent (1) is not of the VPS
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.mgr.join("a", p(200)).unwrap();
+    f.sys.used(200, 300, 0, 0);
+    assert_eq!(cpu_ms(&f, &a), 300);
+    // It burns 170 ms more and exits; its parent outside collects it before the manager reads
+    // the event: no zombie to read, but the backend read 470 ms at its exit.
+    f.sys.world().procs.remove(&p(200));
+    f.exit_with_cpu(200, 470);
+    assert_eq!(cpu_ms(&f, &a), 470, "the exit figure, not the last sample (300)");
+    f.sys.used(100, 5, 0, 0);
+    assert_eq!(cpu_ms(&f, &a), 475, "and only once");
+    // Still a zombie when the event comes: the same.
+    f.sys.add(201, 9, 1);
+    f.mgr.join("a", p(201)).unwrap();
+    f.sys.used(201, 20, 0, 0);
+    f.exit_with_cpu(201, 40);
+    assert_eq!(cpu_ms(&f, &a), 515);
+    f.sys.world().procs.remove(&p(201));
+    assert_eq!(cpu_ms(&f, &a), 515);
+}
+
+#[test]
+fn a_child_auto_reaped_because_its_parent_ignores_sigchld_counts_its_exit_figure() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.sys.world().ignore_sigchld.insert(p(100));
+    f.fork(100, 101, 6);
+    f.sys.used(100, 10, 0, 0);
+    f.sys.used(101, 100, 0, 0);
+    assert_eq!(cpu_ms(&f, &a), 110);
+    // 101 burns to 250 ms and exits; the kernel reaps it at once and 100's time stays as it was.
+    f.sys.world().procs.remove(&p(101));
+    f.exit_with_cpu(101, 250);
+    assert_eq!(cpu_ms(&f, &a), 260);
+    f.sys.used(100, 20, 0, 0);
+    assert_eq!(cpu_ms(&f, &a), 270);
+}
+
+#[test]
+fn a_child_its_parent_waits_for_is_not_counted_twice_with_an_exit_figure() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.fork(100, 101, 6);
+    f.fork(100, 102, 7);
+    f.sys.used(100, 10, 0, 0);
+    f.sys.used(101, 100, 0, 0);
+    f.sys.used(102, 30, 0, 0);
+    assert_eq!(cpu_ms(&f, &a), 140);
+    // 101 exits with 250 ms and 100 collects it before the manager sees the event.
+    f.sys.world().procs.remove(&p(101));
+    f.sys.used(100, 10, 250, 0);
+    f.exit_with_cpu(101, 250);
+    assert_eq!(cpu_ms(&f, &a), 290, "in 100's waited-for time, once");
+    // 102 exits with 50 ms and is a zombie when the event comes (100 has not waited yet; that
+    // 100 now ignores SIGCHLD does not matter: the kernel leaves a zombie to be waited for).
+    f.sys.world().ignore_sigchld.insert(p(100));
+    f.exit_with_cpu(102, 50);
+    assert_eq!(cpu_ms(&f, &a), 290, "not counted while the zombie waits; the figure stays");
+    f.sys.world().procs.remove(&p(102));
+    f.sys.used(100, 10, 300, 0);
+    assert_eq!(cpu_ms(&f, &a), 310);
+}
+
+#[test]
+fn a_first_process_with_an_exit_figure_reaped_by_the_manager_is_counted_once() {
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.sys.used(100, 10, 500, 0);
+    assert_eq!(cpu_ms(&f, &a), 510);
+    // It exits with 1,100 ms read at its exit; wait4 then says 1,200 (what it did after the read).
+    f.sys.world().reaped_cpu.insert(p(100), 1_200 * MS);
+    f.sys.exit(100, 0);
+    f.exit_with_cpu(100, 1_100);
+    assert_eq!(f.mgr.wait(&a, Some(Duration::from_secs(10))).unwrap(), Some(ExitStatus::Exited(0)));
+    assert_eq!(cpu_ms(&f, &a), 1_200, "wait4's figure completes the exit figure, never adds to it");
 }

@@ -214,6 +214,25 @@ pub(crate) fn set_process_name(name: &CStr) {
     }
 }
 
+/// Whether `pid` ignores `SIGCHLD` (`kinfo_proc`'s `ki_sigignore`), so that the kernel reaps its
+/// exited children itself and adds their time to nobody; `None` when it is gone. `SA_NOCLDWAIT`
+/// with a handler, which has the same effect, is not shown there: it reads as `false`.
+///
+/// # References
+/// - `kern.proc.pid` ([`sysctl(3)`](https://man.freebsd.org/cgi/man.cgi?query=sysctl&sektion=3)),
+///   `struct kinfo_proc` in `<sys/user.h>`
+pub(crate) fn sigchld_ignored(pid: Pid) -> io::Result<Option<bool>> {
+    let buf = match sysctl_bytes(&[libc::CTL_KERN, libc::KERN_PROC, libc::KERN_PROC_PID, pid.as_raw()]) {
+        Ok(buf) => buf,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    let recs = records(&buf)?;
+    let Some(kp) = recs.first().filter(|kp| kp.ki_pid == pid.as_raw()) else { return Ok(None) };
+    // SAFETY: sigismember reads the sigset_t it is given, a field of our own copy.
+    Ok(Some(unsafe { libc::sigismember(&kp.ki_sigignore, libc::SIGCHLD) } == 1))
+}
+
 /// What `pid` has used so far (`kinfo_proc`: `ki_rusage`, its own CPU time; `ki_rusage_ch`, that
 /// of the children it waited for; `ki_rssize` pages resident); `None` when it is gone. A record
 /// too short to hold these fields (a kernel whose `kinfo_proc` is older than this vpstag's) reads

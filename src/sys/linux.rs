@@ -358,6 +358,33 @@ pub(crate) fn proc_usage(pid: Pid) -> io::Result<Option<super::ProcUsage>> {
     }))
 }
 
+/// Whether `pid` ignores `SIGCHLD` (`SIG_IGN`), so that the kernel reaps its exited children
+/// itself and adds their CPU time to nobody; `None` when it is gone. Read from
+/// `/proc/PID/status`, `SigIgn` (bit `SIGCHLD - 1`). `SA_NOCLDWAIT` with a handler has the same
+/// effect but is not shown in `/proc`: it reads as `false`.
+///
+/// # References
+/// - [`proc_pid_status(5)`](https://man7.org/linux/man-pages/man5/proc_pid_status.5.html)
+/// - [`sigaction(2)`](https://man7.org/linux/man-pages/man2/sigaction.2.html), `SA_NOCLDWAIT`
+pub(crate) fn sigchld_ignored(pid: Pid) -> io::Result<Option<bool>> {
+    let text = match std::fs::read_to_string(format!("/proc/{pid}/status")) {
+        Ok(t) => t,
+        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    sig_ignored_in_status(&text, libc::SIGCHLD)
+        .map(Some)
+        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("/proc/{pid}/status: no SigIgn line")))
+}
+
+/// Whether signal `sig` is in the `SigIgn:` mask of a `/proc/PID/status` text.
+fn sig_ignored_in_status(text: &str, sig: i32) -> Option<bool> {
+    let hex = text.lines().find_map(|l| l.strip_prefix("SigIgn:"))?.trim();
+    let mask = u64::from_str_radix(hex, 16).ok()?;
+    let bit = u32::try_from(sig.checked_sub(1)?).ok().filter(|b| *b < 64)?;
+    Some(mask & (1u64 << bit) != 0)
+}
+
 /// Closes every descriptor from `first` on (`close_range`, Linux 5.9+; before, one by one up to
 /// `max_fd`). Async-signal-safe.
 pub(crate) fn close_from(first: i32, max_fd: i32) {
@@ -395,6 +422,19 @@ const _: () = assert!(libc::CGROUP_SUPER_MAGIC as u64 == crate::cgroup::CGROUP_S
 
 #[cfg(test)]
 mod tests {
+
+    #[test]
+    fn sigchld_ignored_is_bit_16_of_sigign() {
+        let status = "Name:\tpython3\nSigBlk:\t0000000000010000\nSigIgn:\t0000000001011000\nSigCgt:\t0\n";
+        assert_eq!(sig_ignored_in_status(status, libc::SIGCHLD), Some(true));
+        assert_eq!(sig_ignored_in_status(status, libc::SIGPIPE), Some(true));
+        assert_eq!(sig_ignored_in_status(status, libc::SIGTERM), Some(false));
+        assert_eq!(sig_ignored_in_status("SigBlk:\t0000000000010000\n", libc::SIGCHLD), None);
+        // This test process does not ignore SIGCHLD; a pid above pid_max is gone.
+        let me = Pid::new(std::process::id() as i32).unwrap();
+        assert_eq!(sigchld_ignored(me).unwrap(), Some(false));
+        assert_eq!(sigchld_ignored(Pid::new(i32::MAX - 7).unwrap()).unwrap(), None);
+    }
     use std::io::{BufRead, BufReader, Write};
     use std::os::fd::AsFd;
     use std::os::unix::net::UnixListener;

@@ -105,6 +105,12 @@ pub(crate) fn proc_usage(pid: Pid) -> io::Result<Option<super::ProcUsage>> {
     Err(unsupported())
 }
 
+/// Whether `pid` ignores `SIGCHLD`: not known here (no process-table reader yet).
+pub(crate) fn sigchld_ignored(pid: Pid) -> io::Result<Option<bool>> {
+    let _ = pid;
+    Err(unsupported())
+}
+
 /// Reaps `pid`, a child of ours, if it has exited (`waitpid` with `WNOHANG`: not every system
 /// here has `wait4`, so the CPU time is not reported); `None` while it runs.
 ///

@@ -272,12 +272,22 @@ pub struct Event {
     pub tag: Option<VpsId>,
     /// The CPU that reported it, if known.
     pub cpu: Option<u32>,
+    /// With the [`Exit`](EventKind::Exit) of a whole process (`group_dead` not `Some(false)`):
+    /// the CPU time the process had used when it exited, in nanoseconds: user + system time of
+    /// all its threads plus that of the children it had waited for (Linux `utime + stime +
+    /// cutime + cstime`). Set only by a backend that read it before anyone could reap the process
+    /// (see [`Capabilities::exit_usage`]), so that it is the process's final figure whoever
+    /// reaps it; `None` otherwise, and on every other event.
+    ///
+    /// Absent from the serialised form when `None`, so older readers and writers still agree.
+    #[cfg_attr(feature = "serde", serde(default, skip_serializing_if = "Option::is_none"))]
+    pub exit_cpu_ns: Option<u64>,
 }
 
 impl Event {
-    /// An event with no time, tag or CPU.
+    /// An event with no time, tag, CPU or exit figure.
     pub const fn new(kind: EventKind) -> Event {
-        Event { kind, time_ns: None, tag: None, cpu: None }
+        Event { kind, time_ns: None, tag: None, cpu: None, exit_cpu_ns: None }
     }
 }
 
@@ -349,6 +359,11 @@ pub struct Capabilities {
     /// It can also miss a child *without* reporting it (FreeBSD's `knote_fork` skips a parent
     /// knote that is "in flux"): the consumer should resynchronise this often.
     pub resync_every: Option<Duration>,
+    /// It reads each exiting process's CPU time before anyone can reap the process and reports
+    /// it in [`Event::exit_cpu_ns`] with the process's exit (ptrace, at the `PTRACE_EVENT_EXIT`
+    /// stop). The backend's docs say when the figure can still be missing; the consumer then
+    /// falls back on what it read itself.
+    pub exit_usage: bool,
 }
 
 impl Capabilities {
@@ -362,6 +377,7 @@ impl Capabilities {
             reaps: false,
             can_lose: false,
             resync_every: None,
+            exit_usage: false,
         }
     }
 
@@ -398,6 +414,12 @@ impl Capabilities {
     /// Sets [`can_lose`](Capabilities#structfield.can_lose).
     pub const fn can_lose(mut self, yes: bool) -> Capabilities {
         self.can_lose = yes;
+        self
+    }
+
+    /// Sets [`exit_usage`](Capabilities#structfield.exit_usage).
+    pub const fn exit_usage(mut self, yes: bool) -> Capabilities {
+        self.exit_usage = yes;
         self
     }
 
@@ -559,8 +581,10 @@ mod tests {
             .thread_events(true)
             .reaps(true)
             .can_lose(true)
+            .exit_usage(true)
             .resync_every(Some(Duration::from_secs(5)));
         assert!(c.host_wide && c.holds_tags && c.synchronous && c.thread_events && c.reaps && c.can_lose);
+        assert!(c.exit_usage);
         assert_eq!(c.resync_every, Some(Duration::from_secs(5)));
         assert_eq!(c.host_wide(false).reaps(false), Capabilities { host_wide: false, reaps: false, ..c });
     }
@@ -607,13 +631,22 @@ mod tests {
                 ..Event::new(EventKind::Exec { pid, thread: pid })
             },
             Event::new(EventKind::Exit { pid, thread: pid, status: Some(killed), group_dead: Some(true) }),
+            Event {
+                exit_cpu_ns: Some(300_000_000),
+                ..Event::new(EventKind::Exit { pid, thread: pid, status: None, group_dead: Some(true) })
+            },
             Event::new(EventKind::Lost { count: Some(4), reason: LossReason::SequenceGap }),
         ];
         for ev in events {
             let json = serde_json::to_string(&ev).unwrap();
             assert_eq!(serde_json::from_str::<Event>(&json).unwrap(), ev, "{json}");
         }
-        let lost = serde_json::to_string(&events[3].kind).unwrap();
+        // Without an exit figure the form is what it was before the field existed.
+        let plain = serde_json::to_string(&events[0]).unwrap();
+        assert!(!plain.contains("exit_cpu_ns"), "{plain}");
+        let old = r#"{"kind":{"exec":{"pid":10,"thread":10}},"time_ns":null,"tag":null,"cpu":null}"#;
+        assert_eq!(serde_json::from_str::<Event>(old).unwrap(), Event::new(EventKind::Exec { pid, thread: pid }));
+        let lost = serde_json::to_string(&events[4].kind).unwrap();
         assert_eq!(lost, r#"{"lost":{"count":4,"reason":"sequence_gap"}}"#);
     }
 }

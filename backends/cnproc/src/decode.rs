@@ -351,9 +351,11 @@ fn decode_cn_msg(msg: &[u8], offset_ns: u64, seq: &mut SeqTracker, out: &mut Vec
         }
     };
     match kind {
-        Some(kind) => {
-            out.push(Event { kind, time_ns: Some(timestamp_ns.saturating_add(offset_ns)), tag: None, cpu: Some(cpu) })
-        }
+        Some(kind) => out.push(Event {
+            time_ns: Some(timestamp_ns.saturating_add(offset_ns)),
+            cpu: Some(cpu),
+            ..Event::new(kind)
+        }),
         None => summary.malformed += 1,
     }
 }

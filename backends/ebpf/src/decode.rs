@@ -153,6 +153,7 @@ pub fn decode_record(rec: &[u8], clock: Clock) -> Result<Record, DecodeError> {
         time_ns: Some(clock.boot_ns(u64_at(rec, OFF_TIME))),
         tag: Some(VpsId(u64_at(rec, OFF_VPS))),
         cpu: Some(u32_at(rec, OFF_CPU)),
+        exit_cpu_ns: None,
     };
     Ok(Record { event, flags: u32_at(rec, OFF_FLAGS) })
 }
@@ -472,6 +473,7 @@ mod tests {
                 time_ns: Some(99_000_000_000),
                 tag: Some(VpsId(7)),
                 cpu: Some(1),
+                exit_cpu_ns: None,
             }
         );
     }

@@ -151,6 +151,23 @@ pub fn parse_stat_bytes(bytes: &[u8]) -> Option<TaskStat> {
     Some(TaskStat { state, ppid: i32::try_from(ppid).ok()?, num_threads, start: StartTime(u64::try_from(start).ok()?) })
 }
 
+/// The CPU time in `/proc/TID/stat`, in clock ticks: fields 14 to 17, `utime + stime + cutime +
+/// cstime`. Read from a thread-group leader's entry (`/proc/TGID/stat`), the first two cover every
+/// thread of the process (live ones as of the read, exited ones as the kernel summed them), the
+/// last two the children it has waited for. `None` when the text is not a stat line.
+pub fn parse_stat_cpu_ticks(bytes: &[u8]) -> Option<u64> {
+    let rest = &bytes[bytes.iter().rposition(|&b| b == b')')? + 1..];
+    let mut fields = rest.split(|b| b.is_ascii_whitespace()).filter(|f| !f.is_empty());
+    // Field 14 is the 11th after the command name (field 3 is the first).
+    let mut sum: u64 = 0;
+    let first = fields.nth(11)?;
+    for f in std::iter::once(first).chain(fields.take(3)) {
+        // cutime and cstime are signed in the kernel's format; never negative in practice.
+        sum = sum.saturating_add(u64::try_from(parse_int(f)?).unwrap_or(0));
+    }
+    Some(sum)
+}
+
 /// A decimal integer, possibly negative.
 fn parse_int(digits: &[u8]) -> Option<i64> {
     let (neg, digits) = match digits.split_first()? {
@@ -200,6 +217,15 @@ pub trait Probe {
         let _ = (creator, creator_tgid);
         self.stat(child)
     }
+    /// The CPU time process `tgid` has used, in nanoseconds: user + system time of all its
+    /// threads plus that of the children it has waited for (`/proc/TGID/stat` fields 14 to 17,
+    /// see [`parse_stat_cpu_ticks`]). Asked while a thread of `tgid` is stopped at its
+    /// `PTRACE_EVENT_EXIT` stop, so the process cannot have been reaped. `None` when it cannot
+    /// be read (the default: a probe that does not read it).
+    fn exit_cpu_ns(&mut self, tgid: Pid) -> Option<u64> {
+        let _ = tgid;
+        None
+    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -211,6 +237,22 @@ struct Task {
 struct Group {
     threads: HashSet<Pid>,
     vps: VpsId,
+    /// Threads of `threads` that have been at their `PTRACE_EVENT_EXIT` stop: they are exiting.
+    exiting: HashSet<Pid>,
+    /// The process's CPU time (ns), read when its last live thread stopped at its exit (see
+    /// [`Tracer::step`]); reported with the process's exit.
+    exit_cpu_ns: Option<u64>,
+}
+
+impl Group {
+    fn new(threads: HashSet<Pid>, vps: VpsId) -> Group {
+        Group { threads, vps, exiting: HashSet::new(), exit_cpu_ns: None }
+    }
+
+    /// Every thread followed is exiting: the process is ending (not only a thread of it).
+    fn all_exiting(&self) -> bool {
+        !self.threads.is_empty() && self.threads.iter().all(|t| self.exiting.contains(t))
+    }
 }
 
 /// The tracer's state: which tasks it follows, in which processes, and the new tasks whose creator
@@ -274,7 +316,7 @@ impl Tracer {
         self.tasks.insert(root, Task { tgid: root });
         let mut threads = HashSet::new();
         threads.insert(root);
-        self.groups.insert(root, Group { threads, vps });
+        self.groups.insert(root, Group::new(threads, vps));
     }
 
     /// Follows one more thread `tid` of the followed process `tgid` (a process that already had
@@ -359,7 +401,11 @@ impl Tracer {
                 self.on_exec(tid, former, task.tgid, events);
                 Resume::Cont(0)
             }
-            // EVENT_EXIT, EVENT_VFORK_DONE, anything newer: nothing to report.
+            Status::Event(EVENT_EXIT) => {
+                self.on_exit_stop(tid, task.tgid, probe);
+                Resume::Cont(0)
+            }
+            // EVENT_VFORK_DONE, anything newer: nothing to report.
             _ => Resume::Cont(0),
         };
         actions.push(Action { tid, resume });
@@ -512,7 +558,7 @@ impl Tracer {
         } else {
             let mut threads = HashSet::new();
             threads.insert(child);
-            self.groups.insert(child, Group { threads, vps: vps.unwrap_or(VpsId(0)) });
+            self.groups.insert(child, Group::new(threads, vps.unwrap_or(VpsId(0))));
         }
         let mut ev = Event::new(EventKind::Fork {
             parent,
@@ -525,7 +571,33 @@ impl Tracer {
         events.push(ev);
     }
 
+    /// Thread `tid` of process `tgid` is at its `PTRACE_EVENT_EXIT` stop. When it is the last
+    /// thread of the process to get there, the process is ending: every other thread has passed
+    /// its own exit stop, and none can be reaped before this one is resumed and collected by us
+    /// (a traced zombie is visible to its tracer only, and a thread-group leader is reported last,
+    /// once its group is empty). The process's CPU time is read now and reported with its exit.
+    ///
+    /// The figure misses what the threads spend after their exit stop (the rest of `exit`:
+    /// releasing memory and files, microseconds as a rule), and it is in whole clock ticks. A
+    /// thread that exits without an exit stop (a second `SIGKILL` already pending) leaves the
+    /// read to the last reap of a thread before the leader's (see `on_exit`).
+    fn on_exit_stop(&mut self, tid: Pid, tgid: Pid, probe: &mut dyn Probe) {
+        let Some(g) = self.groups.get_mut(&tgid) else { return };
+        g.exiting.insert(tid);
+        if g.all_exiting() {
+            // Several threads may get here in turn (a thread created meanwhile): the last read
+            // is the most complete.
+            g.exit_cpu_ns = probe.exit_cpu_ns(tgid).or(g.exit_cpu_ns);
+        }
+    }
+
     fn on_exec(&mut self, tid: Pid, former: Pid, tgid: Pid, events: &mut Vec<Event>) {
+        if let Some(g) = self.groups.get_mut(&tgid) {
+            // The threads killed by the exec were exiting; the execing thread and the id it takes
+            // over (the old leader's, which was at its exit stop) live on.
+            g.exiting.remove(&tid);
+            g.exiting.remove(&former);
+        }
         if former != tid {
             // The execing thread took the leader's id; the old leader vanished without a report.
             self.tasks.remove(&former);
@@ -560,10 +632,19 @@ impl Tracer {
         };
         let mut group_dead = true;
         let mut vps = None;
+        let mut exit_cpu_ns = None;
         if let Some(g) = self.groups.get_mut(&task.tgid) {
             g.threads.remove(&tid);
+            g.exiting.remove(&tid);
             group_dead = g.threads.is_empty();
             vps = Some(g.vps);
+            if !group_dead && g.exit_cpu_ns.is_none() && g.all_exiting() {
+                // The threads left have all been at their exit stop and this one had none (it
+                // skipped it): read now, still before the process can be reaped (its leader is
+                // collected by us first, and it is among the threads left).
+                g.exit_cpu_ns = probe.exit_cpu_ns(task.tgid);
+            }
+            exit_cpu_ns = g.exit_cpu_ns.filter(|_| group_dead);
         }
         if group_dead {
             // A dead creator reports nothing any more.
@@ -583,6 +664,7 @@ impl Tracer {
             group_dead: Some(group_dead),
         });
         ev.tag = vps;
+        ev.exit_cpu_ns = exit_cpu_ns;
         events.push(ev);
     }
 
@@ -654,6 +736,10 @@ mod tests {
         described: HashMap<i32, TaskStat>,
         /// `new_task` calls: (creator, creator_tgid, child).
         new_task_calls: Vec<(i32, i32, i32)>,
+        /// What `exit_cpu_ns` answers, by process.
+        cpu: HashMap<i32, u64>,
+        /// `exit_cpu_ns` calls, by process.
+        cpu_reads: Vec<i32>,
     }
 
     impl FakeProc {
@@ -681,6 +767,10 @@ mod tests {
                 Some(s) => Some(*s),
                 None => self.stat(child),
             }
+        }
+        fn exit_cpu_ns(&mut self, tgid: Pid) -> Option<u64> {
+            self.cpu_reads.push(tgid.as_raw());
+            self.cpu.get(&tgid.as_raw()).copied()
         }
     }
 
@@ -1025,5 +1115,107 @@ mod tests {
         assert_eq!(s.num_threads, 3);
         assert_eq!(s.start, StartTime(98765));
         assert_eq!(parse_state(line), Some('S'));
+    }
+
+    fn exit_cpu_of(ev: &Event) -> Option<u64> {
+        assert!(matches!(ev.kind, EventKind::Exit { .. }), "not an exit: {ev:?}");
+        ev.exit_cpu_ns
+    }
+
+    #[test]
+    fn a_process_exit_carries_the_cpu_read_at_its_exit_stop() {
+        let mut h = Harness::new();
+        h.p.add(101, ROOT, 1, 101);
+        h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
+        h.step(101, stopped(SIGTRAP, EVENT_STOP), None);
+        h.p.cpu.insert(101, 300_000_000);
+        let (ev, ac) = h.step(101, stopped(SIGTRAP, EVENT_EXIT), None);
+        assert!(ev.is_empty());
+        assert_eq!(ac, vec![cont(101, 0)]);
+        assert_eq!(h.p.cpu_reads, vec![101], "read at the stop, while nobody can reap it");
+        // What it reads later (gone, or another process) does not matter any more.
+        h.p.cpu.insert(101, 5);
+        let (ev, _) = h.step(101, exited(0), None);
+        assert_eq!(exit_of(&ev[0]), (101, 101, Some(ExitStatus::Exited(0)), Some(true)));
+        assert_eq!(exit_cpu_of(&ev[0]), Some(300_000_000));
+        assert_eq!(h.p.cpu_reads, vec![101]);
+    }
+
+    #[test]
+    fn without_an_exit_stop_an_exit_carries_no_cpu() {
+        let mut h = Harness::new();
+        h.p.cpu.insert(ROOT, 7);
+        let (ev, _) = h.step(ROOT, 9, None);
+        assert_eq!(exit_of(&ev[0]).3, Some(true));
+        assert_eq!(exit_cpu_of(&ev[0]), None);
+        assert!(h.p.cpu_reads.is_empty());
+    }
+
+    #[test]
+    fn a_thread_exit_reads_nothing_and_the_last_thread_at_its_exit_stop_reads_for_the_process() {
+        let mut h = Harness::new();
+        h.p.add(101, 1, 2, ROOT);
+        h.p.add(102, 1, 3, ROOT);
+        h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(101));
+        h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(102));
+        h.p.cpu.insert(ROOT, 100);
+        // A thread ends while the others live on: no read, no figure.
+        h.step(101, stopped(SIGTRAP, EVENT_EXIT), None);
+        let (ev, _) = h.step(101, exited(0), None);
+        assert_eq!(exit_of(&ev[0]).3, Some(false));
+        assert_eq!(exit_cpu_of(&ev[0]), None);
+        assert!(h.p.cpu_reads.is_empty(), "{:?}", h.p.cpu_reads);
+        // The leader calls pthread_exit: 102 lives on, still no read.
+        h.step(ROOT, stopped(SIGTRAP, EVENT_EXIT), None);
+        assert!(h.p.cpu_reads.is_empty(), "{:?}", h.p.cpu_reads);
+        // 102 exits, the last one: the process's figure is read at its stop.
+        h.p.cpu.insert(ROOT, 900);
+        h.step(102, stopped(SIGTRAP, EVENT_EXIT), None);
+        assert_eq!(h.p.cpu_reads, vec![ROOT]);
+        let (ev, _) = h.step(102, exited(0), None);
+        assert_eq!((exit_of(&ev[0]).3, exit_cpu_of(&ev[0])), (Some(false), None), "a thread's exit");
+        let (ev, _) = h.step(ROOT, exited(0), None);
+        assert_eq!((exit_of(&ev[0]).3, exit_cpu_of(&ev[0])), (Some(true), Some(900)));
+    }
+
+    #[test]
+    fn a_thread_that_skips_its_exit_stop_leaves_the_read_to_its_reap() {
+        let mut h = Harness::new();
+        h.p.add(101, 1, 2, ROOT);
+        h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(101));
+        h.p.cpu.insert(ROOT, 400);
+        // exit_group: the leader stops; 101 is killed with a second SIGKILL pending and skips it.
+        h.step(ROOT, stopped(SIGTRAP, EVENT_EXIT), None);
+        assert!(h.p.cpu_reads.is_empty());
+        let (ev, _) = h.step(101, 9, None);
+        assert_eq!(exit_cpu_of(&ev[0]), None);
+        assert_eq!(h.p.cpu_reads, vec![ROOT], "read before the leader is collected");
+        let (ev, _) = h.step(ROOT, exited(0), None);
+        assert_eq!(exit_cpu_of(&ev[0]), Some(400));
+    }
+
+    #[test]
+    fn threads_killed_by_an_exec_do_not_make_the_process_exiting() {
+        let mut h = Harness::new();
+        h.p.add(101, 1, 2, ROOT);
+        h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(101));
+        // 101 execs: the leader is killed (it stops at its exit), then 101 takes its id.
+        h.step(ROOT, stopped(SIGTRAP, EVENT_EXIT), None);
+        h.step(ROOT, stopped(SIGTRAP, EVENT_EXEC), Some(101));
+        assert!(h.p.cpu_reads.is_empty());
+        // The new program runs and exits: read at its own exit stop, not before.
+        h.p.cpu.insert(ROOT, 70);
+        h.step(ROOT, stopped(SIGTRAP, EVENT_EXIT), None);
+        assert_eq!(h.p.cpu_reads, vec![ROOT]);
+        let (ev, _) = h.step(ROOT, exited(0), None);
+        assert_eq!((exit_of(&ev[0]).3, exit_cpu_of(&ev[0])), (Some(true), Some(70)));
+    }
+
+    #[test]
+    fn stat_cpu_is_fields_14_to_17() {
+        let line = "1234 (a) b (c)) S 77 1234 1234 0 -1 4194560 100 0 0 0 11 22 33 44 20 0 3 0 98765 1000 100";
+        assert_eq!(parse_stat_cpu_ticks(line.as_bytes()), Some(110));
+        assert_eq!(parse_stat_cpu_ticks(b"1234 (a) S 1 2 3"), None);
+        assert_eq!(parse_stat_cpu_ticks(b"no parenthesis"), None);
     }
 }

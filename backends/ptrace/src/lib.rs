@@ -62,7 +62,13 @@
 //! pid cannot have been reused: the start time is the child's identity), `Exec { pid, thread }` and
 //! `Exit { pid, thread, status, group_dead }` for every thread, the root included. Events also
 //! carry the VPS in [`Event::tag`] as a hint (this backend knows it for free); the core keeps the
-//! table, so [`Capabilities::holds_tags`] stays false.
+//! table, so [`Capabilities::holds_tags`] stays false. A process's exit (`group_dead: Some(true)`)
+//! carries its CPU time in [`Event::exit_cpu_ns`] ([`Capabilities::exit_usage`]): read from
+//! `/proc/TGID/stat` (`utime + stime + cutime + cstime`) when its last live thread stops at
+//! `PTRACE_EVENT_EXIT`, before anyone can reap it. Other threads are then all past their own exit
+//! stop; what they and this thread spend after it (the rest of `exit`) is not in the figure, which
+//! is in whole clock ticks. None with [`Config::exit_stops`] off, or when the kernel skips the exit
+//! stop (a second `SIGKILL` already pending) and no thread is left to read it at.
 //!
 //! Cost per fork: the creator's event stop and the child's first stop, one `PTRACE_GETEVENTMSG`,
 //! and on x86-64 one `PTRACE_GETREGS` (the clone flags: thread or process, `CLONE_PARENT`); the
@@ -169,8 +175,10 @@ cfg_if::cfg_if! {
     }
 }
 
-/// What this backend promises.
-pub const CAPABILITIES: Capabilities = Capabilities::new().synchronous(true).thread_events(true).reaps(true);
+/// What this backend promises with the default [`Config`]; with [`Config::exit_stops`] off,
+/// [`Ptrace`]'s `capabilities()` says `exit_usage: false`.
+pub const CAPABILITIES: Capabilities =
+    Capabilities::new().synchronous(true).thread_events(true).reaps(true).exit_usage(true);
 
 /// [`BackendKind::Ptrace`].
 pub const KIND: BackendKind = BackendKind::Ptrace;

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use vpstag_tracker::Pid;
 
-use crate::decode::{parse_stat_bytes, start_between, Probe, TaskStat};
+use crate::decode::{parse_stat_bytes, parse_stat_cpu_ticks, start_between, Probe, TaskStat};
 
 /// The options the root is seized with; its descendants inherit them.
 ///
@@ -202,6 +202,8 @@ pub(crate) struct ProcProbe {
     now: u64,
     /// Nanoseconds per clock tick of `/proc`'s start times.
     tick_ns: u64,
+    /// Clock ticks per second (`CLK_TCK`) of `/proc`'s CPU times; 0 if unknown.
+    hz: u64,
     /// New tasks described without `/proc`.
     pub(crate) fast: u64,
     /// New tasks described from `/proc`.
@@ -214,7 +216,8 @@ impl Default for ProcProbe {
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         // 0: no fast path (every start time from /proc).
         let tick_ns = if hz > 0 && 1_000_000_000 % hz == 0 { 1_000_000_000 / hz as u64 } else { 0 };
-        ProcProbe { buf: Vec::new(), resumed: HashMap::new(), now: 0, tick_ns, fast: 0, slow: 0 }
+        let hz_u = u64::try_from(hz).unwrap_or(0);
+        ProcProbe { buf: Vec::new(), resumed: HashMap::new(), now: 0, tick_ns, hz: hz_u, fast: 0, slow: 0 }
     }
 }
 
@@ -328,6 +331,15 @@ impl Probe for ProcProbe {
 
     fn tgid(&mut self, tid: Pid) -> Option<Pid> {
         status_field(tid, "Tgid:").and_then(|v| v.parse().ok()).and_then(Pid::new)
+    }
+
+    fn exit_cpu_ns(&mut self, tgid: Pid) -> Option<u64> {
+        if self.hz == 0 {
+            return None;
+        }
+        let hz = self.hz;
+        let ticks = parse_stat_cpu_ticks(self.read_stat(tgid)?)?;
+        u64::try_from(u128::from(ticks) * 1_000_000_000 / u128::from(hz)).ok()
     }
 }
 
@@ -542,5 +554,23 @@ mod tests {
         let text = fs::read_to_string(format!("/proc/{me}/stat")).unwrap();
         assert_eq!(crate::decode::parse_stat(&text).map(|t| t.start), Some(s.start));
         assert!(probe.stat(Pid::new(i32::MAX - 7).unwrap()).is_none());
+        // Our own CPU time, as getrusage has it (both in whole ticks of /proc or finer).
+        let spin = std::time::Instant::now();
+        while spin.elapsed() < std::time::Duration::from_millis(50) {
+            std::hint::black_box(0u64);
+        }
+        let from_proc = probe.exit_cpu_ns(me).unwrap();
+        let used = |who| {
+            // SAFETY: an all-zero rusage is valid; getrusage fills it.
+            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+            // SAFETY: valid out pointer.
+            assert_eq!(unsafe { libc::getrusage(who, &mut ru) }, 0);
+            let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
+            tv(ru.ru_utime) + tv(ru.ru_stime)
+        };
+        // Read after /proc: the figures only grow. Children: those the other tests waited for.
+        let own = used(libc::RUSAGE_SELF) + used(libc::RUSAGE_CHILDREN);
+        assert!(from_proc >= 40_000_000, "/proc says {from_proc} ns after a 50 ms spin");
+        assert!(from_proc <= own + 20_000_000, "/proc says {from_proc} ns, getrusage {own} ns");
     }
 }

@@ -116,6 +116,8 @@ pub struct Ptrace {
     requests: Sender<Request>,
     tracer_tid: i32,
     thread: Option<JoinHandle<()>>,
+    /// [`Config::exit_stops`]: without exit stops there is no exit figure to report.
+    exit_stops: bool,
 }
 
 impl std::fmt::Debug for Ptrace {
@@ -175,7 +177,7 @@ impl Ptrace {
             .map_err(|e| TrackerError::io("spawning the ptrace tracer thread", e))?;
         let tracer_tid =
             tid_rx.recv().map_err(|_| TrackerError::io("ptrace tracer thread", io::Error::other("died at start")))?;
-        Ok(Ptrace { shared, requests: tx, tracer_tid, thread: Some(thread) })
+        Ok(Ptrace { shared, requests: tx, tracer_tid, thread: Some(thread), exit_stops: config.exit_stops })
     }
 
     /// What the tracer thread has handled so far: wait statuses (each one a tracee stop or
@@ -227,7 +229,7 @@ impl ForkTracker for Ptrace {
     }
 
     fn capabilities(&self) -> Capabilities {
-        crate::CAPABILITIES
+        crate::CAPABILITIES.exit_usage(self.exit_stops)
     }
 
     fn as_fd(&self) -> BorrowedFd<'_> {

@@ -1049,3 +1049,85 @@ fn start_times_match_proc_for_many_children() {
     assert!(wrong.is_empty(), "(tid, reported, /proc): {wrong:?}");
     assert!(compared >= 170, "only {compared} compared");
 }
+
+/// Three children of the root: one burns 0.2 s and exits; one exits (`exit_group`) from its main
+/// thread after 0.3 s while a second thread still burns; one is SIGKILLed once /proc shows it
+/// burned 0.2 s. The root waits for each.
+const EXIT_CPU: &str = r#"
+import os, resource, signal, threading, time
+def cpu():
+    r = resource.getrusage(resource.RUSAGE_SELF)
+    return r.ru_utime + r.ru_stime
+def burn(secs):
+    x = 0
+    while cpu() < secs:
+        for i in range(20000):
+            x += i
+p = os.fork()
+if p == 0:
+    burn(0.2)
+    os._exit(0)
+os.waitpid(p, 0)
+p = os.fork()
+if p == 0:
+    threading.Thread(target=burn, args=(1000,), daemon=True).start()
+    burn(0.3)
+    os._exit(0)
+os.waitpid(p, 0)
+p = os.fork()
+if p == 0:
+    burn(1000)
+t = time.monotonic()
+while time.monotonic() - t < 30:
+    f = open("/proc/%d/stat" % p).read().rsplit(")", 1)[1].split()
+    if (int(f[11]) + int(f[12])) / os.sysconf("SC_CLK_TCK") >= 0.2:
+        break
+    time.sleep(0.01)
+os.kill(p, signal.SIGKILL)
+os.waitpid(p, 0)
+"#;
+
+#[test]
+fn a_process_exit_carries_its_cpu_read_at_the_exit_stop() {
+    let _g = lock();
+    let mut s = Session::start(&[PY, "-c", EXIT_CPU]);
+    assert!(s.pt().capabilities().exit_usage);
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+    let root = s.root;
+    let children: Vec<Pid> = s.forks().iter().filter(|f| f.0 == root && !f.3).map(|f| f.1).collect();
+    assert_eq!(children.len(), 3, "{:#?}", s.events);
+    let figure = |pid: Pid| {
+        s.events.iter().find_map(|e| match e.kind {
+            EventKind::Exit { pid: p, group_dead: Some(true), .. } if p == pid => Some(e.exit_cpu_ns),
+            _ => None,
+        })
+    };
+    let secs = |pid: Pid| {
+        let f = figure(pid).unwrap_or_else(|| panic!("no exit of {pid}: {:#?}", s.events));
+        f.unwrap_or_else(|| panic!("the exit of {pid} carries no CPU figure")) as f64 / 1e9
+    };
+    // /proc truncates user and system time to whole clock ticks (10 ms) each: 30 ms of slack.
+    let slack = 0.03;
+    let (plain, threaded, killed) = (secs(children[0]), secs(children[1]), secs(children[2]));
+    assert!((0.2 - slack..0.3).contains(&plain), "the plain child burned 0.2 s, its exit says {plain}");
+    assert!(threaded >= 0.3 - slack, "the threaded child burned 0.3 s or more, its exit says {threaded}");
+    assert!(killed >= 0.2 - slack, "the killed child burned 0.2 s or more, its exit says {killed}");
+    // The root's figure holds what it waited for.
+    let all = secs(root);
+    assert!(all >= plain + threaded + killed - slack, "the root's exit says {all}");
+    // Threads' exits carry nothing.
+    assert!(s
+        .events
+        .iter()
+        .all(|e| e.exit_cpu_ns.is_none() || matches!(e.kind, EventKind::Exit { group_dead: Some(true), .. })));
+}
+
+#[test]
+fn without_exit_stops_no_exit_carries_cpu() {
+    let _g = lock();
+    let pt = Ptrace::with_exit_stops(false).unwrap();
+    assert!(!pt.capabilities().exit_usage);
+    let mut s = Session::start_with(pt, &["/bin/sh", "-c", "sh -c '/bin/true & wait' & wait"]);
+    assert_eq!(s.finish(), ExitStatus::Exited(0));
+    assert!(s.events.iter().all(|e| e.exit_cpu_ns.is_none()), "{:#?}", s.events);
+}
