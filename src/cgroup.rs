@@ -204,6 +204,7 @@ pub type Result<T, E = CgroupError> = std::result::Result<T, E>;
 
 /// A cgroup v2 controller a [`Limits`] field needs.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Hash, PartialOrd, Ord)]
+#[non_exhaustive]
 pub enum Controller {
     /// `cpu`: `cpu.max`.
     Cpu,
@@ -340,6 +341,7 @@ pub struct CgroupUsage {
 
 /// How [`VpsCgroup::kill_with`] ends a cgroup's processes.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
+#[non_exhaustive]
 pub enum KillMethod {
     /// `cgroup.kill` (Linux 5.14+): the kernel kills every process of the cgroup and of its
     /// descendants, and a process forked meanwhile too. Race-free.

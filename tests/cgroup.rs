@@ -257,6 +257,7 @@ fn kill_ends_a_forking_tree_and_the_cgroup_can_be_removed() {
                 assert_eq!(cg.kill(Duration::from_secs(20)).expect("kill"), KillMethod::CgroupKill)
             }
             KillMethod::Signals => cg.kill_with(KillMethod::Signals, Duration::from_secs(20)).expect("kill by signals"),
+            other => panic!("a kill method this test does not know: {other:?}"),
         }
         println!("method {method:?}: {} processes killed in {:?}", known.len(), started.elapsed());
         assert!(cg.procs().expect("cgroup.procs").is_empty(), "{method:?}: processes left");
