@@ -6,7 +6,7 @@
 use vpstag_tracker::{Event, EventKind, ExitStatus, LossReason, Pid, StartTime, VpsId};
 
 /// Size of one ring-buffer record, `struct vpstag_event`.
-pub const RECORD_SIZE: usize = 56;
+pub const RECORD_SIZE: usize = 64;
 /// Size of a value of the `tags` map, `struct vpstag_tag`; its key is the tgid, a `u32`.
 pub const TAG_SIZE: usize = 24;
 /// Size of the value of the `counters` map, `struct vpstag_counters`.
@@ -26,6 +26,8 @@ pub const KIND_EXIT: u32 = 3;
 pub const FLAG_UNTRACKED: u32 = 0x1;
 /// `VPSTAG_F_ROOT`: an exit of a root (a process tagged with [`TAG_ROOT`]).
 pub const FLAG_ROOT: u32 = 0x2;
+/// `VPSTAG_F_CPU`: an exit whose record holds the process's CPU time (`cpu_ns`).
+pub const FLAG_CPU: u32 = 0x4;
 /// `VPSTAG_TAG_ROOT`: the tag map's flag for a root, whose exit is always reported.
 pub const TAG_ROOT: u32 = 0x1;
 /// `VPSTAG_REPORT_ALL`: a record for every fork, exec and exit of a tagged process.
@@ -44,6 +46,7 @@ const OFF_TID: usize = 36;
 const OFF_CHILD: usize = 40;
 const OFF_STATUS: usize = 44;
 const OFF_FLAGS: usize = 48;
+const OFF_CPU_NS: usize = 56;
 
 /// Converts the kernel's boot-clock nanoseconds (`bpf_ktime_get_boot_ns`, `start_boottime`) to
 /// what this process sees: `CLOCK_BOOTTIME` nanoseconds and `/proc/PID/stat` clock ticks, both
@@ -148,14 +151,17 @@ pub fn decode_record(rec: &[u8], clock: Clock) -> Result<Record, DecodeError> {
         },
         other => return Err(DecodeError::UnknownKind(other)),
     };
+    let flags = u32_at(rec, OFF_FLAGS);
+    let exit_cpu_ns =
+        (matches!(kind, EventKind::Exit { .. }) && flags & FLAG_CPU != 0).then(|| u64_at(rec, OFF_CPU_NS));
     let event = Event {
         kind,
         time_ns: Some(clock.boot_ns(u64_at(rec, OFF_TIME))),
         tag: Some(VpsId(u64_at(rec, OFF_VPS))),
         cpu: Some(u32_at(rec, OFF_CPU)),
-        exit_cpu_ns: None,
+        exit_cpu_ns,
     };
-    Ok(Record { event, flags: u32_at(rec, OFF_FLAGS) })
+    Ok(Record { event, flags })
 }
 
 /// Decodes one ring-buffer record into an event; a malformed record becomes
@@ -193,6 +199,14 @@ pub fn encode_record(
     b[OFF_STATUS..OFF_STATUS + 4].copy_from_slice(&status.to_ne_bytes());
     b[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&flags.to_ne_bytes());
     b
+}
+
+/// Puts a CPU figure into an exit record made by [`encode_record`], as the BPF program does: the
+/// `cpu_ns` field and [`FLAG_CPU`] (for tests and tools).
+pub fn set_exit_cpu_ns(rec: &mut [u8; RECORD_SIZE], cpu_ns: u64) {
+    rec[OFF_CPU_NS..OFF_CPU_NS + 8].copy_from_slice(&cpu_ns.to_ne_bytes());
+    let flags = u32_at(rec, OFF_FLAGS) | FLAG_CPU;
+    rec[OFF_FLAGS..OFF_FLAGS + 4].copy_from_slice(&flags.to_ne_bytes());
 }
 
 /// A value of the `tags` map.
@@ -420,11 +434,12 @@ mod tests {
 
     #[test]
     fn layout_matches_the_c_header() {
-        // Pinned against src/bpf/vpstag.h; the header's comments say 56 bytes.
+        // Pinned against src/bpf/vpstag.h; the header's comments say 64 bytes.
         let header = include_str!("bpf/vpstag.h");
-        assert!(header.contains("One ring-buffer record, 56 bytes."));
-        assert_eq!(RECORD_SIZE, 56);
-        assert_eq!(OFF_FLAGS + 4 + 4, RECORD_SIZE);
+        assert!(header.contains("One ring-buffer record, 64 bytes."));
+        assert_eq!(RECORD_SIZE, 64);
+        assert_eq!(OFF_FLAGS + 4 + 4, OFF_CPU_NS);
+        assert_eq!(OFF_CPU_NS + 8, RECORD_SIZE);
         assert_eq!(TAG_SIZE, 16 + 4 + 4);
         assert_eq!(COUNTERS_SIZE, 16);
         assert_eq!(CONTROL_SIZE, 4 + 4 + 8 + 8);
@@ -432,6 +447,7 @@ mod tests {
             ("#define VPSTAG_TAG_ROOT 0x1", TAG_ROOT),
             ("#define VPSTAG_F_UNTRACKED 0x1", FLAG_UNTRACKED),
             ("#define VPSTAG_F_ROOT 0x2", FLAG_ROOT),
+            ("#define VPSTAG_F_CPU 0x4", FLAG_CPU),
         ] {
             assert!(header.contains(text) && text.ends_with(&format!("{value:#x}")), "{text} in vpstag.h");
         }
@@ -444,7 +460,8 @@ mod tests {
         let control = &control[..control.find("};").unwrap()];
         let order = ["reporting;", "pad;", "wakeup_ns;", "wake_bytes;"];
         assert!(order.windows(2).all(|w| control.find(w[0]) < control.find(w[1])), "{control}");
-        let order = ["time_ns", "vps", "start_ns", "kind", "cpu", "pid", "tid", "child", "status", "flags", "pad"];
+        let order =
+            ["time_ns", "vps", "start_ns", "kind", "cpu", "pid", "tid", "child", "status", "flags", "pad", "cpu_ns"];
         let body = &header[header.find("struct vpstag_event {").unwrap()..];
         let mut last = 0;
         for field in order {
@@ -518,6 +535,39 @@ mod tests {
     }
 
     #[test]
+    fn decodes_the_cpu_figure_of_an_exit() {
+        let mut rec = encode_record(KIND_EXIT, 5, 9, 0, 1, 200, 201, 0, 0, FLAG_ROOT);
+        // 1.5 s of CPU, a value that fills more than the low 32 bits.
+        set_exit_cpu_ns(&mut rec, 1_500_000_123);
+        assert_eq!(&rec[56..64], &1_500_000_123u64.to_ne_bytes());
+        assert_eq!(u32_at(&rec, 48), FLAG_ROOT | FLAG_CPU);
+        let r = decode_record(&rec, CLOCK).unwrap();
+        assert_eq!(r.event.exit_cpu_ns, Some(1_500_000_123));
+        assert_eq!(r.flags, FLAG_ROOT | FLAG_CPU);
+        assert_eq!(
+            r.event.kind,
+            EventKind::Exit {
+                pid: pid(200),
+                thread: pid(201),
+                status: Some(ExitStatus::Exited(0)),
+                group_dead: Some(true)
+            }
+        );
+        // A zero figure is a figure (a process that never ran a tick's worth).
+        let mut zero = encode_record(KIND_EXIT, 5, 9, 0, 1, 200, 200, 0, 0, 0);
+        set_exit_cpu_ns(&mut zero, 0);
+        assert_eq!(decode_event(&zero, CLOCK).exit_cpu_ns, Some(0));
+        // Without the flag the field is not read: no figure.
+        let mut bytes = encode_record(KIND_EXIT, 5, 9, 0, 1, 200, 200, 0, 0, 0);
+        bytes[56..64].copy_from_slice(&77u64.to_ne_bytes());
+        assert_eq!(decode_event(&bytes, CLOCK).exit_cpu_ns, None);
+        // Only an exit carries one, whatever the bytes say.
+        let mut fork = encode_record(KIND_FORK, 1, 7, 0, 0, 100, 101, 101, 0, 0);
+        set_exit_cpu_ns(&mut fork, 5);
+        assert_eq!(decode_event(&fork, CLOCK).exit_cpu_ns, None);
+    }
+
+    #[test]
     fn longer_records_are_accepted() {
         // The ring buffer may round sizes up; only the prefix matters.
         let mut v = encode_record(KIND_EXEC, 1, 1, 0, 0, 2, 2, 0, 0, 0).to_vec();
@@ -529,6 +579,8 @@ mod tests {
     fn malformed_records_are_errors_and_lost_events() {
         let rec = encode_record(KIND_FORK, 1, 1, 0, 0, 2, 3, 3, 0, 0);
         assert_eq!(decode_record(&rec[..40], CLOCK), Err(DecodeError::Short(40)));
+        // A record of the former layout (56 bytes, no cpu_ns) is short too.
+        assert_eq!(decode_record(&rec[..56], CLOCK), Err(DecodeError::Short(56)));
         let unknown = encode_record(42, 1, 1, 0, 0, 2, 3, 3, 0, 0);
         assert_eq!(decode_record(&unknown, CLOCK), Err(DecodeError::UnknownKind(42)));
         let bad_child = encode_record(KIND_FORK, 1, 1, 0, 0, 2, 3, 0, 0, 0);

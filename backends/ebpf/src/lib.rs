@@ -93,7 +93,17 @@
 //!   creator: the child gets the tag of the process that called `fork`/`clone`.
 //! - `Exec { pid, thread }`: `thread` is the thread that called `execve` (it became the leader).
 //! - `Exit { group_dead: Some(true), status }`: once per process, when its last thread exits;
-//!   `thread` is that last thread, `status` the wait status `wait(2)` will report.
+//!   `thread` is that last thread, `status` the wait status `wait(2)` will report. It carries
+//!   the process's CPU time in [`Event::exit_cpu_ns`](vpstag_tracker::Event::exit_cpu_ns)
+//!   ([`Capabilities::exit_usage`]), read in the kernel at `sched_process_exit`, before anyone
+//!   can reap the process: the run time of its threads (the scheduler's `sum_exec_runtime`, in
+//!   ns, not rounded to clock ticks: what `/proc/PID/stat` shows as `utime + stime`) plus its
+//!   waited-for children's (`cutime + cstime`). It misses what the threads do in the rest of
+//!   `exit` (microseconds), the last thread's run since the scheduler's last update of it (at
+//!   most a tick), and a thread of the same process still exiting at that instant (killed with
+//!   the others by `exit_group` or a fatal signal, and not yet released): its time is lost. The
+//!   record is sent before the kernel notifies the parent, so the process may still be running
+//!   its `exit` when the event is read (not yet a zombie; see `Manager::usage` in vpstag).
 //! - Every event carries `tag` (the process's VPS), `time_ns` (`bpf_ktime_get_boot_ns`, i.e.
 //!   `CLOCK_BOOTTIME`) and `cpu`. Thread creation and thread exits are not reported
 //!   (`thread_events: false`).
@@ -176,9 +186,9 @@ cfg_if::cfg_if! {
 pub use decode::Counters;
 
 /// What [`Ebpf`] promises: host-wide, tags held in the kernel, synchronous, processes only, does
-/// not reap, can lose notifications (never tags).
+/// not reap, can lose notifications (never tags), reports each process's CPU time with its exit.
 pub const CAPABILITIES: Capabilities =
-    Capabilities::new().host_wide(true).holds_tags(true).synchronous(true).can_lose(true);
+    Capabilities::new().host_wide(true).holds_tags(true).synchronous(true).can_lose(true).exit_usage(true);
 
 /// What the kernel side sends to user space (see [Reporting modes](crate#reporting-modes)).
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Hash)]
@@ -202,7 +212,7 @@ pub struct Config {
     /// Default 65 536.
     pub map_entries: u32,
     /// Size of the notification ring buffer in bytes, rounded up to a power of two of at least a
-    /// page. A record takes 64 bytes. Default 1 MiB (about 16 000 notifications).
+    /// page. A record takes 72 bytes. Default 1 MiB (about 14 500 notifications).
     pub ring_bytes: u32,
     /// At most one forced wake-up of the reader per this interval for ordinary records (see
     /// [Wake-ups](crate#wake-ups)); `Duration::ZERO` wakes it for every record that finds it
@@ -269,7 +279,7 @@ mod tests {
     #[test]
     fn capabilities_are_as_documented() {
         let c = CAPABILITIES;
-        assert!(c.host_wide && c.holds_tags && c.synchronous && c.can_lose, "{c:?}");
+        assert!(c.host_wide && c.holds_tags && c.synchronous && c.can_lose && c.exit_usage, "{c:?}");
         assert!(!c.thread_events && !c.reaps && c.resync_every.is_none(), "{c:?}");
     }
 

@@ -1114,3 +1114,52 @@ fn roots_only_still_reports_a_full_map() {
     held.kill_all();
     wait_for("the VPS's entries to go", || t.members(vps).unwrap().is_empty());
 }
+
+/// The exit record carries the process's CPU time read in the kernel before anyone can reap it:
+/// its own and that of the child it waited for. Checked against what `wait4` then gives for it
+/// (`RUSAGE_BOTH`: the same two parts, from the same run-time accounting).
+#[test]
+fn an_exit_carries_the_process_cpu_time() {
+    if skip_unless_root("an_exit_carries_the_process_cpu_time") {
+        return;
+    }
+    let mut t = Ebpf::new().expect("load");
+    assert!(t.capabilities().exit_usage, "{:?}", t.capabilities());
+    // Busy itself, then waits for a busy child, then exits 3 (not an exec of its last command).
+    let busy = "i=0; while [ $i -lt 200000 ]; do i=$((i+1)); done";
+    let script = format!("{busy}; /bin/sh -c '{busy}'; {busy}; exit 3");
+    let mut held = Held::spawn(&["/bin/sh", "-c", &script], &[("PATH", "/usr/bin:/bin")]);
+    let me = held.pid;
+    t.watch(held.pid(), VpsId(31)).unwrap();
+    held.open_gate();
+
+    let mut events = Vec::new();
+    let start = Instant::now();
+    let exit = loop {
+        assert!(start.elapsed() < TIMEOUT, "no exit of {me} in {events:?}");
+        t.read_events(&mut events, Some(Duration::from_millis(100))).expect("read_events");
+        if let Some(e) = events.iter().find(|e| matches!(e.kind, EventKind::Exit { pid, .. } if pid.as_raw() == me)) {
+            break *e;
+        }
+    };
+    let mut status = 0;
+    // SAFETY: an all-zero rusage is valid; wait4 fills it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: reap our own child, with valid out pointers.
+    let reaped = unsafe { libc::wait4(me, &mut status, 0, &mut ru) };
+    assert_eq!(reaped, me, "wait4");
+    held.pid = -me; // reaped: Held's drop must not wait again
+    assert!(libc::WIFEXITED(status) && libc::WEXITSTATUS(status) == 3, "status {status:#x}");
+
+    let tv_ns = |tv: libc::timeval| tv.tv_sec as u64 * 1_000_000_000 + tv.tv_usec as u64 * 1_000;
+    let waited = tv_ns(ru.ru_utime) + tv_ns(ru.ru_stime);
+    let figure = exit.exit_cpu_ns.unwrap_or_else(|| panic!("no CPU figure in {exit:?}"));
+    assert!(waited >= 100_000_000, "the script was meant to run for a while: {waited} ns");
+    // The figure misses the tail of exit and at most a tick of the last run; wait4's figure is
+    // in microseconds.
+    let slack = (waited / 20).max(10_000_000);
+    assert!(
+        figure.abs_diff(waited) <= slack,
+        "exit figure {figure} ns, wait4 {waited} ns (own and waited-for children's): more than {slack} ns apart"
+    );
+}

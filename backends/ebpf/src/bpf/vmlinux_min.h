@@ -63,6 +63,14 @@ struct signal_struct {
 	atomic_t live;		/* live threads of the group; 0 once the last one is in do_exit */
 	unsigned int flags;	/* SIGNAL_GROUP_EXIT, ... */
 	int group_exit_code;	/* wait status when SIGNAL_GROUP_EXIT is set */
+	__u64 cutime;		/* ns: user time of the children waited for (and theirs) */
+	__u64 cstime;		/* ns: their system time */
+	unsigned long long sum_sched_runtime;	/* ns run by the group's released threads */
+};
+
+/* The scheduler's per-task entity; only the task's total run time. */
+struct sched_entity {
+	__u64 sum_exec_runtime;	/* ns this task has run, as of the scheduler's last update */
 };
 
 struct task_struct {
@@ -73,6 +81,7 @@ struct task_struct {
 	struct task_struct *real_parent;
 	struct task_struct *group_leader;
 	struct signal_struct *signal;
+	struct sched_entity se;
 };
 
 #pragma clang attribute pop

@@ -117,6 +117,7 @@ static __always_inline struct vpstag_event *reserve(__u32 kind, __u64 vps)
 	e->status = 0;
 	e->flags = 0;
 	e->pad = 0;
+	e->cpu_ns = 0;
 	return e;
 }
 
@@ -194,6 +195,38 @@ int vpstag_exec(__u64 *ctx)
 	return 0;
 }
 
+/*
+ * The CPU time, in ns, of the process whose last live thread p is, at its exit: what
+ * /proc/PID/stat's utime + stime + cutime + cstime would show, read before anyone can reap it.
+ *
+ * sched_process_exit fires in do_exit() before exit_notify(), so nothing of the group has been
+ * reaped yet, and:
+ * - signal->sum_sched_runtime holds the run time of the group's threads already released
+ *   (__exit_signal() adds a non-leader thread's se.sum_exec_runtime there in release_task(),
+ *   after its exit_notify(); never the leader's);
+ * - p's own time is still on p (p->se.sum_exec_runtime), and so is the leader's when p is another
+ *   thread (a leader is never added to signal, it stays a zombie until the group is reaped);
+ * - signal->cutime and cstime hold the children this process waited for (wait_task_zombie()
+ *   adds each one's thread_group_cputime_adjusted() and its own cutime/cstime), in ns.
+ *
+ * Run time (sum_exec_runtime, exact ns from the scheduler) rather than signal->utime/stime and
+ * the tasks' utime/stime: with tick-based accounting those are tick samples, and /proc scales
+ * them so that utime + stime equals the run time (cputime_adjust()); the run time is what /proc
+ * shows, unrounded. It lags by p's run since the scheduler last updated it (at most one tick).
+ * Not counted: another thread of the group still exiting at this instant (it has left `live`
+ * but not yet reached release_task(): its run time is on it, out of reach without walking the
+ * thread list), and what every thread spends in the rest of do_exit() (microseconds).
+ */
+static __always_inline __u64 group_cpu_ns(struct task_struct *p, struct signal_struct *sig)
+{
+	struct task_struct *leader = p->group_leader;
+	__u64 ns = sig->sum_sched_runtime + p->se.sum_exec_runtime + sig->cutime + sig->cstime;
+
+	if (leader != p)
+		ns += leader->se.sum_exec_runtime;
+	return ns;
+}
+
 /* sched_process_exit(struct task_struct *p[, bool group_dead]): in do_exit(), for every thread,
  * after signal->live was decremented. The entry goes only when the whole group is dead, so a
  * zombie leader whose other threads live on keeps its tag. When two last threads race, both may
@@ -237,7 +270,8 @@ int vpstag_exit(__u64 *ctx)
 	e->pid = tgid;
 	e->tid = p->pid;
 	e->status = status;
-	e->flags = root ? VPSTAG_F_ROOT : 0;
+	e->flags = VPSTAG_F_CPU | (root ? VPSTAG_F_ROOT : 0);
+	e->cpu_ns = group_cpu_ns(p, sig);
 	/* A root's exit is urgent: user space may be waiting for it alone. */
 	bpf_ringbuf_submit(e, wake_flags(ctl, e->time_ns, root));
 	return 0;

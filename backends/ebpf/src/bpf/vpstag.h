@@ -52,8 +52,10 @@ enum vpstag_kind {
 #define VPSTAG_F_UNTRACKED 0x1
 /* Exit: the process was a root (VPSTAG_TAG_ROOT). */
 #define VPSTAG_F_ROOT 0x2
+/* Exit: cpu_ns holds the process's CPU time. */
+#define VPSTAG_F_CPU 0x4
 
-/* One ring-buffer record, 56 bytes. */
+/* One ring-buffer record, 64 bytes. */
 struct vpstag_event {
 	__u64 time_ns;		/* bpf_ktime_get_boot_ns() */
 	__u64 vps;		/* the process's tag */
@@ -67,6 +69,8 @@ struct vpstag_event {
 	__s32 status;		/* exit: wait status; otherwise 0 */
 	__u32 flags;		/* VPSTAG_F_* */
 	__u32 pad;
+	__u64 cpu_ns;		/* exit, with VPSTAG_F_CPU: ns of CPU the whole process used, its
+				   threads' and its waited-for children's; otherwise 0 */
 };
 
 #endif /* VPSTAG_H */
