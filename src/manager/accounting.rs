@@ -313,7 +313,8 @@ impl Manager {
     ///   is applied (a zombie still shows its final figure until its reaper collects it);
     /// - but, with a backend that reads each process's CPU as it exits, before anyone can reap it
     ///   ([`Capabilities::exit_usage`](vpstag_tracker::Capabilities#structfield.exit_usage): the
-    ///   ptrace backend, at the `PTRACE_EVENT_EXIT` stop of a process's last thread), that exit
+    ///   ptrace backend, at the `PTRACE_EVENT_EXIT` stop of a process's last thread; the eBPF
+    ///   backend, in the kernel at `sched_process_exit` of its last thread), that exit
     ///   figure ([`Event::exit_cpu_ns`]: its own time and its waited-for children's) for a member
     ///   whose reaper is outside the VPS, instead of its last sample; and for a member whose parent,
     ///   a member, ignores `SIGCHLD` (the kernel reaps such a child itself and gives its time to
@@ -325,12 +326,17 @@ impl Manager {
     ///
     /// ## What is exact with an exit figure, and what is not
     ///
-    /// The figure itself misses what the process does after its last exit stop (the rest of
-    /// `exit`, in the kernel: microseconds as a rule) and is in whole clock ticks. Who the reaper
-    /// is, is decided when the exit is applied:
-    /// - the process is still there (a zombie): its parent then is its reaper, exactly. Under
-    ///   ptrace the kernel has already decided whether to auto-reap it (when the tracer collected
-    ///   it, before reporting the exit), so a zombie will be waited for: no disposition read.
+    /// The figure itself misses what the process does after it is read (the rest of `exit`, in
+    /// the kernel: microseconds as a rule); under ptrace it is in whole clock ticks; under eBPF it
+    /// is the scheduler's run time in ns, which lags by at most a tick of the last thread's run
+    /// and misses a thread of the process still exiting at that instant (killed together with the
+    /// others and not yet released). Who the reaper is, is decided when the exit is applied:
+    /// - the process is still there (a zombie): its parent then is its reaper, exactly. The
+    ///   kernel has already decided whether to auto-reap it (under ptrace the tracer collected it
+    ///   before reporting the exit; under eBPF the backend delivers the exit once the process is
+    ///   a zombie or gone, waiting up to 100 ms), so a zombie will be waited for: no disposition
+    ///   read. (An eBPF exit delivered after that wait, the process still exiting, is taken for
+    ///   one its parent waits for.)
     /// - it is gone: its birth parent if that is still a member; then it was either collected by
     ///   that parent or auto-reaped, and the parent's `SIGCHLD` disposition *now* (Linux `SigIgn` of
     ///   `/proc/PID/status`, FreeBSD `ki_sigignore`) tells which. Not exact: a parent that changes
@@ -349,21 +355,20 @@ impl Manager {
     /// - **A parent that ignores `SIGCHLD`** (`SIG_IGN`, or `SA_NOCLDWAIT`): the kernel reaps
     ///   its children itself and adds their time to nobody. A child that exits between two reads
     ///   is lost; its own children, waited for before, with it. Closed with an exit figure
-    ///   (ptrace) for `SIG_IGN`, within the limits above.
+    ///   (ptrace, eBPF) for `SIG_IGN`, within the limits above.
     /// - **A member reaped from outside the VPS** (see above): only its last read figure counts;
     ///   what it did after it (and what the children it waited for in between did) is lost. The
     ///   read at its exit event closes most of this gap, but the reaper may collect it before the
-    ///   manager reads (a race the manager loses under load). Closed with an exit figure (ptrace)
-    ///   where the reaper is known (above).
+    ///   manager reads (a race the manager loses under load). Closed with an exit figure (ptrace,
+    ///   eBPF) where the reaper is known (above).
     /// - **A child whose parent exits first** and that is a zombie at that moment is reaped by
     ///   the new reaper without its time reaching the old parent: inside the VPS that is the first
     ///   process (fine); after the first process has gone, it is whoever the system re-parents it
     ///   to.
     /// - The peak memory without a cgroup is sampled at calls, not kept by the kernel.
     ///
-    /// What closes these holes under the other backends: an eBPF program on `sched_process_exit`
-    /// could report the exiting thread group's time with its exit event (or add it to a per-VPS
-    /// counter in the kernel), whoever reaps it; not done in this version. A ptrace backend built
+    /// Under cnproc these holes stay open (its exit notification comes without a figure). A
+    /// ptrace backend built
     /// without exit stops (`Config::exit_stops(false)`), or a process whose exit stop the kernel
     /// skips (a second `SIGKILL` already pending), gives no exit figure: the reads above are all
     /// there is. A cgroup closes them all. On FreeBSD, `rctl(8)` (RACCT) keeps per-jail
