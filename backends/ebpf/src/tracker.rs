@@ -239,44 +239,12 @@ impl Ebpf {
 
     /// Takes what is decoded and the losses; whether anything was appended.
     fn collect(&mut self, out: &mut Vec<Event>, start: usize) -> Result<bool, TrackerError> {
-        let from = out.len();
         if self.inner.drain_into(out) > 0 && !self.config.wakeup_interval.is_zero() {
             // Records may follow without a wake-up for one interval.
             self.tail_until = Instant::now().checked_add(self.config.wakeup_interval);
         }
-        settle_exits(&out[from..]);
         self.report_losses(out)?;
         Ok(out.len() > start)
-    }
-}
-
-/// How long [`settle_exits`] waits for one process to finish exiting.
-const SETTLE_LIMIT: Duration = Duration::from_millis(100);
-
-/// Waits until every process whose exit (with its CPU figure) is among `events` has finished
-/// exiting: a zombie, or gone. The exit tracepoint fires in `do_exit` before the kernel notifies
-/// the parent and decides whether to reap the process at once (a parent that ignores
-/// `SIGCHLD`); a consumer that looks at the process when the event arrives must find it past that
-/// decision (a zombie is waited for; a process gone was reaped, perhaps by the kernel), as it
-/// does with the other backends. The rest of `exit` takes microseconds as a rule; a process still
-/// exiting after [`SETTLE_LIMIT`] (stuck in the kernel, or unmapping a huge memory) is reported as
-/// it is. One `/proc/PID/stat` read per exit; a pid reused meanwhile ends the wait (the new
-/// process is not exiting).
-fn settle_exits(events: &[Event]) {
-    for ev in events {
-        let vpstag_tracker::EventKind::Exit { pid, .. } = ev.kind else { continue };
-        if ev.exit_cpu_ns.is_none() {
-            continue;
-        }
-        let until = Instant::now() + SETTLE_LIMIT;
-        loop {
-            match source::stat(pid) {
-                Ok(s) if s.exiting() && !s.exited() && Instant::now() < until => {
-                    std::thread::sleep(Duration::from_micros(50))
-                }
-                _ => break,
-            }
-        }
     }
 }
 
