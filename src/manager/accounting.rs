@@ -138,11 +138,14 @@ impl State {
     ///   nobody; the VPS keeps `ns`.
     ///
     /// Who the reaper is: the parent the system shows while the process is still there (a
-    /// zombie waiting for that parent: then it was not auto-reaped, since the backends that read
-    /// the figure report the exit after the kernel decided, see [`Manager::usage`]); once it is
-    /// gone, its birth parent if that is still a member, the manager (or whoever registered it)
-    /// for a first process, an outside reaper if the last sample saw one; otherwise it is not
-    /// known, and the figure is not used (its last sample stays, as without a figure).
+    /// zombie, or, under eBPF, a process still in `exit`: the exit is read before the kernel
+    /// notifies the parent); once it is gone, its birth parent if that is still a member, the
+    /// manager (or whoever registered it) for a first process, an outside reaper if the last
+    /// sample saw one; otherwise it is not known, and the figure is not used (its last sample
+    /// stays, as without a figure). A reaper that is a member waits for it unless it ignores
+    /// `SIGCHLD` (its disposition now: see [`Manager::usage`]); a zombie whose parent ignores
+    /// `SIGCHLD` is never left for that parent, so asking is right whether it is still there or
+    /// not.
     #[allow(clippy::too_many_arguments)]
     fn account_exit(
         &mut self,
@@ -154,11 +157,21 @@ impl State {
         birth_parent: Option<Pid>,
         known_outside: bool,
     ) {
+        let auto_reaped = |st: &mut Self, parent: Pid| matches!(st.view.sigchld_ignored(parent), Ok(Some(true)));
         let keep = match (self.still_there(pid, start), birth_parent) {
-            (Some(u), _) => !self.reaper_inside(&u, vps),
+            // Its parent now is its reaper: outside, or a member. A zombie waits for that
+            // member; a process still in `exit` (an eBPF exit is read before the parent is
+            // notified) is reaped by it unless it ignores SIGCHLD.
+            (Some(u), _) => match u.ppid.filter(|p| self.tracking.table.vps_of(*p) == Some(vps)) {
+                Some(parent) => {
+                    let zombie = matches!(self.view.process(pid), Ok(Some(i)) if i.zombie);
+                    !zombie && auto_reaped(self, parent)
+                }
+                None => true,
+            },
             // Gone: its parent collected it already, or the kernel did because that parent
             // ignores SIGCHLD. Its disposition now tells which (see `Manager::usage`).
-            (None, Some(parent)) if !first => matches!(self.view.sigchld_ignored(parent), Ok(Some(true))),
+            (None, Some(parent)) if !first => auto_reaped(self, parent),
             (None, _) if first || known_outside => true,
             (None, _) => return,
         };
@@ -331,12 +344,11 @@ impl Manager {
     /// is the scheduler's run time in ns, which lags by at most a tick of the last thread's run
     /// and misses a thread of the process still exiting at that instant (killed together with the
     /// others and not yet released). Who the reaper is, is decided when the exit is applied:
-    /// - the process is still there (a zombie): its parent then is its reaper, exactly. The
-    ///   kernel has already decided whether to auto-reap it (under ptrace the tracer collected it
-    ///   before reporting the exit; under eBPF the backend delivers the exit once the process is
-    ///   a zombie or gone, waiting up to 100 ms), so a zombie will be waited for: no disposition
-    ///   read. (An eBPF exit delivered after that wait, the process still exiting, is taken for
-    ///   one its parent waits for.)
+    /// - the process is still there: its parent then is its reaper. One outside the VPS keeps the
+    ///   figure for the VPS. A member that it is a zombie for will wait for it (the kernel
+    ///   decided): nothing is added. A process still in `exit` (under eBPF, whose exit is read in
+    ///   the kernel before the parent is notified) is reaped by that member, or by the kernel if
+    ///   the member ignores `SIGCHLD`: read as below.
     /// - it is gone: its birth parent if that is still a member; then it was either collected by
     ///   that parent or auto-reaped, and the parent's `SIGCHLD` disposition *now* (Linux `SigIgn` of
     ///   `/proc/PID/status`, FreeBSD `ki_sigignore`) tells which. Not exact: a parent that changes

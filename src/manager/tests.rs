@@ -607,6 +607,7 @@ fn a_child_its_parent_waits_for_is_not_counted_twice_with_an_exit_figure() {
     // 102 exits with 50 ms and is a zombie when the event comes (100 has not waited yet; that
     // 100 now ignores SIGCHLD does not matter: the kernel leaves a zombie to be waited for).
     f.sys.world().ignore_sigchld.insert(p(100));
+    f.sys.world().procs.get_mut(&p(102)).unwrap().zombie = true;
     f.exit_with_cpu(102, 50);
     assert_eq!(cpu_ms(&f, &a), 290, "not counted while the zombie waits; the figure stays");
     f.sys.world().procs.remove(&p(102));
@@ -628,4 +629,31 @@ fn a_first_process_with_an_exit_figure_reaped_by_the_manager_is_counted_once() {
     f.exit_with_cpu(100, 1_100);
     assert_eq!(f.mgr.wait(&a, Some(Duration::from_secs(10))).unwrap(), Some(ExitStatus::Exited(0)));
     assert_eq!(cpu_ms(&f, &a), 1_200, "wait4's figure completes the exit figure, never adds to it");
+}
+
+#[test]
+fn a_child_still_exiting_when_its_exit_comes_is_counted_if_its_parent_ignores_sigchld() {
+    // Under eBPF the exit is read in the kernel before the parent is notified: the process may
+    // still be there, not yet a zombie. Its parent's disposition decides, as when it is gone.
+    let sys = FakeSystem::default();
+    sys.add(100, 5, 1);
+    let f = Fixture::new(sys);
+    let a = f.mgr.register_first("a", p(100)).unwrap();
+    f.fork(100, 101, 6);
+    f.fork(100, 102, 7);
+    f.sys.used(100, 10, 0, 0);
+    assert_eq!(cpu_ms(&f, &a), 10);
+    // 101 exits with 40 ms while 100 waits for its children: 100's waited-for time gets it.
+    f.exit_with_cpu(101, 40);
+    assert_eq!(cpu_ms(&f, &a), 10, "left to 100's waited-for time");
+    f.sys.world().procs.remove(&p(101));
+    f.sys.used(100, 10, 40, 0);
+    assert_eq!(cpu_ms(&f, &a), 50);
+    // 102 exits with 70 ms after 100 started to ignore SIGCHLD: the kernel reaps it, nobody
+    // gets its time but the VPS.
+    f.sys.world().ignore_sigchld.insert(p(100));
+    f.exit_with_cpu(102, 70);
+    assert_eq!(cpu_ms(&f, &a), 120);
+    f.sys.world().procs.remove(&p(102));
+    assert_eq!(cpu_ms(&f, &a), 120);
 }

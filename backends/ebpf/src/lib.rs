@@ -103,10 +103,8 @@
 //!   most a tick), and a thread of the same process still exiting at that instant (killed with
 //!   the others by `exit_group` or a fatal signal, and not yet released): its time is lost. The
 //!   record is sent before the kernel notifies the parent (and decides whether to reap the
-//!   process at once), so [`ForkTracker::read_events`] delivers such an exit once
-//!   `/proc/PID/stat` shows the process finished exiting (a zombie, or gone), waiting up to
-//!   100 ms for it: a consumer then sees the kernel's decision, as under ptrace. One
-//!   `/proc/PID/stat` read per exit, in the reader.
+//!   process at once): a consumer may find the process still in `exit`, and tells who reaps it
+//!   by its parent (the manager: `Manager::usage` in the `vpstag` crate).
 //! - Every event carries `tag` (the process's VPS), `time_ns` (`bpf_ktime_get_boot_ns`, i.e.
 //!   `CLOCK_BOOTTIME`) and `cpu`. Thread creation and thread exits are not reported
 //!   (`thread_events: false`).
