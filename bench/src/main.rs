@@ -19,6 +19,8 @@ mod orchestrate;
 #[cfg(target_os = "linux")]
 mod report;
 #[cfg(target_os = "linux")]
+mod results;
+#[cfg(target_os = "linux")]
 mod scale;
 #[cfg(target_os = "linux")]
 mod stats;
@@ -187,7 +189,7 @@ fn main() {
         Cmd::Daemon(a) => daemon::main(*a),
         Cmd::Report { json, out, svg } => {
             let text = std::fs::read_to_string(&json).unwrap_or_else(|e| die(&format!("reading {json}: {e}")));
-            let r: orchestrate::Results = serde_json::from_str(&text).unwrap_or_else(|e| die(&format!("{json}: {e}")));
+            let r: results::Results = serde_json::from_str(&text).unwrap_or_else(|e| die(&format!("{json}: {e}")));
             println!("{}", report::text(&r));
             if out != "-" {
                 std::fs::write(&out, report::markdown(&r, &svg))

@@ -6,12 +6,12 @@ use std::process::{Command, Stdio};
 use std::time::Duration;
 
 use serde::de::DeserializeOwned;
-use serde::{Deserialize, Serialize};
 
 use crate::accuracy::AccuracyResult;
 use crate::latency::LatencyResult;
+use crate::results::{DaemonResults, LossRow, OverheadRow, Results};
 use crate::scale::{ResyncRow, ScaleRow};
-use crate::stats::{bracketed_ratio, summarize, Summary};
+use crate::stats::{bracketed_ratio, summarize};
 use crate::sys;
 use crate::track::{Backend, TrackResult};
 use crate::work::{Mode, WorkResult};
@@ -69,79 +69,6 @@ pub struct RunArgs {
     /// Where criterion's results are (default: $CARGO_TARGET_DIR/criterion, else target/criterion).
     #[arg(long)]
     pub criterion_dir: Option<String>,
-}
-
-/// One variant of the overhead comparison.
-#[derive(Clone, Debug, Serialize, Deserialize)]
-pub struct OverheadRow {
-    pub mode: String,
-    pub variant: String,
-    /// tracked rate / untracked rate (ABAB neighbours), per round.
-    pub ratio: Summary,
-    /// The tracked rate, ops/s.
-    pub rate: Summary,
-    /// CPU seconds of the listener per 10^5 workload events (trackers and forkstat).
-    pub cpu_per_1e5: Option<Summary>,
-    /// Events the manager applied per workload event (host-wide listeners see others' too).
-    pub events_seen_per_event: Option<f64>,
-    /// The tracking process's wake-ups (voluntary context switches) per workload event.
-    #[serde(default)]
-    pub wakeups_per_event: Option<f64>,
-    pub ratios: Vec<f64>,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-pub struct LossRow {
-    pub label: String,
-    pub rcvbuf: String,
-    pub mode: String,
-    pub parallel: u32,
-    /// Asked rate (0: as fast as possible).
-    pub target_rate: f64,
-    pub rate: Summary,
-    pub loss_reports: Summary,
-    pub lost_events: Summary,
-    pub resyncs: Summary,
-    /// Runs whose final table was exact (no divergence, nothing left).
-    pub exact_runs: usize,
-    pub runs: usize,
-    pub resync_secs: Summary,
-    /// Runs where `Manager::wait` never saw the first process end (its exit event was lost).
-    #[serde(default)]
-    pub wait_missed: usize,
-}
-
-#[derive(Clone, Debug, Default, Serialize, Deserialize)]
-#[serde(default)]
-pub struct Results {
-    pub date: String,
-    pub command: String,
-    /// How the binary was built.
-    pub build: String,
-    pub machine: Vec<(String, String)>,
-    pub rounds: usize,
-    pub pin_cpu: String,
-    pub tracker_cpu: String,
-    pub loss_parallel: u32,
-    pub entry_size: usize,
-    pub counts: Vec<(String, u64)>,
-    pub unavailable: Vec<(String, String)>,
-    pub accuracy: Vec<(String, Vec<AccuracyResult>)>,
-    pub accuracy_procs: u64,
-    pub untracked: Vec<(String, Summary)>,
-    pub overhead: Vec<OverheadRow>,
-    pub latency: Vec<(String, Summary, Summary, LatencyResult)>,
-    pub untracked_parallel_rate: Option<Summary>,
-    pub loss: Vec<LossRow>,
-    pub highest_zero_loss_small: Option<f64>,
-    pub scale: Vec<ScaleRow>,
-    pub resync: Vec<ResyncRow>,
-    pub criterion: Vec<(String, f64)>,
-    pub load_before: String,
-    pub load_after: String,
-    pub elapsed: f64,
-    /// The daemon as deployed (`vpstag-bench daemon`), when measured.
-    pub daemon: Option<crate::daemon::DaemonResults>,
 }
 
 /// A child's time limit: a part that hangs is killed (with its process group) and reported.
@@ -440,20 +367,6 @@ fn machine() -> Vec<(String, String)> {
     m
 }
 
-pub(crate) fn loadavg() -> String {
-    std::fs::read_to_string("/proc/loadavg")
-        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
-        .unwrap_or_default()
-}
-
-pub(crate) fn date() -> String {
-    Command::new("date")
-        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
-        .output()
-        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
-        .unwrap_or_default()
-}
-
 fn progress(t0: f64, msg: &str) {
     eprintln!("[{:>6.1}s] {msg}", sys::now_secs() - t0);
 }
@@ -473,7 +386,7 @@ pub fn run(a: RunArgs) {
     let has = |p: &str| a.parts.iter().any(|x| x == p);
 
     let mut r = Results {
-        date: date(),
+        date: sys::date(),
         command: std::env::args().collect::<Vec<_>>().join(" "),
         build: if cfg!(feature = "ebpf") {
             "cargo build --release -p vpstag-bench --features ebpf".into()
@@ -487,7 +400,7 @@ pub fn run(a: RunArgs) {
         loss_parallel: a.loss_parallel,
         entry_size: std::mem::size_of::<vpstag::Entry>(),
         accuracy_procs: procs,
-        load_before: loadavg(),
+        load_before: sys::loadavg(),
         ..Default::default()
     };
     // Which backends work here.
@@ -841,7 +754,7 @@ pub fn run(a: RunArgs) {
         match run_child(&args, Duration::from_secs(3 * 3600)) {
             Ok(()) => match std::fs::read_to_string(&out)
                 .map_err(|e| e.to_string())
-                .and_then(|t| serde_json::from_str::<crate::daemon::DaemonResults>(&t).map_err(|e| e.to_string()))
+                .and_then(|t| serde_json::from_str::<DaemonResults>(&t).map_err(|e| e.to_string()))
             {
                 Ok(d) => r.daemon = Some(d),
                 Err(e) => progress(t0, &format!("daemon: reading {out}: {e}")),
@@ -850,7 +763,7 @@ pub fn run(a: RunArgs) {
         }
     }
 
-    r.load_after = loadavg();
+    r.load_after = sys::loadavg();
     r.elapsed = sys::now_secs() - t0;
     let _ = std::fs::remove_dir_all(&tmp);
     let text = crate::report::text(&r);

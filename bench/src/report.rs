@@ -1,7 +1,6 @@
 //! The report: a terminal table, BENCHMARKS.md and the SVG chart of the overhead ratios.
 
-use crate::daemon::{DaemonResults, DaemonRow};
-use crate::orchestrate::{OverheadRow, Results};
+use crate::results::{DaemonResults, DaemonRow, OverheadRow, Results};
 use crate::stats::{fmt_count, fmt_secs, fmt_summary, markdown_table, table, text_table, xml_escape, Summary};
 
 /// The C PTRACE_SEIZE tracer's ratios (issue 4's goal for the ptrace backend).
@@ -1016,7 +1015,7 @@ fn daemon_goals(d: &DaemonResults) -> Vec<Goal> {
         let variant = format!("daemon {b}");
         let goal_text = MODES
             .iter()
-            .filter_map(|m| crate::daemon::ratio_goal(b, m).map(|x| format!("≥ {x:.2} {}", mode_label(m))))
+            .filter_map(|m| crate::results::ratio_goal(b, m).map(|x| format!("≥ {x:.2} {}", mode_label(m))))
             .collect::<Vec<_>>()
             .join(", ");
         let goal = format!("daemon {b}: tracked/untracked ratio {goal_text}");
@@ -1029,7 +1028,7 @@ fn daemon_goals(d: &DaemonResults) -> Vec<Goal> {
         let mut ok = true;
         let mut measured = 0;
         for m in MODES {
-            let Some(target) = crate::daemon::ratio_goal(b, m) else { continue };
+            let Some(target) = crate::results::ratio_goal(b, m) else { continue };
             match drow(d, &variant, m).filter(|x| x.ratio.n > 0) {
                 Some(x) => {
                     measured += 1;
@@ -1075,13 +1074,13 @@ fn daemon_goals(d: &DaemonResults) -> Vec<Goal> {
         }
         let worst = xs.iter().map(|x| x.1).fold(0.0, f64::max);
         g.push(Goal {
-            goal: format!("daemon {b}: CPU ≤ {:.0} µs per event", crate::daemon::CPU_GOAL_US),
+            goal: format!("daemon {b}: CPU ≤ {:.0} µs per event", crate::results::CPU_GOAL_US),
             result: xs.iter().map(|(m, x)| format!("{m} {x:.2} µs")).collect::<Vec<_>>().join(", "),
-            met: Some(worst <= crate::daemon::CPU_GOAL_US),
+            met: Some(worst <= crate::results::CPU_GOAL_US),
             why: format!(
                 "{:.1}× the goal at worst ({worst:.2} µs per event; the daemon's CPU from `vpstag start` to the VPS \
                  listed empty, over the workload's fork, exec and exit events)",
-                worst / crate::daemon::CPU_GOAL_US
+                worst / crate::results::CPU_GOAL_US
             ),
         });
     }
@@ -1099,11 +1098,11 @@ fn daemon_goals(d: &DaemonResults) -> Vec<Goal> {
         g.push(Goal {
             goal: format!(
                 "journal: a handful of records (≤ {:.0}) for a VPS that forks {} times",
-                crate::daemon::JOURNAL_GOAL_RECORDS,
+                crate::results::JOURNAL_GOAL_RECORDS,
                 fmt_count(forks as f64)
             ),
             result: parts.join(", "),
-            met: Some(worst <= crate::daemon::JOURNAL_GOAL_RECORDS),
+            met: Some(worst <= crate::results::JOURNAL_GOAL_RECORDS),
             why: format!(
                 "{} records at worst for {} forks ({:.2} per fork): the journal grows with the VPS's processes, not \
                  with its VPSes",

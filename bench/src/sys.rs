@@ -364,6 +364,22 @@ pub fn fs_type(path: &std::path::Path) -> io::Result<String> {
     })
 }
 
+/// The load averages over 1, 5 and 15 minutes, as /proc/loadavg gives them ("" if unreadable).
+pub fn loadavg() -> String {
+    std::fs::read_to_string("/proc/loadavg")
+        .map(|s| s.split_whitespace().take(3).collect::<Vec<_>>().join(" "))
+        .unwrap_or_default()
+}
+
+/// The date and time now, UTC, to the minute (`date -u`; "" if it cannot be run).
+pub fn date() -> String {
+    std::process::Command::new("date")
+        .args(["-u", "+%Y-%m-%d %H:%M UTC"])
+        .output()
+        .map(|o| String::from_utf8_lossy(&o.stdout).trim().to_string())
+        .unwrap_or_default()
+}
+
 /// The path of this executable.
 pub fn self_exe() -> String {
     std::env::current_exe().map(|p| p.to_string_lossy().into_owned()).unwrap_or_else(|_| "/proc/self/exe".into())
