@@ -877,12 +877,10 @@ pub fn measure(a: &DaemonArgs) -> Result<DaemonResults, String> {
     Ok(r)
 }
 
-/// `vpstag-bench daemon`.
-pub fn main(a: DaemonArgs) {
-    let r = match measure(&a) {
-        Ok(r) => r,
-        Err(e) => crate::die(&format!("daemon: {e}")),
-    };
+/// `vpstag-bench daemon`: measures, writes the JSON if asked, prints the report. An error is
+/// what stopped the measurement (nothing is written or printed then).
+pub fn main(a: DaemonArgs) -> Result<(), String> {
+    let r = measure(&a)?;
     if let Some(j) = &a.json {
         match serde_json::to_string_pretty(&r) {
             Ok(s) => {
@@ -896,6 +894,7 @@ pub fn main(a: DaemonArgs) {
     if !a.no_text {
         println!("{}", crate::report::daemon_text(&r));
     }
+    Ok(())
 }
 
 #[cfg(test)]

@@ -186,7 +186,11 @@ fn main() {
     let cli = Cli::parse();
     match cli.cmd {
         Cmd::Run(a) => orchestrate::run(*a),
-        Cmd::Daemon(a) => daemon::main(*a),
+        Cmd::Daemon(a) => {
+            if let Err(e) = daemon::main(*a) {
+                die(&format!("daemon: {e}"));
+            }
+        }
         Cmd::Report { json, out, svg } => {
             let text = std::fs::read_to_string(&json).unwrap_or_else(|e| die(&format!("reading {json}: {e}")));
             let r: results::Results = serde_json::from_str(&text).unwrap_or_else(|e| die(&format!("{json}: {e}")));
