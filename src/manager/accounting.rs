@@ -157,24 +157,16 @@ impl State {
         birth_parent: Option<Pid>,
         known_outside: bool,
     ) {
-        let auto_reaped = |st: &mut Self, parent: Pid| matches!(st.view.sigchld_ignored(parent), Ok(Some(true)));
-        let keep = match (self.still_there(pid, start), birth_parent) {
-            // Its parent now is its reaper: outside, or a member. A zombie waits for that
-            // member; a process still in `exit` (an eBPF exit is read before the parent is
-            // notified) is reaped by it unless it ignores SIGCHLD.
-            (Some(u), _) => match u.ppid.filter(|p| self.tracking.table.vps_of(*p) == Some(vps)) {
-                Some(parent) => {
-                    let zombie = matches!(self.view.process(pid), Ok(Some(i)) if i.zombie);
-                    !zombie && auto_reaped(self, parent)
-                }
-                None => true,
-            },
-            // Gone: its parent collected it already, or the kernel did because that parent
-            // ignores SIGCHLD. Its disposition now tells which (see `Manager::usage`).
-            (None, Some(parent)) if !first => auto_reaped(self, parent),
-            (None, _) if first || known_outside => true,
-            (None, _) => return,
+        let keep = match birth_parent {
+            // A child of a member that is still there: that member reaps it, or the kernel does
+            // if it ignores SIGCHLD, unless it is a zombie already (left to that parent). The
+            // common case costs one read of the parent per drain, none of the child.
+            Some(parent) if !first => {
+                Some(self.ignores_sigchld(parent) && !matches!(self.view.process(pid), Ok(Some(i)) if i.zombie))
+            }
+            _ => self.kept_without_member_parent(pid, start, first, known_outside, vps),
         };
+        let Some(keep) = keep else { return };
         let a = self.account(vps);
         a.outside.remove(&pid);
         if keep {
@@ -182,6 +174,46 @@ impl State {
             if first {
                 a.exit_counted.insert(pid, ns);
             }
+        }
+    }
+
+    /// Whether `parent` ignores SIGCHLD, read once per drain of the backend (a burst of exits of
+    /// one parent's children costs one read).
+    fn ignores_sigchld(&mut self, parent: Pid) -> bool {
+        if let Some(v) = self.sigchld_ignored.get(&parent) {
+            return *v;
+        }
+        let v = matches!(self.view.sigchld_ignored(parent), Ok(Some(true)));
+        self.sigchld_ignored.insert(parent, v);
+        v
+    }
+
+    /// [`account_exit`](State::account_exit) for a process whose birth parent is no member
+    /// (or a first process): whether the VPS keeps its exit figure, `None` when its reaper is not
+    /// known.
+    fn kept_without_member_parent(
+        &mut self,
+        pid: Pid,
+        start: StartTime,
+        first: bool,
+        known_outside: bool,
+        vps: VpsId,
+    ) -> Option<bool> {
+        match self.still_there(pid, start) {
+            // Its parent now is its reaper: outside, or a member (the subreaper that took it
+            // in). A zombie waits for that member; a process still in `exit` (an eBPF exit is
+            // read before the parent is notified) is reaped by it unless it ignores SIGCHLD.
+            Some(u) => match u.ppid.filter(|p| self.tracking.table.vps_of(*p) == Some(vps)) {
+                Some(parent) => {
+                    let zombie = matches!(self.view.process(pid), Ok(Some(i)) if i.zombie);
+                    Some(!zombie && self.ignores_sigchld(parent))
+                }
+                None => Some(true),
+            },
+            // Gone, reaped outside: a first process (by the manager or whoever registered it),
+            // or one whose parent a query saw outside. Otherwise the reaper is not known.
+            None if first || known_outside => Some(true),
+            None => None,
         }
     }
 

@@ -92,6 +92,9 @@ struct State {
     failed: Option<String>,
     observer: Option<Observer>,
     journal: Option<JournalObserver>,
+    /// Whether a parent ignores SIGCHLD, as read during this drain of the backend (see
+    /// `accounting.rs`); emptied at each drain.
+    sigchld_ignored: HashMap<Pid, bool>,
     /// Journal entries made under the lock, handed to `journal` by `flush_changes`.
     journal_pending: Vec<JournalEntry>,
     /// [`Capabilities::resync_every`], and when the last periodic resync ran.
@@ -181,6 +184,7 @@ impl Manager {
             observer: None,
             journal: None,
             journal_pending: Vec::new(),
+            sigchld_ignored: HashMap::new(),
             periodic_resync: caps.resync_every.map(|every| (every, Instant::now())),
         };
         state.resync()?;

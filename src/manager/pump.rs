@@ -23,6 +23,8 @@ impl State {
         // could have seen. 100,000 is more than a 16 MiB socket buffer can hold (~820 bytes an
         // event).
         let mut budget: usize = 100_000;
+        // A parent's SIGCHLD disposition is read once per drain (accounting of exits).
+        self.sigchld_ignored.clear();
         while budget > 0 {
             self.buf.clear();
             match self.tracker.read_events(&mut self.buf, Some(Duration::ZERO)) {
