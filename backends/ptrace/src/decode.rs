@@ -2,9 +2,9 @@
 //! emit and the ptrace requests to make.
 //!
 //! Nothing here makes a system call. What the decoder needs from the system it gets as arguments:
-//! the raw `waitpid` status, the `PTRACE_GETEVENTMSG` value of an event stop (the caller fetches it
-//! when [`needs_event_msg`] says so), and `/proc` reads through the [`Probe`] trait, which the unit
-//! tests fake.
+//! the raw `wait4` status, the CPU time in the `struct rusage` `wait4` filled with it, the
+//! `PTRACE_GETEVENTMSG` value of an event stop (the caller fetches it when [`needs_event_msg`] says
+//! so), and `/proc` reads through the [`Probe`] trait, which the unit tests fake.
 //!
 //! The numbers (`PTRACE_EVENT_*`, stop signals) are Linux's; they are spelt out here so that this
 //! module builds and tests on any system.
@@ -67,7 +67,7 @@ pub enum Status {
     Other,
 }
 
-/// Decodes a raw status from `waitpid(.., __WALL)` on a `PTRACE_SEIZE`d tracee.
+/// Decodes a raw status from `wait4(.., __WALL, ..)` on a `PTRACE_SEIZE`d tracee.
 ///
 /// Unlike `nix::sys::wait::WaitStatus::from_raw`, every stop signal is accepted, real-time ones
 /// included (nix returns `EINVAL` for those, nix issues 495 and 1143).
@@ -151,23 +151,6 @@ pub fn parse_stat_bytes(bytes: &[u8]) -> Option<TaskStat> {
     Some(TaskStat { state, ppid: i32::try_from(ppid).ok()?, num_threads, start: StartTime(u64::try_from(start).ok()?) })
 }
 
-/// The CPU time in `/proc/TID/stat`, in clock ticks: fields 14 to 17, `utime + stime + cutime +
-/// cstime`. Read from a thread-group leader's entry (`/proc/TGID/stat`), the first two cover every
-/// thread of the process (live ones as of the read, exited ones as the kernel summed them), the
-/// last two the children it has waited for. `None` when the text is not a stat line.
-pub fn parse_stat_cpu_ticks(bytes: &[u8]) -> Option<u64> {
-    let rest = &bytes[bytes.iter().rposition(|&b| b == b')')? + 1..];
-    let mut fields = rest.split(|b| b.is_ascii_whitespace()).filter(|f| !f.is_empty());
-    // Field 14 is the 11th after the command name (field 3 is the first).
-    let mut sum: u64 = 0;
-    let first = fields.nth(11)?;
-    for f in std::iter::once(first).chain(fields.take(3)) {
-        // cutime and cstime are signed in the kernel's format; never negative in practice.
-        sum = sum.saturating_add(u64::try_from(parse_int(f)?).unwrap_or(0));
-    }
-    Some(sum)
-}
-
 /// A decimal integer, possibly negative.
 fn parse_int(digits: &[u8]) -> Option<i64> {
     let (neg, digits) = match digits.split_first()? {
@@ -217,15 +200,6 @@ pub trait Probe {
         let _ = (creator, creator_tgid);
         self.stat(child)
     }
-    /// The CPU time process `tgid` has used, in nanoseconds: user + system time of all its
-    /// threads plus that of the children it has waited for (`/proc/TGID/stat` fields 14 to 17,
-    /// see [`parse_stat_cpu_ticks`]). Asked while a thread of `tgid` is stopped at its
-    /// `PTRACE_EVENT_EXIT` stop, so the process cannot have been reaped. `None` when it cannot
-    /// be read (the default: a probe that does not read it).
-    fn exit_cpu_ns(&mut self, tgid: Pid) -> Option<u64> {
-        let _ = tgid;
-        None
-    }
 }
 
 #[derive(Clone, Copy, Debug)]
@@ -237,21 +211,11 @@ struct Task {
 struct Group {
     threads: HashSet<Pid>,
     vps: VpsId,
-    /// Threads of `threads` that have been at their `PTRACE_EVENT_EXIT` stop: they are exiting.
-    exiting: HashSet<Pid>,
-    /// The process's CPU time (ns), read when its last live thread stopped at its exit (see
-    /// [`Tracer::step`]); reported with the process's exit.
-    exit_cpu_ns: Option<u64>,
 }
 
 impl Group {
     fn new(threads: HashSet<Pid>, vps: VpsId) -> Group {
-        Group { threads, vps, exiting: HashSet::new(), exit_cpu_ns: None }
-    }
-
-    /// Every thread followed is exiting: the process is ending (not only a thread of it).
-    fn all_exiting(&self) -> bool {
-        !self.threads.is_empty() && self.threads.iter().all(|t| self.exiting.contains(t))
+        Group { threads, vps }
     }
 }
 
@@ -362,12 +326,20 @@ impl Tracer {
     /// requests to make to `actions`. The caller queues the events *before* making the requests,
     /// so that a new child is reported before it runs.
     ///
-    /// `event_msg` is the `PTRACE_GETEVENTMSG` value when [`needs_event_msg`] is true.
+    /// `event_msg` is the `PTRACE_GETEVENTMSG` value when [`needs_event_msg`] is true. `cpu_ns` is
+    /// the CPU time in the `struct rusage` that `wait4` filled with `status` (`ru_utime + ru_stime`
+    /// in nanoseconds), `None` when there is none. For the reap of a thread-group leader whose
+    /// group is dead, the kernel fills it with `getrusage(leader, RUSAGE_BOTH)` before releasing
+    /// the leader (`wait_task_zombie`, tracer or real parent alike): the user + system time of
+    /// every thread of the process plus that of the children it has waited for. That figure is
+    /// reported with the process's `Exit` in [`Event::exit_cpu_ns`]; any other is ignored.
+    #[allow(clippy::too_many_arguments)]
     pub fn step(
         &mut self,
         tid: Pid,
         status: i32,
         event_msg: Option<u64>,
+        cpu_ns: Option<u64>,
         probe: &mut dyn Probe,
         events: &mut Vec<Event>,
         actions: &mut Vec<Action>,
@@ -375,7 +347,7 @@ impl Tracer {
         self.counters.statuses += 1;
         let st = classify(status);
         if let Status::Exited(exit) = st {
-            self.on_exit(tid, exit, probe, events, actions);
+            self.on_exit(tid, exit, cpu_ns, probe, events, actions);
             return;
         }
         if st == Status::Other {
@@ -401,11 +373,7 @@ impl Tracer {
                 self.on_exec(tid, former, task.tgid, events);
                 Resume::Cont(0)
             }
-            Status::Event(EVENT_EXIT) => {
-                self.on_exit_stop(tid, task.tgid, probe);
-                Resume::Cont(0)
-            }
-            // EVENT_VFORK_DONE, anything newer: nothing to report.
+            // EVENT_EXIT, EVENT_VFORK_DONE, anything newer: nothing to report.
             _ => Resume::Cont(0),
         };
         actions.push(Action { tid, resume });
@@ -571,33 +539,7 @@ impl Tracer {
         events.push(ev);
     }
 
-    /// Thread `tid` of process `tgid` is at its `PTRACE_EVENT_EXIT` stop. When it is the last
-    /// thread of the process to get there, the process is ending: every other thread has passed
-    /// its own exit stop, and none can be reaped before this one is resumed and collected by us
-    /// (a traced zombie is visible to its tracer only, and a thread-group leader is reported last,
-    /// once its group is empty). The process's CPU time is read now and reported with its exit.
-    ///
-    /// The figure misses what the threads spend after their exit stop (the rest of `exit`:
-    /// releasing memory and files, microseconds as a rule), and it is in whole clock ticks. A
-    /// thread that exits without an exit stop (a second `SIGKILL` already pending) leaves the
-    /// read to the last reap of a thread before the leader's (see `on_exit`).
-    fn on_exit_stop(&mut self, tid: Pid, tgid: Pid, probe: &mut dyn Probe) {
-        let Some(g) = self.groups.get_mut(&tgid) else { return };
-        g.exiting.insert(tid);
-        if g.all_exiting() {
-            // Several threads may get here in turn (a thread created meanwhile): the last read
-            // is the most complete.
-            g.exit_cpu_ns = probe.exit_cpu_ns(tgid).or(g.exit_cpu_ns);
-        }
-    }
-
     fn on_exec(&mut self, tid: Pid, former: Pid, tgid: Pid, events: &mut Vec<Event>) {
-        if let Some(g) = self.groups.get_mut(&tgid) {
-            // The threads killed by the exec were exiting; the execing thread and the id it takes
-            // over (the old leader's, which was at its exit stop) live on.
-            g.exiting.remove(&tid);
-            g.exiting.remove(&former);
-        }
         if former != tid {
             // The execing thread took the leader's id; the old leader vanished without a report.
             self.tasks.remove(&former);
@@ -616,6 +558,7 @@ impl Tracer {
         &mut self,
         tid: Pid,
         exit: ExitStatus,
+        cpu_ns: Option<u64>,
         probe: &mut dyn Probe,
         events: &mut Vec<Event>,
         actions: &mut Vec<Action>,
@@ -632,20 +575,14 @@ impl Tracer {
         };
         let mut group_dead = true;
         let mut vps = None;
-        let mut exit_cpu_ns = None;
         if let Some(g) = self.groups.get_mut(&task.tgid) {
             g.threads.remove(&tid);
-            g.exiting.remove(&tid);
             group_dead = g.threads.is_empty();
             vps = Some(g.vps);
-            if !group_dead && g.exit_cpu_ns.is_none() && g.all_exiting() {
-                // The threads left have all been at their exit stop and this one had none (it
-                // skipped it): read now, still before the process can be reaped (its leader is
-                // collected by us first, and it is among the threads left).
-                g.exit_cpu_ns = probe.exit_cpu_ns(task.tgid);
-            }
-            exit_cpu_ns = g.exit_cpu_ns.filter(|_| group_dead);
         }
+        // The kernel reaps a leader only once the rest of its group is released, so the leader's
+        // rusage then covers every thread. A non-leader's is the group's so far: not final.
+        let exit_cpu_ns = cpu_ns.filter(|_| group_dead && tid == task.tgid);
         if group_dead {
             // A dead creator reports nothing any more.
             if !self.resolved.is_empty() {
@@ -736,10 +673,6 @@ mod tests {
         described: HashMap<i32, TaskStat>,
         /// `new_task` calls: (creator, creator_tgid, child).
         new_task_calls: Vec<(i32, i32, i32)>,
-        /// What `exit_cpu_ns` answers, by process.
-        cpu: HashMap<i32, u64>,
-        /// `exit_cpu_ns` calls, by process.
-        cpu_reads: Vec<i32>,
     }
 
     impl FakeProc {
@@ -768,10 +701,6 @@ mod tests {
                 None => self.stat(child),
             }
         }
-        fn exit_cpu_ns(&mut self, tgid: Pid) -> Option<u64> {
-            self.cpu_reads.push(tgid.as_raw());
-            self.cpu.get(&tgid.as_raw()).copied()
-        }
     }
 
     struct Harness {
@@ -789,8 +718,19 @@ mod tests {
         }
 
         fn step(&mut self, tid: i32, status: i32, msg: Option<u64>) -> (Vec<Event>, Vec<Action>) {
+            self.step_with_cpu(tid, status, msg, None)
+        }
+
+        /// As `step`, with the CPU figure of `wait4`'s rusage.
+        fn step_with_cpu(
+            &mut self,
+            tid: i32,
+            status: i32,
+            msg: Option<u64>,
+            cpu: Option<u64>,
+        ) -> (Vec<Event>, Vec<Action>) {
             let (mut ev, mut ac) = (Vec::new(), Vec::new());
-            self.t.step(pid(tid), status, msg, &mut self.p, &mut ev, &mut ac);
+            self.t.step(pid(tid), status, msg, cpu, &mut self.p, &mut ev, &mut ac);
             (ev, ac)
         }
     }
@@ -1123,99 +1063,73 @@ mod tests {
     }
 
     #[test]
-    fn a_process_exit_carries_the_cpu_read_at_its_exit_stop() {
+    fn a_process_exit_carries_the_cpu_of_its_leaders_reap() {
         let mut h = Harness::new();
         h.p.add(101, ROOT, 1, 101);
         h.step(ROOT, stopped(SIGTRAP, EVENT_FORK), Some(101));
         h.step(101, stopped(SIGTRAP, EVENT_STOP), None);
-        h.p.cpu.insert(101, 300_000_000);
-        let (ev, ac) = h.step(101, stopped(SIGTRAP, EVENT_EXIT), None);
+        // The exit stop reads nothing and reports nothing.
+        let (ev, ac) = h.step_with_cpu(101, stopped(SIGTRAP, EVENT_EXIT), None, Some(5));
         assert!(ev.is_empty());
         assert_eq!(ac, vec![cont(101, 0)]);
-        assert_eq!(h.p.cpu_reads, vec![101], "read at the stop, while nobody can reap it");
-        // What it reads later (gone, or another process) does not matter any more.
-        h.p.cpu.insert(101, 5);
-        let (ev, _) = h.step(101, exited(0), None);
+        let (ev, _) = h.step_with_cpu(101, exited(0), None, Some(300_000_000));
         assert_eq!(exit_of(&ev[0]), (101, 101, Some(ExitStatus::Exited(0)), Some(true)));
         assert_eq!(exit_cpu_of(&ev[0]), Some(300_000_000));
-        assert_eq!(h.p.cpu_reads, vec![101]);
+        // Without an exit stop (a second SIGKILL pending, or exit stops off) all the same.
+        let (ev, _) = h.step_with_cpu(ROOT, 9, None, Some(700_000_000));
+        assert_eq!(exit_of(&ev[0]).3, Some(true));
+        assert_eq!(exit_cpu_of(&ev[0]), Some(700_000_000));
     }
 
     #[test]
-    fn without_an_exit_stop_an_exit_carries_no_cpu() {
+    fn an_exit_without_a_rusage_figure_carries_none() {
         let mut h = Harness::new();
-        h.p.cpu.insert(ROOT, 7);
         let (ev, _) = h.step(ROOT, 9, None);
         assert_eq!(exit_of(&ev[0]).3, Some(true));
         assert_eq!(exit_cpu_of(&ev[0]), None);
-        assert!(h.p.cpu_reads.is_empty());
     }
 
     #[test]
-    fn a_thread_exit_reads_nothing_and_the_last_thread_at_its_exit_stop_reads_for_the_process() {
+    fn only_the_leaders_reap_of_a_dead_group_carries_the_figure() {
         let mut h = Harness::new();
         h.p.add(101, 1, 2, ROOT);
         h.p.add(102, 1, 3, ROOT);
         h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(101));
         h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(102));
-        h.p.cpu.insert(ROOT, 100);
-        // A thread ends while the others live on: no read, no figure.
-        h.step(101, stopped(SIGTRAP, EVENT_EXIT), None);
-        let (ev, _) = h.step(101, exited(0), None);
-        assert_eq!(exit_of(&ev[0]).3, Some(false));
-        assert_eq!(exit_cpu_of(&ev[0]), None);
-        assert!(h.p.cpu_reads.is_empty(), "{:?}", h.p.cpu_reads);
-        // The leader calls pthread_exit: 102 lives on, still no read.
-        h.step(ROOT, stopped(SIGTRAP, EVENT_EXIT), None);
-        assert!(h.p.cpu_reads.is_empty(), "{:?}", h.p.cpu_reads);
-        // 102 exits, the last one: the process's figure is read at its stop.
-        h.p.cpu.insert(ROOT, 900);
-        h.step(102, stopped(SIGTRAP, EVENT_EXIT), None);
-        assert_eq!(h.p.cpu_reads, vec![ROOT]);
-        let (ev, _) = h.step(102, exited(0), None);
+        // A thread ends while the others live on: its rusage (the group's so far) is not final.
+        let (ev, _) = h.step_with_cpu(101, exited(0), None, Some(100));
+        assert_eq!((exit_of(&ev[0]).3, exit_cpu_of(&ev[0])), (Some(false), None));
+        let (ev, _) = h.step_with_cpu(102, exited(0), None, Some(200));
         assert_eq!((exit_of(&ev[0]).3, exit_cpu_of(&ev[0])), (Some(false), None), "a thread's exit");
-        let (ev, _) = h.step(ROOT, exited(0), None);
+        let (ev, _) = h.step_with_cpu(ROOT, exited(0), None, Some(900));
         assert_eq!((exit_of(&ev[0]).3, exit_cpu_of(&ev[0])), (Some(true), Some(900)));
     }
 
     #[test]
-    fn a_thread_that_skips_its_exit_stop_leaves_the_read_to_its_reap() {
-        let mut h = Harness::new();
-        h.p.add(101, 1, 2, ROOT);
-        h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(101));
-        h.p.cpu.insert(ROOT, 400);
-        // exit_group: the leader stops; 101 is killed with a second SIGKILL pending and skips it.
-        h.step(ROOT, stopped(SIGTRAP, EVENT_EXIT), None);
-        assert!(h.p.cpu_reads.is_empty());
-        let (ev, _) = h.step(101, 9, None);
-        assert_eq!(exit_cpu_of(&ev[0]), None);
-        assert_eq!(h.p.cpu_reads, vec![ROOT], "read before the leader is collected");
-        let (ev, _) = h.step(ROOT, exited(0), None);
-        assert_eq!(exit_cpu_of(&ev[0]), Some(400));
+    fn a_dead_group_whose_last_reap_is_not_its_leader_carries_no_figure() {
+        // Only a thread of an already-running process is followed (the leader is not ours).
+        let mut t = Tracer::new();
+        t.add_root(pid(ROOT), VpsId(7));
+        assert!(t.add_thread(pid(ROOT), pid(101)));
+        let mut p = FakeProc::default();
+        let (mut ev, mut ac) = (Vec::new(), Vec::new());
+        t.step(pid(ROOT), exited(0), None, Some(50), &mut p, &mut ev, &mut ac);
+        assert_eq!(exit_cpu_of(&ev[0]), None, "the leader goes first: the group lives on");
+        ev.clear();
+        t.step(pid(101), exited(0), None, Some(60), &mut p, &mut ev, &mut ac);
+        assert_eq!(exit_of(&ev[0]).3, Some(true));
+        assert_eq!(exit_cpu_of(&ev[0]), None, "a thread's rusage is not the process's final figure");
     }
 
     #[test]
-    fn threads_killed_by_an_exec_do_not_make_the_process_exiting() {
+    fn after_an_exec_from_a_thread_the_new_leaders_reap_carries_the_figure() {
         let mut h = Harness::new();
         h.p.add(101, 1, 2, ROOT);
         h.step(ROOT, stopped(SIGTRAP, EVENT_CLONE), Some(101));
         // 101 execs: the leader is killed (it stops at its exit), then 101 takes its id.
         h.step(ROOT, stopped(SIGTRAP, EVENT_EXIT), None);
         h.step(ROOT, stopped(SIGTRAP, EVENT_EXEC), Some(101));
-        assert!(h.p.cpu_reads.is_empty());
-        // The new program runs and exits: read at its own exit stop, not before.
-        h.p.cpu.insert(ROOT, 70);
-        h.step(ROOT, stopped(SIGTRAP, EVENT_EXIT), None);
-        assert_eq!(h.p.cpu_reads, vec![ROOT]);
-        let (ev, _) = h.step(ROOT, exited(0), None);
+        let (ev, _) = h.step_with_cpu(ROOT, exited(0), None, Some(70));
         assert_eq!((exit_of(&ev[0]).3, exit_cpu_of(&ev[0])), (Some(true), Some(70)));
-    }
-
-    #[test]
-    fn stat_cpu_is_fields_14_to_17() {
-        let line = "1234 (a) b (c)) S 77 1234 1234 0 -1 4194560 100 0 0 0 11 22 33 44 20 0 3 0 98765 1000 100";
-        assert_eq!(parse_stat_cpu_ticks(line.as_bytes()), Some(110));
-        assert_eq!(parse_stat_cpu_ticks(b"1234 (a) S 1 2 3"), None);
-        assert_eq!(parse_stat_cpu_ticks(b"no parenthesis"), None);
     }
 }

@@ -14,18 +14,18 @@
 //!   new task automatically, before it runs. No syscall stops are asked for.
 //! - **One tracer thread** (`vpstag-ptrace`) makes every ptrace request, as the kernel requires
 //!   (a tracee belongs to the thread that attached it). It sits in
-//!   `waitpid(-1, &status, __WALL | __WNOTHREAD)` (its own tracees only, never the children of
-//!   the program's other threads), decodes the raw status itself (nix's `waitpid` rejects stops
-//!   by real-time signals, nix issues 495 and 1143), asks the pure state machine in [`decode`]
+//!   `wait4(-1, &status, __WALL | __WNOTHREAD, &rusage)` (its own tracees only, never the
+//!   children of the program's other threads), decodes the raw status itself (nix's `waitpid`
+//!   rejects stops by real-time signals, nix issues 495 and 1143), asks the pure state machine in [`decode`]
 //!   what to report and how to restart the tracee, and restarts it. Events are queued in
 //!   batches: always before a new task is resumed, so a new child's `Fork` is queued, and
 //!   [`as_fd`](ForkTracker::as_fd) readable, before the child runs; otherwise when the thread is
-//!   about to sleep in `waitpid`, or has 64 events waiting.
+//!   about to sleep in `wait4`, or has 64 events waiting.
 //! - Waking the tracer thread for [`watch`](ForkTracker::watch): `watch` sends a request on a
 //!   channel and signals the tracer thread with `tgkill(SIGRTMAX-3)`, whose handler does nothing
-//!   and is installed without `SA_RESTART`, so `waitpid` returns `EINTR` and the thread reads the
+//!   and is installed without `SA_RESTART`, so `wait4` returns `EINTR` and the thread reads the
 //!   channel. A signal that lands between the thread's check of the channel and its entry into
-//!   `waitpid` would be lost (there is no `pwaitpid` to unblock it atomically), so `watch` sends
+//!   `wait4` would be lost (there is no `pwaitpid` to unblock it atomically), so `watch` sends
 //!   it again every 5 ms until it has its answer: no lost wake-up, a bounded delay in that rare
 //!   race. When nothing is followed the thread blocks on the channel instead, with no signal
 //!   needed. The handler is installed once per process; [`Ptrace::new`] fails if the program has
@@ -63,12 +63,15 @@
 //! `Exit { pid, thread, status, group_dead }` for every thread, the root included. Events also
 //! carry the VPS in [`Event::tag`] as a hint (this backend knows it for free); the core keeps the
 //! table, so [`Capabilities::holds_tags`] stays false. A process's exit (`group_dead: Some(true)`)
-//! carries its CPU time in [`Event::exit_cpu_ns`] ([`Capabilities::exit_usage`]): read from
-//! `/proc/TGID/stat` (`utime + stime + cutime + cstime`) when its last live thread stops at
-//! `PTRACE_EVENT_EXIT`, before anyone can reap it. Other threads are then all past their own exit
-//! stop; what they and this thread spend after it (the rest of `exit`) is not in the figure, which
-//! is in whole clock ticks. None with [`Config::exit_stops`] off, or when the kernel skips the exit
-//! stop (a second `SIGKILL` already pending) and no thread is left to read it at.
+//! carries its CPU time in [`Event::exit_cpu_ns`] ([`Capabilities::exit_usage`]): `ru_utime +
+//! ru_stime` of the `struct rusage` that `wait4` fills when the tracer thread collects the
+//! process's thread-group leader, its last task (the kernel hands over a leader only once the
+//! rest of its group is released). The kernel fills it with `getrusage(leader, RUSAGE_BOTH)` in
+//! `wait_task_zombie`, for a tracer as for the real parent, before the process can be reaped by
+//! anyone else: the user + system time of all its threads, to the end of their `exit`, plus that
+//! of the children it has waited for, in microseconds. No `/proc` read, no extra system call.
+//! Missing with [`Config::exit_stops`] off (the capability then says `exit_usage: false`), and
+//! when the last task collected is not the leader (the leader was not followed).
 //!
 //! Cost per fork: the creator's event stop and the child's first stop, one `PTRACE_GETEVENTMSG`,
 //! and on x86-64 one `PTRACE_GETREGS` (the clone flags: thread or process, `CLONE_PARENT`); the
@@ -108,7 +111,7 @@
 //! # Caveats
 //!
 //! - **It reaps the processes it follows, and only those.** The tracer thread waits with
-//!   `waitpid(-1, .., __WALL | __WNOTHREAD)`: a thread then collects only its own tracees (and
+//!   `wait4(-1, .., __WALL | __WNOTHREAD, ..)`: a thread then collects only its own tracees (and
 //!   the children it forked itself: none), so the program's other children, started with
 //!   `std::process::Command` or `fork` from any other thread, are left to their own `waitpid`. A
 //!   root the program forked itself is collected by the tracer thread (its exit status comes in
@@ -140,7 +143,7 @@
 //!
 //! As in every vpstag backend: [`decode`] is the sans-IO state machine (a wait status in, events
 //! and ptrace requests out) and the `/proc/PID/stat` parser, pure and unit-tested on every OS;
-//! `source.rs` holds the system calls (ptrace requests, `waitpid`, `/proc` reads, the wake-up
+//! `source.rs` holds the system calls (ptrace requests, `wait4`, `/proc` reads, the wake-up
 //! signal, the eventfd) and every `unsafe` block; `tracker.rs` the [`ForkTracker`] impl and the
 //! tracer thread's loop; `unsupported.rs` the stand-in for other systems.
 //!

@@ -13,7 +13,7 @@ use std::sync::OnceLock;
 
 use vpstag_tracker::Pid;
 
-use crate::decode::{parse_stat_bytes, parse_stat_cpu_ticks, start_between, Probe, TaskStat};
+use crate::decode::{parse_stat_bytes, start_between, Probe, TaskStat};
 
 /// The options the root is seized with; its descendants inherit them.
 ///
@@ -30,7 +30,7 @@ pub(crate) const EXIT_OPTION: libc::c_int = libc::PTRACE_O_TRACEEXIT;
 /// [`crate::Config::kill_on_exit`]).
 pub(crate) const KILL_OPTION: libc::c_int = libc::PTRACE_O_EXITKILL;
 
-/// The `waitpid` flags of the tracer thread: every kind of child (`__WALL`), but only its own
+/// The `wait4` flags of the tracer thread: every kind of child (`__WALL`), but only its own
 /// (`__WNOTHREAD`): the tasks it traces and the children it forked itself (none), never the
 /// children of the program's other threads.
 const WAIT_FLAGS: libc::c_int = libc::__WALL | libc::__WNOTHREAD;
@@ -57,30 +57,52 @@ pub(crate) fn seize(pid: Pid, options: libc::c_int) -> io::Result<()> {
     .map(drop)
 }
 
-/// `waitpid(-1, &status, __WALL | __WNOTHREAD)`: the next tracee of the calling thread that
-/// changed state. Returns `EINTR` when the wake-up signal arrived, `ECHILD` when there is nothing
-/// to wait for.
-pub(crate) fn wait_any() -> io::Result<(Pid, i32)> {
+/// One task collected by [`wait_any`] or [`wait_nohang`].
+#[derive(Clone, Copy, Debug)]
+pub(crate) struct Waited {
+    /// The task (thread id).
+    pub tid: Pid,
+    /// The raw wait status.
+    pub status: i32,
+    /// `ru_utime + ru_stime` of the `struct rusage` `wait4` filled, in nanoseconds. For a reaped
+    /// thread-group leader whose group is dead, the kernel's `getrusage(leader, RUSAGE_BOTH)`:
+    /// the whole process plus the children it waited for (see [`crate::decode::Tracer::step`]).
+    pub cpu_ns: u64,
+}
+
+/// `wait4`, then the [`Waited`] it describes; `Ok(None)` when it returned 0 (`WNOHANG`).
+fn wait4(flags: libc::c_int) -> io::Result<Option<Waited>> {
     let mut status: libc::c_int = 0;
-    // SAFETY: plain system call with a valid out pointer.
-    let r = unsafe { libc::waitpid(-1, &mut status, WAIT_FLAGS) };
+    // SAFETY: an all-zero rusage is a valid value of the plain C struct; wait4 overwrites it.
+    let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
+    // SAFETY: plain system call with valid out pointers.
+    let r = unsafe { libc::wait4(-1, &mut status, flags, &mut ru) };
     if r < 0 {
         return Err(io::Error::last_os_error());
     }
-    let pid = Pid::new(r).ok_or_else(|| io::Error::other("waitpid returned 0 without WNOHANG"))?;
-    Ok((pid, status))
+    Ok(Pid::new(r).map(|tid| Waited { tid, status, cpu_ns: timeval_ns(ru.ru_utime) + timeval_ns(ru.ru_stime) }))
+}
+
+/// A `timeval` (as `rusage` has it) in nanoseconds; negative fields count as 0.
+fn timeval_ns(t: libc::timeval) -> u64 {
+    let secs = u64::try_from(t.tv_sec).unwrap_or(0);
+    let micros = u64::try_from(t.tv_usec).unwrap_or(0);
+    secs.saturating_mul(1_000_000_000).saturating_add(micros.saturating_mul(1_000))
+}
+
+/// `wait4(-1, &status, __WALL | __WNOTHREAD, &rusage)`: the next tracee of the calling thread
+/// that changed state. Returns `EINTR` when the wake-up signal arrived, `ECHILD` when there is
+/// nothing to wait for.
+pub(crate) fn wait_any() -> io::Result<Waited> {
+    wait4(WAIT_FLAGS)?.ok_or_else(|| io::Error::other("wait4 returned 0 without WNOHANG"))
 }
 
 /// As [`wait_any`] with `WNOHANG`: `None` when no tracee has changed state (or there is none).
-pub(crate) fn wait_nohang() -> io::Result<Option<(Pid, i32)>> {
-    let mut status: libc::c_int = 0;
-    // SAFETY: plain system call with a valid out pointer.
-    let r = unsafe { libc::waitpid(-1, &mut status, WAIT_FLAGS | libc::WNOHANG) };
-    if r < 0 {
-        let e = io::Error::last_os_error();
-        return if e.raw_os_error() == Some(libc::ECHILD) { Ok(None) } else { Err(e) };
+pub(crate) fn wait_nohang() -> io::Result<Option<Waited>> {
+    match wait4(WAIT_FLAGS | libc::WNOHANG) {
+        Err(e) if e.raw_os_error() == Some(libc::ECHILD) => Ok(None),
+        r => r,
     }
-    Ok(Pid::new(r).map(|p| (p, status)))
 }
 
 /// `PTRACE_CONT`, delivering `sig` (0: none).
@@ -202,8 +224,6 @@ pub(crate) struct ProcProbe {
     now: u64,
     /// Nanoseconds per clock tick of `/proc`'s start times.
     tick_ns: u64,
-    /// Clock ticks per second (`CLK_TCK`) of `/proc`'s CPU times; 0 if unknown.
-    hz: u64,
     /// New tasks described without `/proc`.
     pub(crate) fast: u64,
     /// New tasks described from `/proc`.
@@ -216,8 +236,7 @@ impl Default for ProcProbe {
         let hz = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
         // 0: no fast path (every start time from /proc).
         let tick_ns = if hz > 0 && 1_000_000_000 % hz == 0 { 1_000_000_000 / hz as u64 } else { 0 };
-        let hz_u = u64::try_from(hz).unwrap_or(0);
-        ProcProbe { buf: Vec::new(), resumed: HashMap::new(), now: 0, tick_ns, hz: hz_u, fast: 0, slow: 0 }
+        ProcProbe { buf: Vec::new(), resumed: HashMap::new(), now: 0, tick_ns, fast: 0, slow: 0 }
     }
 }
 
@@ -278,7 +297,7 @@ impl ProcProbe {
 
 impl ProcProbe {
     /// The status being decoded was collected at `now` (`CLOCK_BOOTTIME`, read just after
-    /// `waitpid` returned).
+    /// `wait4` returned).
     pub(crate) fn collected(&mut self, now: u64) {
         self.now = now;
     }
@@ -332,15 +351,6 @@ impl Probe for ProcProbe {
     fn tgid(&mut self, tid: Pid) -> Option<Pid> {
         status_field(tid, "Tgid:").and_then(|v| v.parse().ok()).and_then(Pid::new)
     }
-
-    fn exit_cpu_ns(&mut self, tgid: Pid) -> Option<u64> {
-        if self.hz == 0 {
-            return None;
-        }
-        let hz = self.hz;
-        let ticks = parse_stat_cpu_ticks(self.read_stat(tgid)?)?;
-        u64::try_from(u128::from(ticks) * 1_000_000_000 / u128::from(hz)).ok()
-    }
 }
 
 /// The first value of a `/proc/PID/status` line.
@@ -365,7 +375,7 @@ pub(crate) fn gettid() -> i32 {
     unsafe { libc::syscall(libc::SYS_gettid) as i32 }
 }
 
-/// The signal that wakes the tracer thread out of `waitpid`: `SIGRTMAX - 3`.
+/// The signal that wakes the tracer thread out of `wait4`: `SIGRTMAX - 3`.
 pub(crate) fn wake_signal() -> i32 {
     libc::SIGRTMAX() - 3
 }
@@ -375,7 +385,7 @@ extern "C" fn on_wake(_: libc::c_int) {}
 static INSTALL: OnceLock<Result<(), String>> = OnceLock::new();
 
 /// Installs the no-op handler of [`wake_signal`], without `SA_RESTART` so that it interrupts
-/// `waitpid` with `EINTR`. Done once per process. Fails if the program already handles that signal.
+/// `wait4` with `EINTR`. Done once per process. Fails if the program already handles that signal.
 pub(crate) fn install_wake_handler() -> Result<(), String> {
     INSTALL
         .get_or_init(|| {
@@ -396,7 +406,7 @@ pub(crate) fn install_wake_handler() -> Result<(), String> {
                 }
                 let mut sa: libc::sigaction = std::mem::zeroed();
                 sa.sa_sigaction = on_wake as extern "C" fn(libc::c_int) as libc::sighandler_t;
-                sa.sa_flags = 0; // no SA_RESTART: waitpid must return EINTR
+                sa.sa_flags = 0; // no SA_RESTART: wait4 must return EINTR
                 libc::sigemptyset(&mut sa.sa_mask);
                 if libc::sigaction(sig, &sa, std::ptr::null_mut()) != 0 {
                     return Err(format!("sigaction({sig}): {}", io::Error::last_os_error()));
@@ -554,23 +564,32 @@ mod tests {
         let text = fs::read_to_string(format!("/proc/{me}/stat")).unwrap();
         assert_eq!(crate::decode::parse_stat(&text).map(|t| t.start), Some(s.start));
         assert!(probe.stat(Pid::new(i32::MAX - 7).unwrap()).is_none());
-        // Our own CPU time, as getrusage has it (both in whole ticks of /proc or finer).
-        let spin = std::time::Instant::now();
-        while spin.elapsed() < std::time::Duration::from_millis(50) {
-            std::hint::black_box(0u64);
+    }
+
+    #[test]
+    fn wait_any_gives_the_reaped_childs_cpu() {
+        // SAFETY: the child only reads a clock and calls _exit, both async-signal-safe.
+        let child = unsafe { libc::fork() };
+        assert!(child >= 0, "fork: {}", io::Error::last_os_error());
+        if child == 0 {
+            let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
+            loop {
+                // SAFETY: valid out pointer; async-signal-safe.
+                unsafe { libc::clock_gettime(libc::CLOCK_PROCESS_CPUTIME_ID, &mut ts) };
+                if ts.tv_sec > 0 || ts.tv_nsec >= 80_000_000 {
+                    // SAFETY: ends the child without running the parent's atexit handlers.
+                    unsafe { libc::_exit(3) };
+                }
+            }
         }
-        let from_proc = probe.exit_cpu_ns(me).unwrap();
-        let used = |who| {
-            // SAFETY: an all-zero rusage is valid; getrusage fills it.
-            let mut ru: libc::rusage = unsafe { std::mem::zeroed() };
-            // SAFETY: valid out pointer.
-            assert_eq!(unsafe { libc::getrusage(who, &mut ru) }, 0);
-            let tv = |t: libc::timeval| t.tv_sec as u64 * 1_000_000_000 + t.tv_usec as u64 * 1_000;
-            tv(ru.ru_utime) + tv(ru.ru_stime)
-        };
-        // Read after /proc: the figures only grow. Children: those the other tests waited for.
-        let own = used(libc::RUSAGE_SELF) + used(libc::RUSAGE_CHILDREN);
-        assert!(from_proc >= 40_000_000, "/proc says {from_proc} ns after a 50 ms spin");
-        assert!(from_proc <= own + 20_000_000, "/proc says {from_proc} ns, getrusage {own} ns");
+        // __WNOTHREAD: only this thread's child, whatever the other tests fork.
+        let w = wait_any().unwrap();
+        assert_eq!(w.tid.as_raw(), child);
+        assert_eq!(
+            crate::decode::classify(w.status),
+            crate::decode::Status::Exited(vpstag_tracker::ExitStatus::Exited(3))
+        );
+        assert!((79_000_000..2_000_000_000).contains(&w.cpu_ns), "the child burned 80 ms, wait4 says {} ns", w.cpu_ns);
+        assert!(wait_nohang().unwrap().is_none());
     }
 }

@@ -1,4 +1,4 @@
-//! [`Ptrace`]: the [`ForkTracker`] impl. A tracer thread runs the loop (requests, `waitpid`, the
+//! [`Ptrace`]: the [`ForkTracker`] impl. A tracer thread runs the loop (requests, `wait4`, the
 //! state machine of [`crate::decode`], the ptrace requests of `source.rs`) and queues events for
 //! the reader behind an eventfd. Linux only.
 
@@ -14,7 +14,7 @@ use std::time::{Duration, Instant};
 use vpstag_tracker::{BackendKind, Capabilities, Event, EventKind, ForkTracker, Pid, TrackerError, VpsId};
 
 use crate::decode::{needs_event_msg, Action, Counters, Resume, Tracer};
-use crate::source::{self, EventFd, ProcProbe};
+use crate::source::{self, EventFd, ProcProbe, Waited};
 use crate::Config;
 
 /// How often `watch` re-sends the wake-up signal until the tracer thread answers.
@@ -116,7 +116,7 @@ pub struct Ptrace {
     requests: Sender<Request>,
     tracer_tid: i32,
     thread: Option<JoinHandle<()>>,
-    /// [`Config::exit_stops`]: without exit stops there is no exit figure to report.
+    /// [`Config::exit_stops`]: exit figures are reported only with exit stops on.
     exit_stops: bool,
 }
 
@@ -352,17 +352,17 @@ fn apply(probe: &mut ProcProbe, action: Action) {
         Resume::Listen => source::listen(action.tid),
     };
     // ESRCH: the tracee was killed meanwhile (SIGKILL ends any stop); its exit is reported
-    // by a later waitpid. Nothing else can fail for a tracee in a ptrace stop.
+    // by a later wait4. Nothing else can fail for a tracee in a ptrace stop.
     let _ = r;
 }
 
 /// At most this many decoded events wait in the tracer thread before they are queued.
 const MAX_BATCH: usize = 64;
 
-/// The tracer thread: requests, then `waitpid`, forever.
+/// The tracer thread: requests, then `wait4`, forever.
 ///
 /// Decoded events wait in `pending` and are queued in batches: before a new task is resumed
-/// (its `Fork` must be readable before it runs), before the thread sleeps in `waitpid`, and
+/// (its `Fork` must be readable before it runs), before the thread sleeps in `wait4`, and
 /// every [`MAX_BATCH`] events. So a busy tracee is resumed without waiting for the queue, and
 /// the reader is woken once per batch, not once per event.
 fn tracer_main(shared: &Shared, rx: Receiver<Request>, options: libc::c_int) {
@@ -370,12 +370,14 @@ fn tracer_main(shared: &Shared, rx: Receiver<Request>, options: libc::c_int) {
     let mut probe = ProcProbe::default();
     let mut pending = Vec::new();
     let mut actions = Vec::new();
+    // Exit figures only with exit stops, as `Ptrace::capabilities` promises.
+    let exit_stops = options & source::EXIT_OPTION != 0;
     loop {
         loop {
             let req = if st.is_idle() {
                 // Nothing to wait for: reap what children are left, then sleep on the channel.
-                while let Ok(Some((tid, status))) = source::wait_nohang() {
-                    handle(shared, &mut st, &mut probe, tid, status, &mut pending, &mut actions);
+                while let Ok(Some(w)) = source::wait_nohang() {
+                    handle(shared, &mut st, &mut probe, w, exit_stops, &mut pending, &mut actions);
                 }
                 shared.push(&mut pending, counts(&st, &probe));
                 if !st.is_idle() {
@@ -413,7 +415,7 @@ fn tracer_main(shared: &Shared, rx: Receiver<Request>, options: libc::c_int) {
             }
         };
         match next {
-            Ok((tid, status)) => handle(shared, &mut st, &mut probe, tid, status, &mut pending, &mut actions),
+            Ok(w) => handle(shared, &mut st, &mut probe, w, exit_stops, &mut pending, &mut actions),
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
             // Nothing left to wait for: whatever we still thought followed is gone.
             Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
@@ -422,7 +424,7 @@ fn tracer_main(shared: &Shared, rx: Receiver<Request>, options: libc::c_int) {
             }
             Err(e) => {
                 shared.push(&mut pending, counts(&st, &probe));
-                shared.fail(format!("waitpid: {e}"));
+                shared.fail(format!("wait4: {e}"));
                 return;
             }
         }
@@ -430,16 +432,18 @@ fn tracer_main(shared: &Shared, rx: Receiver<Request>, options: libc::c_int) {
 }
 
 /// One wait status: decode it, stamp the new events, make the ptrace requests. A task whose
-/// `Fork` is still pending is resumed only after the pending events are queued.
+/// `Fork` is still pending is resumed only after the pending events are queued. `exit_figures`:
+/// hand the decoder `wait4`'s CPU figure (see [`Tracer::step`]).
 fn handle(
     shared: &Shared,
     st: &mut Tracer,
     probe: &mut ProcProbe,
-    tid: Pid,
-    status: i32,
+    w: Waited,
+    exit_figures: bool,
     pending: &mut Vec<Event>,
     actions: &mut Vec<Action>,
 ) {
+    let (tid, status) = (w.tid, w.status);
     let now = source::boottime_ns();
     probe.collected(now.unwrap_or(0));
     if libc::WIFEXITED(status) || libc::WIFSIGNALED(status) {
@@ -447,7 +451,8 @@ fn handle(
     }
     let msg = if needs_event_msg(status) { source::geteventmsg(tid).ok() } else { None };
     let before = pending.len();
-    st.step(tid, status, msg, probe, pending, actions);
+    let cpu = Some(w.cpu_ns).filter(|_| exit_figures);
+    st.step(tid, status, msg, cpu, probe, pending, actions);
     for ev in &mut pending[before..] {
         ev.time_ns = now;
     }
