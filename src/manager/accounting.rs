@@ -358,7 +358,8 @@ impl Manager {
     ///   is applied (a zombie still shows its final figure until its reaper collects it);
     /// - but, with a backend that reads each process's CPU as it exits, before anyone can reap it
     ///   ([`Capabilities::exit_usage`](vpstag_tracker::Capabilities#structfield.exit_usage): the
-    ///   ptrace backend, at the `PTRACE_EVENT_EXIT` stop of a process's last thread; the eBPF
+    ///   ptrace backend, from `wait4`'s rusage when its tracer collects the process's leader,
+    ///   before the real parent can; the eBPF
     ///   backend, in the kernel at `sched_process_exit` of its last thread), that exit
     ///   figure ([`Event::exit_cpu_ns`]: its own time and its waited-for children's) for a member
     ///   whose reaper is outside the VPS, instead of its last sample; and for a member whose parent,
@@ -371,8 +372,9 @@ impl Manager {
     ///
     /// ## What is exact with an exit figure, and what is not
     ///
-    /// The figure itself misses what the process does after it is read (the rest of `exit`, in
-    /// the kernel: microseconds as a rule); under ptrace it is in whole clock ticks; under eBPF it
+    /// Under ptrace the figure is the kernel's whole account of the process (all its threads to
+    /// the end of `exit`, and its waited-for children), in microseconds. Under eBPF it misses
+    /// what the process does after it is read (the rest of `exit`: microseconds as a rule); it
     /// is the scheduler's run time in ns, which lags by at most a tick of the last thread's run
     /// and misses a thread of the process still exiting at that instant (killed together with the
     /// others and not yet released). Who the reaper is, is decided when the exit is applied:
@@ -412,10 +414,7 @@ impl Manager {
     /// - The peak memory without a cgroup is sampled at calls, not kept by the kernel.
     ///
     /// Under cnproc these holes stay open (its exit notification comes without a figure). A
-    /// ptrace backend built
-    /// without exit stops (`Config::exit_stops(false)`), or a process whose exit stop the kernel
-    /// skips (a second `SIGKILL` already pending), gives no exit figure: the reads above are all
-    /// there is. A cgroup closes them all. On FreeBSD, `rctl(8)` (RACCT) keeps per-jail
+    /// cgroup closes them all. On FreeBSD, `rctl(8)` (RACCT) keeps per-jail
     /// and per-login-class CPU, memory and process counts in the kernel, and could later give
     /// exact figures (and limits) for a VPS placed in a jail or login class of its own.
     ///

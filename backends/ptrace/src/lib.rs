@@ -70,8 +70,8 @@
 //! `wait_task_zombie`, for a tracer as for the real parent, before the process can be reaped by
 //! anyone else: the user + system time of all its threads, to the end of their `exit`, plus that
 //! of the children it has waited for, in microseconds. No `/proc` read, no extra system call.
-//! Missing with [`Config::exit_stops`] off (the capability then says `exit_usage: false`), and
-//! when the last task collected is not the leader (the leader was not followed).
+//! There with [`Config::exit_stops`] off too (it comes with the reap, not the exit stop); missing
+//! only when the last task collected is not the leader (the leader was not followed).
 //!
 //! Cost per fork: the creator's event stop and the child's first stop, one `PTRACE_GETEVENTMSG`,
 //! and on x86-64 one `PTRACE_GETREGS` (the clone flags: thread or process, `CLONE_PARENT`); the
@@ -178,8 +178,7 @@ cfg_if::cfg_if! {
     }
 }
 
-/// What this backend promises with the default [`Config`]; with [`Config::exit_stops`] off,
-/// [`Ptrace`]'s `capabilities()` says `exit_usage: false`.
+/// What this backend promises (with any [`Config`]).
 pub const CAPABILITIES: Capabilities =
     Capabilities::new().synchronous(true).thread_events(true).reaps(true).exit_usage(true);
 

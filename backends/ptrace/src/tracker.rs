@@ -116,8 +116,6 @@ pub struct Ptrace {
     requests: Sender<Request>,
     tracer_tid: i32,
     thread: Option<JoinHandle<()>>,
-    /// [`Config::exit_stops`]: exit figures are reported only with exit stops on.
-    exit_stops: bool,
 }
 
 impl std::fmt::Debug for Ptrace {
@@ -177,7 +175,7 @@ impl Ptrace {
             .map_err(|e| TrackerError::io("spawning the ptrace tracer thread", e))?;
         let tracer_tid =
             tid_rx.recv().map_err(|_| TrackerError::io("ptrace tracer thread", io::Error::other("died at start")))?;
-        Ok(Ptrace { shared, requests: tx, tracer_tid, thread: Some(thread), exit_stops: config.exit_stops })
+        Ok(Ptrace { shared, requests: tx, tracer_tid, thread: Some(thread) })
     }
 
     /// What the tracer thread has handled so far: wait statuses (each one a tracee stop or
@@ -229,7 +227,7 @@ impl ForkTracker for Ptrace {
     }
 
     fn capabilities(&self) -> Capabilities {
-        crate::CAPABILITIES.exit_usage(self.exit_stops)
+        crate::CAPABILITIES
     }
 
     fn as_fd(&self) -> BorrowedFd<'_> {
@@ -370,14 +368,12 @@ fn tracer_main(shared: &Shared, rx: Receiver<Request>, options: libc::c_int) {
     let mut probe = ProcProbe::default();
     let mut pending = Vec::new();
     let mut actions = Vec::new();
-    // Exit figures only with exit stops, as `Ptrace::capabilities` promises.
-    let exit_stops = options & source::EXIT_OPTION != 0;
     loop {
         loop {
             let req = if st.is_idle() {
                 // Nothing to wait for: reap what children are left, then sleep on the channel.
                 while let Ok(Some(w)) = source::wait_nohang() {
-                    handle(shared, &mut st, &mut probe, w, exit_stops, &mut pending, &mut actions);
+                    handle(shared, &mut st, &mut probe, w, &mut pending, &mut actions);
                 }
                 shared.push(&mut pending, counts(&st, &probe));
                 if !st.is_idle() {
@@ -415,7 +411,7 @@ fn tracer_main(shared: &Shared, rx: Receiver<Request>, options: libc::c_int) {
             }
         };
         match next {
-            Ok(w) => handle(shared, &mut st, &mut probe, w, exit_stops, &mut pending, &mut actions),
+            Ok(w) => handle(shared, &mut st, &mut probe, w, &mut pending, &mut actions),
             Err(e) if e.raw_os_error() == Some(libc::EINTR) => {}
             // Nothing left to wait for: whatever we still thought followed is gone.
             Err(e) if e.raw_os_error() == Some(libc::ECHILD) => {
@@ -432,14 +428,13 @@ fn tracer_main(shared: &Shared, rx: Receiver<Request>, options: libc::c_int) {
 }
 
 /// One wait status: decode it, stamp the new events, make the ptrace requests. A task whose
-/// `Fork` is still pending is resumed only after the pending events are queued. `exit_figures`:
-/// hand the decoder `wait4`'s CPU figure (see [`Tracer::step`]).
+/// `Fork` is still pending is resumed only after the pending events are queued; `wait4`'s CPU
+/// figure goes to the decoder (see [`Tracer::step`]).
 fn handle(
     shared: &Shared,
     st: &mut Tracer,
     probe: &mut ProcProbe,
     w: Waited,
-    exit_figures: bool,
     pending: &mut Vec<Event>,
     actions: &mut Vec<Action>,
 ) {
@@ -451,8 +446,7 @@ fn handle(
     }
     let msg = if needs_event_msg(status) { source::geteventmsg(tid).ok() } else { None };
     let before = pending.len();
-    let cpu = Some(w.cpu_ns).filter(|_| exit_figures);
-    st.step(tid, status, msg, cpu, probe, pending, actions);
+    st.step(tid, status, msg, Some(w.cpu_ns), probe, pending, actions);
     for ev in &mut pending[before..] {
         ev.time_ns = now;
     }
