@@ -277,8 +277,7 @@ impl Client {
 
     /// Who is there.
     pub fn hello(&mut self) -> Result<Hello> {
-        let v = self.call(Op::Hello)?;
-        serde_json::from_value(v).map_err(|e| Error::Protocol(format!("hello reply: {e}")))
+        reply(self.call(Op::Hello)?, "hello")
     }
 
     /// The VPS `pid` belongs to (its id and name, and its first process); `None` when it has no
@@ -316,22 +315,21 @@ impl Client {
         Ok(reply::<SignalledReply>(v, "kill")?.signalled)
     }
 
-    /// Ends every member of `name` (SIGTERM, SIGKILL after `grace`) and forgets the VPS. The
-    /// daemon answers once it is done, so this waits `grace` longer than the timeout
-    /// ([`Client::set_timeout`]).
-    pub fn stop(&mut self, name: &str, grace: Duration) -> Result<()> {
+    /// Ends every member of `name` (SIGTERM, SIGKILL after `grace`) and forgets the VPS; how many
+    /// processes were signalled. The daemon answers once it is done, so this waits `grace` longer
+    /// than the timeout ([`Client::set_timeout`]).
+    pub fn stop(&mut self, name: &str, grace: Duration) -> Result<usize> {
         let grace_ms = Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX));
         let timeout = self.timeout;
         self.timeout = timeout.map(|t| t.saturating_add(grace));
-        let r = self.call(Op::Stop { name: name.into(), grace_ms }).map_err(named(name)).map(drop);
+        let r = self.call(Op::Stop { name: name.into(), grace_ms }).map_err(named(name));
         self.timeout = timeout;
-        r
+        Ok(reply::<SignalledReply>(r?, "stop")?.signalled)
     }
 
     /// Compares the daemon's table with the system now.
     pub fn check(&mut self) -> Result<CheckInfo> {
-        let v = self.call(Op::Check)?;
-        serde_json::from_value(v).map_err(|e| Error::Protocol(format!("check reply: {e}")))
+        reply(self.call(Op::Check)?, "check")
     }
 
     /// The recent events (of `name`, or of every VPS this user may see); with `follow`, the

@@ -12,7 +12,7 @@ use std::time::{Duration, Instant, SystemTime};
 use clap::CommandFactory;
 use serde_json::json;
 use vpstag::client::Client;
-use vpstag::protocol::{EventInfo, Op, ProcessInfo};
+use vpstag::protocol::{EventInfo, ProcessInfo};
 use vpstag::Pid;
 
 use super::{Cli, Cmd};
@@ -342,22 +342,20 @@ const STOP_REPORT_EVERY: Duration = Duration::from_secs(1);
 fn stop(a: super::StopArgs, socket: &Path) -> R {
     let grace = Duration::from_secs_f64(a.grace.max(0.0));
     let mut c = Client::connect_to(socket)?;
-    // The daemon answers once the VPS is gone: after the grace period at most, and its SIGKILLs.
-    c.set_timeout(Some(grace.saturating_add(vpstag::client::DEFAULT_TIMEOUT)));
     let began = Instant::now();
     let (tx, rx) = mpsc::channel();
-    let op = Op::Stop { name: a.name.clone(), grace_ms: Some(u64::try_from(grace.as_millis()).unwrap_or(u64::MAX)) };
+    let name = a.name.clone();
     std::thread::Builder::new()
         .name("vpstag-stop".into())
         .spawn(move || {
-            let _ = tx.send(c.call(op));
+            let _ = tx.send(c.stop(&name, grace));
         })
         .map_err(|e| Failure::Other(format!("starting a thread: {e}")))?;
     // While the daemon works, a second connection asks which members are left, once a second.
     let mut watcher: Option<Client> = None;
-    let reply = loop {
+    let n = loop {
         match rx.recv_timeout(STOP_REPORT_EVERY) {
-            Ok(reply) => break reply?,
+            Ok(signalled) => break signalled?,
             Err(RecvTimeoutError::Disconnected) => {
                 return Err(Failure::Other("the stop request ended without a reply".into()))
             }
@@ -377,7 +375,6 @@ fn stop(a: super::StopArgs, socket: &Path) -> R {
             }
         }
     };
-    let n = reply.get("signalled").and_then(serde_json::Value::as_u64).unwrap_or(0);
     if a.json {
         print_json(&json!({ "vps": a.name, "signalled": n }));
     } else {

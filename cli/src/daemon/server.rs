@@ -327,7 +327,7 @@ impl Daemon {
                     }
                 };
                 let (events, sub) = self.replay(peer, only.as_ref(), after, true);
-                if !reply(&ok_line(json!({ "events": events }))) {
+                if !reply(&ok_line(EventsReply { events })) {
                     return;
                 }
                 if let Some(sub) = sub {
