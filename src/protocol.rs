@@ -239,7 +239,7 @@ pub struct VpsInfo {
 }
 
 /// One fork, exec or exit of a tagged process, or a loss (`events`).
-#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[derive(Clone, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
 pub struct EventInfo {
     /// `fork`, `exec`, `exit`, or `lost` (the backend lost events: some events of the stream
     /// may be missing, though the table was repaired from a scan).
@@ -443,16 +443,10 @@ impl EventInfo {
         let base = |event: &str, pid: Option<Pid>| EventInfo {
             event: event.into(),
             vps: vps.into(),
-            seq: 0,
             vps_id: ev.vps,
             pid,
-            parent: None,
-            cmd: None,
-            code: None,
-            signal: None,
-            count: None,
-            reason: None,
             time_ns: ev.event.time_ns,
+            ..EventInfo::default()
         };
         match ev.event.kind {
             EventKind::Fork { thread: true, .. } => None,
@@ -485,15 +479,9 @@ impl EventInfo {
             event: "lost".into(),
             vps: vps.into(),
             seq,
-            vps_id: None,
-            pid: None,
-            parent: None,
-            cmd: None,
-            code: None,
-            signal: None,
             count,
             reason: Some("expired".into()),
-            time_ns: None,
+            ..EventInfo::default()
         }
     }
 }

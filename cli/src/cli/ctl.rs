@@ -541,20 +541,8 @@ mod tests {
 
     #[test]
     fn a_lost_event_says_how_many_and_of_which_stream() {
-        let lost = |vps: &str, count| EventInfo {
-            event: "lost".into(),
-            vps: vps.into(),
-            seq: 0,
-            vps_id: None,
-            pid: None,
-            parent: None,
-            cmd: None,
-            code: None,
-            signal: None,
-            count,
-            reason: None,
-            time_ns: None,
-        };
+        let lost =
+            |vps: &str, count| EventInfo { event: "lost".into(), vps: vps.into(), count, ..EventInfo::default() };
         assert_eq!(
             event_text(&lost("", Some(3))),
             "[*] lost 3 events (the table was repaired from a scan, but events are missing here)"

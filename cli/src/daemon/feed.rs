@@ -328,16 +328,9 @@ mod tests {
         EventInfo {
             event: "exec".into(),
             vps: "v".into(),
-            seq: 0,
-            vps_id: None,
             pid: Pid::new(1),
-            parent: None,
             cmd: Some(cmd.into()),
-            code: None,
-            signal: None,
-            count: None,
-            reason: None,
-            time_ns: None,
+            ..EventInfo::default()
         }
     }
 
