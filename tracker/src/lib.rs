@@ -360,9 +360,10 @@ pub struct Capabilities {
     /// knote that is "in flux"): the consumer should resynchronise this often.
     pub resync_every: Option<Duration>,
     /// It reads each exiting process's CPU time before anyone can reap the process and reports
-    /// it in [`Event::exit_cpu_ns`] with the process's exit (ptrace, at the `PTRACE_EVENT_EXIT`
-    /// stop). The backend's docs say when the figure can still be missing; the consumer then
-    /// falls back on what it read itself.
+    /// it in [`Event::exit_cpu_ns`] with the process's exit (ptrace: `wait4`'s rusage when its
+    /// tracer collects the process; eBPF: in the kernel at `sched_process_exit`). The backend's
+    /// docs say when the figure can still be missing; the consumer then falls back on what it
+    /// read itself.
     pub exit_usage: bool,
 }
 

@@ -213,12 +213,6 @@ struct Group {
     vps: VpsId,
 }
 
-impl Group {
-    fn new(threads: HashSet<Pid>, vps: VpsId) -> Group {
-        Group { threads, vps }
-    }
-}
-
 /// The tracer's state: which tasks it follows, in which processes, and the new tasks whose creator
 /// has not reported them yet.
 ///
@@ -280,7 +274,7 @@ impl Tracer {
         self.tasks.insert(root, Task { tgid: root });
         let mut threads = HashSet::new();
         threads.insert(root);
-        self.groups.insert(root, Group::new(threads, vps));
+        self.groups.insert(root, Group { threads, vps });
     }
 
     /// Follows one more thread `tid` of the followed process `tgid` (a process that already had
@@ -526,7 +520,7 @@ impl Tracer {
         } else {
             let mut threads = HashSet::new();
             threads.insert(child);
-            self.groups.insert(child, Group::new(threads, vps.unwrap_or(VpsId(0))));
+            self.groups.insert(child, Group { threads, vps: vps.unwrap_or(VpsId(0)) });
         }
         let mut ev = Event::new(EventKind::Fork {
             parent,
