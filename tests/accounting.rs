@@ -32,21 +32,34 @@ fn managers() -> Vec<(BackendChoice, Manager)> {
 
 const PY: &str = "/usr/bin/python3";
 
+/// What every script below begins with: `cpu(who)`, the seconds of CPU (user + system) of this
+/// process or of its waited-for children, and `burn(secs)`, which spins until this process has
+/// used `secs` of CPU.
+const PRELUDE: &str = r#"
+import os, resource, signal, sys, time
+def cpu(who=resource.RUSAGE_SELF):
+    r = resource.getrusage(who)
+    return r.ru_utime + r.ru_stime
+def burn(secs):
+    x = 0
+    while cpu() < secs:
+        for i in range(20000):
+            x += i
+"#;
+
+/// `python3 -c` running `script` after [`PRELUDE`].
+fn python(script: &str) -> Command {
+    let mut c = Command::new(PY);
+    c.arg("-c").arg(format!("{PRELUDE}{script}"));
+    c
+}
+
 /// The VPS's command: a child that burns ~1 s and is reaped by the command; a child that calls
 /// setsid, forks a grandchild and exits at once, so that the grandchild (which burns ~1 s) is
 /// re-parented to the VPS's first process and reaped by it. The command waits until the
 /// grandchild has been reaped (its /proc entry gone), then prints what was burned: its own time
 /// and its waited-for children's (`getrusage`), and the grandchild's own.
 const BURN: &str = r#"
-import os, resource, time
-def cpu(who):
-    r = resource.getrusage(who)
-    return r.ru_utime + r.ru_stime
-def burn(secs):
-    x = 0
-    while cpu(resource.RUSAGE_SELF) < secs:
-        for i in range(20000):
-            x += i
 pid = os.fork()
 if pid == 0:
     burn(1.0)
@@ -117,8 +130,7 @@ fn cpu_of_exited_children_and_reaped_orphans_is_counted_and_never_goes_back() {
     for (b, mgr) in managers() {
         let spawn = |what: &str| {
             let name = format!("{what}-{b:?}").to_lowercase();
-            mgr.spawn(&name, Command::new(PY).args(["-c", BURN]).stdout(Stdio::piped()))
-                .unwrap_or_else(|e| panic!("{b:?}: spawn: {e}"))
+            mgr.spawn(&name, python(BURN).stdout(Stdio::piped())).unwrap_or_else(|e| panic!("{b:?}: spawn: {e}"))
         };
         let mut watched = spawn("watched");
         let mut unseen = spawn("unseen");
@@ -183,17 +195,10 @@ fn reported(b: BackendChoice, out: &str, lines: usize) -> f64 {
 /// the child's time to nobody. The child burns 0.3 s and prints it; the command waits until the
 /// child is gone, then prints its own time.
 const AUTO_REAP: &str = r#"
-import os, resource, signal, time
-def cpu():
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 signal.signal(signal.SIGCHLD, signal.SIG_IGN)
 pid = os.fork()
 if pid == 0:
-    x = 0
-    while cpu() < 0.3:
-        for i in range(20000):
-            x += i
+    burn(0.3)
     print("%.6f" % cpu(), flush=True)
     os._exit(0)
 t = time.monotonic()
@@ -202,17 +207,16 @@ while os.path.exists("/proc/%d" % pid) and time.monotonic() - t < 60:
 print("%.6f" % cpu(), flush=True)
 "#;
 
-/// A child auto-reaped because its parent ignores SIGCHLD: under ptrace its time is read at its
-/// exit stop, under eBPF in the kernel at its exit tracepoint, and counted (within 10%); cnproc
+/// A child auto-reaped because its parent ignores SIGCHLD: under ptrace its time comes with its
+/// reap by the tracer, under eBPF from the kernel at its exit tracepoint, and counted (within 10%); cnproc
 /// loses it (a hole `Manager::usage` documents) unless a call of `usage` happened to sample it
 /// while it ran, and none does here.
 #[test]
 fn cpu_of_a_child_auto_reaped_by_a_parent_that_ignores_sigchld() {
     for (b, mgr) in managers() {
         let name = format!("autoreap-{b:?}").to_lowercase();
-        let mut child = mgr
-            .spawn(&name, Command::new(PY).args(["-c", AUTO_REAP]).stdout(Stdio::piped()))
-            .unwrap_or_else(|e| panic!("{b:?}: spawn: {e}"));
+        let mut child =
+            mgr.spawn(&name, python(AUTO_REAP).stdout(Stdio::piped())).unwrap_or_else(|e| panic!("{b:?}: spawn: {e}"));
         mgr.wait(&child.vps, Some(Duration::from_secs(120))).unwrap().expect("the VPS ended");
         assert!(mgr.wait_empty(&child.vps, Some(Duration::from_secs(60))).unwrap(), "{b:?}: members left");
         let mut out = String::new();
@@ -241,19 +245,12 @@ fn cpu_of_a_child_auto_reaped_by_a_parent_that_ignores_sigchld() {
 /// it as soon as it exits (it sits in `waitpid`). It prints the member's pid, waits for a line on
 /// stdin, then opens the member's gate; the member burns 0.3 s and prints it.
 const OUTSIDE_PARENT: &str = r#"
-import os, resource, sys
-def cpu():
-    r = resource.getrusage(resource.RUSAGE_SELF)
-    return r.ru_utime + r.ru_stime
 r, w = os.pipe()
 pid = os.fork()
 if pid == 0:
     os.close(w)
     os.read(r, 1)
-    x = 0
-    while cpu() < 0.3:
-        for i in range(20000):
-            x += i
+    burn(0.3)
     print("%.6f" % cpu(), flush=True)
     os._exit(0)
 os.close(r)
@@ -264,7 +261,7 @@ os.waitpid(pid, 0)
 "#;
 
 /// A first process registered by someone else, whose parent (outside the VPS) reaps it the
-/// moment it exits: under ptrace (at its exit stop) and eBPF (at its exit tracepoint) the VPS
+/// moment it exits: under ptrace (the tracer's reap) and eBPF (its exit tracepoint) the VPS
 /// keeps exactly the time read at its exit; under cnproc only what was read of it before its
 /// parent collected it (here, with no call of `usage` while it ran, often nothing: the documented
 /// hole).
@@ -273,14 +270,8 @@ fn cpu_of_a_member_reaped_at_once_by_a_parent_outside_the_vps() {
     use std::io::{BufRead, BufReader, Write};
     for (b, mgr) in managers() {
         let name = format!("outside-{b:?}").to_lowercase();
-        let mut helper = Helper(
-            Command::new(PY)
-                .args(["-c", OUTSIDE_PARENT])
-                .stdin(Stdio::piped())
-                .stdout(Stdio::piped())
-                .spawn()
-                .expect("python3"),
-        );
+        let mut helper =
+            Helper(python(OUTSIDE_PARENT).stdin(Stdio::piped()).stdout(Stdio::piped()).spawn().expect("python3"));
         let mut stdout = BufReader::new(helper.0.stdout.take().expect("piped stdout"));
         let mut line = String::new();
         stdout.read_line(&mut line).expect("the member's pid");
