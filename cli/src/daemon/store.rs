@@ -393,11 +393,8 @@ impl Store {
         self.journal.lock().unwrap_or_else(|e| e.into_inner())
     }
 
-    /// Appends `records` and returns once they are durable (written and fdatasync'd). Callers
-    /// on several threads share syncs: the first to find no sync under way writes and syncs
-    /// everything queued so far (the leader); the others wait for it, and the first of them to
-    /// find their records not yet durable leads the next batch.
-    #[cfg_attr(not(test), allow(dead_code))] // the daemon enqueues from the manager's hook
+    /// Appends `records` and returns once they are durable (written and fdatasync'd).
+    #[cfg(test)] // the daemon enqueues from the manager's hook (`enqueue`, `wait_durable`)
     pub(crate) fn append(&self, records: &[Record]) -> io::Result<()> {
         let ticket = self.enqueue(records)?;
         self.wait_durable(ticket)
@@ -431,7 +428,10 @@ impl Store {
         self.wait_durable(ticket)
     }
 
-    /// Returns once the records of `ticket` (and all queued before them) are durable.
+    /// Returns once the records of `ticket` (and all queued before them) are durable (written and
+    /// fdatasync'd). Callers on several threads share syncs: the first to find no sync under
+    /// way writes and syncs everything queued so far (the leader); the others wait for it, and
+    /// the first of them to find their records not yet durable leads the next batch.
     pub(crate) fn wait_durable(&self, ticket: u64) -> io::Result<()> {
         let mut j = self.lock_journal();
         let me = ticket;
@@ -488,7 +488,7 @@ impl Store {
         self.lock_journal().lines
     }
 
-    /// fdatasync calls made by [`append`](Store::append) so far.
+    /// fdatasync calls made by [`wait_durable`](Store::wait_durable) so far.
     #[cfg_attr(not(test), allow(dead_code))]
     pub(crate) fn syncs(&self) -> u64 {
         self.lock_journal().syncs
