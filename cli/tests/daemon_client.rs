@@ -50,7 +50,7 @@ struct Daemon {
 }
 
 impl Daemon {
-    fn new(tag: &str, env: &[(&str, &str)]) -> Daemon {
+    fn new(tag: &str, extra: &[&str]) -> Daemon {
         let dir = TempDir::new(tag);
         let socket = dir.0.join("vpstag.sock");
         let log = std::fs::File::create(dir.0.join("daemon.log")).unwrap();
@@ -59,7 +59,7 @@ impl Daemon {
             .arg(&socket)
             .arg("--state-dir")
             .arg(dir.0.join("state"))
-            .envs(env.iter().copied())
+            .args(extra)
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(log)
@@ -233,7 +233,7 @@ fn a_question_after_the_daemons_idle_cut_off_reconnects_once() {
     if !cnproc_available() {
         return;
     }
-    let d = Daemon::new("idle", &[("VPSTAG_TEST_IDLE_TIMEOUT_MS", "300")]);
+    let d = Daemon::new("idle", &["--idle-timeout", "0.3"]);
     let mut c = d.client();
     let daemon = c.hello().unwrap().daemon_pid;
     // Wait until the daemon has closed this connection (readable, and at its end), without

@@ -140,6 +140,7 @@ fn daemon(a: super::DaemonArgs, socket: &Path) -> R {
         discard_bad_journal: a.discard_bad_journal,
         metrics: a.metrics,
         cgroups: a.cgroup_root.unwrap_or_default(),
+        idle_timeout: a.idle_timeout.map_or(crate::daemon::IDLE_TIMEOUT, Duration::from_secs_f64),
     })?;
     Ok(0)
 }

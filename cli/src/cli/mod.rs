@@ -107,6 +107,10 @@ pub(crate) struct DaemonArgs {
     /// `check` also compares the cgroup's processes with the VPS's members.
     #[arg(long, value_name = "PATH|auto|none", value_parser = parse_cgroup_root)]
     pub cgroup_root: Option<crate::daemon::Cgroups>,
+    /// Seconds after which a connection with no request under way is closed (clients reconnect);
+    /// 60 when not given.
+    #[arg(long, value_name = "SECS", value_parser = parse_idle)]
+    pub idle_timeout: Option<f64>,
 }
 
 /// `--cgroup-root`: `auto`, `none`, or an absolute path.
@@ -325,6 +329,11 @@ fn parse_secs(s: &str) -> Result<f64, String> {
     } else {
         Err(format!("{s:?}: give a number of seconds from 0 to {MAX_SECS}"))
     }
+}
+
+/// `--idle-timeout`: a number of seconds as [`parse_secs`] takes, above 0.
+fn parse_idle(s: &str) -> Result<f64, String> {
+    parse_secs(s).and_then(|v| if v > 0.0 { Ok(v) } else { Err(format!("{s:?}: give a number of seconds above 0")) })
 }
 
 /// The backends `--backend` takes, with what each is (for completions and `--help`).

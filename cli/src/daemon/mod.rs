@@ -66,6 +66,9 @@ pub struct Config {
     pub metrics: Option<std::net::SocketAddr>,
     /// Which VPSes get a cgroup v2 of their own, and where.
     pub cgroups: Cgroups,
+    /// A connection with no request under way is closed after this long
+    /// ([`IDLE_TIMEOUT`](server::IDLE_TIMEOUT) by default).
+    pub idle_timeout: Duration,
 }
 
 /// Where the daemon makes each VPS's cgroup (`--cgroup-root`).
@@ -100,6 +103,7 @@ mod wire;
 
 use peer::*;
 use server::write_within;
+pub(crate) use server::IDLE_TIMEOUT;
 use wire::*;
 
 /// Now as `YYYY-MM-DDTHH:MM:SS.mmmZ`.
@@ -154,6 +158,8 @@ struct Daemon {
     backend: String,
     /// This process's id (`hello`).
     pid: Pid,
+    /// [`Config::idle_timeout`].
+    idle_timeout: Duration,
     /// The counters of `--metrics` (none without it: nothing is counted).
     metrics: Option<Arc<metrics::Metrics>>,
     /// `--cgroup-root none`: limits are refused.
@@ -283,6 +289,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
         backend: backend.clone(),
         pid: Pid::new(std::process::id() as i32)
             .ok_or_else(|| Error::io("reading the daemon's process id", io::Error::other("not a process id")))?,
+        idle_timeout: cfg.idle_timeout,
         metrics: endpoint.as_ref().map(|_| Arc::default()),
         no_cgroups: cfg.cgroups == Cgroups::Off,
     });

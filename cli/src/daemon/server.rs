@@ -16,22 +16,9 @@ pub const ROOT_RESERVED_CONNECTIONS: usize = 16;
 /// A request line must arrive whole (newline included) within this time of its first byte;
 /// otherwise it gets a `too_slow` error and the connection is closed.
 pub const REQUEST_DEADLINE: Duration = Duration::from_secs(5);
-/// A connection with no request under way is closed after this long (tests may shorten it with
-/// `VPSTAG_TEST_IDLE_TIMEOUT_MS`: see [`idle_timeout`]).
+/// A connection with no request under way is closed after this long, unless `--idle-timeout`
+/// says otherwise ([`Config::idle_timeout`](super::Config::idle_timeout)).
 pub const IDLE_TIMEOUT: Duration = Duration::from_secs(60);
-
-/// [`IDLE_TIMEOUT`], or `VPSTAG_TEST_IDLE_TIMEOUT_MS` milliseconds when that is set (for tests
-/// of clients that must reconnect).
-fn idle_timeout() -> Duration {
-    static IDLE: std::sync::OnceLock<Duration> = std::sync::OnceLock::new();
-    *IDLE.get_or_init(|| {
-        std::env::var("VPSTAG_TEST_IDLE_TIMEOUT_MS")
-            .ok()
-            .and_then(|v| v.parse::<u64>().ok())
-            .filter(|ms| *ms > 0)
-            .map_or(IDLE_TIMEOUT, Duration::from_millis)
-    })
-}
 /// The client must take a whole reply (or one followed event) within this time; otherwise the
 /// connection is closed.
 pub(super) const REPLY_DEADLINE: Duration = Duration::from_secs(30);
@@ -281,7 +268,7 @@ impl Daemon {
         let mut reader = BufReader::with_capacity(8192, stream);
         let reply = |line: &[u8]| write_within(stream, line, REPLY_DEADLINE).is_ok();
         loop {
-            let line = match read_line(&mut reader, idle_timeout(), REQUEST_DEADLINE) {
+            let line = match read_line(&mut reader, self.idle_timeout, REQUEST_DEADLINE) {
                 Line::Eof | Line::Failed | Line::Idle => return,
                 Line::TooSlow => {
                     let r = refuse(
