@@ -1279,3 +1279,76 @@ fn events_follow_of_one_vps_gets_only_that_vps() {
     assert!(until_exit("fa", 6, &mut seen), "fa's exit 6 never came: {seen:?}");
     assert!(seen.iter().all(|v| v["vps"] == "fa"), "events of another VPS reached a follower of fa: {seen:?}");
 }
+
+#[test]
+fn events_after_resumes_a_follow_with_nothing_twice_and_nothing_left_out() {
+    if !cnproc_available() {
+        return;
+    }
+    let d = Daemon::new("after", "cnproc");
+    d.start_vps("ra", &["sleep", "807"]);
+    let listed = |want_code: i64| -> Vec<Value> {
+        let mut evs = Vec::new();
+        wait_until("the daemon to keep the exit", Duration::from_secs(30), || {
+            let out = d.run(&["events", "ra", "--json"]);
+            evs = text(&out.stdout).lines().map(|l| serde_json::from_str(l).unwrap()).collect();
+            evs.iter().any(|e: &Value| e["event"] == "exit" && e["code"] == want_code)
+        });
+        evs
+    };
+    assert_eq!(d.cmd(&["exec", "ra", "--", "sh", "-c", "exit 3"]).status().unwrap().code(), Some(3));
+    let before = listed(3);
+    // Where a follow that ended would resume: the last exit 3 it saw (`vpstag exec` waits for
+    // its command and exits with its code: two exits 3).
+    let cut = before
+        .iter()
+        .rfind(|e| e["event"] == "exit" && e["code"] == 3)
+        .and_then(|e| e["seq"].as_u64())
+        .unwrap_or_else(|| panic!("no seq on the exit 3: {before:?}"));
+    assert_eq!(d.cmd(&["exec", "ra", "--", "sh", "-c", "exit 8"]).status().unwrap().code(), Some(8));
+    let missed: Vec<u64> = listed(8).iter().filter_map(|e| e["seq"].as_u64()).filter(|s| *s > cut).collect();
+    assert!(!missed.is_empty());
+
+    let mut f = d
+        .cmd(&["events", "ra", "--json", "--after", &cut.to_string()])
+        .stdout(Stdio::piped())
+        .process_group(0)
+        .spawn()
+        .unwrap();
+    let stdout = f.stdout.take().unwrap();
+    d.extra.borrow_mut().push(f);
+    let (tx, rx) = std::sync::mpsc::channel::<Value>();
+    std::thread::spawn(move || {
+        for l in BufReader::new(stdout).lines().map_while(Result::ok) {
+            let v = serde_json::from_str(&l).unwrap_or_else(|e| panic!("not JSON ({e}): {l}"));
+            if tx.send(v).is_err() {
+                break;
+            }
+        }
+    });
+    let mut seen: Vec<Value> = Vec::new();
+    let until = |what: &str, done: &dyn Fn(&Value) -> bool, seen: &mut Vec<Value>| {
+        let end = Instant::now() + Duration::from_secs(30);
+        while Instant::now() < end {
+            if let Ok(v) = rx.recv_timeout(Duration::from_millis(100)) {
+                let hit = done(&v);
+                seen.push(v);
+                if hit {
+                    return;
+                }
+            }
+        }
+        panic!("{what} never came after --after {cut}: {seen:?}");
+    };
+    // What it missed, exactly, in order: nothing of before the cut, nothing twice.
+    let last = *missed.last().unwrap();
+    until("the last event listed", &|v| v["seq"].as_u64() >= Some(last), &mut seen);
+    let got: Vec<u64> = seen.iter().map(|e| e["seq"].as_u64().unwrap_or(0)).collect();
+    assert_eq!(got, missed, "the events after seq {cut}: {seen:?}");
+    // And then it follows: a new event comes as it happens.
+    assert_eq!(d.cmd(&["exec", "ra", "--", "sh", "-c", "exit 9"]).status().unwrap().code(), Some(9));
+    until("the exit 9", &|v| v["event"] == "exit" && v["code"] == 9, &mut seen);
+    let got: Vec<u64> = seen.iter().map(|e| e["seq"].as_u64().unwrap_or(0)).collect();
+    assert!(got.windows(2).all(|w| w[0] < w[1]), "seq must rise: {got:?}");
+    assert!(seen.iter().all(|e| e["vps"] == "ra"), "{seen:?}");
+}

@@ -442,7 +442,12 @@ fn print_event(e: &EventInfo, json: bool) -> bool {
 }
 
 fn events(a: super::EventsArgs, socket: &Path) -> R {
-    for e in Client::connect_to(socket)?.events(a.name.as_deref(), a.follow)? {
+    let client = Client::connect_to(socket)?;
+    let events = match a.after {
+        Some(seq) => client.events_after(a.name.as_deref(), seq)?,
+        None => client.events(a.name.as_deref(), a.follow)?,
+    };
+    for e in events {
         if !print_event(&e?, a.json) {
             break;
         }

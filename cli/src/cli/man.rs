@@ -140,8 +140,13 @@ fn examples(cmd: Option<&str>) -> Vec<Item> {
         "vpstag stop web --grace 10",
         "SIGTERM, SIGKILL after 10 s to what is left (saying every second what it waits for), and forgets web.",
     )];
-    let events =
-        [("vpstag events web --follow --json", "The recent events of web, then every new one, as JSON lines.")];
+    let events = [
+        ("vpstag events web --follow --json", "The recent events of web, then every new one, as JSON lines."),
+        (
+            "vpstag events web --json --after 4711",
+            "Resumes a follow that ended: every event of web after the one whose seq was 4711, then new ones.",
+        ),
+    ];
     let check = [("vpstag check || vpstag check --json", "Whether the table matches a fresh scan of the system.")];
     let completions = [(
         "vpstag completions bash > /etc/bash_completion.d/vpstag",

@@ -272,6 +272,11 @@ pub(crate) struct EventsArgs {
     /// Keep printing new events until interrupted.
     #[arg(long, short)]
     pub follow: bool,
+    /// Resume a follow: every event after the one numbered SEQ (the `seq` field of `--json`),
+    /// none twice and none left out, then new ones as `--follow` does. Events the daemon no
+    /// longer keeps are announced by a `lost` event (reason `expired`) first.
+    #[arg(long, value_name = "SEQ")]
+    pub after: Option<u64>,
 }
 
 /// `vpstag check`.
