@@ -153,6 +153,93 @@ pub struct Summary {
     pub acks: Vec<Ack>,
 }
 
+/// One reading of the two clocks whose difference turns the kernel's `CLOCK_MONOTONIC` event
+/// time stamps into `CLOCK_BOOTTIME` ones: `CLOCK_MONOTONIC`, then `CLOCK_BOOTTIME`, then
+/// `CLOCK_MONOTONIC` again, in nanoseconds.
+///
+/// The clocks cannot be read at one instant, so a reading only bounds the offset
+/// (`CLOCK_BOOTTIME - CLOCK_MONOTONIC`, the time spent suspended): it lies between
+/// `boot - mono_after` and `boot - mono_before`, a window as wide as the time between the reads.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct ClockReading {
+    /// `CLOCK_MONOTONIC` before.
+    pub mono_before: u64,
+    /// `CLOCK_BOOTTIME` between.
+    pub boot: u64,
+    /// `CLOCK_MONOTONIC` after.
+    pub mono_after: u64,
+}
+
+impl ClockReading {
+    /// The lowest offset this reading allows.
+    fn low(self) -> u64 {
+        self.boot.saturating_sub(self.mono_after)
+    }
+
+    /// The highest offset this reading allows.
+    fn high(self) -> u64 {
+        self.boot.saturating_sub(self.mono_before)
+    }
+
+    fn width(self) -> u64 {
+        self.mono_after.saturating_sub(self.mono_before)
+    }
+}
+
+/// `CLOCK_BOOTTIME - CLOCK_MONOTONIC`, kept steady from one read of the socket to the next.
+///
+/// Every event of one stream must be shifted by the same amount: the table compares a process's
+/// exit time with the start time its fork event gave it, and a fork stamped later than its
+/// child's exit makes the exit look like news of an earlier holder of the pid, so it is dropped
+/// and the process stays a member after it is gone. An offset measured anew at every read
+/// wobbles by the time between the two clock reads (microseconds, or milliseconds when the thread
+/// is preempted between them or a VM's vCPU stalls), which once did exactly that to a child that
+/// exited within a millisecond of its fork, read in the next batch.
+///
+/// So the offset is measured once, as the narrowest of a few readings, and then kept as long as
+/// each new reading's window still allows it; only a reading that rules it out (the machine was
+/// suspended since: the offset grew by the time asleep) has it measured again.
+#[derive(Clone, Copy, Debug, Default)]
+pub struct BootOffset {
+    /// The offset kept, and how far it may be from the true one.
+    kept: Option<(u64, u64)>,
+}
+
+impl BootOffset {
+    /// Readings taken when the offset is measured (anew); the narrowest one counts.
+    pub const READINGS: usize = 5;
+
+    /// An offset not measured yet.
+    pub fn new() -> BootOffset {
+        BootOffset::default()
+    }
+
+    /// The offset to use now. `read` reads the clocks (see [`ClockReading`]); it is called once
+    /// while the kept offset still fits, [`READINGS`](BootOffset::READINGS) more times when it
+    /// must be measured. A failed reading (`None`) keeps what is kept, or gives 0.
+    pub fn get(&mut self, mut read: impl FnMut() -> Option<ClockReading>) -> u64 {
+        if let Some((kept, err)) = self.kept {
+            match read() {
+                // The windows [kept - err, kept + err] and [low, high] meet: nothing says the
+                // offset changed.
+                Some(r) if r.low() <= kept.saturating_add(err) && kept.saturating_sub(err) <= r.high() => return kept,
+                Some(_) => {}
+                None => return kept,
+            }
+        }
+        let best = (0..Self::READINGS).filter_map(|_| read()).min_by_key(|r| r.width());
+        match best {
+            Some(r) => {
+                let half = r.width() / 2;
+                let mid = r.low().saturating_add(half);
+                self.kept = Some((mid, half));
+                mid
+            }
+            None => self.kept.map_or(0, |(k, _)| k),
+        }
+    }
+}
+
 /// Follows the kernel's per-CPU sequence numbers (`cn_msg.seq`) to notice dropped messages.
 ///
 /// The kernel numbers every proc connector message per CPU, consecutively, while at least one
@@ -242,7 +329,8 @@ fn pid_at(b: &[u8], off: usize) -> Option<Pid> {
 /// - `sender_port`: the netlink port id of the sender (`sockaddr_nl.nl_pid` from `recvfrom`);
 ///   anything but 0 (the kernel) is rejected with [`DecodeError::NotFromKernel`].
 /// - `monotonic_to_boot_offset_ns`: `CLOCK_BOOTTIME - CLOCK_MONOTONIC`, added to the kernel's
-///   `CLOCK_MONOTONIC` timestamps to give [`Event::time_ns`] on the boot clock.
+///   `CLOCK_MONOTONIC` timestamps to give [`Event::time_ns`] on the boot clock; the same value
+///   for every datagram of a stream while the machine is not suspended ([`BootOffset`]).
 /// - `seq`: the per-CPU sequence tracker; a gap appends
 ///   `Lost { count: Some(gap), reason: SequenceGap }` before the event that revealed it.
 ///
@@ -432,6 +520,57 @@ pub fn kernel_has_event_filter(release: &str) -> bool {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    fn reading(mono_before: u64, boot: u64, mono_after: u64) -> Option<ClockReading> {
+        Some(ClockReading { mono_before, boot, mono_after })
+    }
+
+    #[test]
+    fn the_boot_offset_is_the_middle_of_the_narrowest_reading() {
+        let mut o = BootOffset::new();
+        // Offset 1000 (ns asleep); windows 40, 4 and 400 wide.
+        let mut readings =
+            vec![reading(100, 1_120, 140), reading(200, 1_202, 204), reading(300, 1_500, 700)].into_iter();
+        assert_eq!(o.get(|| readings.next().flatten()), 1_000);
+    }
+
+    #[test]
+    fn a_wide_reading_does_not_move_a_kept_boot_offset() {
+        let mut o = BootOffset::new();
+        assert_eq!(o.get(|| reading(10, 1_012, 14)), 1_000);
+        // A thread preempted for 15 ms between its first two reads: the window [990, 15_001_000]
+        // still allows 1_000. Taken as it came (boot - mono_before), the offset was 15_001_000:
+        // every later event moved 15 ms ahead of those before (the bug this prevents).
+        let mut n = 0;
+        let got = o.get(|| {
+            n += 1;
+            reading(50_000, 15_051_000, 15_050_010)
+        });
+        assert_eq!((got, n), (1_000, 1), "kept, after one reading");
+        assert_eq!(o.get(|| reading(90_000, 91_001, 90_002)), 1_000, "a narrow one that allows it too");
+    }
+
+    #[test]
+    fn a_suspend_has_the_boot_offset_measured_again() {
+        let mut o = BootOffset::new();
+        assert_eq!(o.get(|| reading(10, 1_012, 14)), 1_000);
+        // 2 s asleep: the offset is now 2_000_001_000, outside the kept window.
+        let mut n = 0;
+        let got = o.get(|| {
+            n += 1;
+            reading(100_000, 2_000_101_002, 100_004)
+        });
+        assert_eq!((got, n), (2_000_001_000, 1 + BootOffset::READINGS));
+        assert_eq!(o.get(|| reading(200_000, 2_000_201_001, 200_002)), 2_000_001_000);
+    }
+
+    #[test]
+    fn clocks_that_cannot_be_read_give_the_kept_boot_offset_or_zero() {
+        let mut o = BootOffset::new();
+        assert_eq!(o.get(|| None), 0);
+        assert_eq!(o.get(|| reading(10, 1_012, 14)), 1_000);
+        assert_eq!(o.get(|| None), 1_000);
+    }
 
     fn pid(n: i32) -> Pid {
         Pid::new(n).unwrap()

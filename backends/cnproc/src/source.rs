@@ -19,8 +19,8 @@ use std::time::{Duration, Instant};
 use vpstag_tracker::{Event, EventKind, LossReason, TrackerError};
 
 use crate::decode::{
-    decode_datagram, encode_mcast_request, kernel_has_event_filter, DecodeError, SeqTracker, CN_IDX_PROC,
-    PROC_CN_MCAST_IGNORE, PROC_CN_MCAST_LISTEN, TRACKED_EVENTS,
+    decode_datagram, encode_mcast_request, kernel_has_event_filter, BootOffset, ClockReading, DecodeError, SeqTracker,
+    CN_IDX_PROC, PROC_CN_MCAST_IGNORE, PROC_CN_MCAST_LISTEN, TRACKED_EVENTS,
 };
 use crate::{Config, Stats};
 
@@ -49,6 +49,8 @@ pub(crate) struct Connection {
     port: u32,
     buf: Vec<u8>,
     seq: SeqTracker,
+    /// Turns the kernel's time stamps into boot-clock ones, by one steady offset.
+    boot_offset: BootOffset,
     /// Events decoded while waiting for the subscription's ack, returned by the next read.
     pending: Vec<Event>,
     stats: Stats,
@@ -88,23 +90,23 @@ fn sockaddr_nl(groups: u32) -> libc::sockaddr_nl {
     sa
 }
 
-/// `CLOCK_BOOTTIME - CLOCK_MONOTONIC` now, in nanoseconds (the time spent suspended).
-fn monotonic_to_boot_offset_ns() -> u64 {
-    fn now(clock: libc::clockid_t) -> Option<u128> {
+/// One reading of `CLOCK_MONOTONIC`, `CLOCK_BOOTTIME`, `CLOCK_MONOTONIC` (see [`BootOffset`]).
+fn read_clocks() -> Option<ClockReading> {
+    fn now(clock: libc::clockid_t) -> Option<u64> {
         let mut ts = libc::timespec { tv_sec: 0, tv_nsec: 0 };
         // SAFETY: `ts` is a valid, writable timespec for the duration of the call.
         let r = unsafe { libc::clock_gettime(clock, &mut ts) };
         if r != 0 {
             return None;
         }
-        let secs = u128::try_from(ts.tv_sec).ok()?;
-        let nsecs = u128::try_from(ts.tv_nsec).ok()?;
-        Some(secs * 1_000_000_000 + nsecs)
+        let secs = u64::try_from(ts.tv_sec).ok()?;
+        let nsecs = u64::try_from(ts.tv_nsec).ok()?;
+        secs.checked_mul(1_000_000_000)?.checked_add(nsecs)
     }
-    match (now(libc::CLOCK_MONOTONIC), now(libc::CLOCK_BOOTTIME)) {
-        (Some(mono), Some(boot)) => u64::try_from(boot.saturating_sub(mono)).unwrap_or(0),
-        _ => 0,
-    }
+    let mono_before = now(libc::CLOCK_MONOTONIC)?;
+    let boot = now(libc::CLOCK_BOOTTIME)?;
+    let mono_after = now(libc::CLOCK_MONOTONIC)?;
+    Some(ClockReading { mono_before, boot, mono_after })
 }
 
 /// The running kernel's release string (`uname -r`).
@@ -186,6 +188,7 @@ impl Connection {
             port,
             buf: vec![0; SLOTS * SLOT_BYTES],
             seq: SeqTracker::new(),
+            boot_offset: BootOffset::new(),
             pending: Vec::new(),
             stats: Stats::default(),
             receive_buffer,
@@ -211,7 +214,7 @@ impl Connection {
     /// it sends to every listener with our `ack` cookie plus one. No ack means the kernel ignored
     /// us: it does so for requests from outside the initial user and PID namespaces.
     fn subscribe(&mut self) -> Result<(), TrackerError> {
-        let cookie = self.port ^ (monotonic_to_boot_offset_ns() as u32).rotate_left(16) ^ 0x5650_5354;
+        let cookie = self.port ^ (self.boot_offset.get(read_clocks) as u32).rotate_left(16) ^ 0x5650_5354;
         if let Err(e) = self.send_request(PROC_CN_MCAST_LISTEN, None, cookie) {
             return Err(match e.raw_os_error() {
                 Some(libc::ECONNREFUSED) => TrackerError::Unsupported(
@@ -346,7 +349,7 @@ impl Connection {
     /// Reads every queued datagram (until `EAGAIN`, or `max_batch`), appending events to `out`,
     /// up to [`SLOTS`] datagrams a system call (`recvmmsg`). Returns the acks seen.
     fn drain(&mut self, out: &mut Vec<Event>) -> Result<Vec<crate::decode::Ack>, TrackerError> {
-        let offset = monotonic_to_boot_offset_ns();
+        let offset = self.boot_offset.get(read_clocks);
         let mut acks = Vec::new();
         let mut read = 0;
         while read < self.max_batch {
@@ -559,7 +562,8 @@ mod tests {
     #[test]
     fn clocks_and_release() {
         // Boot time runs ahead of monotonic time by the time spent suspended: never negative.
-        let _ = monotonic_to_boot_offset_ns();
+        let r = read_clocks().unwrap();
+        assert!(r.mono_before <= r.mono_after && r.boot >= r.mono_before, "{r:?}");
         let r = kernel_release().unwrap();
         assert!(crate::decode::parse_kernel_release(&r).is_some(), "{r}");
     }
