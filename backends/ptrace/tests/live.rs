@@ -563,7 +563,12 @@ fn job_control_multithreaded() {
     let done = scratch("done-mt");
     // Three threads write until told to finish (a file appears), so the program cannot end on its
     // own before it was stopped, however slowly this test runs on a busy machine.
+    // It first takes a process group of its own: the kernel discards SIGTSTP sent to a process of
+    // an orphaned process group (POSIX job control), and the test's own group is orphaned when the
+    // test runs under `setsid`, or from a shell that has exited (CI's runner may do either). Its
+    // new group has its parent (this test) outside it in the same session, so it is not orphaned.
     let code = "import threading,time,sys,os\n\
+                os.setpgid(0,0)\n\
                 p,d=sys.argv[1],sys.argv[2]\n\
                 def f():\n    while not os.path.exists(d):\n        time.sleep(0.02)\n        open(p,'a').write('x')\n\
                 ts=[threading.Thread(target=f) for _ in range(3)]\n\
