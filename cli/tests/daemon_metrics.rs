@@ -143,6 +143,30 @@ impl Daemon {
             .map(|d| d.count())
             .unwrap_or_else(|e| panic!("reading the daemon's threads: {e}"))
     }
+
+    /// The daemon's TCP sockets that are not listening (its scrapers' connections), from its
+    /// descriptors and /proc/net/tcp{,6}.
+    fn tcp_connections(&self) -> usize {
+        let fds = std::fs::read_dir(format!("/proc/{}/fd", self.child.id()))
+            .unwrap_or_else(|e| panic!("reading the daemon's descriptors: {e}"));
+        let inodes: Vec<String> = fds
+            .filter_map(|f| std::fs::read_link(f.ok()?.path()).ok())
+            .filter_map(|l| {
+                let l = l.to_string_lossy().into_owned();
+                Some(l.strip_prefix("socket:[")?.strip_suffix(']')?.to_string())
+            })
+            .collect();
+        ["/proc/net/tcp", "/proc/net/tcp6"]
+            .iter()
+            .filter_map(|t| std::fs::read_to_string(t).ok())
+            .flat_map(|t| t.lines().skip(1).map(str::to_string).collect::<Vec<_>>())
+            .filter(|l| {
+                let f: Vec<&str> = l.split_whitespace().collect();
+                // Field 3 is the state (0A: listening), field 9 the inode.
+                f.len() > 9 && f[3] != "0A" && inodes.iter().any(|i| i == f[9])
+            })
+            .count()
+    }
 }
 
 impl Drop for Daemon {
@@ -615,6 +639,11 @@ fn idle_and_trickling_scrapers_are_bounded_and_cut_off() {
     }
     let d = Daemon::new("flood", "ptrace");
     assert!(!d.scrape().is_empty());
+    // The scrape's slot is the server's until it has dropped the connection, which may come
+    // after this side read the end of the reply: counted below, it would hold one of the 16.
+    wait_until("the daemon to close the first scrape's connection", Duration::from_secs(10), || {
+        d.tcp_connections() == 0
+    });
     let threads = d.threads();
     // One that trickles its headers (it takes a slot first), and 60 that send nothing.
     let mut trickle = TcpStream::connect(d.addr).expect("connecting");
@@ -633,6 +662,7 @@ fn idle_and_trickling_scrapers_are_bounded_and_cut_off() {
     }
     let cut = closed.iter().filter(|c| **c).count();
     assert_eq!(cut, 60 - 15, "of 60 idle connections (and a trickling one), {cut} were closed at once; the cap is 16");
+    assert_eq!(d.tcp_connections(), 16, "the connections the daemon holds");
     assert!(d.threads() <= threads, "the daemon had {threads} threads, now {}", d.threads());
     // The daemon keeps working meanwhile: a new VPS is tagged.
     let first = d.start_vps("busy", &["sleep", "600"]);
