@@ -184,6 +184,14 @@ impl Fixture {
         let mgr = Manager::with_system(Box::new(tracker), Box::new(sys.clone())).unwrap();
         Fixture { mgr, sys, events }
     }
+    /// A system with one process, 100 (started at 5, parent 1), registered as VPS `a`'s first.
+    fn with_vps_a() -> (Fixture, Vps) {
+        let sys = FakeSystem::default();
+        sys.add(100, 5, 1);
+        let f = Fixture::new(sys);
+        let a = f.mgr.register_first("a", p(100)).unwrap();
+        (f, a)
+    }
     fn push(&self, kind: EventKind) {
         let mut ev = Event::new(kind);
         ev.time_ns = Some(self.sys.world().now + 1);
@@ -353,10 +361,7 @@ fn signals_reach_ancestors_before_descendants_and_never_a_reused_pid() {
 
 #[test]
 fn forget_untags_and_frees_the_name() {
-    let sys = FakeSystem::default();
-    sys.add(100, 5, 1);
-    let f = Fixture::new(sys);
-    let a = f.mgr.register_first("a", p(100)).unwrap();
+    let (f, a) = Fixture::with_vps_a();
     f.fork(100, 101, 6);
     assert_eq!(f.members(&a), vec![100, 101]);
     f.mgr.forget(&a).unwrap();
@@ -386,10 +391,7 @@ fn cpu_ms(f: &Fixture, vps: &Vps) -> u128 {
 
 #[test]
 fn a_child_reaped_by_a_member_moves_into_its_waited_for_time_and_the_figure_never_dips() {
-    let sys = FakeSystem::default();
-    sys.add(100, 5, 1);
-    let f = Fixture::new(sys);
-    let a = f.mgr.register_first("a", p(100)).unwrap();
+    let (f, a) = Fixture::with_vps_a();
     f.fork(100, 101, 6);
     f.sys.used(100, 10, 0, 4096);
     f.sys.used(101, 500, 0, 8192);
@@ -410,10 +412,7 @@ fn a_child_reaped_by_a_member_moves_into_its_waited_for_time_and_the_figure_neve
 
 #[test]
 fn the_first_process_reaped_by_the_manager_brings_its_wait4_time_instead_of_its_last_sample() {
-    let sys = FakeSystem::default();
-    sys.add(100, 5, 1);
-    let f = Fixture::new(sys);
-    let a = f.mgr.register_first("a", p(100)).unwrap();
+    let (f, a) = Fixture::with_vps_a();
     f.sys.used(100, 10, 500, 0);
     assert_eq!(cpu_ms(&f, &a), 510);
     // It reaps more before it exits (unseen: nobody asked meanwhile); wait4 says all of it.
@@ -447,10 +446,7 @@ fn a_member_reaped_outside_the_vps_keeps_its_figure_read_at_its_exit() {
 
 #[test]
 fn forks_are_counted_per_vps_without_threads_and_a_forgotten_vps_starts_afresh() {
-    let sys = FakeSystem::default();
-    sys.add(100, 5, 1);
-    let f = Fixture::new(sys);
-    let a = f.mgr.register_first("a", p(100)).unwrap();
+    let (f, a) = Fixture::with_vps_a();
     f.fork(100, 101, 6);
     f.fork(101, 102, 7);
     f.push(EventKind::Fork { parent: p(101), child: p(101), child_thread: p(150), thread: true, child_start: None });
@@ -465,10 +461,7 @@ fn forks_are_counted_per_vps_without_threads_and_a_forgotten_vps_starts_afresh()
 
 #[test]
 fn check_does_not_report_a_fork_or_an_exit_whose_event_arrives_just_after_the_scan() {
-    let sys = FakeSystem::default();
-    sys.add(100, 5, 1);
-    let f = Fixture::new(sys);
-    let a = f.mgr.register_first("a", p(100)).unwrap();
+    let (f, a) = Fixture::with_vps_a();
     f.fork(100, 101, 6);
     assert_eq!(f.members(&a), vec![100, 101]);
     // 102 is born and 101 exits; the scan sees both before their events are read.
@@ -483,10 +476,7 @@ fn check_does_not_report_a_fork_or_an_exit_whose_event_arrives_just_after_the_sc
 
 #[test]
 fn check_reports_a_divergence_that_lasts() {
-    let sys = FakeSystem::default();
-    sys.add(100, 5, 1);
-    let f = Fixture::new(sys);
-    let a = f.mgr.register_first("a", p(100)).unwrap();
+    let (f, a) = Fixture::with_vps_a();
     f.fork(100, 101, 6);
     assert_eq!(f.members(&a), vec![100, 101]);
     // 102 is born and no event ever says so; 101 exits unseen.
@@ -570,10 +560,7 @@ fn a_member_reaped_outside_the_vps_counts_exactly_its_exit_figure_even_when_gone
 
 #[test]
 fn a_child_auto_reaped_because_its_parent_ignores_sigchld_counts_its_exit_figure() {
-    let sys = FakeSystem::default();
-    sys.add(100, 5, 1);
-    let f = Fixture::new(sys);
-    let a = f.mgr.register_first("a", p(100)).unwrap();
+    let (f, a) = Fixture::with_vps_a();
     f.sys.world().ignore_sigchld.insert(p(100));
     f.fork(100, 101, 6);
     f.sys.used(100, 10, 0, 0);
@@ -589,10 +576,7 @@ fn a_child_auto_reaped_because_its_parent_ignores_sigchld_counts_its_exit_figure
 
 #[test]
 fn a_child_its_parent_waits_for_is_not_counted_twice_with_an_exit_figure() {
-    let sys = FakeSystem::default();
-    sys.add(100, 5, 1);
-    let f = Fixture::new(sys);
-    let a = f.mgr.register_first("a", p(100)).unwrap();
+    let (f, a) = Fixture::with_vps_a();
     f.fork(100, 101, 6);
     f.fork(100, 102, 7);
     f.sys.used(100, 10, 0, 0);
@@ -617,10 +601,7 @@ fn a_child_its_parent_waits_for_is_not_counted_twice_with_an_exit_figure() {
 
 #[test]
 fn a_first_process_with_an_exit_figure_reaped_by_the_manager_is_counted_once() {
-    let sys = FakeSystem::default();
-    sys.add(100, 5, 1);
-    let f = Fixture::new(sys);
-    let a = f.mgr.register_first("a", p(100)).unwrap();
+    let (f, a) = Fixture::with_vps_a();
     f.sys.used(100, 10, 500, 0);
     assert_eq!(cpu_ms(&f, &a), 510);
     // It exits with 1,100 ms read at its exit; wait4 then says 1,200 (what it did after the read).
@@ -635,10 +616,7 @@ fn a_first_process_with_an_exit_figure_reaped_by_the_manager_is_counted_once() {
 fn a_child_still_exiting_when_its_exit_comes_is_counted_if_its_parent_ignores_sigchld() {
     // Under eBPF the exit is read in the kernel before the parent is notified: the process may
     // still be there, not yet a zombie. Its parent's disposition decides, as when it is gone.
-    let sys = FakeSystem::default();
-    sys.add(100, 5, 1);
-    let f = Fixture::new(sys);
-    let a = f.mgr.register_first("a", p(100)).unwrap();
+    let (f, a) = Fixture::with_vps_a();
     f.fork(100, 101, 6);
     f.fork(100, 102, 7);
     f.sys.used(100, 10, 0, 0);
