@@ -45,8 +45,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use crate::protocol::{
-    CheckInfo, ErrorBody, ErrorKind, EventInfo, EventsReply, Hello, ListReply, Op, PidsReply, ProcessInfo, PsReply,
-    Request, SignalledReply, VpsInfo, VpsRef, VpsReply, WhichReply, PROTOCOL_VERSION,
+    CheckInfo, ErrorBody, ErrorKind, EventInfo, EventsReply, Hello, ListReply, NextReply, Op, PidsReply, ProcessInfo,
+    PsReply, Request, SignalledReply, VpsInfo, VpsRef, VpsReply, WhichReply, PROTOCOL_VERSION,
 };
 use crate::{Error, Pid, Result, Signal};
 
@@ -118,9 +118,12 @@ fn reply<T: serde::de::DeserializeOwned>(v: serde_json::Value, op: &str) -> Resu
     serde_json::from_value(v).map_err(|e| Error::Protocol(format!("{op} reply: {e}")))
 }
 
-fn field<T: serde::de::DeserializeOwned>(v: &serde_json::Value, name: &str) -> Result<T> {
-    let f = v.get(name).cloned().unwrap_or(serde_json::Value::Null);
-    serde_json::from_value(f).map_err(|e| Error::Protocol(format!("field {name:?} of the reply: {e}")))
+/// `op` as one request line, newline included.
+fn request_line(op: Op) -> Result<Vec<u8>> {
+    let mut line = serde_json::to_vec(&Request { v: PROTOCOL_VERSION, op })
+        .map_err(|e| Error::Protocol(format!("a request that does not serialise: {e}")))?;
+    line.push(b'\n');
+    Ok(line)
 }
 
 /// A refusal `unknown_vps` about `name` that says no more than that is [`Error::UnknownVps`];
@@ -222,9 +225,7 @@ impl Client {
         let stream = self.reader.get_ref();
         let set = stream.set_read_timeout(self.timeout).and_then(|()| stream.set_write_timeout(self.timeout));
         set.map_err(|e| Failed::Other(Error::io("setting the connection's timeout", e)))?;
-        let mut line = serde_json::to_vec(&Request { v: PROTOCOL_VERSION, op: op.clone() })
-            .map_err(|e| Failed::Other(Error::Protocol(format!("a request that does not serialise: {e}"))))?;
-        line.push(b'\n');
+        let line = request_line(op.clone()).map_err(Failed::Other)?;
         if let Err(e) = self.reader.get_mut().write_all(&line) {
             if cut(&e) {
                 // The daemon wrote why before closing (`busy`, when it turned the connection
@@ -352,10 +353,10 @@ impl Client {
             .call(Op::Events { name: name.map(Into::into), follow, after })
             .map_err(named(name.unwrap_or_default()))?;
         let recent = reply::<EventsReply>(v, "events")?.events;
-        let stream = self.reader.get_ref();
-        // Events come when they come.
-        stream.set_read_timeout(None).map_err(|e| Error::io("setting the connection's timeout", e))?;
         let handle = if follow {
+            let stream = self.reader.get_ref();
+            // Events come when they come.
+            stream.set_read_timeout(None).map_err(|e| Error::io("setting the connection's timeout", e))?;
             Some(stream.try_clone().map_err(|e| Error::io("duplicating the connection's descriptor", e))?)
         } else {
             None
@@ -472,7 +473,12 @@ impl Iterator for Events {
                 None
             }
             Ok(Some(line)) => {
-                let e = parse_reply(&line).and_then(|v| field::<EventInfo>(&v, "next"));
+                // An event line is read straight into its type; anything else (a refusal) through
+                // the general reader, which says what it was.
+                let e = match serde_json::from_str::<NextReply>(&line) {
+                    Ok(r) => Ok(r.next),
+                    Err(_) => parse_reply(&line).and_then(|v| reply::<NextReply>(v, "events").map(|r| r.next)),
+                };
                 if let Ok(e) = &e {
                     self.seen(e);
                 }
@@ -566,12 +572,8 @@ pub fn start_first_process(
     let spawn_err =
         |source: io::Error| Error::Spawn { program: cmd.get_program().to_string_lossy().into_owned(), source };
     let plan = crate::init::Plan::new(cmd).map_err(spawn_err)?;
-    let mut line = serde_json::to_vec(&Request {
-        v: PROTOCOL_VERSION,
-        op: Op::RegisterFirst { name: name.into(), limits: limits.filter(|l| !l.is_empty()).copied() },
-    })
-    .map_err(|e| Error::Protocol(format!("a request that does not serialise: {e}")))?;
-    line.push(b'\n');
+    let line =
+        request_line(Op::RegisterFirst { name: name.into(), limits: limits.filter(|l| !l.is_empty()).copied() })?;
     let null =
         std::fs::OpenOptions::new().read(true).open("/dev/null").map_err(|e| Error::io("opening /dev/null", e))?;
     let out = match output {

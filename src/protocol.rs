@@ -175,6 +175,14 @@ pub struct EventsReply {
     pub events: Vec<EventInfo>,
 }
 
+/// One event of a follow: each line after the [`EventsReply`] (`{"ok":true,"next":{...}}`).
+/// `E` is [`EventInfo`], or a reference to one where it is written.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+pub struct NextReply<E = EventInfo> {
+    /// The event.
+    pub next: E,
+}
+
 /// A VPS as the daemon names it in replies.
 #[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
 pub struct VpsRef {

@@ -288,7 +288,7 @@ impl Daemon {
                         continue;
                     }
                     let info = as_shown(*id, info, only.as_ref());
-                    if write_within(stream, &ok_line(json!({ "next": info })), Duration::from_secs(10)).is_err() {
+                    if write_within(stream, &ok_line(NextReply { next: &*info }), Duration::from_secs(10)).is_err() {
                         return;
                     }
                 }

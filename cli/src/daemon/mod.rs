@@ -31,12 +31,12 @@ use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime};
 
 use serde::Serialize;
-use serde_json::{json, Value};
+use serde_json::Value;
 
 use store::{OwnedVps, Record, Store};
 use vpstag::protocol::{
-    ErrorKind, EventInfo, EventsReply, Hello, ListReply, Op, PidsReply, ProcessInfo, PsReply, Request, SignalledReply,
-    VpsInfo, VpsRef, VpsReply, WhichReply, MAX_REQUEST, PROTOCOL_VERSION,
+    ErrorKind, EventInfo, EventsReply, Hello, ListReply, NextReply, Op, PidsReply, ProcessInfo, PsReply, Request,
+    SignalledReply, VpsInfo, VpsRef, VpsReply, WhichReply, MAX_REQUEST, PROTOCOL_VERSION,
 };
 use vpstag::{BackendChoice, Error, Manager, Pid, SavedVps, Signal, Vps};
 
@@ -359,6 +359,7 @@ pub fn run(cfg: Config) -> Result<(), Error> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use serde_json::json;
 
     #[test]
     fn requests_parse_and_bad_ones_are_refused() {
