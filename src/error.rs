@@ -131,7 +131,9 @@ impl Error {
     }
 
     /// The protocol's kind of this error: for a refusal by the daemon ([`Error::Refused`]) the
-    /// kind it named; [`ErrorKind::UnknownVps`] for [`Error::UnknownVps`]; `None` for the rest.
+    /// kind it named; for an error of the library the kind the daemon refuses it with (an
+    /// unknown VPS, a name in use or invalid, a process that is gone, a missing privilege, a
+    /// timeout, a limit refused...); `None` for the rest (the daemon's `failed`).
     ///
     /// ```
     /// use vpstag::protocol::ErrorKind;
@@ -145,6 +147,14 @@ impl Error {
         match self {
             Error::Refused { kind, .. } => Some(*kind),
             Error::UnknownVps(_) => Some(ErrorKind::UnknownVps),
+            Error::AlreadyRunning(_) => Some(ErrorKind::AlreadyRunning),
+            Error::AlreadyMember { .. } => Some(ErrorKind::Nested),
+            Error::InvalidName { .. } => Some(ErrorKind::InvalidName),
+            Error::NoSuchProcess(_) => Some(ErrorKind::NoSuchProcess),
+            Error::UnknownSignal(_) => Some(ErrorKind::BadRequest),
+            Error::Tracker(crate::TrackerError::PermissionDenied { .. }) => Some(ErrorKind::BackendRefused),
+            Error::Timeout(_) => Some(ErrorKind::Timeout),
+            Error::Cgroup(_) => Some(ErrorKind::LimitRefused),
             _ => None,
         }
     }

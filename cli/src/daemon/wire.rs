@@ -15,18 +15,7 @@ pub(super) fn refuse(kind: ErrorKind, message: impl Into<String>) -> Refusal {
 
 impl From<Error> for Refusal {
     fn from(e: Error) -> Refusal {
-        let kind = match &e {
-            Error::UnknownVps(_) => ErrorKind::UnknownVps,
-            Error::AlreadyRunning(_) => ErrorKind::AlreadyRunning,
-            Error::AlreadyMember { .. } => ErrorKind::Nested,
-            Error::InvalidName { .. } => ErrorKind::InvalidName,
-            Error::NoSuchProcess(_) => ErrorKind::NoSuchProcess,
-            Error::UnknownSignal(_) => ErrorKind::BadRequest,
-            Error::Tracker(vpstag::TrackerError::PermissionDenied { .. }) => ErrorKind::BackendRefused,
-            Error::Timeout(_) => ErrorKind::Timeout,
-            Error::Cgroup(_) => ErrorKind::LimitRefused,
-            _ => ErrorKind::Failed,
-        };
+        let kind = e.kind().unwrap_or(ErrorKind::Failed);
         Refusal { kind, message: e.to_string() }
     }
 }
