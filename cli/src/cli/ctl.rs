@@ -73,22 +73,9 @@ type R = Result<i32, Failure>;
 
 pub(crate) fn main(cmd: Cmd, socket: &Path) -> i32 {
     let r = match cmd {
-        Cmd::Run(_) => unreachable!("handled by run"),
+        Cmd::Run(_) | Cmd::Exec(_) => unreachable!("handled by cli::main, like run"),
         Cmd::Daemon(a) => daemon(a, socket),
         Cmd::Start(a) => start(a, socket),
-        // Like `run`: CMD's status is its own, so vpstag's failures are 125, 126 and 127.
-        Cmd::Exec(a) => {
-            return match exec(a, socket) {
-                Ok(code) => code,
-                Err(e) => {
-                    eprintln!("vpstag: error: {e}");
-                    match &e {
-                        Failure::Lib(e) => super::run_failure_code(e),
-                        Failure::Other(_) => 125,
-                    }
-                }
-            }
-        }
         Cmd::Ps(a) => ps(a, socket),
         Cmd::Which(a) => which(a, socket),
         Cmd::List(a) => list(a, socket),
@@ -163,10 +150,6 @@ fn start(a: super::StartArgs, socket: &Path) -> R {
         outln!("{pid}");
     }
     Ok(0)
-}
-
-fn exec(a: super::ExecArgs, socket: &Path) -> R {
-    Err(vpstag::client::exec_in(socket, &a.name, &a.cmd[0], &a.cmd[1..]).into())
 }
 
 fn which(a: super::WhichArgs, socket: &Path) -> R {
@@ -424,10 +407,7 @@ pub(super) fn event_text(e: &EventInfo) -> String {
             _ => format!("[{vps}] exit {pid}"),
         },
         "lost" if e.reason.as_deref() == Some("expired") => {
-            let n = match e.count {
-                Some(_) => format!("up to {}", count()),
-                None => "events".to_string(),
-            };
+            let n = if e.count.is_some() { format!("up to {}", count()) } else { count() };
             format!("[{vps}] lost {n} (no longer kept by the daemon when this stream resumed)")
         }
         "lost" => format!("[{vps}] lost {} (the table was repaired from a scan, but events are missing here)", count()),

@@ -438,6 +438,9 @@ pub(crate) fn main() -> i32 {
     let socket = cli.socket();
     let r = match cli.command {
         Cmd::Run(a) => run::run(a),
+        // Like `run`: CMD's status is its own, so vpstag's failures are 125, 126 and 127. It
+        // returns only when it failed: else this process is CMD now.
+        Cmd::Exec(a) => Err(vpstag::client::exec_in(&socket, &a.name, &a.cmd[0], &a.cmd[1..])),
         other => return ctl::main(other, &socket),
     };
     match r {
@@ -452,7 +455,7 @@ pub(crate) fn main() -> i32 {
 /// The exit status of a `vpstag run` (or `vpstag exec`) that failed itself, in the convention of `env`, `timeout`
 /// and `docker run`, so that it is never taken for CMD's own status: 127 when CMD was not found,
 /// 126 when it was found but could not be executed, 125 for any other failure of vpstag.
-pub(super) fn run_failure_code(e: &vpstag::Error) -> i32 {
+fn run_failure_code(e: &vpstag::Error) -> i32 {
     match e {
         vpstag::Error::Spawn { source, .. }
             if source.kind() == std::io::ErrorKind::NotFound || source.raw_os_error() == Some(libc::ENOENT) =>
