@@ -489,7 +489,7 @@ impl Store {
     }
 
     /// fdatasync calls made by [`wait_durable`](Store::wait_durable) so far.
-    #[cfg_attr(not(test), allow(dead_code))]
+    #[cfg(test)]
     pub(crate) fn syncs(&self) -> u64 {
         self.lock_journal().syncs
     }
