@@ -270,15 +270,12 @@ fn a_stopper_ends_a_follow_from_another_thread() {
     assert!(rx.recv_timeout(Duration::from_millis(300)).is_err());
     assert!(!t.is_finished());
     // ...until stopped from here.
+    assert!(!stopper.stopped());
     let other = stopper.clone();
     other.stop();
-    let end = Instant::now() + Duration::from_secs(10);
-    while !t.is_finished() {
-        assert!(Instant::now() < end, "the follow did not end after stop()");
-        std::thread::sleep(Duration::from_millis(20));
-    }
+    assert!(stopper.stopped(), "a clone stops the same follow");
+    wait_until("the follow to end after stop()", Duration::from_secs(10), || t.is_finished());
     t.join().unwrap();
-    assert!(stopper.stopped());
 }
 
 /// The seqs of `events` that are of VPS `id` or losses.
