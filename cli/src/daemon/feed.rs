@@ -126,6 +126,12 @@ pub(super) struct Subscription {
     queued: Arc<AtomicUsize>,
 }
 
+/// Whether a reader of the events of VPS `only` (every VPS for `None`) gets an event of VPS `id`,
+/// `may_see` saying whether the reader may see that VPS: a loss report ([`EVERY_VPS`]) always.
+fn wants(only: Option<u64>, id: u64, may_see: impl FnOnce() -> bool) -> bool {
+    id == EVERY_VPS || (only.is_none_or(|o| o == id) && may_see())
+}
+
 /// One follower of `events --follow`: whom it serves, and its queue.
 pub(super) struct Follower {
     tx: SyncSender<Shared>,
@@ -139,9 +145,7 @@ impl Follower {
     /// Queues `item` (of a VPS owned by `owner`) if this follower wants it; `false` when the
     /// follower is gone or too far behind (then it is to be dropped).
     fn offer(&self, item: &Shared, owner: Option<u32>, bytes: usize) -> bool {
-        let wanted = item.0 == EVERY_VPS
-            || (self.only.is_none_or(|o| o == item.0) && (self.uid == 0 || owner == Some(self.uid)));
-        if !wanted {
+        if !wants(self.only, item.0, || self.uid == 0 || owner == Some(self.uid)) {
             return true;
         }
         if self.queued.fetch_add(bytes, Ordering::SeqCst) + bytes > FOLLOWER_BYTES {
@@ -257,8 +261,7 @@ impl Daemon {
         let vps = only.map_or("", |(_, n)| n.as_str());
         let events = r.replay(after, vps, |item| {
             let (id, e) = &**item;
-            let wanted = *id == EVERY_VPS || (only.is_none_or(|(o, _)| o == id) && self.visible(peer, *id));
-            wanted.then(|| as_shown(*id, e, only).into_owned())
+            wants(only.map(|(o, _)| *o), *id, || self.visible(peer, *id)).then(|| as_shown(*id, e, only).into_owned())
         });
         let sub = follow.then(|| {
             let (tx, rx) = mpsc::sync_channel(FOLLOWER_QUEUE);
@@ -284,7 +287,7 @@ impl Daemon {
                 Ok(item) => {
                     let (id, info) = &*item;
                     queued.fetch_sub(event_bytes(info), Ordering::SeqCst);
-                    if *id != EVERY_VPS && (only.as_ref().is_some_and(|(o, _)| o != id) || !self.visible(peer, *id)) {
+                    if !wants(only.as_ref().map(|(o, _)| *o), *id, || self.visible(peer, *id)) {
                         continue;
                     }
                     let info = as_shown(*id, info, only.as_ref());
