@@ -204,10 +204,7 @@ impl State {
             // in). A zombie waits for that member; a process still in `exit` (an eBPF exit is
             // read before the parent is notified) is reaped by it unless it ignores SIGCHLD.
             Some(u) => match u.ppid.filter(|p| self.tracking.table.vps_of(*p) == Some(vps)) {
-                Some(parent) => {
-                    let zombie = matches!(self.view.process(pid), Ok(Some(i)) if i.zombie);
-                    Some(!zombie && self.ignores_sigchld(parent))
-                }
+                Some(parent) => Some(!u.zombie && self.ignores_sigchld(parent)),
                 None => Some(true),
             },
             // Gone, reaped outside: a first process (by the manager or whoever registered it),

@@ -117,6 +117,7 @@ impl System for FakeSystem {
             cpu_self_ns: own,
             cpu_children_ns: children,
             rss_bytes: rss,
+            zombie: info.zombie,
         }))
     }
     fn sigchld_ignored(&mut self, pid: Pid) -> std::io::Result<Option<bool>> {

@@ -259,6 +259,7 @@ pub(crate) fn proc_usage(pid: Pid) -> io::Result<Option<super::ProcUsage>> {
         cpu_self_ns: super::rusage_ns(&kp.ki_rusage),
         cpu_children_ns: super::rusage_ns(&kp.ki_rusage_ch),
         rss_bytes: u64::try_from(kp.ki_rssize).unwrap_or(0).saturating_mul(page),
+        zombie: info.zombie,
     }))
 }
 

@@ -355,34 +355,26 @@ pub(crate) fn proc_usage(pid: Pid) -> io::Result<Option<super::ProcUsage>> {
             u64::try_from(stat.cutime).unwrap_or(0).saturating_add(u64::try_from(stat.cstime).unwrap_or(0)),
         ),
         rss_bytes: stat.rss.saturating_mul(procfs::page_size()),
+        zombie: stat.state == 'Z',
     }))
 }
 
 /// Whether `pid` ignores `SIGCHLD` (`SIG_IGN`), so that the kernel reaps its exited children
 /// itself and adds their CPU time to nobody; `None` when it is gone. Read from
-/// `/proc/PID/status`, `SigIgn` (bit `SIGCHLD - 1`). `SA_NOCLDWAIT` with a handler has the same
+/// `/proc/PID/stat`'s `sigignore` (bit `SIGCHLD - 1`; the field shows signals 1 to 31, which
+/// is enough here), the same parse as [`proc_usage`]. `SA_NOCLDWAIT` with a handler has the same
 /// effect but is not shown in `/proc`: it reads as `false`.
 ///
 /// # References
-/// - [`proc_pid_status(5)`](https://man7.org/linux/man-pages/man5/proc_pid_status.5.html)
+/// - [`proc_pid_stat(5)`](https://man7.org/linux/man-pages/man5/proc_pid_stat.5.html)
 /// - [`sigaction(2)`](https://man7.org/linux/man-pages/man2/sigaction.2.html), `SA_NOCLDWAIT`
 pub(crate) fn sigchld_ignored(pid: Pid) -> io::Result<Option<bool>> {
-    let text = match std::fs::read_to_string(format!("/proc/{pid}/status")) {
-        Ok(t) => t,
-        Err(e) if e.kind() == io::ErrorKind::NotFound || e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    sig_ignored_in_status(&text, libc::SIGCHLD)
-        .map(Some)
-        .ok_or_else(|| io::Error::new(io::ErrorKind::InvalidData, format!("/proc/{pid}/status: no SigIgn line")))
-}
-
-/// Whether signal `sig` is in the `SigIgn:` mask of a `/proc/PID/status` text.
-fn sig_ignored_in_status(text: &str, sig: i32) -> Option<bool> {
-    let hex = text.lines().find_map(|l| l.strip_prefix("SigIgn:"))?.trim();
-    let mask = u64::from_str_radix(hex, 16).ok()?;
-    let bit = u32::try_from(sig.checked_sub(1)?).ok().filter(|b| *b < 64)?;
-    Some(mask & (1u64 << bit) != 0)
+    match procfs::process::Process::new(pid.as_raw()).and_then(|p| p.stat()) {
+        Ok(st) => Ok(Some(st.sigignore & (1 << (libc::SIGCHLD - 1)) != 0)),
+        Err(procfs::ProcError::NotFound(_)) => Ok(None),
+        Err(procfs::ProcError::Io(e, _)) if e.raw_os_error() == Some(libc::ESRCH) => Ok(None),
+        Err(e) => Err(to_io(e)),
+    }
 }
 
 /// Closes every descriptor from `first` on (`close_range`, Linux 5.9+; before, one by one up to
@@ -424,16 +416,27 @@ const _: () = assert!(libc::CGROUP_SUPER_MAGIC as u64 == crate::cgroup::CGROUP_S
 mod tests {
 
     #[test]
-    fn sigchld_ignored_is_bit_16_of_sigign() {
-        let status = "Name:\tpython3\nSigBlk:\t0000000000010000\nSigIgn:\t0000000001011000\nSigCgt:\t0\n";
-        assert_eq!(sig_ignored_in_status(status, libc::SIGCHLD), Some(true));
-        assert_eq!(sig_ignored_in_status(status, libc::SIGPIPE), Some(true));
-        assert_eq!(sig_ignored_in_status(status, libc::SIGTERM), Some(false));
-        assert_eq!(sig_ignored_in_status("SigBlk:\t0000000000010000\n", libc::SIGCHLD), None);
+    fn sigchld_ignored_is_read_from_proc() {
         // This test process does not ignore SIGCHLD; a pid above pid_max is gone.
         let me = Pid::new(std::process::id() as i32).unwrap();
         assert_eq!(sigchld_ignored(me).unwrap(), Some(false));
         assert_eq!(sigchld_ignored(Pid::new(i32::MAX - 7).unwrap()).unwrap(), None);
+        // A program whose SIGCHLD is ignored (an ignored signal stays ignored across exec; dash's
+        // `trap '' CHLD` does not ignore it, so Python sets it).
+        let script =
+            "import signal,os; signal.signal(signal.SIGCHLD, signal.SIG_IGN); os.execvp('sleep', ['sleep', '30'])";
+        let mut child =
+            Command::new("python3").args(["-c", script]).stdin(Stdio::null()).spawn().expect("starting python3");
+        let pid = Pid::new(child.id() as i32).unwrap();
+        let end = std::time::Instant::now() + std::time::Duration::from_secs(20);
+        let mut seen = sigchld_ignored(pid);
+        while !matches!(seen, Ok(Some(true))) && std::time::Instant::now() < end {
+            std::thread::sleep(std::time::Duration::from_millis(20));
+            seen = sigchld_ignored(pid);
+        }
+        let _ = child.kill();
+        let _ = child.wait();
+        assert!(matches!(seen, Ok(Some(true))), "python3 -c {script:?}: {seen:?}");
     }
     use std::io::{BufRead, BufReader, Write};
     use std::os::fd::AsFd;
@@ -458,6 +461,23 @@ mod tests {
         // A pid that does not exist: nobody but root.
         let gone = Pid::new(i32::MAX - 1).unwrap();
         assert!(!may_signal(other, gone));
+        // As root the checks above end before /proc is read: a process of another uid tells.
+        if is_root() {
+            use std::os::unix::process::CommandExt;
+            let mut child = Command::new("sleep")
+                .arg("30")
+                .uid(4242)
+                .gid(4242)
+                .stdin(Stdio::null())
+                .spawn()
+                .expect("sleep as 4242");
+            let pid = Pid::new(child.id() as i32).unwrap();
+            let (of_4242, of_4243) = (may_signal(4242, pid), may_signal(4243, pid));
+            let _ = child.kill();
+            let _ = child.wait();
+            assert!(of_4242, "uid 4242 may signal its own process");
+            assert!(!of_4243, "uid 4243 may not signal a process of uid 4242");
+        }
     }
 
     /// Starts `/bin/sleep 30` on exactly pid `pid` (clone3 with `set_tid`; root only). `None` when

@@ -27,6 +27,8 @@ pub(crate) struct ProcUsage {
     pub(crate) cpu_children_ns: u64,
     /// Resident memory, in bytes.
     pub(crate) rss_bytes: u64,
+    /// Whether it has exited and waits for its reaper.
+    pub(crate) zombie: bool,
 }
 
 /// A child of ours that `try_reap` collected.
