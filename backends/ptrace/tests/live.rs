@@ -1139,5 +1139,14 @@ fn without_exit_stops_a_process_exit_still_carries_its_cpu() {
     let process_exits: Vec<&Event> =
         s.events.iter().filter(|e| matches!(e.kind, EventKind::Exit { group_dead: Some(true), .. })).collect();
     assert!(process_exits.len() >= 3, "{:#?}", s.events);
-    assert!(process_exits.iter().all(|e| e.exit_cpu_ns.is_some()), "{:#?}", s.events);
+    assert!(process_exits.iter().all(|e| e.exit_cpu_ns.is_some_and(|ns| ns > 0)), "{:#?}", s.events);
+    // The root waited for the others (and they for theirs): its figure holds theirs.
+    let root = s.root;
+    let of_root = process_exits
+        .iter()
+        .find(|e| matches!(e.kind, EventKind::Exit { pid, .. } if pid == root))
+        .and_then(|e| e.exit_cpu_ns)
+        .unwrap_or_else(|| panic!("no exit figure of the root: {:#?}", s.events));
+    let most = process_exits.iter().filter_map(|e| e.exit_cpu_ns).max().unwrap_or(0);
+    assert_eq!(of_root, most, "the root's figure includes its waited-for children's: {:#?}", s.events);
 }
