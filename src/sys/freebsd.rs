@@ -214,6 +214,16 @@ pub(crate) fn set_process_name(name: &CStr) {
     }
 }
 
+/// The `kinfo_proc` record of `pid` (`kern.proc.pid`); `None` when it is gone.
+fn kinfo(pid: Pid) -> io::Result<Option<libc::kinfo_proc>> {
+    let buf = match sysctl_bytes(&[libc::CTL_KERN, libc::KERN_PROC, libc::KERN_PROC_PID, pid.as_raw()]) {
+        Ok(buf) => buf,
+        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
+        Err(e) => return Err(e),
+    };
+    Ok(records(&buf)?.into_iter().find(|kp| kp.ki_pid == pid.as_raw()))
+}
+
 /// Whether `pid` ignores `SIGCHLD` (`kinfo_proc`'s `ki_sigignore`), so that the kernel reaps its
 /// exited children itself and adds their time to nobody; `None` when it is gone. `SA_NOCLDWAIT`
 /// with a handler, which has the same effect, is not shown there: it reads as `false`.
@@ -222,13 +232,7 @@ pub(crate) fn set_process_name(name: &CStr) {
 /// - `kern.proc.pid` ([`sysctl(3)`](https://man.freebsd.org/cgi/man.cgi?query=sysctl&sektion=3)),
 ///   `struct kinfo_proc` in `<sys/user.h>`
 pub(crate) fn sigchld_ignored(pid: Pid) -> io::Result<Option<bool>> {
-    let buf = match sysctl_bytes(&[libc::CTL_KERN, libc::KERN_PROC, libc::KERN_PROC_PID, pid.as_raw()]) {
-        Ok(buf) => buf,
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let recs = records(&buf)?;
-    let Some(kp) = recs.first().filter(|kp| kp.ki_pid == pid.as_raw()) else { return Ok(None) };
+    let Some(kp) = kinfo(pid)? else { return Ok(None) };
     // SAFETY: sigismember reads the sigset_t it is given, a field of our own copy.
     Ok(Some(unsafe { libc::sigismember(&kp.ki_sigignore, libc::SIGCHLD) } == 1))
 }
@@ -242,14 +246,8 @@ pub(crate) fn sigchld_ignored(pid: Pid) -> io::Result<Option<bool>> {
 /// - `kern.proc.pid` ([`sysctl(3)`](https://man.freebsd.org/cgi/man.cgi?query=sysctl&sektion=3)),
 ///   `struct kinfo_proc` in `<sys/user.h>`
 pub(crate) fn proc_usage(pid: Pid) -> io::Result<Option<super::ProcUsage>> {
-    let buf = match sysctl_bytes(&[libc::CTL_KERN, libc::KERN_PROC, libc::KERN_PROC_PID, pid.as_raw()]) {
-        Ok(buf) => buf,
-        Err(e) if e.raw_os_error() == Some(libc::ESRCH) => return Ok(None),
-        Err(e) => return Err(e),
-    };
-    let recs = records(&buf)?;
-    let Some(kp) = recs.first() else { return Ok(None) };
-    let Some(info) = info_of(kp).filter(|i| i.id.pid == pid) else { return Ok(None) };
+    let Some(kp) = kinfo(pid)? else { return Ok(None) };
+    let Some(info) = info_of(&kp) else { return Ok(None) };
     // Fields past the record the kernel gave were left zero by `records`.
     // SAFETY: getpagesize has no preconditions.
     let page = u64::try_from(unsafe { libc::getpagesize() }).unwrap_or(4096);
